@@ -1,0 +1,59 @@
+"""The diffusion process's configuration: the one place where its knobs have defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from glide_lightning.diffusion.schedules import SCHEDULES, ScheduleName
+
+VarianceType = Literal["fixed_small", "fixed_large", "learned_range"]
+LossType = Literal["simple", "hybrid", "p2"]
+VARIANCE_TYPES: tuple[str, ...] = get_args(VarianceType)
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """How images are noised, how the reverse process's variance is chosen and how it is trained."""
+
+    steps: int = 1000
+    """Number of diffusion steps T of the training process (miniGLIDE: 100; GLIDE, dogGLIDE: 1000)."""
+    noise_schedule: ScheduleName = "cosine"
+    """β schedule: ``cosine`` (Improved DDPM, GLIDE's base model) or ``linear`` (DDPM, GLIDE's upsampler)."""
+    variance_type: VarianceType = "learned_range"
+    """Reverse-process variance: ``fixed_small`` (β̃, the posterior variance), ``fixed_large`` (β), or
+    ``learned_range`` (interpolated in log space between them by the model's extra output channels)."""
+    loss_type: LossType = "hybrid"
+    """``simple`` (ε MSE), ``hybrid`` (MSE + vlb_weight·L_vlb; needs ``learned_range``) or ``p2`` (ε MSE
+    weighted by 1/(p2_k + SNR(t))^p2_gamma, plus the VLB term when the variance is learned)."""
+    vlb_weight: float = 1e-3
+    """λ of L_hybrid = L_simple + λ·L_vlb (Improved DDPM: 1/1000)."""
+    p2_gamma: float = 1.0
+    """γ of the P2 weighting 1/(k + SNR(t))^γ; 0 recovers ``simple``."""
+    p2_k: float = 1.0
+    """k of the P2 weighting 1/(k + SNR(t))^γ."""
+
+    def __post_init__(self) -> None:
+        _choice("noise_schedule", self.noise_schedule, SCHEDULES)
+        _choice("variance_type", self.variance_type, VARIANCE_TYPES)
+        _choice("loss_type", self.loss_type, LOSS_TYPES)
+        if self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps}")
+        if self.loss_type == "hybrid" and self.variance_type != "learned_range":
+            raise ValueError(
+                "loss_type 'hybrid' trains a learned variance: set variance_type 'learned_range' "
+                f"(got {self.variance_type!r}), or use loss_type 'simple' with a fixed variance"
+            )
+        if self.loss_type == "simple" and self.variance_type == "learned_range":
+            raise ValueError(
+                "loss_type 'simple' leaves a learned variance untrained: use variance_type "
+                "'fixed_small' (or 'fixed_large'), or loss_type 'hybrid'"
+            )
+        if self.vlb_weight < 0 or self.p2_gamma < 0 or self.p2_k < 0:
+            raise ValueError("vlb_weight, p2_gamma and p2_k must be non-negative")
+
+
+def _choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {field} {value!r}; choose one of {', '.join(choices)}")

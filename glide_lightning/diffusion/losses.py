@@ -1,0 +1,108 @@
+"""Training losses by name. Each returns per-sample terms ([B] tensors); the caller reduces them.
+
+One signature for the family: ``loss(diffusion, model_output, x_start, x_t, t, noise) -> terms``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from glide_lightning.diffusion.gaussian import GaussianDiffusion
+
+LossFn = Callable[["GaussianDiffusion", Tensor, Tensor, Tensor, Tensor, Tensor], dict[str, Tensor]]
+
+
+def mean_flat(x: Tensor) -> Tensor:
+    """Mean over every dimension but the batch: [B, …] → [B]."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise, in nats."""
+    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
+    """log P(x) per element for images in [-1, 1] quantised to 256 levels (bin width 2/255), under
+    N(means, e^{2·log_scales}); the end bins take the tails. Uses the exact normal CDF in log space
+    (``torch.special.log_ndtr``), which stays finite far in the tails where a tanh approximation of
+    the CDF underflows."""
+    inv_std = torch.exp(-log_scales)
+    upper = inv_std * (x - means + 1.0 / 255)
+    lower = inv_std * (x - means - 1.0 / 255)
+    log_cdf_upper = torch.special.log_ndtr(upper)  # log P(X ≤ x + δ)
+    log_sf_lower = torch.special.log_ndtr(-lower)  # log P(X > x - δ)
+    # the bin's mass Φ(upper) - Φ(lower), from whichever tail keeps it precise:
+    # log(a - b) = log a + log(1 - e^{log b - log a})
+    from_cdf = log_cdf_upper + _log1mexp(torch.special.log_ndtr(lower) - log_cdf_upper)
+    from_sf = log_sf_lower + _log1mexp(torch.special.log_ndtr(-upper) - log_sf_lower)
+    log_mid = torch.where(lower > 0, from_sf, from_cdf)
+    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, log_mid))
+
+
+def _log1mexp(d: Tensor) -> Tensor:
+    """log(1 - e^d) for d ≤ 0, floored at log(1e-12) for empty bins."""
+    return torch.log((-torch.expm1(d)).clamp(min=1e-12))
+
+
+def vb_terms_bpd(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    """L_t in bits per dimension, [B]: KL(q(x_{t-1}|x_t,x_0) ‖ p(x_{t-1}|x_t)) for t > 0 and the
+    decoder's negative log-likelihood -log p(x_0|x_1) at t = 0."""
+    true_mean, _, true_log_var = diffusion.q_posterior_mean_variance(x_start, x_t, t)
+    p = diffusion.mean_variance_from_output(model_output, x_t, t, clip_denoised=False)
+    kl = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"])) / math.log(2.0)
+    nll = -mean_flat(discretized_gaussian_log_likelihood(x_start, p["mean"], 0.5 * p["log_variance"])) / math.log(2.0)
+    return torch.where(t == 0, nll, kl)
+
+
+def _eps_mse(model_output: Tensor, noise: Tensor) -> Tensor:
+    return mean_flat((noise - model_output[:, : noise.shape[1]]) ** 2)
+
+
+def _frozen_mean_vb(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    """The VLB term with ε behind a stop-gradient: it trains only the variance channels, so the
+    mean is driven by the MSE alone (Improved DDPM, Sec. 3.1)."""
+    c = x_start.shape[1]
+    frozen = torch.cat([model_output[:, :c].detach(), model_output[:, c:]], dim=1)
+    return vb_terms_bpd(diffusion, frozen, x_start, x_t, t)
+
+
+def simple_loss(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor,
+                noise: Tensor) -> dict[str, Tensor]:
+    """L_simple: ‖ε - ε_θ(x_t, t)‖² averaged over pixels."""
+    mse = _eps_mse(model_output, noise)
+    return {"loss": mse, "mse": mse}
+
+
+def hybrid_loss(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor,
+                noise: Tensor) -> dict[str, Tensor]:
+    """L_hybrid = L_simple + λ·L_vlb. L_vlb = Σ_t L_t is estimated from one uniformly drawn t as
+    T·L_t, so the per-sample loss is mse + λ·T·vb (λ = ``vlb_weight``)."""
+    mse = _eps_mse(model_output, noise)
+    vb = _frozen_mean_vb(diffusion, model_output, x_start, x_t, t)
+    weight = diffusion.config.vlb_weight * diffusion.num_timesteps
+    return {"loss": mse + weight * vb, "mse": mse, "vb": vb}
+
+
+def p2_loss(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor,
+            noise: Tensor) -> dict[str, Tensor]:
+    """P2 weighting (Choi et al. 2022): ε MSE weighted by 1/(k + SNR(t))^γ; where the variance is
+    learned, the hybrid VLB term is added as in the paper's learned-Σ models."""
+    cfg = diffusion.config
+    mse = _eps_mse(model_output, noise)
+    weight = (cfg.p2_k + diffusion.snr(t)) ** -cfg.p2_gamma
+    terms = {"loss": weight.to(mse.dtype) * mse, "mse": mse}
+    if cfg.variance_type == "learned_range":
+        vb = _frozen_mean_vb(diffusion, model_output, x_start, x_t, t)
+        terms["vb"] = vb
+        terms["loss"] = terms["loss"] + cfg.vlb_weight * diffusion.num_timesteps * vb
+    return terms
+
+
+LOSSES: dict[str, LossFn] = {"simple": simple_loss, "hybrid": hybrid_loss, "p2": p2_loss}

@@ -1,0 +1,109 @@
+"""Samplers of the reverse process, with one signature and a registry by name.
+
+``sampler(diffusion, model, shape, *, model_kwargs, noise, noise_scale, clip_denoised, denoised_fn,
+progress, generator, device) -> x_0`` for every entry of :data:`SAMPLERS`; options particular to one
+sampler (DDIM's ``eta``) are bound with :func:`get_sampler`. Guidance is not a sampler's business:
+pass a guided model (see :mod:`glide_lightning.diffusion.guidance`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Literal, Protocol, get_args
+
+import torch
+from torch import Tensor
+
+from glide_lightning.diffusion.gaussian import DenoisedFn, GaussianDiffusion, ModelFn
+
+SamplerName = Literal["ddpm", "ddim"]
+SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
+StepFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class Sampler(Protocol):
+    def __call__(self, diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[int, ...], *,
+                 model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None, noise_scale: float = 1.0,
+                 clip_denoised: bool = True, denoised_fn: DenoisedFn | None = None, progress: bool = False,
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor: ...
+
+
+def ddpm_sample(diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[int, ...], *,
+                model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None, noise_scale: float = 1.0,
+                clip_denoised: bool = True, denoised_fn: DenoisedFn | None = None, progress: bool = False,
+                generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
+    """Ancestral sampling: x_{t-1} ~ N(μ_θ(x_t, t), Σ_θ(x_t, t)), no noise added at t = 0.
+
+    ``noise`` is the initial x_T (drawn from ``generator`` if absent); ``noise_scale`` multiplies it
+    (GLIDE's ``upsample_temp``)."""
+
+    def step(x: Tensor, t: Tensor) -> Tensor:
+        out = diffusion.p_mean_variance(model, x, t, model_kwargs, clip_denoised=clip_denoised, denoised_fn=denoised_fn)
+        z = _randn_like(x, generator)
+        return out["mean"] + _nonzero(t, x) * torch.exp(0.5 * out["log_variance"]) * z
+
+    return _loop(diffusion, step, shape, noise, noise_scale, progress, generator, device)
+
+
+def ddim_sample(diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[int, ...], *,
+                model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None, noise_scale: float = 1.0,
+                clip_denoised: bool = True, denoised_fn: DenoisedFn | None = None, progress: bool = False,
+                generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                eta: float = 0.0) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12): deterministic at ``eta=0``; ``eta=1`` has DDPM's posterior
+    variance. Usually run on a respaced process (``diffusion.respace("ddim50")``)."""
+
+    def step(x: Tensor, t: Tensor) -> Tensor:
+        out = diffusion.p_mean_variance(model, x, t, model_kwargs, clip_denoised=clip_denoised, denoised_fn=denoised_fn)
+        eps = diffusion.predict_eps_from_xstart(x, t, out["pred_xstart"])
+        abar = diffusion._extract("alphas_cumprod", t, x)
+        abar_prev = diffusion._extract("alphas_cumprod_prev", t, x)
+        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+        mean = out["pred_xstart"] * abar_prev.sqrt() + torch.sqrt((1 - abar_prev - sigma**2).clamp(min=0)) * eps
+        if eta == 0:
+            return mean
+        return mean + _nonzero(t, x) * sigma * _randn_like(x, generator)
+
+    return _loop(diffusion, step, shape, noise, noise_scale, progress, generator, device)
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm_sample, "ddim": ddim_sample}
+
+
+def get_sampler(name: SamplerName, **options: Any) -> Sampler:
+    """The sampler called ``name`` with its own options bound (``get_sampler("ddim", eta=0.0)``)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+    return functools.partial(SAMPLERS[name], **options) if options else SAMPLERS[name]
+
+
+def _loop(diffusion: GaussianDiffusion, step: StepFn, shape: tuple[int, ...], noise: Tensor | None, noise_scale: float,
+          progress: bool, generator: torch.Generator | None, device: torch.device | str | None) -> Tensor:
+    if noise is None:
+        gen_device = generator.device if generator is not None else device
+        x = torch.randn(shape, generator=generator, device=gen_device).to(device or gen_device)
+    else:
+        if tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
+        x = noise if device is None else noise.to(device)
+    x = x * noise_scale
+    steps = range(diffusion.num_timesteps - 1, -1, -1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="sampling", leave=False)
+    with torch.no_grad():
+        for i in steps:
+            x = step(x, torch.full((shape[0],), i, device=x.device, dtype=torch.long))
+    return x
+
+
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+
+
+def _nonzero(t: Tensor, x: Tensor) -> Tensor:
+    """1 where t > 0, 0 at the last step; shaped to broadcast against x."""
+    return (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
