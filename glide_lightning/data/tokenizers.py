@@ -1,0 +1,233 @@
+"""Caption tokenizers: one interface (:class:`Tokenizer`), two BPEs, a registry by name.
+
+- ``"gpt2"``: GLIDE's tokenizer (GPT-2 BPE via ``tiktoken``), needed by the released
+  glide-text2im checkpoints: lower-cased text, no special tokens, padded with 50256.
+- ``"clip"``: the CLIP BPE that ships inside ``open_clip_torch`` (offline), the default for
+  models trained from scratch: ``sot ids eot``, zero padding.
+
+Both return ``tokens`` (int64 ``[B, text_ctx]``) and ``mask`` (bool ``[B, text_ctx]``, True on real
+tokens). The empty caption (classifier-free guidance) is an empty token sequence: padding only and
+an all-False mask; the text transformer's padding embedding stands in at masked positions.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    import tiktoken
+    from open_clip.tokenizer import SimpleTokenizer
+
+__all__ = ["TOKENIZERS", "CLIPTokenizer", "GPT2Tokenizer", "Tokenizer", "TokenizerName", "build_tokenizer"]
+
+TokenizerName = Literal["clip", "gpt2"]
+GPT2_BPE_DIR_ENV = "GLIDE_GPT2_BPE_DIR"
+_GPT2_FILES = ("encoder.json", "vocab.bpe")
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the data pipeline and the samplers need from a tokenizer."""
+
+    n_vocab: int
+    text_ctx: int
+
+    def __call__(self, texts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Tokenize captions into ``(tokens [B, text_ctx] int64, mask [B, text_ctx] bool)``."""
+        ...
+
+    def empty(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """The empty caption (for classifier-free guidance), equal per row to ``self([""])``."""
+        ...
+
+
+def _as_list(texts: str | Sequence[str]) -> list[str]:
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"captions must be str, got {bad[0]}")
+    return texts
+
+
+def _pad(seqs: Sequence[Sequence[int]], text_ctx: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad (already truncated) id sequences to ``text_ctx``; mask is True on the ids."""
+    tokens = torch.full((len(seqs), text_ctx), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), text_ctx), dtype=torch.bool)
+    for i, seq in enumerate(seqs):
+        if seq:
+            tokens[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[i, : len(seq)] = True
+    return tokens, mask
+
+
+def _check_ctx(text_ctx: int, minimum: int) -> int:
+    if text_ctx < minimum:
+        raise ValueError(f"text_ctx must be >= {minimum}, got {text_ctx}")
+    return int(text_ctx)
+
+
+def _plain_bpe_file(bpe_dir: Path, name: str) -> tuple[str, str]:
+    """Path of an uncompressed copy of ``name`` (gunzipped into the temp dir if only ``.gz``
+    exists) and the sha256 of its contents (tiktoken caches files by path; the hash makes it
+    re-read a file whose contents changed)."""
+    plain, packed = bpe_dir / name, bpe_dir / f"{name}.gz"
+    if plain.is_file():
+        data = plain.read_bytes()
+        return str(plain), hashlib.sha256(data).hexdigest()
+    if not packed.is_file():
+        raise FileNotFoundError(f"GPT-2 BPE dir {bpe_dir} has neither {name} nor {name}.gz")
+    data = gzip.decompress(packed.read_bytes())
+    digest = hashlib.sha256(data).hexdigest()
+    out = Path(tempfile.gettempdir()) / "glide_lightning_gpt2_bpe" / digest[:16] / name
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)  # atomic: safe when several processes build at once
+    return str(out), digest
+
+
+@lru_cache(maxsize=None)
+def _gpt2_encoding(bpe_dir: str | None) -> tiktoken.Encoding:
+    """Build (once per process and dir) tiktoken's GPT-2 encoding, offline when ``bpe_dir``."""
+    import tiktoken
+
+    if bpe_dir is None:
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # no network and nothing in tiktoken's cache
+            raise RuntimeError(
+                "could not load tiktoken's 'gpt2' encoding (it is downloaded on first use); "
+                "pass GPT2Tokenizer(bpe_dir=...) or set "
+                f"${GPT2_BPE_DIR_ENV} to a dir with encoder.json(.gz) and vocab.bpe(.gz)"
+            ) from e
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str  # (tiktoken>=0.8)
+
+    (encoder_json, encoder_hash), (vocab_bpe, vocab_hash) = (
+        _plain_bpe_file(Path(bpe_dir), name) for name in _GPT2_FILES
+    )
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe, encoder_json, vocab_bpe_hash=vocab_hash, encoder_json_hash=encoder_hash
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,  # the pattern of tiktoken's own "gpt2" encoding
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: GPT2Tokenizer.end_token},
+        explicit_n_vocab=GPT2Tokenizer.n_vocab,
+    )
+
+
+class GPT2Tokenizer:
+    """GLIDE's tokenizer (released glide-text2im checkpoints): lower-case, GPT-2 BPE without
+    special tokens, truncate to ``text_ctx``, pad with ``end_token`` (50256, mask False).
+
+    ``bpe_dir`` (default: ``$GLIDE_GPT2_BPE_DIR``) holds ``encoder.json`` and ``vocab.bpe``
+    (or their ``.gz``) and builds the encoding offline; without it, ``tiktoken.get_encoding("gpt2")``
+    is used (downloaded once, then cached by tiktoken). The encoding is built on first use.
+    """
+
+    n_vocab: int = 50257
+    end_token: int = 50256
+
+    def __init__(self, text_ctx: int = 128, bpe_dir: str | os.PathLike[str] | None = None) -> None:
+        self.text_ctx = _check_ctx(text_ctx, 1)
+        bpe_dir = bpe_dir if bpe_dir is not None else os.environ.get(GPT2_BPE_DIR_ENV) or None
+        self.bpe_dir = str(Path(bpe_dir).expanduser().resolve()) if bpe_dir is not None else None
+        if self.bpe_dir is not None and not Path(self.bpe_dir).is_dir():
+            raise FileNotFoundError(f"GPT-2 BPE dir not found: {self.bpe_dir}")
+
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The (process-wide cached) tiktoken encoding."""
+        return _gpt2_encoding(self.bpe_dir)
+
+    def encode(self, text: str) -> list[int]:
+        """Raw BPE ids of one caption, lower-cased, not truncated."""
+        return self.encoding.encode_ordinary(text.lower())
+
+    def __call__(self, texts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Tokenize captions: see :class:`Tokenizer`."""
+        seqs = [self.encode(t)[: self.text_ctx] for t in _as_list(texts)]
+        return _pad(seqs, self.text_ctx, self.end_token)
+
+    def empty(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """``batch_size`` empty captions: all ``end_token``, mask all False."""
+        return _pad([[]] * batch_size, self.text_ctx, self.end_token)
+
+
+@lru_cache(maxsize=1)
+def _clip_bpe() -> SimpleTokenizer:
+    from open_clip.tokenizer import SimpleTokenizer  # slow (imports all of open_clip): lazy
+
+    return SimpleTokenizer()
+
+
+class CLIPTokenizer:
+    """The CLIP BPE shipped with ``open_clip_torch`` (offline): ``sot ids eot``, truncated to
+    ``text_ctx`` with ``eot`` kept last (as CLIP does), zero padding, mask True on ``sot..eot``.
+
+    The empty caption is all zeros with an all-False mask, not ``[sot, eot]``: this is the
+    GLIDE-style "empty token sequence" that classifier-free guidance drops captions to, and the
+    text transformer's padding embedding covers the masked positions. Any caption whose BPE ids
+    are empty (``""``, whitespace) gives exactly :meth:`empty`. ``open_clip`` is imported on the
+    first call, so building this object (e.g. from a config) stays cheap.
+    """
+
+    n_vocab: int = 49408
+    sot_token: int = 49406
+    eot_token: int = 49407
+    pad_token: int = 0
+
+    def __init__(self, text_ctx: int = 77) -> None:
+        self.text_ctx = _check_ctx(text_ctx, 2)
+
+    @property
+    def bpe(self) -> SimpleTokenizer:
+        """open_clip's (process-wide cached) ``SimpleTokenizer``."""
+        return _clip_bpe()
+
+    def encode(self, text: str) -> list[int]:
+        """Raw BPE ids (open_clip cleans and lower-cases the text), no sot/eot, not truncated."""
+        return self.bpe.encode(text)
+
+    def _frame(self, ids: list[int]) -> list[int]:
+        if not ids:
+            return []
+        return [self.sot_token, *ids[: self.text_ctx - 2], self.eot_token]
+
+    def __call__(self, texts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Tokenize captions: see :class:`Tokenizer`."""
+        seqs = [self._frame(self.encode(t)) for t in _as_list(texts)]
+        return _pad(seqs, self.text_ctx, self.pad_token)
+
+    def empty(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """``batch_size`` empty captions: all zeros, mask all False."""
+        return _pad([[]] * batch_size, self.text_ctx, self.pad_token)
+
+
+TOKENIZERS: dict[str, Callable[..., Tokenizer]] = {
+    "clip": CLIPTokenizer,
+    "gpt2": GPT2Tokenizer,
+}
+
+
+def build_tokenizer(name: TokenizerName, text_ctx: int, **kw: Any) -> Tokenizer:
+    """Build the tokenizer registered as ``name`` (``"clip"`` or ``"gpt2"``); ``kw`` goes to its
+    constructor (e.g. ``bpe_dir`` for ``"gpt2"``)."""
+    if name not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {name!r}; choices: {sorted(TOKENIZERS)}")
+    return TOKENIZERS[name](text_ctx=text_ctx, **kw)

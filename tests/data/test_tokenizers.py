@@ -1,0 +1,228 @@
+"""Tests for glide_lightning.data.tokenizers (offline: GPT-2 BPE from the shared fixture files)."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from glide_lightning.data import (
+    TOKENIZERS,
+    CLIPTokenizer,
+    GPT2Tokenizer,
+    Tokenizer,
+    build_tokenizer,
+)
+from glide_lightning.data import tokenizers as tokenizers_module
+
+LONG = "a photograph of an astronaut riding a horse on the moon, " * 12
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_bpe_dir: Path) -> GPT2Tokenizer:
+    return GPT2Tokenizer(text_ctx=128, bpe_dir=gpt2_bpe_dir)
+
+
+@pytest.fixture(scope="module")
+def clip() -> CLIPTokenizer:
+    return CLIPTokenizer(text_ctx=77)
+
+
+def _check_shapes(tokens: torch.Tensor, mask: torch.Tensor, batch: int, text_ctx: int) -> None:
+    assert tokens.dtype == torch.long and mask.dtype == torch.bool
+    assert tokens.shape == mask.shape == (batch, text_ctx)
+
+
+# ---------------------------------------------------------------------------------------- GPT-2
+def test_gpt2_reproduces_every_glide_case(gpt2: GPT2Tokenizer, glide_cases: dict[str, Any]) -> None:
+    assert glide_cases["text_ctx"] == gpt2.text_ctx
+    assert glide_cases["n_vocab"] == gpt2.n_vocab == gpt2.encoding.n_vocab
+    assert glide_cases["end_token"] == gpt2.end_token
+    assert len(glide_cases["cases"]) > 0
+    for case in glide_cases["cases"]:
+        text = case["text"]
+        assert gpt2.encode(text) == case["tokens"], text
+        tokens, mask = gpt2(text)
+        _check_shapes(tokens, mask, 1, 128)
+        assert tokens[0].tolist() == case["padded_128"], text
+        assert mask[0].tolist() == case["mask_128"], text
+
+
+def test_gpt2_batch_equals_single(gpt2: GPT2Tokenizer, glide_cases: dict[str, Any]) -> None:
+    cases = glide_cases["cases"]
+    tokens, mask = gpt2([c["text"] for c in cases])
+    _check_shapes(tokens, mask, len(cases), 128)
+    assert tokens.tolist() == [c["padded_128"] for c in cases]
+    assert mask.tolist() == [c["mask_128"] for c in cases]
+
+
+def test_gpt2_truncation(gpt2_bpe_dir: Path) -> None:
+    tok = GPT2Tokenizer(text_ctx=5, bpe_dir=gpt2_bpe_dir)
+    full = tok.encode(LONG)
+    assert len(full) > 5
+    tokens, mask = tok(LONG)
+    _check_shapes(tokens, mask, 1, 5)
+    assert tokens[0].tolist() == full[:5]
+    assert mask.all()
+
+
+def test_gpt2_mixed_lengths(gpt2_bpe_dir: Path) -> None:
+    tok = GPT2Tokenizer(text_ctx=16, bpe_dir=gpt2_bpe_dir)
+    texts = ["a corgi", "", LONG, "an oil painting of a corgi wearing a party hat"]
+    tokens, mask = tok(texts)
+    _check_shapes(tokens, mask, len(texts), 16)
+    for row, text in enumerate(texts):
+        ids = tok.encode(text)[:16]
+        n = len(ids)
+        assert tokens[row, :n].tolist() == ids
+        assert (tokens[row, n:] == 50256).all()
+        assert mask[row, :n].all() and not mask[row, n:].any()
+    lengths = mask.sum(1).tolist()
+    assert lengths[1] == 0 and lengths[2] == 16 and 0 < lengths[0] < lengths[3] < 16
+
+
+def test_gpt2_empty_caption(gpt2: GPT2Tokenizer) -> None:
+    tokens, mask = gpt2.empty(3)
+    _check_shapes(tokens, mask, 3, 128)
+    assert (tokens == 50256).all() and not mask.any()
+    one_t, one_m = gpt2([""])
+    assert torch.equal(tokens, one_t.expand(3, -1)) and torch.equal(mask, one_m.expand(3, -1))
+    _check_shapes(*gpt2.empty(0), 0, 128)
+
+
+def test_gpt2_lower_cases(gpt2: GPT2Tokenizer) -> None:
+    upper, upper_mask = gpt2(["A HOUSE By The Lake", "Dogs Playing"])
+    lower, lower_mask = gpt2(["a house by the lake", "dogs playing"])
+    assert torch.equal(upper, lower) and torch.equal(upper_mask, lower_mask)
+
+
+def test_gpt2_str_and_list_agree(gpt2: GPT2Tokenizer) -> None:
+    a, am = gpt2("a corgi")
+    b, bm = gpt2(["a corgi"])
+    assert torch.equal(a, b) and torch.equal(am, bm)
+
+
+def test_gpt2_uncompressed_dir_and_env_var(
+    gpt2_bpe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("encoder.json", "vocab.bpe"):
+        (tmp_path / name).write_bytes(gzip.decompress((gpt2_bpe_dir / f"{name}.gz").read_bytes()))
+    monkeypatch.setenv("GLIDE_GPT2_BPE_DIR", str(tmp_path))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # no copy of this tmp dir in tiktoken's cache
+    tok = GPT2Tokenizer(text_ctx=8)
+    assert tok.bpe_dir == str(tmp_path.resolve())
+    ref = GPT2Tokenizer(text_ctx=8, bpe_dir=gpt2_bpe_dir)
+    text = "naïve café — 100% “quoted” text!"
+    assert tok.encode(text) == ref.encode(text)
+    assert torch.equal(tok(text)[0], ref(text)[0])
+
+
+def test_gpt2_bad_bpe_dir(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not found"):
+        GPT2Tokenizer(bpe_dir=tmp_path / "missing")
+    tok = GPT2Tokenizer(bpe_dir=tmp_path)  # exists but holds no BPE files: fails when built
+    with pytest.raises(FileNotFoundError, match="encoder.json"):
+        tok("a corgi")
+
+
+def test_gpt2_offline_without_bpe_dir_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tiktoken
+
+    def no_network(name: str) -> None:
+        raise ConnectionError("no network")
+
+    monkeypatch.delenv("GLIDE_GPT2_BPE_DIR", raising=False)
+    monkeypatch.setattr(tiktoken, "get_encoding", no_network)
+    tokenizers_module._gpt2_encoding.cache_clear()
+    try:
+        tok = GPT2Tokenizer()
+        assert tok.bpe_dir is None
+        with pytest.raises(RuntimeError, match="bpe_dir") as info:
+            tok("a corgi")
+        assert "GLIDE_GPT2_BPE_DIR" in str(info.value)
+    finally:
+        tokenizers_module._gpt2_encoding.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------- CLIP
+def test_clip_sot_eot_padding(clip: CLIPTokenizer) -> None:
+    texts = ["a house by the lake", "A Corgi!"]
+    tokens, mask = clip(texts)
+    _check_shapes(tokens, mask, 2, 77)
+    assert clip.n_vocab == clip.bpe.vocab_size == 49408
+    for row, text in enumerate(texts):
+        ids = clip.encode(text)
+        n = len(ids) + 2
+        assert tokens[row, :n].tolist() == [49406, *ids, 49407]
+        assert (tokens[row, n:] == 0).all()
+        assert mask[row, :n].all() and not mask[row, n:].any()
+
+
+def test_clip_matches_open_clip_tokenize(clip: CLIPTokenizer) -> None:
+    from open_clip.tokenizer import tokenize
+
+    texts = ["a house by the lake", "naïve café — 100% “quoted” text!", LONG]
+    for ctx in (77, 8):
+        tokens, _ = CLIPTokenizer(text_ctx=ctx)(texts)
+        assert torch.equal(tokens, tokenize(texts, context_length=ctx))
+
+
+def test_clip_truncation_keeps_eot_last() -> None:
+    tok = CLIPTokenizer(text_ctx=8)
+    ids = tok.encode(LONG)
+    tokens, mask = tok([LONG, "a corgi"])
+    _check_shapes(tokens, mask, 2, 8)
+    assert tokens[0].tolist() == [49406, *ids[:6], 49407]
+    assert mask[0].all()
+    assert mask[1].sum() == len(tok.encode("a corgi")) + 2
+
+
+def test_clip_decode_round_trip(clip: CLIPTokenizer) -> None:
+    for text in ["A House by the Lake", "an oil painting of a corgi", "Dogs playing on the beach"]:
+        assert clip.bpe.decode(clip.encode(text)).strip() == text.lower()
+
+
+def test_clip_empty_caption(clip: CLIPTokenizer) -> None:
+    tokens, mask = clip.empty(2)
+    _check_shapes(tokens, mask, 2, 77)
+    assert (tokens == 0).all() and not mask.any()
+    for blank in ("", "   "):
+        one_t, one_m = clip([blank, blank])
+        assert torch.equal(one_t, tokens) and torch.equal(one_m, mask)
+
+
+def test_clip_text_ctx_too_small() -> None:
+    with pytest.raises(ValueError, match="text_ctx"):
+        CLIPTokenizer(text_ctx=1)
+
+
+# ------------------------------------------------------------------------------ common, registry
+def test_protocol_and_pickle(gpt2: GPT2Tokenizer, clip: CLIPTokenizer) -> None:
+    for tok in (gpt2, clip):
+        assert isinstance(tok, Tokenizer)
+        copy = pickle.loads(pickle.dumps(tok))  # DataLoader workers / DDP ranks
+        assert torch.equal(copy("a corgi")[0], tok("a corgi")[0])
+
+
+def test_non_string_caption_rejected(clip: CLIPTokenizer) -> None:
+    with pytest.raises(TypeError, match="str"):
+        clip(["a corgi", None])  # type: ignore[list-item]
+
+
+def test_build_tokenizer(gpt2_bpe_dir: Path) -> None:
+    assert set(TOKENIZERS) == {"clip", "gpt2"}
+    clip = build_tokenizer("clip", text_ctx=32)
+    assert isinstance(clip, CLIPTokenizer) and clip.text_ctx == 32
+    gpt2 = build_tokenizer("gpt2", text_ctx=64, bpe_dir=gpt2_bpe_dir)
+    assert isinstance(gpt2, GPT2Tokenizer) and gpt2.text_ctx == 64
+    assert gpt2("a corgi")[0].shape == (1, 64)
+
+
+def test_unknown_tokenizer_lists_choices() -> None:
+    with pytest.raises(ValueError, match="unknown tokenizer 'bert'") as info:
+        build_tokenizer("bert", text_ctx=16)  # type: ignore[arg-type]
+    assert "'clip'" in str(info.value) and "'gpt2'" in str(info.value)
