@@ -1,0 +1,222 @@
+"""The network's configuration (:class:`ModelConfig`) and :func:`build_model`.
+
+The defaults are miniGLIDE's base model (GLIDE's base shrunk to 96 channels, 32 channels per
+attention head) with the CLIP BPE that models trained from scratch use; glide-text2im's released
+configurations are :data:`glide_lightning.models.glide_text2im.GLIDE_OPTIONS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
+
+from glide_lightning.models.nn import GROUPNORM_GROUPS
+from glide_lightning.models.text2im import (
+    InpaintText2ImUNet,
+    SuperResInpaintText2ImUNet,
+    SuperResText2ImUNet,
+    Text2ImUNet,
+)
+
+__all__ = ["DEFAULT_CHANNEL_MULT", "MODEL_KINDS", "ModelConfig", "ModelKind", "build_model"]
+
+ModelKind = Literal["base", "upsample", "inpaint", "upsample_inpaint"]
+MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
+
+_MODEL_CLASSES: dict[str, type[Text2ImUNet]] = {
+    "base": Text2ImUNet,
+    "upsample": SuperResText2ImUNet,
+    "inpaint": InpaintText2ImUNet,
+    "upsample_inpaint": SuperResInpaintText2ImUNet,
+}
+
+DEFAULT_CHANNEL_MULT: dict[int, tuple[int, ...]] = {
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),
+}
+"""ADM's channel multipliers per image size, used when ``channel_mult`` is not given."""
+
+IMAGE_CHANNELS = 3
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a GLIDE-style text-conditional UNet (validated on construction)."""
+
+    kind: ModelKind = "base"
+    """``base`` (text → image), ``upsample`` (also conditioned on a low-resolution image),
+    ``inpaint`` (also on known pixels and their mask) or ``upsample_inpaint`` (both)."""
+    image_size: int = 64
+    """Side of the (output) images in pixels."""
+    model_channels: int = 96
+    """Base channel count of the UNet, a multiple of 32 (miniGLIDE: 96; GLIDE: 192)."""
+    num_res_blocks: int = 3
+    """Residual blocks per resolution level (GLIDE base: 3, upsampler: 2)."""
+    channel_mult: tuple[int, ...] | None = None
+    """Channel multiplier of each resolution level; None picks ADM's default for ``image_size``
+    (256: 1,1,2,2,4,4; 128: 1,1,2,3,4; 64: 1,2,3,4; 32: 1,2,2,2)."""
+    attention_resolutions: list[int] = field(default_factory=lambda: [32, 16, 8])
+    """Feature-map sizes (in pixels) at which the UNet uses attention, e.g. ``[32, 16, 8]``."""
+    num_heads: int = 1
+    """Attention heads, used when ``num_head_channels`` is -1."""
+    num_head_channels: int = 32
+    """Channels per attention head (-1: a fixed ``num_heads`` instead; miniGLIDE 32, GLIDE 64)."""
+    num_heads_upsample: int = -1
+    """Heads of the decoder's attention when ``num_head_channels`` is -1 (-1: ``num_heads``)."""
+    dropout: float = 0.1
+    """Dropout probability inside the residual blocks."""
+    use_scale_shift_norm: bool = True
+    """Condition residual blocks by an adaptive GroupNorm scale and shift (ADM) instead of a sum."""
+    resblock_updown: bool = True
+    """Resample with residual blocks (BigGAN style) instead of strided / upsampling convolutions."""
+    learn_sigma: bool = True
+    """Also output the variance interpolation value v (6 output channels instead of 3); needed by
+    ``variance_type: learned_range``."""
+    text_ctx: int = 77
+    """Caption length in tokens: must equal the tokenizer's (CLIP BPE: 77; GLIDE's GPT-2 BPE: 128)."""
+    xf_width: int = 512
+    """Width of the text Transformer (0: no text conditioning)."""
+    xf_layers: int = 16
+    """Layers of the text Transformer."""
+    xf_heads: int = 8
+    """Attention heads of the text Transformer."""
+    xf_final_ln: bool = True
+    """Apply a final LayerNorm to the text Transformer's output."""
+    xf_padding: bool = True
+    """Use a learned per-position embedding at padding positions (mask False) of the caption."""
+    n_vocab: int = 49408
+    """Tokenizer vocabulary size (CLIP BPE: 49408; GLIDE's GPT-2 BPE: 50257)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"unknown kind {self.kind!r}; choose one of {', '.join(MODEL_KINDS)}")
+        _positive(image_size=self.image_size, model_channels=self.model_channels)
+        _positive(num_res_blocks=self.num_res_blocks)
+        if self.model_channels % GROUPNORM_GROUPS:
+            raise ValueError(
+                f"model_channels must be a multiple of {GROUPNORM_GROUPS} (GroupNorm groups), "
+                f"got {self.model_channels}"
+            )
+        if self.channel_mult is not None:
+            if isinstance(self.channel_mult, str):
+                raise ValueError(f"channel_mult must be a list of ints, not a string: {self.channel_mult!r}")
+            object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        mult = self.resolved_channel_mult  # raises for an unknown image_size
+        if not mult or any(not isinstance(m, int) or m < 1 for m in mult):
+            raise ValueError(f"channel_mult must be positive ints, got {mult}")
+        if self.image_size % 2 ** (len(mult) - 1):
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by 2**{len(mult) - 1} "
+                f"({len(mult)} levels in channel_mult {mult})"
+            )
+        if isinstance(self.attention_resolutions, str):
+            raise ValueError(
+                "attention_resolutions must be a list of ints (e.g. [32, 16, 8]), "
+                f"not a string: {self.attention_resolutions!r}"
+            )
+        object.__setattr__(self, "attention_resolutions", [int(r) for r in self.attention_resolutions])
+        sizes = [self.image_size // 2**level for level in range(len(mult))]
+        bad = [r for r in self.attention_resolutions if r not in sizes]
+        if bad:
+            raise ValueError(
+                f"attention_resolutions {bad} are not feature-map sizes of this UNet "
+                f"(image_size {self.image_size}, channel_mult {mult}: sizes {sizes})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self._check_heads(mult, sizes)
+        if self.xf_width < 0:
+            raise ValueError(f"xf_width must be >= 0 (0 disables the text encoder), got {self.xf_width}")
+        if self.xf_width:
+            _positive(text_ctx=self.text_ctx, xf_heads=self.xf_heads, n_vocab=self.n_vocab)
+            if self.xf_layers < 0:
+                raise ValueError(f"xf_layers must be >= 0, got {self.xf_layers}")
+            if self.xf_width % self.xf_heads:
+                raise ValueError(f"xf_width {self.xf_width} is not divisible by xf_heads {self.xf_heads}")
+
+    def _check_heads(self, mult: tuple[int, ...], sizes: list[int]) -> None:
+        # The middle block (lowest resolution) always has attention.
+        levels = {len(mult) - 1} | {i for i, s in enumerate(sizes) if s in self.attention_resolutions}
+        chans = sorted({self.model_channels * mult[i] for i in levels})
+        if self.num_head_channels != -1:
+            _positive(num_head_channels=self.num_head_channels)
+            bad = [c for c in chans if c % self.num_head_channels]
+            if bad:
+                raise ValueError(
+                    f"num_head_channels {self.num_head_channels} does not divide the attention "
+                    f"channel counts {bad} (attention blocks have {chans} channels)"
+                )
+            return
+        heads = {"num_heads": self.num_heads}
+        if self.num_heads_upsample != -1:
+            heads["num_heads_upsample"] = self.num_heads_upsample
+        _positive(**heads)
+        for name, n in heads.items():
+            bad = [c for c in chans if c % n]
+            if bad:
+                raise ValueError(f"{name} {n} does not divide the attention channel counts {bad}")
+
+    @property
+    def resolved_channel_mult(self) -> tuple[int, ...]:
+        """``channel_mult``, or ADM's default for ``image_size`` when it is None."""
+        if self.channel_mult is not None:
+            return tuple(self.channel_mult)
+        if self.image_size not in DEFAULT_CHANNEL_MULT:
+            raise ValueError(
+                f"no default channel_mult for image_size {self.image_size} (defaults exist for "
+                f"{', '.join(map(str, sorted(DEFAULT_CHANNEL_MULT)))}): set channel_mult explicitly"
+            )
+        return DEFAULT_CHANNEL_MULT[self.image_size]
+
+    @property
+    def attention_ds(self) -> tuple[int, ...]:
+        """``attention_resolutions`` as the UNet's downsample rates (``image_size // resolution``)."""
+        return tuple(self.image_size // r for r in self.attention_resolutions)
+
+    @property
+    def out_channels(self) -> int:
+        """6 (ε and the variance interpolation v) with ``learn_sigma``, else 3 (ε)."""
+        return 2 * IMAGE_CHANNELS if self.learn_sigma else IMAGE_CHANNELS
+
+    def to_dict(self) -> dict[str, object]:
+        """The fields as a plain dict (lists and tuples as lists)."""
+        d = asdict(self)
+        d["channel_mult"] = None if self.channel_mult is None else list(self.channel_mult)
+        return d
+
+
+def _positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def build_model(config: ModelConfig) -> Text2ImUNet:
+    """Build the (randomly initialised) network described by ``config``.
+
+    Wrap in ``with torch.device("meta"):`` to build without allocating weights.
+    """
+    cls = _MODEL_CLASSES[config.kind]
+    return cls(
+        text_ctx=config.text_ctx,
+        xf_width=config.xf_width,
+        xf_layers=config.xf_layers,
+        xf_heads=config.xf_heads,
+        xf_final_ln=config.xf_final_ln,
+        xf_padding=config.xf_padding,
+        n_vocab=config.n_vocab,
+        in_channels=IMAGE_CHANNELS,
+        model_channels=config.model_channels,
+        out_channels=config.out_channels,
+        num_res_blocks=config.num_res_blocks,
+        attention_resolutions=config.attention_ds,
+        dropout=config.dropout,
+        channel_mult=config.resolved_channel_mult,
+        num_heads=config.num_heads,
+        num_head_channels=config.num_head_channels,
+        num_heads_upsample=config.num_heads_upsample,
+        use_scale_shift_norm=config.use_scale_shift_norm,
+        resblock_updown=config.resblock_updown,
+    )

@@ -1,0 +1,226 @@
+"""GLIDE's text-conditional UNet and its super-resolution and inpainting variants.
+
+The caption goes through a Transformer (:mod:`glide_lightning.models.text`); the last token's
+features, projected to the embedding width, are added to the timestep embedding, and all token
+features ``[B, xf_width, text_ctx]`` are extra keys and values for every attention block.
+
+All four models share one call convention (glide-text2im's): ``model(x_t, t, tokens=..., mask=...)``
+plus ``low_res=`` (super-resolution) and ``inpaint_image=``, ``inpaint_mask=`` (inpainting); ``t``
+holds raw integer timesteps; the output has ``out_channels`` channels (6: ε and the learned-variance
+interpolation value).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from glide_lightning.models.nn import LayerNorm
+from glide_lightning.models.text import Transformer
+from glide_lightning.models.unet import UNetModel
+
+__all__ = [
+    "InpaintText2ImUNet",
+    "SuperResInpaintText2ImUNet",
+    "SuperResText2ImUNet",
+    "Text2ImUNet",
+]
+
+
+class Text2ImUNet(UNetModel):
+    """An ADM UNet conditioned on a caption encoded by its own Transformer (GLIDE).
+
+    Args:
+        text_ctx: number of caption tokens (the tokenizer's padded length).
+        xf_width: Transformer width (0: no text encoder, an unconditional UNet).
+        xf_layers: Transformer layers.
+        xf_heads: Transformer attention heads.
+        xf_final_ln: apply a LayerNorm to the Transformer's output.
+        xf_padding: replace the input embedding at masked-out (padding) positions by a learned
+            per-position padding embedding.
+        n_vocab: vocabulary size of the tokenizer.
+        in_channels: channels of the noisy image ``x`` (the UNet's own input may have more, see the
+            variants).
+        **unet_kwargs: the remaining :class:`~glide_lightning.models.unet.UNetModel` arguments
+            (``model_channels``, ``out_channels``, ``num_res_blocks``, ``attention_resolutions``, …).
+    """
+
+    def __init__(
+        self,
+        *,
+        text_ctx: int,
+        xf_width: int,
+        xf_layers: int,
+        xf_heads: int,
+        xf_final_ln: bool = True,
+        xf_padding: bool = True,
+        n_vocab: int,
+        in_channels: int = 3,
+        **unet_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            in_channels=self.unet_in_channels(in_channels),
+            encoder_channels=xf_width or None,
+            **unet_kwargs,
+        )
+        self.image_channels = in_channels
+        self.text_ctx = text_ctx
+        self.xf_width = xf_width
+        self.xf_padding = xf_padding
+        if not xf_width:
+            return
+        self.transformer = Transformer(xf_width, xf_layers, xf_heads)
+        self.final_ln = LayerNorm(xf_width) if xf_final_ln else None
+        self.token_embedding = nn.Embedding(n_vocab, xf_width)
+        self.positional_embedding = nn.Parameter(torch.empty(text_ctx, xf_width))
+        if xf_padding:
+            self.padding_embedding = nn.Parameter(torch.empty(text_ctx, xf_width))
+        self.transformer_proj = nn.Linear(xf_width, 4 * self.model_channels)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        if xf_padding:
+            nn.init.normal_(self.padding_embedding, std=0.01)
+
+    @staticmethod
+    def unet_in_channels(image_channels: int) -> int:
+        """Channels the UNet sees: the noisy image plus any concatenated conditioning images."""
+        return image_channels
+
+    def encode_text(self, tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Encode a caption batch.
+
+        Args:
+            tokens: ``[B, text_ctx]`` token ids.
+            mask: ``[B, text_ctx]`` bool, True on real tokens; None means every position is real.
+                With ``xf_padding`` the input embedding where it is False is replaced by the learned
+                ``padding_embedding`` of that position (so the token id there does not matter).
+
+        Returns:
+            ``xf_proj`` ``[B, 4 * model_channels]`` (from the last position's features) and
+            ``xf_out`` ``[B, xf_width, text_ctx]`` (every position, for the attention blocks).
+        """
+        if not self.xf_width:
+            raise ValueError("this model has no text encoder (xf_width=0): pass tokens=None")
+        if tokens.ndim != 2 or tokens.shape[1] != self.text_ctx:
+            raise ValueError(f"tokens must have shape [B, {self.text_ctx}], got {tuple(tokens.shape)}")
+        xf_in = self.token_embedding(tokens.long()) + self.positional_embedding  # [B, L, W]
+        if self.xf_padding and mask is not None:
+            if mask.shape != tokens.shape:
+                raise ValueError(f"mask shape {tuple(mask.shape)} != tokens shape {tuple(tokens.shape)}")
+            keep = rearrange(mask.bool(), "b l -> b l 1")  # [B, L, 1]
+            xf_in = torch.where(keep, xf_in, self.padding_embedding.to(xf_in.dtype))  # [B, L, W]
+        xf_out = self.transformer(xf_in)  # [B, L, W]
+        if self.final_ln is not None:
+            xf_out = self.final_ln(xf_out)
+        xf_proj = self.transformer_proj(xf_out[:, -1])  # [B, 4 * model_channels]
+        return xf_proj, rearrange(xf_out, "b l w -> b w l")  # [B, W, L]
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.image_channels:
+            raise ValueError(f"x must have shape [B, {self.image_channels}, H, W], got {tuple(x.shape)}")
+
+    def _denoise(self, h: Tensor, timesteps: Tensor, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
+        """Run the text encoder (unless ``tokens`` is None) and the UNet on the full input ``h``."""
+        xf_proj = xf_out = None
+        if tokens is not None:
+            xf_proj, xf_out = self.encode_text(tokens, mask)
+        return UNetModel.forward(self, h, timesteps, encoder_out=xf_out, extra_emb=xf_proj)
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, timesteps: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """``x`` ``[B, C, H, W]``, ``timesteps`` ``[B]`` → ``[B, out_channels, H, W]``.
+
+        ``tokens``/``mask`` as in :meth:`encode_text`; ``tokens=None`` skips the text path.
+        """
+        self._check_input(x)
+        return self._denoise(x, timesteps, tokens, mask)
+
+
+def _upsampled(low_res: Tensor | None, x: Tensor) -> Tensor:
+    """``low_res`` ``[B, C, h, w]`` bilinearly resized to ``x``'s height and width."""
+    if low_res is None:
+        raise ValueError("a super-resolution model needs low_res (the low-resolution image)")
+    return F.interpolate(low_res.to(x.dtype), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _inpaint_inputs(x: Tensor, inpaint_image: Tensor | None, inpaint_mask: Tensor | None) -> list[Tensor]:
+    """``[inpaint_image * inpaint_mask, inpaint_mask]``, each defaulting to zeros."""
+    if inpaint_image is None:
+        inpaint_image = torch.zeros_like(x)
+    if inpaint_mask is None:
+        inpaint_mask = torch.zeros_like(x[:, :1])
+    inpaint_mask = inpaint_mask.to(x.dtype)
+    return [inpaint_image.to(x.dtype) * inpaint_mask, inpaint_mask]
+
+
+class SuperResText2ImUNet(Text2ImUNet):
+    """Text-conditional super-resolution: the low-res image, bilinearly upsampled, joins ``x``."""
+
+    @staticmethod
+    def unet_in_channels(image_channels: int) -> int:  # noqa: D102
+        return 2 * image_channels
+
+    def forward(  # type: ignore[override]
+        self,
+        x: Tensor,
+        timesteps: Tensor,
+        low_res: Tensor | None = None,
+        tokens: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """As :meth:`Text2ImUNet.forward`, conditioned on ``low_res`` ``[B, C, h, w]`` (required)."""
+        self._check_input(x)
+        h = torch.cat([x, _upsampled(low_res, x)], dim=1)  # [B, 2C, H, W]
+        return self._denoise(h, timesteps, tokens, mask)
+
+
+class InpaintText2ImUNet(Text2ImUNet):
+    """Text-conditional inpainting: the known pixels (image x mask) and the mask join ``x``."""
+
+    @staticmethod
+    def unet_in_channels(image_channels: int) -> int:  # noqa: D102
+        return 2 * image_channels + 1
+
+    def forward(  # type: ignore[override]
+        self,
+        x: Tensor,
+        timesteps: Tensor,
+        inpaint_image: Tensor | None = None,
+        inpaint_mask: Tensor | None = None,
+        tokens: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """As :meth:`Text2ImUNet.forward`, conditioned on ``inpaint_image`` ``[B, C, H, W]`` and
+        ``inpaint_mask`` ``[B, 1, H, W]`` (1 where the pixel is known); missing ones are zeros."""
+        self._check_input(x)
+        h = torch.cat([x, *_inpaint_inputs(x, inpaint_image, inpaint_mask)], dim=1)  # [B, 2C+1, H, W]
+        return self._denoise(h, timesteps, tokens, mask)
+
+
+class SuperResInpaintText2ImUNet(Text2ImUNet):
+    """Text-conditional super-resolution inpainting: upsampled low-res, known pixels and mask."""
+
+    @staticmethod
+    def unet_in_channels(image_channels: int) -> int:  # noqa: D102
+        return 3 * image_channels + 1
+
+    def forward(  # type: ignore[override]
+        self,
+        x: Tensor,
+        timesteps: Tensor,
+        low_res: Tensor | None = None,
+        inpaint_image: Tensor | None = None,
+        inpaint_mask: Tensor | None = None,
+        tokens: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """Combines :class:`SuperResText2ImUNet` and :class:`InpaintText2ImUNet` (in that order)."""
+        self._check_input(x)
+        cond = [_upsampled(low_res, x), *_inpaint_inputs(x, inpaint_image, inpaint_mask)]
+        h = torch.cat([x, *cond], dim=1)  # [B, 3C+1, H, W]
+        return self._denoise(h, timesteps, tokens, mask)
