@@ -1,0 +1,35 @@
+import json
+
+import pytest
+import torch
+
+from glide_lightning import bench
+
+
+def test_bench_writes_per_image_medians(tmp_path):
+    out = tmp_path / "results.json"
+    bench.main(["--out", str(out), "--presets", "tiny", "--repeats", "1"])
+    report = json.loads(out.read_text())
+    tiny = report["models"]["tiny"]
+    assert report["machine"]["torch"] == torch.__version__
+    assert tiny["params"] == sum(p.numel() for p in bench.build_model(bench.PRESETS["tiny"][0]).parameters())
+    for key in ["forward", "forward_backward", "sample_25_steps_cfg"]:
+        runs = tiny[f"{key}_runs_s"]
+        assert len(runs) == 1 and all(r > 0 for r in runs)
+        assert tiny[f"{key}_s_per_image"] * tiny["batch"] <= max(runs)
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_forward_matches_fp32_on_gpu():
+    model = bench.build_model(bench.PRESETS["tiny"][0]).cuda().eval()
+    for p in model.parameters():  # make the zero-initialised output layers non-trivial
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(2, 3, 32, 32, device="cuda")
+    t = torch.tensor([10, 500], device="cuda")
+    tokens = torch.randint(0, 49408, (2, 32), device="cuda")
+    with torch.no_grad():
+        ref = model(x, t, tokens=tokens)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = model(x, t, tokens=tokens)
+    assert torch.isfinite(low).all()
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
