@@ -1,5 +1,7 @@
-"""Data: caption tokenizers (and the webdataset LightningDataModule)."""
+"""Data: caption tokenizers, the webdataset LightningDataModule, shard writing and the synthetic dataset."""
 
+from glide_lightning.data.datamodule import GlideDataModule, expand_shards, measure_pipeline
+from glide_lightning.data.pipeline import ImageTextStream, ResizeMode
 from glide_lightning.data.tokenizers import (
     TOKENIZERS,
     CLIPTokenizer,
@@ -9,4 +11,7 @@ from glide_lightning.data.tokenizers import (
     build_tokenizer,
 )
 
-__all__ = ["TOKENIZERS", "CLIPTokenizer", "GPT2Tokenizer", "Tokenizer", "TokenizerName", "build_tokenizer"]
+__all__ = [
+    "TOKENIZERS", "CLIPTokenizer", "GPT2Tokenizer", "GlideDataModule", "ImageTextStream", "ResizeMode", "Tokenizer",
+    "TokenizerName", "build_tokenizer", "expand_shards", "measure_pipeline",
+]
