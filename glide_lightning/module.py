@@ -1,0 +1,231 @@
+"""GlideModule: the LightningModule that trains a GLIDE-style model. It orchestrates; the math lives in
+:mod:`glide_lightning.diffusion` and the networks in :mod:`glide_lightning.models`."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from glide_lightning.data.tokenizers import TokenizerName, build_tokenizer
+from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
+from glide_lightning.diffusion.timesteps import TimestepSamplerName, build_timestep_sampler
+from glide_lightning.models import ModelConfig, build_model, from_glide_text2im
+from glide_lightning.models.glide_text2im import GLIDE_KINDS
+
+log = logging.getLogger(__name__)
+
+TERMS = ("loss", "mse", "vb")
+QUARTILES = 4
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW and its learning-rate warm-up."""
+
+    lr: float = 1e-4
+    """Peak learning rate (miniGLIDE: 1e-4)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's (β1, β2)."""
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to ``lr`` (constant afterwards)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError(f"bad optimizer settings {self}: lr > 0, weight_decay >= 0, warmup_steps >= 0")
+
+
+class GlideModule(L.LightningModule):
+    """Trains a text-conditional diffusion model with classifier-free guidance dropout.
+
+    Args:
+        model: the network's architecture.
+        diffusion: the diffusion process and the loss (``simple`` / ``hybrid`` / ``p2``).
+        optimizer: AdamW settings and the LR warm-up.
+        tokenizer: the caption tokenizer (``clip`` for new models; ``gpt2`` for glide-text2im's
+            checkpoints). The data module uses the same one; the module needs it for the empty
+            caption and for sampling from prompts.
+        cond_drop_prob: probability of replacing a caption by the empty caption (classifier-free
+            guidance; GLIDE: 0.2).
+        timestep_sampler: ``uniform`` or Improved DDPM's ``loss_aware`` importance sampling.
+        init_from: weights to start from: a glide-text2im checkpoint (``base.pt``, …; its kind must
+            match ``model.kind``) or a glide_lightning checkpoint (its EMA weights). Ignored when
+            resuming a run, which restores everything from the run's own checkpoint.
+        val_seed: seed of the fixed timesteps and noise of validation, so that validation losses
+            compare across runs and arms.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig = ModelConfig(),
+        diffusion: DiffusionConfig = DiffusionConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        tokenizer: TokenizerName = "clip",
+        cond_drop_prob: float = 0.2,
+        timestep_sampler: TimestepSamplerName = "uniform",
+        init_from: str | None = None,
+        val_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        # hyper-parameters as plain data, so checkpoints load with torch.load(weights_only=True)
+        model, diffusion, optimizer = (_as(cls, v) for cls, v in
+                                       ((ModelConfig, model), (DiffusionConfig, diffusion), (OptimizerConfig, optimizer)))
+        if not 0.0 <= cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
+        if diffusion.variance_type == "learned_range" and not model.learn_sigma:
+            raise ValueError("variance_type 'learned_range' needs model.learn_sigma: true (6 output channels)")
+        self.save_hyperparameters({"model": model.to_dict(), "diffusion": asdict(diffusion),
+                                   "optimizer": asdict(optimizer), "tokenizer": tokenizer,
+                                   "cond_drop_prob": cond_drop_prob, "timestep_sampler": timestep_sampler,
+                                   "init_from": init_from, "val_seed": val_seed})
+        self.model_config, self.diffusion_config, self.optimizer_config = model, diffusion, optimizer
+        self.model = build_model(model)
+        self.diffusion = GaussianDiffusion.from_config(diffusion)
+        self.tokenizer = build_tokenizer(tokenizer, text_ctx=model.text_ctx)
+        self.timesteps = build_timestep_sampler(timestep_sampler, self.diffusion.num_timesteps)
+        self.cond_drop_prob = cond_drop_prob
+        self.val_seed = val_seed
+        self.init_from = init_from
+        # validation means over the epoch, overall and by timestep quartile (synced across ranks)
+        # (every metric is updated on every rank, even with no samples, so that syncing never hangs)
+        terms = TERMS if diffusion.variance_type == "learned_range" else TERMS[:2]
+        self.val_metrics = torch.nn.ModuleDict({
+            f"{term}{suffix}": MeanMetric() for term in terms for suffix in ["", *(f"_q{q}" for q in range(QUARTILES))]
+        })
+
+    # ----------------------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.init_from and self.trainer.ckpt_path is None:
+            self.load_initial_weights(self.init_from)
+
+    def load_initial_weights(self, path: str) -> None:
+        """Start from a glide-text2im checkpoint or from a glide_lightning checkpoint's EMA weights."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if "state_dict" in state:  # a glide_lightning (Lightning) checkpoint: its EMA weights
+            weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+            self.model.load_state_dict(weights, strict=True)
+        else:
+            kind = {"base": "base", "upsample": "upsample", "inpaint": "base-inpaint",
+                    "upsample_inpaint": "upsample-inpaint"}[self.model_config.kind]
+            assert kind in GLIDE_KINDS
+            loaded = from_glide_text2im(kind, state)
+            self.model.load_state_dict(loaded.state_dict(), strict=True)
+        log.info("initialised the model's weights from %s", path)
+
+    # ----------------------------------------------------------------------------- training
+    def forward(self, x_t: Tensor, timesteps: Tensor, **model_kwargs: Any) -> Tensor:
+        return self.model(x_t, timesteps, **model_kwargs)
+
+    def drop_captions(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Replace each caption by the empty caption with probability ``cond_drop_prob``."""
+        drop = torch.rand(tokens.shape[0], device=tokens.device) < self.cond_drop_prob  # [B]
+        empty_tokens, empty_mask = (x.to(tokens.device) for x in self.tokenizer.empty(1))
+        tokens = torch.where(drop[:, None], empty_tokens, tokens)
+        mask = torch.where(drop[:, None], empty_mask, mask)
+        return tokens, mask, drop
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        images = batch["image"]
+        tokens, mask, drop = self.drop_captions(batch["tokens"], batch["mask"])
+        t, weights = self.timesteps.sample(images.shape[0], images.device)
+        terms = self.diffusion.training_losses(self.model, images, t, dict(tokens=tokens, mask=mask))
+        if self.hparams["timestep_sampler"] != "uniform":
+            # every rank updates the sampler with every rank's losses, so they sample alike
+            gathered_t, gathered_loss = (self.all_gather(x).reshape(-1) for x in (t, terms["loss"].detach()))
+            self.timesteps.update(gathered_t, gathered_loss)
+        loss = (terms["loss"] * weights).mean()
+        batch_size = images.shape[0]
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.mean(), prog_bar=name == "loss", batch_size=batch_size)
+            for q, selected in enumerate(self.quartiles(t)):
+                if selected.any():
+                    self.log(f"train/{name}_q{q}", value[selected].mean(), batch_size=int(selected.sum()))
+        self.log("train/cond_drop_rate", drop.float().mean(), batch_size=batch_size)
+        if "skipped" in batch:
+            self.log("data/skipped", float(batch["skipped"]), batch_size=batch_size, reduce_fx="max")
+        return loss
+
+    def quartiles(self, t: Tensor) -> list[Tensor]:
+        """Boolean masks of the samples whose t lies in each quarter of the process."""
+        q = (t * QUARTILES) // self.diffusion.num_timesteps
+        return [q == i for i in range(QUARTILES)]
+
+    # ----------------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Conditional loss terms at timesteps and noise fixed by ``val_seed`` and the batch index."""
+        images = batch["image"]
+        generator = torch.Generator().manual_seed(self.val_seed * 1_000_003 + batch_idx)
+        b = images.shape[0]
+        # stratified: sample j gets a t in the j-th of b equal slices of [0, T)
+        t = ((torch.arange(b) + torch.rand(b, generator=generator)) * self.diffusion.num_timesteps / b).long()
+        noise = torch.randn(images.shape, generator=generator).to(images)
+        terms = self.diffusion.training_losses(self.model, images, t.to(images.device),
+                                               dict(tokens=batch["tokens"], mask=batch["mask"]), noise)
+        quartiles = self.quartiles(t.to(images.device))
+        for name, value in terms.items():
+            self.val_metrics[name].update(value)
+            for q, selected in enumerate(quartiles):
+                self.val_metrics[f"{name}_q{q}"].update(value[selected])
+
+    def on_validation_epoch_end(self) -> None:
+        for key, metric in self.val_metrics.items():
+            self.log(f"val/{key}", metric.compute())
+            metric.reset()
+
+    # ----------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optimizer_config
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                      weight_decay=cfg.weight_decay)
+        warmup = max(cfg.warmup_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["timestep_sampler"] = self.timesteps.state_dict()
+        checkpoint["rng"] = capture_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("timestep_sampler"):
+            self.timesteps.load_state_dict(checkpoint["timestep_sampler"])
+        if "rng" in checkpoint:
+            restore_rng_state(checkpoint["rng"])
+
+
+def _as(cls: type, value: Any) -> Any:
+    """A config dataclass from itself or from its dict form (hparams of a loaded checkpoint)."""
+    return cls(**value) if isinstance(value, dict) else value
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as tensors and plain lists (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_tuples(state["python"]))
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(value: Any) -> Any:
+    """random.setstate needs tuples where a checkpoint may hold lists."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
