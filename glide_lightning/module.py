@@ -198,8 +198,13 @@ class GlideModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if checkpoint.get("timestep_sampler"):
             self.timesteps.load_state_dict(checkpoint["timestep_sampler"])
-        if "rng" in checkpoint:
-            restore_rng_state(checkpoint["rng"])
+        # applied when training starts: restoring here would be undone by what runs in between
+        self._pending_rng_state = checkpoint.get("rng")
+
+    def on_train_start(self) -> None:
+        if getattr(self, "_pending_rng_state", None) is not None:
+            restore_rng_state(self._pending_rng_state)
+            self._pending_rng_state = None
 
 
 def _as(cls: type, value: Any) -> Any:

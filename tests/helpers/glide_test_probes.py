@@ -1,0 +1,60 @@
+"""Callbacks that tests attach to real CLI runs (in subprocesses) to observe what happened."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+
+class KeyRecorder(L.Callback):
+    """Writes the sample keys of every training batch to ``<out_dir>/keys_rank<r>.json``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.keys: list[list[str]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.keys.append(list(batch["key"]))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"keys_rank{trainer.global_rank}.json").write_text(json.dumps(self.keys))
+
+
+class StateProbe(L.Callback):
+    """At the start of training (after a resume has restored everything), saves the step, the model,
+    the EMA model, the optimizer and (just before the first step) the RNG state to
+    ``<out_dir>/start_<step>.pt``."""
+
+    def __init__(self, out_dir: str, sleep_per_step: float = 0.0) -> None:
+        self.out_dir = Path(out_dir)
+        self.sleep_per_step = sleep_per_step
+        self.pending: tuple[dict[str, Any], Path] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ema = next(cb for cb in trainer.callbacks if isinstance(cb, L.pytorch.callbacks.WeightAveraging))
+        state = {
+            "global_step": trainer.global_step,
+            "model": {k: v.clone() for k, v in pl_module.state_dict().items()},
+            "ema": {k: v.clone() for k, v in ema._average_model.module.state_dict().items()},
+            "optimizer": trainer.optimizers[0].state_dict(),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.pending = (state, self.out_dir / f"start_{trainer.global_step}.pt")
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        if self.pending is not None:  # the RNG state the first step starts from
+            state, path = self.pending
+            torch.save({**state, "torch_rng": torch.get_rng_state()}, path)
+            self.pending = None
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        if self.sleep_per_step:
+            import time
+
+            time.sleep(self.sleep_per_step)  # widens the window in which the test interrupts the run

@@ -1,0 +1,198 @@
+"""The training CLI end to end, in subprocesses as users run it: smoke fit, resume after a kill,
+graceful SIGINT / SIGTERM, 2-process DDP, and every shipped experiment's YAML."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from glide_lightning.diffusion import DiffusionConfig
+from glide_lightning.models import ModelConfig
+from glide_lightning.module import OptimizerConfig
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "WANDB_API_KEY")}
+    env.update(WANDB_MODE="offline", WANDB_CACHE_DIR=str(tmp_path / "wandb_cache"),
+               WANDB_DATA_DIR=str(tmp_path / "wandb_data"), WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"),
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests/helpers"), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def smoke_command(shards: Path, root: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "glide_lightning", "fit", "--config", str(REPO / "experiments/smoke.yaml"),
+            "--data.train_shards", f"{shards}/train-*.tar", "--data.val_shards", f"{shards}/val-*.tar",
+            "--data.num_workers", "0", "--data.batch_size", "4", "--run.root", str(root),
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.log_every_n_steps", "1", *extra]
+
+
+def probe_config(tmp_path: Path, *callbacks: dict) -> str:
+    """An extra --config that keeps smoke's EMA and adds test probes (a later --config replaces lists)."""
+    path = tmp_path / "probes.yaml"
+    ema = {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.99}}
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": [ema, *callbacks]}}))
+    return str(path)
+
+
+def read_csv_metrics(run_dir: Path) -> list[dict[str, str]]:
+    rows = []
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with path.open() as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def test_smoke_fit_through_the_cli(synthetic_shards, tmp_path):
+    run = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--trainer.max_steps", "6",
+                                       "--trainer.val_check_interval", "3", "--run.checkpoint_every_n_steps", "3"),
+                         env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    run_dir = tmp_path / "smoke"
+    names = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert names == ["last.ckpt", "step00000003.ckpt", "step00000006.ckpt"]
+    last = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 6 and "current_model_state" in last  # EMA weights + the raw ones
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["diffusion"]["loss_type"] == "hybrid"
+    rows = read_csv_metrics(run_dir)
+    logged = {k for row in rows for k, v in row.items() if v}
+    assert {"train/loss", "train/mse", "train/vb", "train/loss_q0", "val/loss", "val/vb_q3", "data/skipped"} <= logged
+    assert len([r for r in rows if r.get("val/loss")]) == 2  # validation at steps 3 and 6
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and any(offline[0].rglob("*.wandb"))
+    assert "wandb logs offline" in run.stderr
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (rc {process.returncode}) before {path.name} appeared:\n"
+                                 + process.stderr.read()[-3000:])
+        if time.time() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.2)
+
+
+def assert_resumed_state(probe_file: Path, checkpoint: dict) -> None:
+    probe = torch.load(probe_file, map_location="cpu", weights_only=True)
+    assert probe["global_step"] == checkpoint["global_step"]
+    for key, value in checkpoint["current_model_state"].items():  # the raw (trained) weights
+        torch.testing.assert_close(probe["model"][key], value, rtol=0, atol=0)
+    for key, value in checkpoint["state_dict"].items():  # the EMA weights
+        torch.testing.assert_close(probe["ema"][key], value, rtol=0, atol=0)
+    saved = checkpoint["optimizer_states"][0]["state"]
+    assert saved and saved.keys() == probe["optimizer"]["state"].keys()
+    for index, state in saved.items():
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(probe["optimizer"]["state"][index][name], state[name], rtol=0, atol=0)
+    assert probe["lr"] == checkpoint["lr_schedulers"][0]["_last_lr"][0]
+    assert torch.equal(probe["torch_rng"], checkpoint["rng"]["torch"])
+
+
+def test_killed_run_resumes_at_its_saved_step_with_identical_state(synthetic_shards, tmp_path):
+    env = cli_env(tmp_path)
+    probes = {"class_path": "glide_test_probes.StateProbe",
+              "init_args": {"out_dir": str(tmp_path / "probes"), "sleep_per_step": 0.3}}
+    command = smoke_command(synthetic_shards, tmp_path, "--config", probe_config(tmp_path, probes),
+                            "--run.checkpoint_every_n_steps", "4", "--trainer.val_check_interval", "1000")
+    first = subprocess.Popen(command + ["--trainer.max_steps", "1000"], env=env, cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoints = tmp_path / "smoke/checkpoints"
+    wait_for(checkpoints / "step00000008.ckpt", first)
+    first.kill()  # SIGKILL: no chance to save anything more
+    first.wait()
+    newest = max(checkpoints.glob("step*.ckpt"))
+    saved = torch.load(newest, map_location="cpu", weights_only=True)
+    second = subprocess.run(command + ["--trainer.max_steps", str(saved["global_step"] + 2)], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"at step {saved['global_step']}" in second.stderr
+    assert_resumed_state(tmp_path / f"probes/start_{saved['global_step']}.pt", saved)
+    final = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert final["global_step"] == saved["global_step"] + 2
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_saves_a_resumable_checkpoint(synthetic_shards, tmp_path, signum):
+    env = cli_env(tmp_path)
+    probes = {"class_path": "glide_test_probes.StateProbe",
+              "init_args": {"out_dir": str(tmp_path / "probes"), "sleep_per_step": 0.3}}
+    command = smoke_command(synthetic_shards, tmp_path, "--config", probe_config(tmp_path, probes),
+                            "--run.checkpoint_every_n_steps", "3", "--trainer.val_check_interval", "1000")
+    first = subprocess.Popen(command + ["--trainer.max_steps", "1000"], env=env, cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoints = tmp_path / "smoke/checkpoints"
+    wait_for(checkpoints / "step00000003.ckpt", first)
+    time.sleep(0.45)  # somewhere inside a later step
+    first.send_signal(signum)
+    first.wait(timeout=120)
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] > 3, "the interrupt must save the step it stopped at, not an older one"
+    second = subprocess.run(command + ["--trainer.max_steps", str(last["global_step"] + 1)], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert_resumed_state(tmp_path / f"probes/start_{last['global_step']}.pt", last)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_fit_splits_the_data(synthetic_shards, tmp_path):
+    recorder = {"class_path": "glide_test_probes.KeyRecorder", "init_args": {"out_dir": str(tmp_path / "keys")}}
+    run = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--config", probe_config(tmp_path, recorder),
+                                       "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                                       "--trainer.strategy", "ddp", "--trainer.max_steps", "3",
+                                       "--trainer.val_check_interval", "3"),
+                         env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"keys/keys_rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    seen = [{k for batch in rank for k in batch} for rank in ranks]
+    assert seen[0] != seen[1] and len(seen[0] | seen[1]) > len(seen[0])
+    assert torch.load(tmp_path / "smoke/checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_parses_against_the_code(name, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "glide_lightning", "fit", "--config",
+                          str(REPO / f"experiments/{name}.yaml"), "--print_config"],
+                         env=cli_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    config = yaml.safe_load(run.stdout)
+    model = config["model"]
+    ModelConfig(**model["model"])  # the dataclasses validate their values (choices, shapes, heads)
+    DiffusionConfig(**model["diffusion"])
+    OptimizerConfig(**{k: tuple(v) if k == "betas" else v for k, v in model["optimizer"].items()})
+    assert config["run"]["name"] == name
+    assert config["data"]["train_shards"]
+
+
+def test_minig_arms_differ_only_in_loss_and_variance():
+    arms = [yaml.safe_load((REPO / f"experiments/minig_{arm}.yaml").read_text()) for arm in ("simple", "hybrid")]
+    for arm in arms:
+        arm["run"].pop("name"), arm["run"].pop("tags")
+        arm["model"]["diffusion"].pop("loss_type"), arm["model"]["diffusion"].pop("variance_type")
+    assert arms[0] == arms[1]
+
+
+def test_bad_config_value_fails_at_parse_time_with_the_choices(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "glide_lightning", "fit", "--config",
+                          str(REPO / "experiments/smoke.yaml"), "--model.diffusion.loss_type", "hybird",
+                          "--print_config"], env=cli_env(tmp_path), cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode != 0
+    assert "hybird" in run.stderr and "hybrid" in run.stderr

@@ -1,0 +1,124 @@
+"""GlideModule with a real Lightning Trainer on real shards (in process, wandb off)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from PIL import Image
+
+from glide_lightning.data import GlideDataModule
+from glide_lightning.diffusion import DiffusionConfig
+from glide_lightning.models import ModelConfig
+from glide_lightning.module import GlideModule
+
+TINY = ModelConfig(image_size=32, model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=[16],
+                   dropout=0.0, text_ctx=16, xf_width=32, xf_layers=1, xf_heads=2)
+
+
+class Logged(L.Callback):
+    """Every value logged at every training step."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def fit(module: GlideModule, shards: str, steps: int, **data) -> tuple[L.Trainer, Logged]:
+    logged = Logged()
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[logged],
+                        limit_val_batches=0, log_every_n_steps=1)
+    dm = GlideDataModule(train_shards=shards, image_size=32, text_ctx=16, batch_size=4, num_workers=0,
+                         shuffle_buffer=10, **data)
+    trainer.fit(module, datamodule=dm)
+    return trainer, logged
+
+
+@pytest.mark.parametrize("loss,variance,has_vb", [("simple", "fixed_small", False), ("hybrid", "learned_range", True),
+                                                  ("p2", "fixed_small", False)])
+def test_the_loss_decides_the_logged_terms(synthetic_shards, loss, variance, has_vb):
+    module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50, loss_type=loss, variance_type=variance))
+    trainer, logged = fit(module, f"{synthetic_shards}/train-*.tar", 2)
+    keys = set(logged.steps[-1])
+    assert {"train/loss", "train/mse"} <= keys
+    assert ("train/vb" in keys) == has_vb and any(k.startswith("train/vb_q") for k in keys) == has_vb
+    if loss == "simple":  # L_simple's loss is its MSE
+        assert logged.steps[-1]["train/loss"] == pytest.approx(logged.steps[-1]["train/mse"])
+    if loss == "p2":  # weights 1/(1 + SNR) < 1 shrink the loss below the MSE
+        assert logged.steps[-1]["train/loss"] < logged.steps[-1]["train/mse"]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2, 0.5, 1.0])
+def test_observed_caption_drop_rate_matches_the_configured_one(p):
+    torch.manual_seed(0)
+    module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=10), cond_drop_prob=p)
+    n = 20000
+    tokens = torch.randint(1, 1000, (n, 16))
+    mask = torch.ones(n, 16, dtype=torch.bool)
+    new_tokens, new_mask, drop = module.drop_captions(tokens, mask)
+    rate = drop.float().mean().item()
+    assert rate == pytest.approx(p, abs=4 * (p * (1 - p) / n) ** 0.5 + 1e-9)
+    empty_tokens, empty_mask = module.tokenizer.empty(1)
+    assert torch.equal(new_tokens[drop], empty_tokens.expand(int(drop.sum()), -1))
+    assert not new_mask[drop].any()
+    assert torch.equal(new_tokens[~drop], tokens[~drop]) and new_mask[~drop].all()
+
+
+def test_logged_drop_rate_during_training(synthetic_shards):
+    module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50), cond_drop_prob=0.5)
+    trainer, logged = fit(module, f"{synthetic_shards}/train-*.tar", 12)
+    rates = [step["train/cond_drop_rate"] for step in logged.steps]
+    assert 0.25 < sum(rates) / len(rates) < 0.75  # 48 Bernoulli(0.5) draws
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_are_skipped_and_counted_while_training_completes(synthetic_shards, tmp_path):
+    image = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(image, "PNG")
+    mixed = tmp_path / "train-000000.tar"  # 50 good samples, a corrupt JPEG and a sample without caption
+    with tarfile.open(synthetic_shards / "train-000000.tar") as good, tarfile.open(mixed, "w") as tar:
+        for member in good.getmembers():
+            _tar_member(tar, member.name, good.extractfile(member).read())
+        _tar_member(tar, "corrupt.jpg", b"\xff\xd8\xff\xe0 this is not a jpeg")
+        _tar_member(tar, "corrupt.txt", b"a broken picture")
+        _tar_member(tar, "nocaption.png", image.getvalue())
+        _tar_member(tar, "nocaption.json", json.dumps({"source": "test"}).encode())
+    garbage = tmp_path / "train-000001.tar"
+    garbage.write_bytes(bytes(range(256)) * 40)
+    module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50))
+    trainer, logged = fit(module, [str(mixed), str(garbage)], 40)
+    assert trainer.global_step == 40
+    skipped = [step["data/skipped"] for step in logged.steps]
+    assert skipped == sorted(skipped), "the count only grows"
+    assert skipped[-1] >= 3  # at least one read of each bad shard: 2 bad samples + 1 garbage shard
+
+
+def test_hparams_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50, loss_type="p2", variance_type="fixed_small"))
+    trainer = L.Trainer(accelerator="cpu", logger=False, max_steps=0)
+    trainer.strategy.connect(module)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    loaded = GlideModule(**checkpoint["hyper_parameters"])
+    assert loaded.model_config == TINY and loaded.diffusion_config.loss_type == "p2"
+
+
+def test_inconsistent_model_and_variance_are_rejected():
+    with pytest.raises(ValueError, match="learn_sigma"):
+        GlideModule(model=ModelConfig(**{**TINY.to_dict(), "learn_sigma": False}), diffusion=DiffusionConfig(steps=10))
+    with pytest.raises(ValueError, match="cond_drop_prob"):
+        GlideModule(model=TINY, cond_drop_prob=1.5)
