@@ -1,14 +1,22 @@
-# glide_lightning: set up, test and benchmark. Run `make help` for the list.
+# glide_lightning: set up, test, prepare data, train and benchmark. `make help` lists the targets.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 BENCH_OUT ?= bench/results.json
 
-.PHONY: help setup test test-all bench clean
+EXP    ?=
+RECIPE ?=
+ARGS   ?=
+EXPERIMENTS := $(sort $(basename $(notdir $(wildcard experiments/*.yaml))))
+RECIPES     := synthetic folder mscoco stanford_dogs sbucaptions
+
+.PHONY: help setup test bench train data check-exp check-recipe clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  experiments: $(EXPERIMENTS)"
+	@echo "  recipes:     $(RECIPES)"
 
 setup: $(VENV)/.installed  ## create .venv and install the package, its dependencies and the dev tools
 
@@ -21,9 +29,26 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: setup  ## run the test suite (offline, CPU; GPU-only tests are skipped)
 	$(PY) -m pytest -q
 
-bench: setup  ## time forward, backward and guided sampling; writes $(BENCH_OUT)
+bench: setup  ## time models, training, sampling and the data pipeline; writes bench/results.json
 	$(PY) -m glide_lightning.bench --out $(BENCH_OUT)
 
-clean:  ## remove caches (keeps .venv)
+train: check-exp setup  ## train EXP=<experiment> [ARGS="--trainer.max_steps 100 ..."]; resumes its run if it has a checkpoint
+	@if [ "$(EXP)" = smoke ] && ! ls data/synthetic/train-*.tar >/dev/null 2>&1; then \
+		echo "data/synthetic is empty: building the synthetic shards first"; \
+		$(MAKE) --no-print-directory data RECIPE=synthetic; fi
+	$(PY) -m glide_lightning fit --config experiments/$(EXP).yaml $(ARGS)
+
+data: check-recipe setup  ## build shards: RECIPE=<recipe> [ARGS="..."] (python -m data_recipes RECIPE --help)
+	$(PY) -m data_recipes $(RECIPE) $(if $(filter synthetic,$(RECIPE)),$(or $(ARGS),--out data/synthetic),$(ARGS))
+
+check-exp:
+	@if [ -z "$(EXP)" ] || [ ! -f "experiments/$(EXP).yaml" ]; then \
+		echo "unknown experiment '$(EXP)': use EXP=<name> with one of: $(EXPERIMENTS)" >&2; exit 2; fi
+
+check-recipe:
+	@if [ -z "$(filter $(RECIPE),$(RECIPES))" ] || [ -z "$(RECIPE)" ]; then \
+		echo "unknown recipe '$(RECIPE)': use RECIPE=<name> with one of: $(RECIPES)" >&2; exit 2; fi
+
+clean:  ## remove caches (keeps .venv, data and runs)
 	rm -rf .pytest_cache build dist *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,9 +1,12 @@
 """Benchmarks: ``python -m glide_lightning.bench --out bench/results.json`` (``make bench``).
 
-Times, per image, the forward pass, a training step's forward + backward (hybrid loss) and 25-step
-guided sampling (classifier-free guidance at scale 3: a doubled batch per step) for each model
-preset, as medians of several runs after a warm-up, and writes them with the machine's description
-to a JSON file. Timings on a shared machine are noisy: compare figures from one run of this script.
+For each model preset (the smoke experiment's tiny model and miniGLIDE, read from
+``experiments/parts``) it times, per image: the forward pass (contiguous and channels-last), a full
+training step (hybrid loss, forward + backward + AdamW step, reported as training images/second)
+and 25-step guided sampling (classifier-free guidance at scale 3: a doubled batch per step); and it
+measures the data pipeline alone (read + decode + RGB + resize + tokenize) on generated shards.
+Figures are medians of several runs after a warm-up, written with the machine's description to a
+JSON file. Timings on a shared machine are noisy: compare figures from one run of this script.
 """
 
 from __future__ import annotations
@@ -12,22 +15,26 @@ import argparse
 import json
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, classifier_free_guidance, get_sampler
 from glide_lightning.models import ModelConfig, build_model
 
-PRESETS: dict[str, tuple[ModelConfig, int]] = {
-    # name: (architecture, batch size used for timing)
-    "tiny": (ModelConfig(image_size=32, model_channels=32, num_res_blocks=1, channel_mult=(1, 2),
-                         attention_resolutions=[16], xf_width=64, xf_layers=2, xf_heads=4, text_ctx=32), 8),
-    "minig": (ModelConfig(), 4),  # miniGLIDE: 64 px, 96 channels, 32 channels per head, 16-layer text transformer
-}
+PARTS = Path(__file__).resolve().parents[1] / "experiments" / "parts"
+# name: (model part of the experiments, batch size used for timing)
+PRESETS: dict[str, tuple[str, int]] = {"tiny": ("tiny_model.yaml", 16), "minig": ("minig_model.yaml", 4)}
+
+
+def preset_config(name: str) -> ModelConfig:
+    """The architecture of a preset, as the experiments define it."""
+    return ModelConfig(**yaml.safe_load((PARTS / PRESETS[name][0]).read_text()))
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, list[float]]:
@@ -45,7 +52,7 @@ def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device
 
 
 def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int = 25) -> dict[str, object]:
-    config, batch = PRESETS[name]
+    config, batch = preset_config(name), PRESETS[name][1]
     torch.manual_seed(0)
     model = build_model(config).to(device)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(steps=1000))
@@ -71,12 +78,15 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
         model.to(memory_format=torch.contiguous_format)
 
     model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def train_step() -> None:
-        model.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         diffusion.training_losses(model, x, t, dict(tokens=tokens, mask=mask))["loss"].mean().backward()
+        optimizer.step()
 
-    record("forward_backward", train_step, batch)
+    record("train_step", train_step, batch)
+    result["train_images_per_s"] = 1.0 / result["train_step_s_per_image"]
 
     model.eval()
     sampling = diffusion.respace(str(sample_steps))
@@ -89,12 +99,35 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
     return result
 
 
+def bench_data_pipeline(repeats: int, image_size: int = 64, samples: int = 384) -> dict[str, object]:
+    """Images/second of the data pipeline alone on generated shards: 256 px JPEGs (photo-like
+    decoding cost) resized to ``image_size`` and tokenized with the CLIP BPE, in one process and
+    with 2 workers."""
+    from glide_lightning.data import measure_pipeline
+    from glide_lightning.data.shards import write_shards
+    from glide_lightning.data.synthetic import synthetic_samples
+
+    result: dict[str, object] = {"image_size": image_size, "source": "synthetic recipe, 256 px JPEG",
+                                 "samples": samples}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shards(synthetic_samples(0, samples, image_size=256), tmp, "train", max_per_shard=samples // 4,
+                     image_format="jpg")
+        shards = f"{tmp}/train-{{000000..000003}}.tar"
+        for workers in (0, 2):
+            runs = [measure_pipeline(shards, image_size=image_size, num_workers=workers, val_batch_size=32)
+                    for _ in range(repeats)]
+            result[f"images_per_s_workers{workers}"] = statistics.median(runs)
+            result[f"images_per_s_workers{workers}_runs"] = runs
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"), help="JSON file to write")
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-data", action="store_true", help="do not benchmark the data pipeline")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     report: dict[str, object] = {
@@ -107,8 +140,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     for name in args.presets:
         print(f"benchmarking {name} …", flush=True)
         report["models"][name] = bench_model(name, args.repeats, device)  # type: ignore[index]
-        summary = {k: v for k, v in report["models"][name].items() if k.endswith(("_per_image", "speedup"))}  # type: ignore[index]
+        summary = {k: v for k, v in report["models"][name].items() if k.endswith(("_per_image", "speedup", "per_s"))}  # type: ignore[index]
         print(json.dumps({name: summary}, indent=1), flush=True)
+    if not args.skip_data:
+        print("benchmarking the data pipeline …", flush=True)
+        report["data_pipeline"] = bench_data_pipeline(args.repeats)
+        print(json.dumps({k: v for k, v in report["data_pipeline"].items() if not k.endswith("runs")}), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")

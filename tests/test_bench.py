@@ -12,16 +12,19 @@ def test_bench_writes_per_image_medians(tmp_path):
     report = json.loads(out.read_text())
     tiny = report["models"]["tiny"]
     assert report["machine"]["torch"] == torch.__version__
-    assert tiny["params"] == sum(p.numel() for p in bench.build_model(bench.PRESETS["tiny"][0]).parameters())
-    for key in ["forward", "forward_backward", "sample_25_steps_cfg"]:
+    assert tiny["params"] == sum(p.numel() for p in bench.build_model(bench.preset_config("tiny")).parameters())
+    for key in ["forward", "train_step", "sample_25_steps_cfg"]:
         runs = tiny[f"{key}_runs_s"]
         assert len(runs) == 1 and all(r > 0 for r in runs)
         assert tiny[f"{key}_s_per_image"] * tiny["batch"] <= max(runs)
+    assert tiny["train_images_per_s"] == 1 / tiny["train_step_s_per_image"]
+    data = report["data_pipeline"]
+    assert data["images_per_s_workers0"] > 0 and data["images_per_s_workers2"] > 0
 
 
 @pytest.mark.gpu
 def test_bf16_autocast_forward_matches_fp32_on_gpu():
-    model = bench.build_model(bench.PRESETS["tiny"][0]).cuda().eval()
+    model = bench.build_model(bench.preset_config("tiny")).cuda().eval()
     for p in model.parameters():  # make the zero-initialised output layers non-trivial
         torch.nn.init.normal_(p, std=0.02)
     x = torch.randn(2, 3, 32, 32, device="cuda")
