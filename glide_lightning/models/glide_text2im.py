@@ -24,6 +24,7 @@ __all__ = [
     "GLIDE_OPTIONS",
     "CheckpointMismatchError",
     "GlideKind",
+    "detect_glide_kind",
     "from_glide_text2im",
     "glide_config",
 ]
@@ -190,7 +191,13 @@ def from_glide_text2im(
 
 def _guess_kind(state_dict: Mapping[str, Tensor], tried: str) -> str | None:
     """The other released kind whose keys and shapes the state dict matches exactly, if any."""
-    for other in GLIDE_KINDS:
-        if other != tried and not any(_compare(_expected_shapes(GLIDE_OPTIONS[other]), state_dict)):
-            return other
+    found = detect_glide_kind(state_dict)
+    return None if found == tried else found
+
+
+def detect_glide_kind(state_dict: Mapping[str, Tensor]) -> str | None:
+    """The released kind whose keys and shapes ``state_dict`` matches exactly, if any."""
+    for kind in GLIDE_KINDS:
+        if not any(_compare(_expected_shapes(GLIDE_OPTIONS[kind]), state_dict)):
+            return kind
     return None

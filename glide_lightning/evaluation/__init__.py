@@ -1,0 +1,1 @@
+"""Evaluation: guided generation, zero-shot FID and CLIP score, text adherence, sweeps and reports."""
