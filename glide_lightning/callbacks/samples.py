@@ -1,0 +1,85 @@
+"""Sample grids during training: fixed prompts × guidance scales with fixed seeds, so grids from
+different steps and runs compare cell by cell."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from einops import rearrange
+from lightning.pytorch.loggers import WandbLogger
+
+from glide_lightning.evaluation.generate import SamplingConfig, SamplingModel, generate, image_grid, model_from_module
+from glide_lightning.evaluation.images import save_png, to_pil
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = ["a photo of a dog", "a bowl of fruit on a wooden table", "a red car parked on a street",
+                   "an oil painting of a mountain landscape"]
+
+
+def sampling_model(pl_module: Any) -> SamplingModel:
+    """A GlideModule's network (EMA weights when averaged) ready for :func:`generate`."""
+    return SamplingModel(model_from_module(pl_module), pl_module.diffusion_config, pl_module.tokenizer,
+                         pl_module.model_config, "training run (EMA weights when an EMA callback is set)")
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` optimizer steps, draw one image per (prompt, guidance scale) with the
+    same seeds each time, log the grid (rows = prompts, columns = scales) to wandb as ``samples/grid``
+    and write it to ``<run dir>/samples/step<N>.png``.
+
+    Args:
+        prompts: captions of the grid's rows.
+        guidance_scales: the grid's columns.
+        every_n_steps: optimizer steps between grids.
+        seed: seed of the first row (row i uses seed + i, the same in every column).
+        sampler: ``ddpm`` or ``ddim`` (None: the sampling default).
+        steps: sampling steps as a respacing (None: the sampling default).
+    """
+
+    def __init__(self, prompts: list[str] = DEFAULT_PROMPTS, guidance_scales: list[float] = [1.0, 3.0, 6.0, 12.0],
+                 every_n_steps: int = 1000, seed: int = 0, sampler: str | None = None, steps: str | None = None) -> None:
+        if not prompts or not guidance_scales or every_n_steps < 1:
+            raise ValueError("SampleGrid needs prompts, guidance_scales and every_n_steps >= 1")
+        self.prompts, self.scales = list(prompts), [float(s) for s in guidance_scales]
+        self.every_n_steps, self.seed = every_n_steps, seed
+        overrides = {k: v for k, v in {"sampler": sampler, "steps": steps}.items() if v is not None}
+        self.config = replace(SamplingConfig(), **overrides)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step % self.every_n_steps == 0 and trainer.is_global_zero:
+            self.log_grid(trainer, pl_module)
+
+    @torch.no_grad()
+    def make_grid(self, pl_module: L.LightningModule) -> torch.Tensor:
+        """uint8 [3, rows·H, cols·W]: row i = prompt i, column j = guidance scale j, seed = seed + i."""
+        loaded = sampling_model(pl_module)
+        was_training = loaded.model.training
+        loaded.model.eval()
+        seeds = [self.seed + i for i in range(len(self.prompts))]
+        try:
+            columns = [generate(loaded, self.prompts, seeds, replace(self.config, guidance_scale=scale))
+                       for scale in self.scales]  # each [P, 3, H, W]
+        finally:
+            loaded.model.train(was_training)
+        images = rearrange(torch.stack(columns), "s p c h w -> (p s) c h w")
+        return image_grid(images, rows=len(self.prompts))
+
+    def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        grid = self.make_grid(pl_module)
+        step = trainer.global_step
+        path = Path(trainer.default_root_dir) / "samples" / f"step{step:08d}.png"
+        save_png(grid, path, {"step": step, "rows (prompts)": self.prompts, "columns (guidance scales)": self.scales,
+                              "seeds": [self.seed + i for i in range(len(self.prompts))],
+                              "sampler": self.config.sampler, "steps": self.config.steps})
+        caption = f"step {step}; rows: prompts, columns: guidance {', '.join(f'{s:g}' for s in self.scales)}"
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="samples/grid", images=[to_pil(grid)], caption=[caption], step=step)
+        log.info("sample grid at step %d: %s", step, path)
+        return path
