@@ -8,10 +8,19 @@ BENCH_OUT ?= bench/results.json
 EXP    ?=
 RECIPE ?=
 ARGS   ?=
+RUNS   ?=
+CKPT   ?=
+N      ?= 5000
+RES    ?=
+SCALES ?=
+CAPTIONS  ?= data/mscoco/fid_captions.txt
+REFERENCE ?= data/mscoco/fid_reference
+EVAL_ARGS = --run-dir runs/$(EXP) $(if $(CKPT),--ckpt $(CKPT)) --n $(N) $(if $(RES),--res $(RES)) \
+            --captions $(CAPTIONS) --reference $(REFERENCE)
 EXPERIMENTS := $(sort $(basename $(notdir $(wildcard experiments/*.yaml))))
 RECIPES     := synthetic folder mscoco stanford_dogs sbucaptions
 
-.PHONY: help setup test bench train data check-exp check-recipe clean
+.PHONY: help setup test bench train data fid sweep compare check-exp check-recipe clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +46,16 @@ train: check-exp setup  ## train EXP=<experiment> [ARGS="--trainer.max_steps 100
 		echo "data/synthetic is empty: building the synthetic shards first"; \
 		$(MAKE) --no-print-directory data RECIPE=synthetic; fi
 	$(PY) -m glide_lightning fit --config experiments/$(EXP).yaml $(ARGS)
+
+fid: check-exp setup  ## zero-shot FID + CLIP score: EXP=<run> [CKPT=] [N=5000] [SCALES="1.5 3"] [RES=64|256] [ARGS="--upsampler upsample.pt"]
+	$(PY) -m glide_lightning fid $(EVAL_ARGS) $(if $(SCALES),--scales $(SCALES)) $(ARGS)
+
+sweep: check-exp setup  ## FID and CLIP score per guidance scale, table and trade-off plot: EXP=<run> [SCALES=...]
+	$(PY) -m glide_lightning sweep $(EVAL_ARGS) --scales $(or $(SCALES),1 2 3 4 6 8 12) $(ARGS)
+
+compare: setup  ## ablation report from the runs' own files: RUNS="minig_simple minig_hybrid"
+	@if [ -z "$(RUNS)" ]; then echo 'use RUNS="<run> <run> ..." (directories under runs/)' >&2; exit 2; fi
+	$(PY) -m glide_lightning compare $(addprefix runs/,$(RUNS)) --out reports/$(subst $(eval) ,_vs_,$(strip $(RUNS))).md $(ARGS)
 
 data: check-recipe setup  ## build shards: RECIPE=<recipe> [ARGS="..."] (python -m data_recipes RECIPE --help)
 	$(PY) -m data_recipes $(RECIPE) $(if $(filter synthetic,$(RECIPE)),$(or $(ARGS),--out data/synthetic),$(ARGS))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -95,6 +96,8 @@ class GlideModule(L.LightningModule):
         self.cond_drop_prob = cond_drop_prob
         self.val_seed = val_seed
         self.init_from = init_from
+        self.wall_time_s = 0.0  # training wall time over all sessions of the run (kept in checkpoints)
+        self._session_start: float | None = None
         # validation means over the epoch, overall and by timestep quartile (synced across ranks)
         # (every metric is updated on every rank, even with no samples, so that syncing never hangs)
         terms = TERMS if diffusion.variance_type == "learned_range" else TERMS[:2]
@@ -150,6 +153,7 @@ class GlideModule(L.LightningModule):
                 if selected.any():
                     self.log(f"train/{name}_q{q}", value[selected].mean(), batch_size=int(selected.sum()))
         self.log("train/cond_drop_rate", drop.float().mean(), batch_size=batch_size)
+        self.log("train/wall_time_s", self.elapsed_wall_time(), batch_size=batch_size)
         if "skipped" in batch:
             self.log("data/skipped", float(batch["skipped"]), batch_size=batch_size, reduce_fx="max")
         return loss
@@ -194,17 +198,25 @@ class GlideModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["timestep_sampler"] = self.timesteps.state_dict()
         checkpoint["rng"] = capture_rng_state()
+        checkpoint["wall_time_s"] = self.elapsed_wall_time()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if checkpoint.get("timestep_sampler"):
             self.timesteps.load_state_dict(checkpoint["timestep_sampler"])
         # applied when training starts: restoring here would be undone by what runs in between
         self._pending_rng_state = checkpoint.get("rng")
+        self.wall_time_s = float(checkpoint.get("wall_time_s", 0.0))
 
     def on_train_start(self) -> None:
+        self._session_start = time.monotonic()
         if getattr(self, "_pending_rng_state", None) is not None:
             restore_rng_state(self._pending_rng_state)
             self._pending_rng_state = None
+
+    def elapsed_wall_time(self) -> float:
+        """Seconds of training so far, summed over every session of this run (resumes included)."""
+        session = 0.0 if self._session_start is None else time.monotonic() - self._session_start
+        return self.wall_time_s + session
 
 
 def _as(cls: type, value: Any) -> Any:

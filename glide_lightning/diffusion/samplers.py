@@ -9,6 +9,7 @@ pass a guided model (see :mod:`glide_lightning.diffusion.guidance`).
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any, Callable, Literal, Protocol, get_args
 
 import torch
@@ -19,19 +20,22 @@ from glide_lightning.diffusion.gaussian import DenoisedFn, GaussianDiffusion, Mo
 SamplerName = Literal["ddpm", "ddim"]
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
 StepFn = Callable[[Tensor, Tensor], Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""One generator for the batch, or one per sample (then sample i depends on its own generator only,
+whatever else is in the batch: resumable and shardable generation)."""
 
 
 class Sampler(Protocol):
     def __call__(self, diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[int, ...], *,
                  model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None, noise_scale: float = 1.0,
                  clip_denoised: bool = True, denoised_fn: DenoisedFn | None = None, progress: bool = False,
-                 generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor: ...
+                 generator: Generators = None, device: torch.device | str | None = None) -> Tensor: ...
 
 
 def ddpm_sample(diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[int, ...], *,
                 model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None, noise_scale: float = 1.0,
                 clip_denoised: bool = True, denoised_fn: DenoisedFn | None = None, progress: bool = False,
-                generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
+                generator: Generators = None, device: torch.device | str | None = None) -> Tensor:
     """Ancestral sampling: x_{t-1} ~ N(μ_θ(x_t, t), Σ_θ(x_t, t)), no noise added at t = 0.
 
     ``noise`` is the initial x_T (drawn from ``generator`` if absent); ``noise_scale`` multiplies it
@@ -48,7 +52,7 @@ def ddpm_sample(diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[int, 
 def ddim_sample(diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[int, ...], *,
                 model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None, noise_scale: float = 1.0,
                 clip_denoised: bool = True, denoised_fn: DenoisedFn | None = None, progress: bool = False,
-                generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                generator: Generators = None, device: torch.device | str | None = None,
                 eta: float = 0.0) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12): deterministic at ``eta=0``; ``eta=1`` has DDPM's posterior
     variance. Usually run on a respaced process (``diffusion.respace("ddim50")``)."""
@@ -78,10 +82,9 @@ def get_sampler(name: SamplerName, **options: Any) -> Sampler:
 
 
 def _loop(diffusion: GaussianDiffusion, step: StepFn, shape: tuple[int, ...], noise: Tensor | None, noise_scale: float,
-          progress: bool, generator: torch.Generator | None, device: torch.device | str | None) -> Tensor:
+          progress: bool, generator: Generators, device: torch.device | str | None) -> Tensor:
     if noise is None:
-        gen_device = generator.device if generator is not None else device
-        x = torch.randn(shape, generator=generator, device=gen_device).to(device or gen_device)
+        x = _randn(shape, generator, torch.float32, device)
     else:
         if tuple(noise.shape) != tuple(shape):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
@@ -98,10 +101,21 @@ def _loop(diffusion: GaussianDiffusion, step: StepFn, shape: tuple[int, ...], no
     return x
 
 
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+def _randn_like(x: Tensor, generator: Generators) -> Tensor:
+    return _randn(tuple(x.shape), generator, x.dtype, x.device)
+
+
+def _randn(shape: tuple[int, ...], generator: Generators, dtype: torch.dtype,
+           device: torch.device | str | None) -> Tensor:
+    """Standard normal noise from no generator, one generator, or one generator per sample."""
     if generator is None:
-        return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+        return torch.randn(shape, dtype=dtype, device=device)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device or generator.device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype) for g in generator]).to(
+        device or generator[0].device)
 
 
 def _nonzero(t: Tensor, x: Tensor) -> Tensor:

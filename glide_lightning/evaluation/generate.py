@@ -8,7 +8,6 @@ their keys and shapes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,10 +101,11 @@ def load_sampling_model(checkpoint: str | Path, device: torch.device | str = "cp
     return loaded
 
 
-def batch_generator(seeds: list[int], device: torch.device) -> torch.Generator:
-    """A generator for one batch, seeded from all of its seeds (same seeds → same images)."""
-    digest = hashlib.sha256(",".join(map(str, seeds)).encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+def sample_generators(seeds: list[int], offset: int = 0) -> list[torch.Generator]:
+    """One CPU generator per image: image i's noise (initial and at every step) depends on seeds[i]
+    alone, not on the batch it is drawn in, the device or the rank: a resumed or sharded FID run
+    draws exactly the images an uninterrupted one would."""
+    return [torch.Generator().manual_seed(seed * 2 + offset) for seed in seeds]
 
 
 @torch.no_grad()
@@ -113,8 +113,7 @@ def generate(base: SamplingModel, prompts: list[str], seeds: list[int], config: 
              upsampler: SamplingModel | None = None, progress: bool = False) -> Tensor:
     """Images for ``prompts`` (one per prompt, uint8 [N, 3, H, W]), guided at ``config.guidance_scale``.
 
-    Image i starts from noise drawn with ``seeds[i]`` alone, so it does not depend on what else is in
-    its batch; the later steps' noise comes from a generator seeded by the whole batch's seeds. With
+    Image i depends on ``prompts[i]`` and ``seeds[i]`` only (see :func:`sample_generators`). With
     ``upsampler``, the base samples are upsampled (conditioned on the prompt, unguided, GLIDE's
     ``fast27`` and temperature by default).
     """
@@ -131,10 +130,6 @@ def generate(base: SamplingModel, prompts: list[str], seeds: list[int], config: 
     return torch.cat(out) if out else torch.empty(0, 3, base.image_size, base.image_size, dtype=torch.uint8)
 
 
-def _initial_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device) -> Tensor:
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
-
-
 def _sample(loaded: SamplingModel, prompts: list[str], seeds: list[int], config: SamplingConfig,
             device: torch.device, progress: bool) -> Tensor:
     size = loaded.image_size
@@ -145,8 +140,7 @@ def _sample(loaded: SamplingModel, prompts: list[str], seeds: list[int], config:
     options = {"eta": config.eta} if config.sampler == "ddim" else {}
     sampler = get_sampler(config.sampler, **options)
     return sampler(diffusion, model, (len(prompts), 3, size, size), model_kwargs=dict(tokens=tokens, mask=mask),
-                   noise=_initial_noise(seeds, (3, size, size), device), generator=batch_generator(seeds, device),
-                   progress=progress, device=device)
+                   generator=sample_generators(seeds), progress=progress, device=device)
 
 
 def _upsample(loaded: SamplingModel, low_res: Tensor, prompts: list[str], seeds: list[int], config: SamplingConfig,
@@ -159,8 +153,7 @@ def _upsample(loaded: SamplingModel, low_res: Tensor, prompts: list[str], seeds:
     diffusion = GaussianDiffusion.from_config(loaded.diffusion_config, config.upsample_steps)
     return get_sampler("ddpm")(diffusion, loaded.model, (len(prompts), 3, size, size),
                                model_kwargs=dict(low_res=low_res, tokens=tokens, mask=mask),
-                               noise=_initial_noise([s + 1 for s in seeds], (3, size, size), device),
-                               noise_scale=config.upsample_temp, generator=batch_generator(seeds, device),
+                               noise_scale=config.upsample_temp, generator=sample_generators(seeds, offset=1),
                                progress=progress, device=device)
 
 

@@ -82,3 +82,16 @@ def test_unknown_sampler_lists_choices():
 def test_noise_of_wrong_shape_is_rejected():
     with pytest.raises(ValueError, match="noise has shape"):
         ddpm_sample(make(), lambda x, t: x, (2, 3, 4, 4), noise=torch.zeros(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("sampler", [ddpm_sample, get_sampler("ddim", eta=0.5)])
+def test_per_sample_generators_make_each_sample_independent_of_its_batch(sampler):
+    diffusion = make().respace("10")
+    net = torch.nn.Conv2d(3, 3, 3, padding=1)
+    model = lambda x, t: net(x) * 0.1
+    seeds = [5, 6, 7]
+    together = sampler(diffusion, model, (3, 3, 4, 4), generator=[torch.Generator().manual_seed(s) for s in seeds])
+    alone = sampler(diffusion, model, (1, 3, 4, 4), generator=[torch.Generator().manual_seed(6)])
+    torch.testing.assert_close(together[1:2], alone, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        sampler(diffusion, model, (3, 3, 4, 4), generator=[torch.Generator(), torch.Generator()])

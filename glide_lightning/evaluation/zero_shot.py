@@ -1,0 +1,198 @@
+"""Zero-shot FID (and CLIP score, and text adherence on synthetic captions) over guidance scales.
+
+Generation is batched and resumable: image i of scale s is ``<out>/scale_<s>/images/<i>.png``
+(seed ``seed + i``, the same for every scale), written atomically, and a rerun only generates the
+missing ones. Under torchrun (``RANK`` / ``WORLD_SIZE`` set) rank r generates the images i ≡ r mod
+world size; rank 0 waits for all of them, then computes the metrics. Reference statistics are cached
+under a key made of the reference set, resolution, sample count and extractor weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from glide_lightning.data.synthetic import parse_caption
+from glide_lightning.evaluation.adherence import adherence_rate
+from glide_lightning.evaluation.features import FeatureExtractor, InceptionFeatures, ModuleFeatures
+from glide_lightning.evaluation.fid import ReferenceStatsCache, feature_stats, fid_from_stats
+from glide_lightning.evaluation.generate import SamplingConfig, SamplingModel, generate
+from glide_lightning.evaluation.images import save_png
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FIDJob:
+    """One zero-shot evaluation: a model, held-out captions, reference images and scales."""
+
+    captions: list[str]
+    """Held-out captions; image i is generated from captions[i]."""
+    reference: str
+    """Directory of reference images (the mscoco recipe's ``fid_reference/``), at ``resolution``."""
+    out_dir: Path
+    scales: list[float] = field(default_factory=lambda: [SamplingConfig().guidance_scale])
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int = 0
+    clip_model: str | None = "ViT-B-32"
+    """open_clip model for the CLIP score (None: no CLIP score)."""
+    clip_pretrained: str | None = "openai"
+    """open_clip pretrained tag or local file (None: random weights, labelled as such)."""
+
+
+def scale_dir(out_dir: Path, scale: float) -> Path:
+    return out_dir / f"scale_{scale:g}" / "images"
+
+
+def rank_and_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def generate_missing(base: SamplingModel, job: FIDJob, scale: float, upsampler: SamplingModel | None = None,
+                     rank: int = 0, world: int = 1) -> int:
+    """Generate this rank's images of ``scale`` that are not on disk yet; returns how many it made."""
+    folder = scale_dir(job.out_dir, scale)
+    todo = [i for i in range(rank, len(job.captions), world) if not (folder / f"{i:06d}.png").exists()]
+    config = replace(job.sampling, guidance_scale=scale)
+    step = config.batch_size
+    for start in range(0, len(todo), step):
+        indices = todo[start:start + step]
+        images = generate(base, [job.captions[i] for i in indices], [job.seed + i for i in indices], config,
+                          upsampler=upsampler)
+        for i, image in zip(indices, images):
+            save_png(image, folder / f"{i:06d}.png", {"prompt": job.captions[i], "seed": job.seed + i,
+                                                      "guidance_scale": scale, "sampler": config.sampler,
+                                                      "steps": config.steps, "checkpoint": base.source})
+        log.info("scale %g: %d / %d images of rank %d", scale, start + len(indices), len(todo), rank)
+    return len(todo)
+
+
+def wait_for_images(folder: Path, n: int, timeout_s: float = 24 * 3600) -> None:
+    """Rank 0 waits until the other ranks have written their share."""
+    deadline = time.time() + timeout_s
+    while sum(1 for i in range(n) if (folder / f"{i:06d}.png").exists()) < n:
+        if time.time() > deadline:
+            raise TimeoutError(f"{folder}: fewer than {n} images after {timeout_s:.0f} s (did a rank die?)")
+        time.sleep(5)
+
+
+def load_images(folder: Path, indices: range, batch_size: int = 50) -> Iterator[Tensor]:
+    """uint8 batches of the images ``indices`` of ``folder``, in order."""
+    for start in range(indices.start, indices.stop, batch_size):
+        batch = [torch.from_numpy(np.array(Image.open(folder / f"{i:06d}.png").convert("RGB")))
+                 for i in range(start, min(start + batch_size, indices.stop))]
+        yield torch.stack(batch).permute(0, 3, 1, 2).contiguous()
+
+
+def random_conv_features(seed: int = 0) -> FeatureExtractor:
+    """A small randomly initialised conv net as feature extractor: for machines without the Inception
+    weights and for tests. Its FIDs are NOT real FIDs and are labelled so."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(4), nn.Flatten())
+    return ModuleFeatures(net, f"random-conv-seed{seed}", pretrained=False)
+
+
+def build_extractor(name: str, inception_weights: str | None = None, device: str = "cpu") -> FeatureExtractor:
+    """``inception`` (the standard FID features; weights downloaded when online, or a local file) or
+    ``random-conv`` (no weights needed; not a real FID)."""
+    if name == "inception":
+        return InceptionFeatures(inception_weights, device=device)
+    if name == "random-conv":
+        return random_conv_features()
+    raise ValueError(f"unknown feature extractor {name!r}; choose one of inception, random-conv")
+
+
+def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache: ReferenceStatsCache,
+                   checkpoint: str, clip: Any = None) -> dict[str, Any]:
+    """FID, CLIP score and (synthetic captions) adherence of one scale's images."""
+    folder = scale_dir(job.out_dir, scale)
+    n = len(job.captions)
+    resolution = Image.open(folder / "000000.png").size[0]
+    reference = cache.get_or_compute(str(Path(job.reference).resolve()), resolution,
+                                     len(_image_files(job.reference)), extractor,
+                                     lambda: reference_batches(job.reference, resolution))
+    generated = feature_stats(extractor, load_images(folder, range(n)))
+    result: dict[str, Any] = {
+        "guidance_scale": scale, "n": n, "resolution": resolution, "sampler": job.sampling.sampler,
+        "steps": job.sampling.steps, "checkpoint": checkpoint, "reference": str(job.reference),
+        "fid": fid_from_stats(generated, reference).to_dict(),
+    }
+    if clip is not None:
+        score = clip.evaluate((batch, job.captions[i * 50:(i + 1) * 50])
+                              for i, batch in enumerate(load_images(folder, range(n))))
+        result["clip_score"] = asdict(score)
+    # the offline adherence score exists for captions of the synthetic shapes dataset only
+    synthetic = all(is_synthetic_caption(c) for c in job.captions)
+    result["adherence"] = (adherence_rate(torch.cat(list(load_images(folder, range(n)))), job.captions)
+                           if synthetic else None)
+    return result
+
+
+def is_synthetic_caption(caption: str) -> bool:
+    try:
+        parse_caption(caption)
+    except ValueError:
+        return False
+    return True
+
+
+def _image_files(folder: str) -> list[Path]:
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"reference image directory not found: {path} (the mscoco recipe writes "
+                                f"fid_reference/; any directory of images works)")
+    return sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+
+def reference_batches(folder: str, resolution: int, batch_size: int = 50) -> Iterator[Tensor]:
+    """uint8 batches of the reference images, centre-cropped to squares and resized to ``resolution``
+    with PIL's bicubic filter (anti-aliased) where their size differs."""
+    files = _image_files(folder)
+    for start in range(0, len(files), batch_size):
+        batch = []
+        for path in files[start:start + batch_size]:
+            image = Image.open(path).convert("RGB")
+            side = min(image.size)
+            left, top = (image.width - side) // 2, (image.height - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+            if side != resolution:
+                image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+            batch.append(torch.from_numpy(np.array(image)))
+        yield torch.stack(batch).permute(0, 3, 1, 2).contiguous()
+
+
+def run(job: FIDJob, base: SamplingModel, extractor: FeatureExtractor, cache: ReferenceStatsCache, *,
+        upsampler: SamplingModel | None = None) -> list[dict[str, Any]] | None:
+    """Generate (resumably, this rank's share) and, on rank 0, score every scale; results are written
+    to ``<out>/results.json`` and returned (None on other ranks)."""
+    rank, world = rank_and_world()
+    for scale in job.scales:
+        made = generate_missing(base, job, scale, upsampler, rank, world)
+        log.info("scale %g: generated %d new images (the rest were already on disk)", scale, made)
+    if rank != 0:
+        return None
+    clip = None
+    if job.clip_model:
+        from glide_lightning.evaluation.clip_score import CLIPScorer
+
+        clip = CLIPScorer(job.clip_model, job.clip_pretrained, device=next(base.model.parameters()).device)
+    results = []
+    for scale in job.scales:
+        wait_for_images(scale_dir(job.out_dir, scale), len(job.captions))
+        results.append(evaluate_scale(job, scale, extractor, cache, base.source, clip))
+        log.info("guidance %g: %s", scale, results[-1]["fid"]["label"])
+    path = job.out_dir / "results.json"
+    path.write_text(json.dumps({"results": results, "sampling": asdict(job.sampling)}, indent=1))
+    log.info("wrote %s", path)
+    return results
