@@ -96,6 +96,9 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
     record(f"sample_{sample_steps}_steps_cfg", lambda: sampler(
         sampling, guided, tuple(x.shape), model_kwargs=dict(tokens=tokens, mask=mask), device=device), batch)
     result["forward_channels_last_speedup"] = result["forward_s_per_image"] / result["forward_channels_last_s_per_image"]
+    # sampling cost is linear in the number of steps: the 100-step rate (GLIDE's setting) from the measured one
+    result["guided_generation_images_per_s_100_steps"] = sample_steps / (100 * result[f"sample_{sample_steps}_steps_cfg_s_per_image"])
+    result["guided_generation_100_steps_extrapolated_from"] = None if sample_steps == 100 else sample_steps
     return result
 
 
@@ -121,6 +124,32 @@ def bench_data_pipeline(repeats: int, image_size: int = 64, samples: int = 384) 
     return result
 
 
+def bench_features(repeats: int, batch: int = 32, image_size: int = 64) -> dict[str, object]:
+    """Images/second of the evaluation feature extractors on uint8 64 px batches: torch-fidelity's
+    Inception-v3 (FID; random weights of the same architecture, so the same compute: the real
+    weights cannot be downloaded here; denormals flushed, as real activations are not denormal) and
+    open_clip's ViT-B-32 image tower (CLIP score; random weights)."""
+    from glide_lightning.evaluation.clip_score import CLIPScorer
+    from glide_lightning.evaluation.features import InceptionFeatures, write_random_inception_weights
+
+    images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8)
+    result: dict[str, object] = {"batch": batch, "image_size": image_size, "weights": "random (same architecture)"}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_random_inception_weights(f"{tmp}/inception.pth")
+        inception = InceptionFeatures(f"{tmp}/inception.pth")
+        flush = torch.set_flush_denormal(True)
+        try:
+            median, runs = _median_seconds(lambda: inception(images), repeats, torch.device("cpu"))
+        finally:
+            torch.set_flush_denormal(False) if flush else None
+        result["inception_images_per_s"], result["inception_runs_s"] = batch / median, runs
+    clip = CLIPScorer("ViT-B-32", pretrained=None)
+    captions = ["a small red circle above a large blue square"] * batch
+    median, runs = _median_seconds(lambda: clip.score(images, captions), repeats, torch.device("cpu"))
+    result["clip_vit_b32_images_per_s"], result["clip_runs_s"] = batch / median, runs
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"), help="JSON file to write")
@@ -128,6 +157,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-data", action="store_true", help="do not benchmark the data pipeline")
+    parser.add_argument("--sample-steps", type=int, default=25,
+                        help="guided sampling steps timed (the 100-step rate is scaled from it; 100 measures it)")
+    parser.add_argument("--skip-features", action="store_true", help="do not benchmark the FID / CLIP extractors")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     report: dict[str, object] = {
@@ -139,9 +171,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     }
     for name in args.presets:
         print(f"benchmarking {name} …", flush=True)
-        report["models"][name] = bench_model(name, args.repeats, device)  # type: ignore[index]
-        summary = {k: v for k, v in report["models"][name].items() if k.endswith(("_per_image", "speedup", "per_s"))}  # type: ignore[index]
+        report["models"][name] = bench_model(name, args.repeats, device, args.sample_steps)  # type: ignore[index]
+        summary = {k: v for k, v in report["models"][name].items() if k.endswith(("_per_image", "speedup", "per_s", "steps"))}  # type: ignore[index]
         print(json.dumps({name: summary}, indent=1), flush=True)
+    if not args.skip_features:
+        print("benchmarking the feature extractors …", flush=True)
+        report["features"] = bench_features(args.repeats)
+        print(json.dumps({k: v for k, v in report["features"].items() if k.endswith("per_s")}), flush=True)
     if not args.skip_data:
         print("benchmarking the data pipeline …", flush=True)
         report["data_pipeline"] = bench_data_pipeline(args.repeats)

@@ -8,18 +8,27 @@ from glide_lightning import bench
 
 def test_bench_writes_per_image_medians(tmp_path):
     out = tmp_path / "results.json"
-    bench.main(["--out", str(out), "--presets", "tiny", "--repeats", "1"])
+    bench.main(["--out", str(out), "--presets", "tiny", "--repeats", "1", "--sample-steps", "4", "--skip-features"])
     report = json.loads(out.read_text())
     tiny = report["models"]["tiny"]
     assert report["machine"]["torch"] == torch.__version__
     assert tiny["params"] == sum(p.numel() for p in bench.build_model(bench.preset_config("tiny")).parameters())
-    for key in ["forward", "train_step", "sample_25_steps_cfg"]:
+    for key in ["forward", "train_step", "sample_4_steps_cfg"]:
         runs = tiny[f"{key}_runs_s"]
         assert len(runs) == 1 and all(r > 0 for r in runs)
         assert tiny[f"{key}_s_per_image"] * tiny["batch"] <= max(runs)
     assert tiny["train_images_per_s"] == 1 / tiny["train_step_s_per_image"]
+    assert tiny["guided_generation_images_per_s_100_steps"] == pytest.approx(
+        4 / (100 * tiny["sample_4_steps_cfg_s_per_image"]))
+    assert tiny["guided_generation_100_steps_extrapolated_from"] == 4
     data = report["data_pipeline"]
     assert data["images_per_s_workers0"] > 0 and data["images_per_s_workers2"] > 0
+
+
+def test_feature_extractor_bench():
+    result = bench.bench_features(repeats=1, batch=2)
+    assert result["inception_images_per_s"] > 0 and result["clip_vit_b32_images_per_s"] > 0
+    assert len(result["inception_runs_s"]) == 1
 
 
 @pytest.mark.gpu

@@ -286,3 +286,26 @@ class ModuleFeatures(FeatureExtractor):
         if out.dim() == 2:
             self._feature_dim = out.shape[1]
         return out
+
+
+def write_random_inception_weights(path: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Write randomly initialised weights of torch-fidelity's FID Inception to ``path``.
+
+    Same architecture and compute as the standard extractor, for tests and benchmarks on machines that
+    cannot download the real weights; FIDs from them are flagged ``random_weights`` (NOT real FIDs).
+    """
+    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+
+    # the constructor always loads weights: skip that once to get the random initialisation
+    load_url, load_state = tf_inception.load_state_dict_from_url, tf_inception.FeatureExtractorInceptionV3.load_state_dict
+    tf_inception.load_state_dict_from_url = lambda *a, **k: None
+    tf_inception.FeatureExtractorInceptionV3.load_state_dict = lambda self, *a, **k: None  # type: ignore[method-assign]
+    try:
+        torch.manual_seed(seed)
+        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    finally:
+        tf_inception.load_state_dict_from_url = load_url
+        tf_inception.FeatureExtractorInceptionV3.load_state_dict = load_state  # type: ignore[method-assign]
+    out = Path(path)
+    torch.save(net.state_dict(), out)
+    return out

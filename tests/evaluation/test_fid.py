@@ -23,6 +23,7 @@ from glide_lightning.evaluation.features import (
     InceptionFeatures,
     ModuleFeatures,
     inception_weights_default_path,
+    write_random_inception_weights,
     sha256_file,
 )
 from glide_lightning.evaluation.fid import (
@@ -229,15 +230,7 @@ def test_inception_without_file_or_network_says_where_to_put_it(tmp_path, monkey
 
 def test_inception_features_run_torch_fidelity_with_a_weights_file(tmp_path, monkeypatch, caplog):
     """The user code path (a weights file → torch-fidelity's Inception) with random weights."""
-    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
-
-    with monkeypatch.context() as m:  # build a random-weights file of the right architecture
-        m.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: None)
-        m.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
-        torch.manual_seed(0)
-        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    path = tmp_path / "random-inception.pth"
-    torch.save(net.state_dict(), path)
+    path = write_random_inception_weights(tmp_path / "random-inception.pth")
     with caplog.at_level(logging.WARNING):
         inception = InceptionFeatures(weights_path=path)
     assert "NOT real FIDs" in caplog.text
