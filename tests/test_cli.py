@@ -105,23 +105,36 @@ def assert_resumed_state(probe_file: Path, checkpoint: dict) -> None:
     assert torch.equal(probe["torch_rng"], checkpoint["rng"]["torch"])
 
 
-def test_killed_run_resumes_at_its_saved_step_with_identical_state(synthetic_shards, tmp_path):
+def start_long_run(shards: Path, tmp_path: Path, checkpoint_every: int) -> tuple[list[str], dict, subprocess.Popen]:
+    """A smoke run of 1000 slowed-down steps (0.3 s each) with a StateProbe; returns its command (to
+    resume it), environment and process."""
     env = cli_env(tmp_path)
     probes = {"class_path": "glide_test_probes.StateProbe",
               "init_args": {"out_dir": str(tmp_path / "probes"), "sleep_per_step": 0.3}}
-    command = smoke_command(synthetic_shards, tmp_path, "--config", probe_config(tmp_path, probes),
-                            "--run.checkpoint_every_n_steps", "4", "--trainer.val_check_interval", "1000")
-    first = subprocess.Popen(command + ["--trainer.max_steps", "1000"], env=env, cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command = smoke_command(shards, tmp_path, "--config", probe_config(tmp_path, probes),
+                            "--run.checkpoint_every_n_steps", str(checkpoint_every), "--trainer.val_check_interval",
+                            "1000")
+    process = subprocess.Popen(command + ["--trainer.max_steps", "1000"], env=env, cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return command, env, process
+
+
+def resume(command: list[str], env: dict, tmp_path: Path, max_steps: int) -> subprocess.CompletedProcess:
+    run = subprocess.run(command + ["--trainer.max_steps", str(max_steps)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def test_killed_run_resumes_at_its_saved_step_with_identical_state(synthetic_shards, tmp_path):
+    command, env, first = start_long_run(synthetic_shards, tmp_path, checkpoint_every=4)
     checkpoints = tmp_path / "smoke/checkpoints"
     wait_for(checkpoints / "step00000008.ckpt", first)
     first.kill()  # SIGKILL: no chance to save anything more
     first.wait()
     newest = max(checkpoints.glob("step*.ckpt"))
     saved = torch.load(newest, map_location="cpu", weights_only=True)
-    second = subprocess.run(command + ["--trainer.max_steps", str(saved["global_step"] + 2)], env=env,
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
+    second = resume(command, env, tmp_path, saved["global_step"] + 2)
     assert f"at step {saved['global_step']}" in second.stderr
     assert_resumed_state(tmp_path / f"probes/start_{saved['global_step']}.pt", saved)
     final = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
@@ -130,13 +143,7 @@ def test_killed_run_resumes_at_its_saved_step_with_identical_state(synthetic_sha
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_saves_a_resumable_checkpoint(synthetic_shards, tmp_path, signum):
-    env = cli_env(tmp_path)
-    probes = {"class_path": "glide_test_probes.StateProbe",
-              "init_args": {"out_dir": str(tmp_path / "probes"), "sleep_per_step": 0.3}}
-    command = smoke_command(synthetic_shards, tmp_path, "--config", probe_config(tmp_path, probes),
-                            "--run.checkpoint_every_n_steps", "3", "--trainer.val_check_interval", "1000")
-    first = subprocess.Popen(command + ["--trainer.max_steps", "1000"], env=env, cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command, env, first = start_long_run(synthetic_shards, tmp_path, checkpoint_every=3)
     checkpoints = tmp_path / "smoke/checkpoints"
     wait_for(checkpoints / "step00000003.ckpt", first)
     time.sleep(0.45)  # somewhere inside a later step
@@ -144,9 +151,7 @@ def test_interrupt_saves_a_resumable_checkpoint(synthetic_shards, tmp_path, sign
     first.wait(timeout=120)
     last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] > 3, "the interrupt must save the step it stopped at, not an older one"
-    second = subprocess.run(command + ["--trainer.max_steps", str(last["global_step"] + 1)], env=env,
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
+    resume(command, env, tmp_path, last["global_step"] + 1)
     assert_resumed_state(tmp_path / f"probes/start_{last['global_step']}.pt", last)
 
 

@@ -259,6 +259,10 @@ class _ShardFile:
         return ShardInfo(name=self.path.name, num_samples=self.count, num_bytes=size, sha256=digest)
 
     def abort(self) -> None:
+        try:
+            self.writer.close()  # flush tarfile's buffer now, not at garbage collection into a closed file
+        except (OSError, ValueError):
+            pass
         self.stream.close()
         self.tmp.unlink(missing_ok=True)
 

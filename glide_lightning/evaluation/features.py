@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from glide_lightning.data.shards import sha256_file
+
 log = logging.getLogger(__name__)
 
 InputRange = Literal["uint8", "unit", "symmetric"]
@@ -99,15 +101,6 @@ def check_uint8_images(images: Tensor) -> None:
         )
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"Expected RGB images [B, 3, H, W], got shape {tuple(images.shape)}.")
-
-
-def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """sha256 (hex) of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sha256_state_dict(module: nn.Module) -> str:
