@@ -10,13 +10,19 @@ RECIPE ?=
 ARGS   ?=
 RUNS   ?=
 CKPT   ?=
-N      ?= 5000
 RES    ?=
 SCALES ?=
+ifeq ($(EXP),smoke)  # held-out synthetic shapes; random features (no weights to download), labelled as such
+N         ?= 200
+CAPTIONS  ?= data/synthetic/fid_captions.txt
+REFERENCE ?= data/synthetic/fid_reference
+EVAL_EXTRA ?= --extractor random-conv --clip-model none
+endif
+N      ?= 5000
 CAPTIONS  ?= data/mscoco/fid_captions.txt
 REFERENCE ?= data/mscoco/fid_reference
 EVAL_ARGS = --run-dir runs/$(EXP) $(if $(CKPT),--ckpt $(CKPT)) --n $(N) $(if $(RES),--res $(RES)) \
-            --captions $(CAPTIONS) --reference $(REFERENCE)
+            --captions $(CAPTIONS) --reference $(REFERENCE) $(EVAL_EXTRA)
 EXPERIMENTS := $(sort $(basename $(notdir $(wildcard experiments/*.yaml))))
 RECIPES     := synthetic folder mscoco stanford_dogs sbucaptions
 

@@ -35,23 +35,9 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    "IMAGE_FORMATS",
-    "JPEG_QUALITY",
-    "MANIFEST_NAME",
-    "CaptionStats",
-    "ImageFormat",
-    "Manifest",
-    "Sample",
-    "ShardInfo",
-    "SplitManifest",
-    "encode_image",
-    "load_manifest",
-    "sha256_file",
-    "shard_name",
-    "to_rgb",
-    "verify_manifest",
-    "write_manifest",
-    "write_shards",
+    "IMAGE_FORMATS", "JPEG_QUALITY", "MANIFEST_NAME", "CaptionStats", "ImageFormat", "Manifest", "Sample",
+    "ShardInfo", "SplitManifest", "encode_image", "load_manifest", "sha256_file", "shard_name", "to_rgb",
+    "verify_manifest", "write_manifest", "write_shards",
 ]
 
 log = logging.getLogger(__name__)
@@ -61,6 +47,7 @@ IMAGE_FORMATS: tuple[str, ...] = get_args(ImageFormat)
 JPEG_QUALITY = 95
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "glide_lightning.shards/1"
+_MANIFEST_KEYS = frozenset({"format", "recipe", "args", "splits", "total_samples", "created", "glide_lightning_version"})
 _TAR_MTIME = 0.0  # fixed member mtime: shards are byte-identical across runs
 _TAR_OWNER = "glide"
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
@@ -388,8 +375,7 @@ def write_manifest(
         missing = [sh.name for sh in s.shards if not (out / sh.name).is_file()]
         if missing:
             raise FileNotFoundError(f"split {s.split!r} lists shards missing from {out}: {missing[:3]}")
-    reserved = {"format", "recipe", "args", "splits", "total_samples", "created", "glide_lightning_version"}
-    clash = reserved & set(extra or {})
+    clash = _MANIFEST_KEYS & set(extra or {})
     if clash:
         raise ValueError(f"extra manifest entries may not override {sorted(clash)}")
     doc = {
@@ -422,7 +408,6 @@ def load_manifest(dataset_dir: str | os.PathLike[str]) -> Manifest:
         doc = json.loads(path.read_text(encoding="utf-8"))
         if doc.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format is {doc.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-        known = {"format", "recipe", "args", "splits", "total_samples", "created", "glide_lightning_version"}
         return Manifest(
             root=root.resolve(),
             recipe=doc["recipe"],
@@ -431,7 +416,7 @@ def load_manifest(dataset_dir: str | os.PathLike[str]) -> Manifest:
             total_samples=int(doc["total_samples"]),
             created=doc["created"],
             version=doc["glide_lightning_version"],
-            extra={k: v for k, v in doc.items() if k not in known},
+            extra={k: v for k, v in doc.items() if k not in _MANIFEST_KEYS},
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path} is not a valid shard manifest: {e!r}") from e

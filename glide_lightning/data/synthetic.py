@@ -34,27 +34,9 @@ from PIL import Image, ImageDraw
 from glide_lightning.data.shards import Sample
 
 __all__ = [
-    "BACKGROUND",
-    "COLOURS",
-    "MIN_IMAGE_SIZE",
-    "RELATIONS",
-    "SHAPES",
-    "SIZES",
-    "Colour",
-    "Relation",
-    "Scene",
-    "SceneObject",
-    "Shape",
-    "Size",
-    "caption",
-    "nearest_colour",
-    "parse_caption",
-    "relation_holds",
-    "render",
-    "sample_scene",
-    "scene_rng",
-    "synthetic_sample",
-    "synthetic_samples",
+    "BACKGROUND", "COLOURS", "MIN_IMAGE_SIZE", "RELATIONS", "SHAPES", "SIZES", "Colour", "Relation", "Scene",
+    "SceneObject", "Shape", "Size", "caption", "nearest_colour", "parse_caption", "relation_holds", "render",
+    "sample_scene", "scene_rng", "synthetic_sample", "synthetic_samples",
 ]
 
 Shape = Literal["circle", "square", "triangle"]

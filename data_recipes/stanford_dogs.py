@@ -1,0 +1,234 @@
+"""stanford_dogs: Stanford Dogs (120 breeds) → shards captioned "a photo of a <breed>".
+
+Input layout (--dogs-dir ROOT, as extracted from images.tar and lists.tar):
+  ROOT/Images/<synset>-<Breed_name>/<synset>_<n>.jpg
+      e.g. ROOT/Images/n02085620-Chihuahua/n02085620_10074.jpg
+  (ROOT/images/, ROOT/images/Images/ or ROOT itself holding the breed folders also work)
+  optional ROOT/train_list.mat and ROOT/test_list.mat (or under ROOT/lists/): the official split.
+
+Captions: the breed from the folder name, underscores → spaces, lower case, with "a"/"an" chosen
+by the first letter (n02085782-Japanese_spaniel → "a photo of a japanese spaniel",
+n02088094-Afghan_hound → "a photo of an afghan hound"); change the wording with --template.
+
+Split (--split):
+  official  train_list.mat → train, test_list.mat → val. The lists are MATLAB files: reading them
+            needs scipy (`pip install scipy`), which this environment does not install.
+  hash      a deterministic split hashing each image's path: --val-fraction of the images in val.
+  auto      (default) official when scipy is importable and both lists are present, else hash.
+
+Output:  train-*.tar, val-*.tar (RGB JPEG, txt, json {source_id, breed, synset, original_size,
+         size}), manifest.json; image order shuffled with --seed. Unreadable images are skipped
+         and counted.
+
+Example:
+  python -m data_recipes stanford_dogs --dogs-dir /data/stanford_dogs --out data/dogs --max-size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import random
+import re
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from data_recipes.common import (
+    IMAGE_EXTENSIONS,
+    Entry,
+    ImageOptions,
+    RecipeError,
+    SkipCounter,
+    add_image_args,
+    add_output_args,
+    check_fraction,
+    check_out_dir,
+    finish,
+    hash_split,
+    log,
+    prepare_out_dir,
+    require_dir,
+    write_entries,
+)
+from glide_lightning.data.shards import Manifest
+
+NAME = "stanford_dogs"
+SUMMARY = "Stanford Dogs Images/<synset>-<breed>/ tree, captions 'a photo of a <breed>'"
+SplitMode = Literal["auto", "official", "hash"]
+DEFAULT_TEMPLATE = "a photo of {article} {breed}"
+NUM_BREEDS = 120
+_BREED_DIR = re.compile(r"^(n\d+)-(.+)$")
+
+
+def breed_name(folder: str) -> str:
+    """``"n02085782-Japanese_spaniel"`` → ``"japanese spaniel"`` (text after the first '-')."""
+    m = _BREED_DIR.match(folder)
+    if m is None:
+        raise ValueError(f"{folder!r} is not a Stanford Dogs breed folder name ('<synset>-<Breed_name>')")
+    return " ".join(m.group(2).replace("_", " ").lower().split())
+
+
+def article(word: str) -> str:
+    """``"an"`` before a vowel letter, else ``"a"``."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def breed_caption(breed: str, template: str = DEFAULT_TEMPLATE) -> str:
+    """``template`` with ``{breed}`` and ``{article}`` filled in."""
+    return template.format(breed=breed, article=article(breed))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of this recipe."""
+    add_output_args(parser)
+    parser.add_argument("--dogs-dir", type=Path, required=True, help="dataset root (holds Images/)")
+    parser.add_argument(
+        "--split",
+        choices=get_args(SplitMode),
+        default="auto",
+        help="official (.mat lists; needs scipy, not installed here), hash, or auto (default)",
+    )
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="val share for the hash split (default 0.1)")
+    parser.add_argument(
+        "--template",
+        default=DEFAULT_TEMPLATE,
+        help=f"caption template with {{breed}} and {{article}} (default {DEFAULT_TEMPLATE!r})",
+    )
+    add_image_args(parser)
+
+
+def _images_root(root: Path) -> Path:
+    for cand in (root / "Images", root / "images" / "Images", root / "images", root):
+        if cand.is_dir() and any(_BREED_DIR.match(p.name) for p in cand.iterdir() if p.is_dir()):
+            return cand
+    raise RecipeError(
+        f"no breed folders such as Images/n02085620-Chihuahua/ under {root}; expected the layout "
+        "ROOT/Images/<synset>-<Breed_name>/*.jpg (see --help)"
+    )
+
+
+def _find_list(root: Path, name: str) -> Path | None:
+    for cand in (root / name, root / "lists" / name):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _read_mat_list(path: Path) -> set[str]:
+    import numpy as np
+    from scipy.io import loadmat  # type: ignore[import-not-found]
+
+    try:
+        return {str(np.ravel(x)[0]) for x in np.ravel(loadmat(path)["file_list"])}
+    except Exception as e:  # noqa: BLE001 - report any malformed list clearly
+        raise RecipeError(f"cannot read the file list in {path} ({type(e).__name__}: {e})") from e
+
+
+def _official_lists(root: Path, mode: SplitMode) -> tuple[set[str], set[str]] | None:
+    lists = (_find_list(root, "train_list.mat"), _find_list(root, "test_list.mat"))
+    has_scipy = importlib.util.find_spec("scipy") is not None
+    if mode == "hash":
+        return None
+    if mode == "official":
+        if None in lists:
+            raise RecipeError(f"--split official needs train_list.mat and test_list.mat in {root} or {root / 'lists'}")
+        if not has_scipy:
+            raise RecipeError(
+                "--split official needs scipy to read the MATLAB .mat lists and scipy is not installed: "
+                "`pip install scipy`, or use --split hash"
+            )
+    elif None in lists or not has_scipy:
+        why = "scipy is not installed" if has_scipy is False else "train_list.mat/test_list.mat not found"
+        log.info("using the hash split (--val-fraction) because %s", why)
+        return None
+    assert lists[0] is not None and lists[1] is not None
+    return _read_mat_list(lists[0]), _read_mat_list(lists[1])
+
+
+def build(
+    out: Path,
+    *,
+    dogs_dir: Path,
+    split: SplitMode = "auto",
+    val_fraction: float = 0.1,
+    template: str = DEFAULT_TEMPLATE,
+    seed: int = 0,
+    max_size: int | None = None,
+    reencode: bool = False,
+    workers: int = 1,
+    max_per_shard: int = 1000,
+    overwrite: bool = False,
+) -> Manifest:
+    """Shard the Stanford Dogs images under ``dogs_dir`` into ``out``."""
+    if split not in get_args(SplitMode):
+        raise RecipeError(f"--split must be one of {get_args(SplitMode)}, got {split!r}")
+    check_fraction(val_fraction, "--val-fraction")
+    if "{breed}" not in template:
+        raise RecipeError(f"--template must contain {{breed}}, got {template!r}")
+    try:
+        breed_caption("dog", template)
+    except (KeyError, IndexError, ValueError) as e:
+        raise RecipeError(f"--template {template!r} may use only {{breed}} and {{article}} ({e!r})") from e
+    root = require_dir(dogs_dir, "--dogs-dir", "it should contain Images/<synset>-<breed>/")
+    images_root = _images_root(root)
+    check_out_dir(out, overwrite)
+    official = _official_lists(root, split)
+
+    skips = SkipCounter()
+    entries: list[tuple[str, Entry]] = []
+    breeds: set[str] = set()
+    for folder in sorted(p for p in images_root.iterdir() if p.is_dir()):
+        if not _BREED_DIR.match(folder.name):
+            skips.add("not a breed folder", folder.name)
+            continue
+        breed, synset = breed_name(folder.name), folder.name.split("-", 1)[0]
+        breeds.add(breed)
+        for path in sorted(folder.iterdir()):
+            if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            rel = f"{folder.name}/{path.name}"
+            if official is None:
+                which = hash_split(rel, val_fraction)
+            elif rel in official[0] or rel in official[1]:
+                which = "train" if rel in official[0] else "val"
+            else:
+                skips.add("not in the official lists", rel)
+                continue
+            meta = {"breed": breed, "synset": synset}
+            entries.append((which, Entry(path, rel, ((path.stem, breed_caption(breed, template)),), meta)))
+    if not entries:
+        raise RecipeError(f"no images found in the breed folders under {images_root}")
+    if len(breeds) != NUM_BREEDS:
+        log.warning("found %d breeds, Stanford Dogs has %d", len(breeds), NUM_BREEDS)
+    random.Random(seed).shuffle(entries)
+    by_split: dict[str, list[Entry]] = {"train": [], "val": []}
+    for which, entry in entries:
+        by_split[which].append(entry)
+
+    prepare_out_dir(out, overwrite)
+    opts = ImageOptions(image_format="jpg", max_size=max_size, reencode=reencode)
+    splits = write_entries(out, by_split, opts, skips, workers=workers, max_per_shard=max_per_shard)
+    args: dict[str, Any] = {
+        "out": out, "dogs_dir": dogs_dir, "split": "official" if official else "hash",
+        "val_fraction": val_fraction, "template": template, "seed": seed, "max_size": max_size,
+        "reencode": reencode, "workers": workers, "max_per_shard": max_per_shard,
+    }  # fmt: skip
+    extra = {"preprocessing": opts.to_dict(), "breeds": sorted(breeds)}
+    return finish(out, NAME, args, splits, skips, extra)
+
+
+def run(args: argparse.Namespace) -> Manifest:
+    """CLI entry point."""
+    return build(
+        args.out,
+        dogs_dir=args.dogs_dir,
+        split=args.split,
+        val_fraction=args.val_fraction,
+        template=args.template,
+        seed=args.seed,
+        max_size=args.max_size,
+        reencode=args.reencode,
+        workers=args.workers,
+        max_per_shard=args.max_per_shard,
+        overwrite=args.overwrite,
+    )

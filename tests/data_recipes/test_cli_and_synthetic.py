@@ -1,0 +1,90 @@
+"""The `python -m data_recipes` CLI (a real subprocess) and the synthetic recipe."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+import pytest
+from recipe_helpers import check_manifest, read_split, shard_bytes
+
+from data_recipes import RECIPES, load_recipe
+from data_recipes.__main__ import main
+from data_recipes.synthetic import build
+from glide_lightning.data.synthetic import parse_caption, synthetic_sample
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_synthetic_through_the_real_cli(tmp_path):
+    out = tmp_path / "shapes"
+    cmd = [sys.executable, "-m", "data_recipes", "synthetic", "--out", str(out), "--train", "25", "--val", "6",
+           "--image-size", "32", "--seed", "3", "--max-per-shard", "10"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "wrote train-000002.tar (5 samples" in run.stderr
+    doc = check_manifest(out)
+    assert doc["recipe"] == "synthetic" and doc["args"]["seed"] == 3 and doc["args"]["image_size"] == 32
+    assert [s["num_samples"] for s in doc["splits"]["train"]["shards"]] == [10, 10, 5]
+    train = read_split(out, "train")
+    assert len(train) == 25 and len(read_split(out, "val")) == 6
+    for i, sample in enumerate(train):
+        expected = synthetic_sample(3, i, image_size=32)
+        assert sample["__key__"] == expected.key and sample["txt"] == expected.caption
+        assert sample["png"].mode == "RGB" and sample["png"].size == (32, 32)
+        assert np.array_equal(np.array(sample["png"]), np.array(expected.image))  # lossless: exact colours
+        assert sample["json"]["scene"] == expected.metadata["scene"]
+        parse_caption(sample["txt"])
+    # the held-out captions and reference images for zero-shot FID: line i ↔ fid_reference/i.png = val sample i
+    val = read_split(out, "val")
+    assert (out / "fid_captions.txt").read_text().splitlines() == [s["txt"] for s in val]
+    for i, sample in enumerate(val):
+        assert np.array_equal(np.array(Image.open(out / "fid_reference" / f"{i:06d}.png")), np.array(sample["png"]))
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already holds a dataset" in again.stderr and "--overwrite" in again.stderr
+
+
+def test_synthetic_is_byte_identical_for_the_same_seed(tmp_path):
+    kw = {"train": 12, "val": 3, "image_size": 16, "max_per_shard": 5}
+    build(tmp_path / "a", seed=1, **kw)
+    build(tmp_path / "b", seed=1, **kw)
+    build(tmp_path / "c", seed=2, **kw)
+    assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
+    assert shard_bytes(tmp_path / "a") != shard_bytes(tmp_path / "c")
+    manifest = build(tmp_path / "a", seed=1, overwrite=True, **{**kw, "val": 0})
+    assert set(manifest.splits) == {"train"} and not list((tmp_path / "a").glob("val-*"))
+
+
+def test_unknown_recipe_lists_the_available_ones(capsys):
+    assert main(["imagenet", "--out", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown recipe 'imagenet'" in err and all(name in err for name in RECIPES)
+    with pytest.raises(KeyError, match="available recipes: synthetic"):
+        load_recipe("imagenet")
+
+
+def test_help_lists_recipes_and_each_recipe_documents_itself(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in RECIPES)
+    for name in RECIPES:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = capsys.readouterr().out
+        assert "--out" in text and "Example" in text, name
+
+
+def test_input_errors_are_reported_without_traceback(tmp_path, capsys):
+    assert main(["folder", "--images", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "error: --images directory" in err and "does not exist" in err and "Traceback" not in err
+    assert main(["synthetic", "--out", str(tmp_path / "o"), "--image-size", "8"]) == 2
+    assert "--image-size must be >= 16" in capsys.readouterr().err
