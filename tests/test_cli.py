@@ -59,7 +59,7 @@ def read_csv_metrics(run_dir: Path) -> list[dict[str, str]]:
 
 def test_smoke_fit_through_the_cli(synthetic_shards, tmp_path):
     run = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--trainer.max_steps", "6",
-                                       "--trainer.val_check_interval", "3", "--run.checkpoint_every_n_steps", "3"),
+                                       "--trainer.val_check_interval", "6", "--run.checkpoint_every_n_steps", "3"),
                          env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     run_dir = tmp_path / "smoke"
@@ -71,7 +71,9 @@ def test_smoke_fit_through_the_cli(synthetic_shards, tmp_path):
     rows = read_csv_metrics(run_dir)
     logged = {k for row in rows for k, v in row.items() if v}
     assert {"train/loss", "train/mse", "train/vb", "train/loss_q0", "val/loss", "val/vb_q3", "data/skipped"} <= logged
-    assert len([r for r in rows if r.get("val/loss")]) == 2  # validation at steps 3 and 6
+    assert len([r for r in rows if r.get("val/loss")]) == 1  # validation at step 6
+    # the experiment's GenerationMetrics: offline adherence and a labelled random-feature FID
+    assert {"val/fid@1", "val/fid@3", "val/adherence@3", "val/fid_random_weights"} <= logged
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and any(offline[0].rglob("*.wandb"))
     assert "wandb logs offline" in run.stderr
