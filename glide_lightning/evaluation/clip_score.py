@@ -147,12 +147,12 @@ class CLIPScorer:
 
     def evaluate(self, pairs: Iterable[tuple[Tensor, Sequence[str]]]) -> CLIPScoreResult:
         """Mean per-pair score over ``(images, captions)`` batches."""
-        total, n = 0.0, 0
-        for images, captions in pairs:
-            s = self.score(images, captions)
-            total += float(s.double().sum())
-            n += s.shape[0]
-        if n == 0:
+        return self.summarize([self.score(images, captions) for images, captions in pairs])
+
+    def summarize(self, scores: Sequence[Tensor]) -> CLIPScoreResult:
+        """The mean of per-pair scores (from :meth:`score`, in batches) and what they are."""
+        if not scores or sum(s.shape[0] for s in scores) == 0:
             raise ValueError("No image/caption pairs to score.")
-        return CLIPScoreResult(mean=total / n, n=n, model_name=self.model_name, pretrained=self.pretrained,
-                               random_weights=self.random_weights, label=self.label())
+        flat = torch.cat(list(scores)).double()
+        return CLIPScoreResult(mean=float(flat.mean()), n=flat.shape[0], model_name=self.model_name,
+                               pretrained=self.pretrained, random_weights=self.random_weights, label=self.label())

@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from glide_lightning.data.synthetic import parse_caption
-from glide_lightning.evaluation.adherence import adherence_rate
+from glide_lightning.evaluation.adherence import score_batch
 from glide_lightning.evaluation.features import FeatureExtractor, InceptionFeatures, ModuleFeatures
 from glide_lightning.evaluation.fid import ReferenceStatsCache, feature_stats, fid_from_stats
 from glide_lightning.evaluation.generate import SamplingConfig, SamplingModel, generate
@@ -122,21 +122,29 @@ def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache
     reference = cache.get_or_compute(str(Path(job.reference).resolve()), resolution,
                                      len(_image_files(job.reference)), extractor,
                                      lambda: reference_batches(job.reference, resolution))
-    generated = feature_stats(extractor, load_images(folder, range(n)))
-    result: dict[str, Any] = {
+    # the offline adherence score exists for captions of the synthetic shapes dataset only
+    synthetic = all(is_synthetic_caption(c) for c in job.captions)
+    clip_scores: list[Tensor] = []
+    adherence: list[float] = []
+
+    def batches(batch_size: int = 50) -> Iterator[Tensor]:
+        """One pass over the images: CLIP score and adherence on the side of the FID features."""
+        for i, batch in enumerate(load_images(folder, range(n), batch_size)):
+            captions = job.captions[i * batch_size:(i + 1) * batch_size]
+            if clip is not None:
+                clip_scores.append(clip.score(batch, captions))
+            if synthetic:
+                adherence.extend(r.fraction for r in score_batch(batch, captions))
+            yield batch
+
+    generated = feature_stats(extractor, batches())
+    return {
         "guidance_scale": scale, "n": n, "resolution": resolution, "sampler": job.sampling.sampler,
         "steps": job.sampling.steps, "checkpoint": checkpoint, "reference": str(job.reference),
         "fid": fid_from_stats(generated, reference).to_dict(),
+        "clip_score": asdict(clip.summarize(clip_scores)) if clip is not None else None,
+        "adherence": sum(adherence) / len(adherence) if synthetic else None,
     }
-    if clip is not None:
-        score = clip.evaluate((batch, job.captions[i * 50:(i + 1) * 50])
-                              for i, batch in enumerate(load_images(folder, range(n))))
-        result["clip_score"] = asdict(score)
-    # the offline adherence score exists for captions of the synthetic shapes dataset only
-    synthetic = all(is_synthetic_caption(c) for c in job.captions)
-    result["adherence"] = (adherence_rate(torch.cat(list(load_images(folder, range(n)))), job.captions)
-                           if synthetic else None)
-    return result
 
 
 def is_synthetic_caption(caption: str) -> bool:
