@@ -19,7 +19,7 @@ from glide_lightning.data.tokenizers import TokenizerName, build_tokenizer
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.diffusion.timesteps import TimestepSamplerName, build_timestep_sampler
 from glide_lightning.models import ModelConfig, build_model, from_glide_text2im
-from glide_lightning.models.glide_text2im import GLIDE_KINDS
+from glide_lightning.models.glide_text2im import GLIDE_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,8 @@ class GlideModule(L.LightningModule):
             weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
             self.model.load_state_dict(weights, strict=True)
         else:
-            kind = {"base": "base", "upsample": "upsample", "inpaint": "base-inpaint",
-                    "upsample_inpaint": "upsample-inpaint"}[self.model_config.kind]
-            assert kind in GLIDE_KINDS
+            # the released checkpoint of this model kind (clear errors on mismatched keys or shapes)
+            kind = next(k for k, config in GLIDE_OPTIONS.items() if config.kind == self.model_config.kind)
             loaded = from_glide_text2im(kind, state)
             self.model.load_state_dict(loaded.state_dict(), strict=True)
         log.info("initialised the model's weights from %s", path)
@@ -147,9 +146,10 @@ class GlideModule(L.LightningModule):
             self.timesteps.update(gathered_t, gathered_loss)
         loss = (terms["loss"] * weights).mean()
         batch_size = images.shape[0]
+        quartiles = self.quartiles(t)
         for name, value in terms.items():
             self.log(f"train/{name}", value.mean(), prog_bar=name == "loss", batch_size=batch_size)
-            for q, selected in enumerate(self.quartiles(t)):
+            for q, selected in enumerate(quartiles):
                 if selected.any():
                     self.log(f"train/{name}_q{q}", value[selected].mean(), batch_size=int(selected.sum()))
         self.log("train/cond_drop_rate", drop.float().mean(), batch_size=batch_size)

@@ -122,3 +122,22 @@ def test_inconsistent_model_and_variance_are_rejected():
         GlideModule(model=ModelConfig(**{**TINY.to_dict(), "learn_sigma": False}), diffusion=DiffusionConfig(steps=10))
     with pytest.raises(ValueError, match="cond_drop_prob"):
         GlideModule(model=TINY, cond_drop_prob=1.5)
+
+
+def test_init_from_a_checkpoint_or_a_glide_file(tmp_path):
+    from glide_lightning.models import CheckpointMismatchError
+
+    source = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50))
+    for p in source.model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    trainer = L.Trainer(accelerator="cpu", logger=False, max_steps=0)
+    trainer.strategy.connect(source)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    target = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50), init_from=str(tmp_path / "a.ckpt"))
+    target.load_initial_weights(str(tmp_path / "a.ckpt"))
+    for (name, a), b in zip(source.model.state_dict().items(), target.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # a bare state dict is taken as glide-text2im's: this tiny model is not GLIDE's base, which is said clearly
+    torch.save(source.model.state_dict(), tmp_path / "not_glide.pt")
+    with pytest.raises(CheckpointMismatchError, match="shape"):
+        target.load_initial_weights(str(tmp_path / "not_glide.pt"))
