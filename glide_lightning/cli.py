@@ -145,6 +145,8 @@ class GlideCLI(LightningCLI):
             if found is not None:
                 config["ckpt_path"] = str(found)
         if config.get("ckpt_path"):
+            if config.get("weights_only") is None:
+                config["weights_only"] = True  # our checkpoints hold tensors and plain data only
             step = torch.load(config["ckpt_path"], map_location="cpu", weights_only=True, mmap=True)["global_step"]
             log.warning("resuming %s from %s at step %d (weights, optimizer, LR schedule, EMA and RNG state restored)",
                         run.name, config["ckpt_path"], step)

@@ -203,3 +203,11 @@ def test_bad_config_value_fails_at_parse_time_with_the_choices(tmp_path):
                          timeout=120)
     assert run.returncode != 0
     assert "hybird" in run.stderr and "hybrid" in run.stderr
+
+
+def test_make_train_with_an_unknown_experiment_lists_the_available_ones():
+    run = subprocess.run(["make", "-s", "train", "EXP=nope"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert "unknown experiment 'nope'" in run.stderr
+    for name in EXPERIMENTS:
+        assert name in run.stderr

@@ -50,28 +50,42 @@ def test_sample_command_writes_pngs_with_metadata(tiny_checkpoint, tmp_path):
     assert json.loads((out / "metadata.json").read_text())["config"]["guidance_scale"] == 2.5
 
 
-def test_glide_text2im_checkpoint_is_recognised_and_samples(tmp_path):
-    """A released-format base.pt (placeholder weights, the real keys and shapes) loads with its GPT-2
-    tokenizer, cosine process and 64 px; a guided sample runs."""
+def placeholder_glide_checkpoint(kind: str, path: Path) -> Path:
+    """A file with the released model's keys and shapes whose tensors are stride-0 views of one number
+    (a few kB instead of 1.5 GB): the loading and forward paths of the real checkpoint, cheaply."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in from_glide_text2im(kind).state_dict().items()}
+    value = torch.full((1,), 0.01)
+    torch.save({k: value.expand(shape) if len(shape) else value[0].clone() for k, shape in shapes.items()}, path)
+    return path
+
+
+@pytest.fixture
+def gpt2_bpe(monkeypatch):
     fixtures = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "gpt2_bpe"
     if not fixtures.is_dir():
         pytest.skip(f"GPT-2 BPE fixture not found at {fixtures}")
-    path = tmp_path / "base.pt"
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in from_glide_text2im("base").state_dict().items()}
-    value = torch.full((1,), 0.01)  # stride-0 views of one number: the file stays tiny
-    torch.save({k: value.expand(shape) if len(shape) else value[0].clone() for k, shape in shapes.items()}, path)
-    import os
+    monkeypatch.setenv("GLIDE_GPT2_BPE_DIR", str(fixtures))
 
-    os.environ["GLIDE_GPT2_BPE_DIR"] = str(fixtures)
-    try:
-        loaded = load_sampling_model(path)
-        assert loaded.model_config == glide_config("base") and loaded.tokenizer.n_vocab == 50257
-        assert loaded.diffusion_config.noise_schedule == "cosine" and "glide-text2im base" in loaded.source
-        images = generate(loaded, ["a corgi"], [0], SamplingConfig(steps="1"))
-        assert images.shape == (1, 3, 64, 64)
-    finally:
-        del os.environ["GLIDE_GPT2_BPE_DIR"]
+
+@pytest.mark.slow
+def test_upsampler_takes_base_samples_to_256_px(tiny_checkpoint, tmp_path, gpt2_bpe):
+    base = load_sampling_model(tiny_checkpoint)
+    upsampler = load_sampling_model(placeholder_glide_checkpoint("upsample", tmp_path / "upsample.pt"))
+    assert upsampler.image_size == 256 and upsampler.diffusion_config.noise_schedule == "linear"
+    images = generate(base, ["a large red circle"], [0], SamplingConfig(steps="2", upsample_steps="1"),
+                      upsampler=upsampler)
+    assert images.shape == (1, 3, 256, 256) and images.dtype == torch.uint8
+
+
+def test_glide_text2im_checkpoint_is_recognised_and_samples(tmp_path, gpt2_bpe):
+    """A released-format base.pt (placeholder weights, the real keys and shapes) loads with its GPT-2
+    tokenizer, cosine process and 64 px; a guided sample runs."""
+    loaded = load_sampling_model(placeholder_glide_checkpoint("base", tmp_path / "base.pt"))
+    assert loaded.model_config == glide_config("base") and loaded.tokenizer.n_vocab == 50257
+    assert loaded.diffusion_config.noise_schedule == "cosine" and "glide-text2im base" in loaded.source
+    images = generate(loaded, ["a corgi"], [0], SamplingConfig(steps="1"))
+    assert images.shape == (1, 3, 64, 64)
 
 
 def test_unknown_checkpoint_is_explained(tmp_path):
