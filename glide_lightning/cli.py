@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -118,11 +119,10 @@ class GlideCLI(LightningCLI):
         mode = resolve_wandb_mode(run.wandb_mode)
         os.environ["WANDB_MODE"] = mode
         id_file = run.dir / "wandb_id.txt"  # so that a resumed run continues the same wandb run
-        wandb_id = id_file.read_text().strip() if id_file.exists() else None
+        if not id_file.exists():
+            id_file.write_text(secrets.token_hex(4))  # wandb run ids are short [a-z0-9] strings
         wandb = WandbLogger(name=run.name, project=run.project, group=run.group, tags=run.tags,
-                            save_dir=str(run.dir), id=wandb_id, resume="allow")
-        if wandb_id is None and mode != "disabled":
-            id_file.write_text(str(wandb.version))
+                            save_dir=str(run.dir), id=id_file.read_text().strip(), resume="allow")
         if mode == "offline":
             log.info("wandb logs offline to %s (no API key configured); upload with `wandb sync`", run.dir / "wandb")
         csv = CSVLogger(save_dir=str(run.dir), name="csv")
