@@ -44,8 +44,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: setup  ## run the test suite (offline, CPU; GPU-only tests are skipped)
 	$(PY) -m pytest -q
 
-bench: setup  ## time models, training, sampling and the data pipeline; writes bench/results.json
-	$(PY) -m glide_lightning.bench --out $(BENCH_OUT)
+bench: setup  ## time models, training, sampling, data pipeline and FID/CLIP features; writes bench/results.json [ARGS="--repeats 3"]
+	$(PY) -m glide_lightning.bench --out $(BENCH_OUT) $(ARGS)
 
 train: check-exp setup  ## train EXP=<experiment> [ARGS="--trainer.max_steps 100 ..."]; resumes its run if it has a checkpoint
 	@if [ "$(EXP)" = smoke ] && ! ls data/synthetic/train-*.tar >/dev/null 2>&1; then \
