@@ -251,6 +251,10 @@ def _detect(rgb: np.ndarray, core: np.ndarray, colour: str) -> Detection:
     crop = core[ya:yb, xa:xb]
     cover = np.where(_dilate(_dilate(crop)), _coverage(rgb[ya:yb, xa:xb], colour), 0.0)
     weight = np.clip(SHARPEN * (cover - 0.5) + 0.5, 0.0, 1.0)
+    if not (weight >= 0.5).any():
+        # generated colours can be nearest the palette colour yet off its blend line with the
+        # background (e.g. a dull green): measure the classified pixels themselves
+        weight = crop.astype(float)
     ys, xs = np.nonzero(crop | (weight >= 0.5))
     y0, y1, x0, x1 = int(ys.min()) + ya, int(ys.max()) + 1 + ya, int(xs.min()) + xa, int(xs.max()) + 1 + xa
     area = float(weight.sum())

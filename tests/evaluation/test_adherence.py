@@ -238,3 +238,18 @@ def test_errors() -> None:
         score_image(torch.zeros(3, 4, 4), "a small red circle")
     with pytest.raises(ValueError, match="at least one"):
         adherence_rate([], [])
+
+
+def test_colour_off_its_blend_line_is_still_measured():
+    """Generated images have colours classified as a palette colour that lie off the line between it
+    and the background; such an object still gets a geometry (found by the sweep on a trained model)."""
+    from glide_lightning.evaluation import adherence
+
+    dull_green = (87, 129, 77)
+    rgb = np.full((64, 64, 3), BACKGROUND, dtype=np.uint8)
+    rgb[10:40, 20:50] = dull_green
+    labels = adherence._classify(rgb.astype(float))
+    assert (labels[10:40, 20:50] == adherence._REF_NAMES.index("green")).all()
+    assert adherence._coverage(rgb[10:40, 20:50].astype(float), "green").max() == 0  # the path under test
+    result = score_image(torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), "a large green square")
+    assert result.objects[0].colour_ok and result.objects[0].shape_ok
