@@ -154,9 +154,10 @@ def write_sweep(out: Path, results: list[dict[str, Any]]) -> None:
     ax.plot(x, fids, "o-")
     for xi, fi, r in zip(x, fids, results):
         ax.annotate(f"s={r['guidance_scale']:g}", (xi, fi), textcoords="offset points", xytext=(4, 4))
-    ax.set_xlabel("CLIP score" if results[0].get("clip_score") else "guidance scale")
+    against = "CLIP score" if results[0].get("clip_score") else "guidance scale"
+    ax.set_xlabel(against)
     ax.set_ylabel("FID")
-    ax.set_title("FID vs CLIP score over guidance" + (" (random weights)" if first["fid"]["random_weights"] else ""))
+    ax.set_title(f"FID vs {against}" + (" (NOT real FIDs: random features)" if first["fid"]["random_weights"] else ""))
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=120)
     plt.close(fig)
