@@ -12,6 +12,7 @@ import logging
 import netrc
 import os
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -91,6 +92,42 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return None if best is None else best[2]
 
 
+def wandb_logger(run: RunConfig, mode: str, attempts: int = 6, wait_s: float = 5.0) -> WandbLogger:
+    """The run's WandbLogger, continuing the run's wandb run (its id is kept in ``wandb_id.txt``).
+
+    The wandb run starts here, on the main process, rather than lazily: right after a kill, the
+    killed process's wandb service can still hold the run id for a few seconds ("run ID … is in
+    use"). Then this waits and retries, and if the id stays busy, logs this session to a new wandb
+    run of the same name and group, saying so, rather than failing the resume.
+    """
+    id_file = run.dir / "wandb_id.txt"
+    if not id_file.exists():
+        id_file.write_text(secrets.token_hex(4))  # wandb run ids are short [a-z0-9] strings
+    run_id = id_file.read_text().strip()
+
+    def make(wandb_id: str) -> WandbLogger:
+        return WandbLogger(name=run.name, project=run.project, group=run.group, tags=run.tags,
+                           save_dir=str(run.dir), id=wandb_id, resume="allow")
+
+    if mode == "disabled" or int(os.environ.get("LOCAL_RANK", 0)) or int(os.environ.get("RANK", 0)):
+        return make(run_id)  # other ranks never start a wandb run
+    for attempt in range(attempts):
+        logger = make(run_id)
+        try:
+            logger.experiment  # noqa: B018 (starts the wandb run)
+            return logger
+        except Exception as error:
+            if "in use" not in str(error):
+                raise
+            log.warning("wandb run %s is still held by a previous process (attempt %d of %d)", run_id,
+                        attempt + 1, attempts)
+            time.sleep(wait_s)
+    fresh = secrets.token_hex(4)
+    log.warning("wandb run %s stayed busy: logging this session to a new wandb run %s (same name and group)",
+                run_id, fresh)
+    return make(fresh)
+
+
 class GlideCLI(LightningCLI):
     """LightningCLI for :class:`GlideModule` and :class:`GlideDataModule` with a ``run`` group."""
 
@@ -118,11 +155,7 @@ class GlideCLI(LightningCLI):
         checkpoints = run.dir / "checkpoints"
         mode = resolve_wandb_mode(run.wandb_mode)
         os.environ["WANDB_MODE"] = mode
-        id_file = run.dir / "wandb_id.txt"  # so that a resumed run continues the same wandb run
-        if not id_file.exists():
-            id_file.write_text(secrets.token_hex(4))  # wandb run ids are short [a-z0-9] strings
-        wandb = WandbLogger(name=run.name, project=run.project, group=run.group, tags=run.tags,
-                            save_dir=str(run.dir), id=id_file.read_text().strip(), resume="allow")
+        wandb = wandb_logger(run, mode)
         if mode == "offline":
             log.info("wandb logs offline to %s (no API key configured); upload with `wandb sync`", run.dir / "wandb")
         csv = CSVLogger(save_dir=str(run.dir), name="csv")

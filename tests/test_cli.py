@@ -211,3 +211,30 @@ def test_make_train_with_an_unknown_experiment_lists_the_available_ones():
     assert "unknown experiment 'nope'" in run.stderr
     for name in EXPERIMENTS:
         assert name in run.stderr
+
+
+def test_busy_wandb_id_is_retried_then_replaced(tmp_path, monkeypatch):
+    """Right after a kill, the old process's wandb service can hold the run id: retry, then move on."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from glide_lightning.cli import RunConfig, wandb_logger
+
+    calls = []
+
+    def experiment(self):
+        calls.append(self._id)
+        if len(calls) <= 3 or self._id == "held0000":
+            raise RuntimeError(f"run ID {self._id} is in use")
+        return "started"
+
+    monkeypatch.setattr(WandbLogger, "experiment", property(experiment))
+    monkeypatch.delenv("RANK", raising=False), monkeypatch.delenv("LOCAL_RANK", raising=False)
+    run = RunConfig(name="r", root=str(tmp_path))
+    run.dir.mkdir(parents=True)
+    (run.dir / "wandb_id.txt").write_text("abcd1234")
+    logger = wandb_logger(run, "offline", attempts=5, wait_s=0)
+    assert calls == ["abcd1234"] * 4 and logger._id == "abcd1234"  # freed on the 4th try
+    calls.clear()
+    (run.dir / "wandb_id.txt").write_text("held0000")
+    logger = wandb_logger(run, "offline", attempts=2, wait_s=0)
+    assert calls == ["held0000"] * 2 and logger._id != "held0000"  # a new wandb run for this session
