@@ -15,11 +15,17 @@ is this rank's cumulative count for the batch's split when the batch was made;
 ``self.log("data/skipped", batch["skipped"].float(), on_step=True, on_epoch=False, reduce_fx="sum",
 sync_dist=True)`` (sum over ranks; without ``sync_dist`` rank 0 logs its own count).
 
-**Epochs and DDP.** Training resamples shards from one random sequence seeded by ``(seed, epoch)``
-and deals them round-robin to the (rank, worker) slots; ``epoch`` is the trainer's current epoch
-(the number of passes when used without a trainer), pushed to the workers when the loader is
-iterated, so epochs are reproducible given the seed, world size and worker count, and a
-resumed run continues with the resumed epoch's data (not mid-epoch exactly). With
+**Epochs and DDP.** Each (rank, worker) slot resamples shards from its own random sequence
+seeded by ``(seed, epoch, rank, worker)`` and shuffles them in windows; ``epoch`` is the trainer's
+current epoch (the number of passes when used without a trainer), pushed to the workers when the
+loader is iterated, so epochs are reproducible given the seed, world size and worker count.
+
+**Resume.** The training loader is stateful (``state_dict`` / ``load_state_dict``, which Lightning
+saves in and restores from checkpoints): a run resumed with the same world size and worker count
+trains on exactly the batches an uninterrupted run would have, mid-epoch included, reading again
+only the current shuffle window of each stream; with another world size or worker count (or from
+a checkpoint without stream state) the stream restarts from a seed derived from the step reached,
+and the log says so. See :class:`StreamLoader`. With
 ``samples_per_epoch`` every rank yields exactly ``samples_per_epoch // batch_size`` full
 batches per epoch (ranks stay in step; the loader has a ``len``); without it the stream is
 infinite: stop with ``max_steps``. Validation is one deterministic pass: sample ``i`` goes to
@@ -48,7 +54,15 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from glide_lightning.data.pipeline import RESIZE_MODES, ImageTextStream, ResizeMode, check_choice, parse_caption_keys
+from glide_lightning.data.pipeline import (
+    RESIZE_MODES,
+    ImageTextStream,
+    ResizeMode,
+    StreamPosition,
+    StreamResume,
+    check_choice,
+    parse_caption_keys,
+)
 from glide_lightning.data.tokenizers import TOKENIZERS, Tokenizer, TokenizerName, build_tokenizer
 
 __all__ = ["GlideDataModule", "StreamLoader", "expand_shards", "measure_pipeline"]
@@ -107,25 +121,88 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
 
 class StreamLoader(DataLoader):
     """A DataLoader over an :class:`ImageTextStream` that sets the stream's epoch before each
-    pass (also in persistent workers) and raises if a pass yields no batch at all.
+    pass (also in persistent workers), raises if a pass yields no batch at all, never draws from
+    the global RNG, and, for training, records where the stream stands.
+
+    **Resume.** Training batches carry their ``stream_position``; whoever trains on a batch hands
+    it to :meth:`mark_consumed` (:class:`GlideDataModule` does so in ``on_before_batch_transfer``,
+    i.e. for the batch of each training step, not for the ones Lightning prefetches).
+    :meth:`state_dict` is then where every (rank, worker) stream stands after the last trained
+    batch (Lightning saves it in the checkpoint; with several ranks ``gather_fn`` collects every
+    rank's part) and :meth:`load_state_dict` makes the next pass continue from there: the same
+    world size and worker count give exactly the batches an uninterrupted run would have had.
+    Another world size or worker count restarts the stream from a seed derived from the number of
+    batches trained so far (never from the beginning), and so does a checkpoint without stream
+    state (``step_fn`` says how far the run got); both say so in the log.
 
     Args:
         dataset: The stream (any dataset works; the extras apply to streams only).
         epoch_fn: Returns the epoch of the pass about to start (None: count the passes).
+        step_fn: Returns the batches trained so far in the run (resumable training loaders).
+        gather_fn: All-gathers an int64 tensor ``[L]`` from every rank into ``[world_size, L]``.
+        rank_fn: Returns ``(rank, world_size)``.
         **kwargs: Passed to :class:`torch.utils.data.DataLoader`.
     """
 
-    def __init__(self, dataset: Any, *, epoch_fn: Callable[[], int | None] | None = None, **kwargs: Any) -> None:
+    STATE_FORMAT = 1
+
+    def __init__(self, dataset: Any, *, epoch_fn: Callable[[], int | None] | None = None,
+                 step_fn: Callable[[], int] | None = None, gather_fn: Callable[[Tensor], Tensor] | None = None,
+                 rank_fn: Callable[[], tuple[int, int]] | None = None, **kwargs: Any) -> None:
+        # the DataLoader draws its workers' base seed from this generator: with the default (None)
+        # each new iterator would draw from the global RNG, which a resumed run would not replay
+        seed = dataset.seed if isinstance(dataset, ImageTextStream) else 0
+        kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
         super().__init__(dataset, **kwargs)
-        self.epoch_fn = epoch_fn
+        self.epoch_fn, self.step_fn, self.gather_fn = epoch_fn, step_fn, gather_fn
+        self.rank_fn = rank_fn or (lambda: (0, 1))
         self._passes = 0
+        self._epoch = 0  # of the consumed positions below
+        self._consumed = 0  # batches trained on in that epoch
+        self._positions: dict[int, StreamPosition] = {}  # logical worker -> after its last trained batch
+        self._pending: dict[str, int | dict[int, StreamPosition]] | None = None  # a loaded state, for the next pass
+        self._loaded = False
+
+    @property
+    def workers(self) -> int:
+        return max(1, self.num_workers)
 
     def __iter__(self) -> Iterator[Any]:
         epoch = self.epoch_fn() if self.epoch_fn is not None else None
-        if isinstance(self.dataset, ImageTextStream):
-            self.dataset.set_epoch(self._passes if epoch is None else epoch)
+        epoch = self._passes if epoch is None else epoch
+        stream = self.dataset if isinstance(self.dataset, ImageTextStream) else None
+        if stream is not None and stream.train and self._passes == 0:
+            epoch = self._prepare_resume(stream, epoch)
+        if stream is not None:
+            stream.set_epoch(epoch)
+        if self._epoch != epoch:
+            self._epoch, self._consumed, self._positions = epoch, 0, {}
         self._passes += 1
         return self._checked(super().__iter__())
+
+    def _prepare_resume(self, stream: ImageTextStream, epoch: int) -> int:
+        """Before the first pass (and before worker processes copy the stream): continue from the
+        loaded state, or restart from a step-derived seed, or start afresh. Returns the pass's epoch."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            done = self.step_fn() if self.step_fn is not None else 0
+            if done:
+                log.warning("the checkpoint holds no data-stream state (written by an older version): the training "
+                            "stream restarts from a new seed derived from batch %d, not from the beginning", done)
+                stream.resume(None, restart=done)
+            return epoch
+        saved_epoch, consumed = int(pending["epoch"]), int(pending["consumed"])
+        positions = pending["positions"]
+        assert isinstance(positions, dict)
+        if stream.batches_per_epoch is not None and consumed >= stream.batches_per_epoch:
+            # saved after the last batch of its epoch: Lightning asks for this pass while its epoch
+            # counter still says the finished epoch, and then trains the pass as the next one
+            saved_epoch, consumed, positions = saved_epoch + 1, 0, {}
+        if saved_epoch < epoch:  # restarted (another world size or worker count): a fresh epoch
+            saved_epoch, consumed, positions = epoch, 0, {}
+        self._epoch, self._consumed, self._positions = saved_epoch, consumed, dict(positions)
+        stream.resume(StreamResume(saved_epoch, consumed % self.workers, dict(positions)), restart=int(pending["restart"]))
+        return saved_epoch
 
     def _checked(self, batches: Iterator[Any]) -> Iterator[Any]:
         count = 0
@@ -134,6 +211,57 @@ class StreamLoader(DataLoader):
             yield batch
         if count == 0 and isinstance(self.dataset, ImageTextStream):
             raise RuntimeError(self.dataset.describe_failure())
+
+    # ------------------------------------------------------------------------------ resume state
+    def mark_consumed(self, position: Sequence[int]) -> None:
+        """Record that the batch with this ``stream_position`` was trained on."""
+        logical, *values = position
+        position = StreamPosition.from_list(values)
+        if position.epoch != self._epoch:
+            self._epoch, self._consumed, self._positions = position.epoch, 0, {}
+        self._positions[int(logical)] = position
+        self._consumed += 1
+
+    def _restart(self) -> int:
+        return self.dataset.restart if isinstance(self.dataset, ImageTextStream) else 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where every (rank, worker) stream stands after the last trained batch (plain ints, so
+        checkpoints load with ``weights_only=True``)."""
+        width = 5
+        row = [self._epoch, self._consumed, self._restart(), 0]
+        for logical in range(self.workers):
+            position = self._positions.get(logical)
+            row += [0] * width if position is None else [1, *position.to_list()[1:]]
+        local = torch.tensor(row, dtype=torch.long)
+        rows = self.gather_fn(local) if self.gather_fn is not None else local[None]
+        _, world_size = self.rank_fn()
+        ranks = []
+        for values in rows.reshape(world_size, -1).tolist():
+            epoch, consumed, restart, _ = values[:4]
+            positions = {str(w): [epoch, *values[4 + w * width + 1:4 + (w + 1) * width]]
+                         for w in range(self.workers) if values[4 + w * width]}
+            ranks.append({"epoch": epoch, "consumed": consumed, "restart": restart, "positions": positions})
+        return {"format": self.STATE_FORMAT, "world_size": world_size, "num_workers": self.workers, "ranks": ranks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` at the next pass (see the class docstring)."""
+        rank, world_size = self.rank_fn()
+        self._loaded = True
+        if state.get("format") != self.STATE_FORMAT:
+            raise ValueError(f"unknown data-stream state format {state.get('format')!r} (expected "
+                             f"{self.STATE_FORMAT}): was the checkpoint written by a newer glide_lightning?")
+        if (state["world_size"], state["num_workers"]) != (world_size, self.workers):
+            done = self.step_fn() if self.step_fn is not None else int(state["ranks"][0]["consumed"])
+            log.warning("resuming with %d rank(s) x %d loader worker(s) where the checkpoint had %d x %d: the training "
+                        "stream restarts from a new seed derived from batch %d (not from the beginning)",
+                        world_size, self.workers, state["world_size"], state["num_workers"], done)
+            self._pending = {"epoch": -1, "consumed": 0, "restart": done, "positions": {}}
+            return
+        own = state["ranks"][rank]
+        positions = {int(w): StreamPosition.from_list(p) for w, p in own["positions"].items()}
+        self._pending = {"epoch": int(own["epoch"]), "consumed": int(own["consumed"]),
+                         "restart": int(own["restart"]), "positions": positions}
 
 
 class _ReplayBatches(Dataset):
@@ -218,10 +346,11 @@ class GlideDataModule(L.LightningDataModule):
         self.train_urls: list[str] | None = None
         self.val_urls: list[str] | None = None
         self._skipped: dict[str, Tensor] = {}  # per split, made by the process that loads the data
+        self._train_loader: StreamLoader | None = None  # records the positions of the trained batches
 
     def __getstate__(self) -> dict[str, Any]:
         # spawned rank processes (ddp_spawn) count their own skips: do not share the counters
-        return {**self.__dict__, "_skipped": {}}
+        return {**self.__dict__, "_skipped": {}, "_train_loader": None}
 
     # ------------------------------------------------------------------------------ Lightning
     def setup(self, stage: str) -> None:
@@ -242,7 +371,9 @@ class GlideDataModule(L.LightningDataModule):
         overfit = self.trainer.overfit_batches if self.trainer is not None else 0
         if overfit:
             return self._replay_loader(overfit)
-        return self._loader(self._stream("train"), epoch_fn=self._trainer_epoch)
+        self._train_loader = self._loader(self._stream("train"), epoch_fn=self._trainer_epoch, step_fn=self._trained,
+                                          gather_fn=self._gather, rank_fn=self._rank_info)
+        return self._train_loader
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """One deterministic pass over the validation shards ([] without ``val_shards``)."""
@@ -251,9 +382,16 @@ class GlideDataModule(L.LightningDataModule):
         return self._loader(self._stream("val"), epoch_fn=None)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Refresh ``batch["skipped"]`` with the live count (workers fill it when they make the
-        batch, which with several workers and prefetching is not monotonic)."""
-        if isinstance(batch, dict) and "skipped" in batch and self.trainer is not None:
+        """Record the stream position of the batch about to be trained on (Lightning calls this
+        right before the step, not when it prefetches), and refresh ``batch["skipped"]`` with the
+        live count (workers fill it when they make the batch, which with several workers and
+        prefetching is not monotonic)."""
+        if not isinstance(batch, dict) or self.trainer is None:
+            return batch
+        position = batch.pop("stream_position", None)
+        if position is not None and self.trainer.training and self._train_loader is not None:
+            self._train_loader.mark_consumed(position)
+        if "skipped" in batch:
             batch["skipped"] = torch.tensor(self.skipped_total("train" if self.trainer.training else "val"))
         return batch
 
@@ -282,6 +420,19 @@ class GlideDataModule(L.LightningDataModule):
     def _trainer_epoch(self) -> int | None:
         return self.trainer.current_epoch if self.trainer is not None else None
 
+    def _trained(self) -> int:
+        """Training batches of the run so far (0 without a trainer)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.global_step * self.trainer.accumulate_grad_batches
+
+    def _gather(self, local: Tensor) -> Tensor:
+        """``local`` [L] of every rank as [world_size, L] (a collective: every rank must call it)."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return local[None]
+        gathered = self.trainer.strategy.all_gather(local.to(self.trainer.strategy.root_device))
+        return gathered.reshape(self.trainer.world_size, -1).cpu()
+
     def _stream(self, split: str) -> ImageTextStream:
         urls = self.train_urls if split == "train" else self.val_urls
         spec = self.train_shards if split == "train" else self.val_shards
@@ -299,11 +450,12 @@ class GlideDataModule(L.LightningDataModule):
             max_samples=self.max_val_samples if split == "val" else None, name=f"{split}_shards={spec!r}",
         )
 
-    def _loader(self, stream: ImageTextStream, epoch_fn: Callable[[], int | None] | None) -> StreamLoader:
+    def _loader(self, stream: ImageTextStream, epoch_fn: Callable[[], int | None] | None,
+                **resume_fns: Any) -> StreamLoader:
         workers = self.num_workers
         on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return StreamLoader(stream, epoch_fn=epoch_fn, batch_size=None, num_workers=workers,
-                            persistent_workers=workers > 0, pin_memory=on_cuda)
+                            persistent_workers=workers > 0, pin_memory=on_cuda, **resume_fns)
 
     def _replay_loader(self, overfit: int | float) -> DataLoader:
         per_epoch = self.batches_per_epoch()

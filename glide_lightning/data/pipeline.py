@@ -4,10 +4,21 @@ Shards are webdataset tars; a sample is the run of consecutive members sharing a
 (``jpg``/``jpeg``/``png``/``webp``, any PIL mode) and a caption (``txt`` or a ``json`` field).
 :class:`ImageTextStream` turns shard URLs into ready batches inside each DataLoader worker::
 
-    shard URLs -> [train: seeded resampling, dealt round-robin to (rank, worker)]
+    shard URLs -> [train: each (rank, worker) resamples its own seeded shard sequence]
                -> tar members -> samples -> [val: routed to (rank, worker) by sample index]
-               -> decode, RGB, resize, uint8 [3, S, S] -> [train: seeded shuffle buffer]
-               -> batches (image float [-1, 1], tokens, mask, caption, key, url, skipped)
+               -> decode, RGB, resize, uint8 [3, S, S] -> [train: seeded shuffle windows]
+               -> batches (image float [-1, 1], tokens, mask, caption, key, url, skipped,
+                  train: stream_position)
+
+**Resumable training stream.** A (rank, worker) training stream is a sequence of *windows*: runs
+of consecutive shards of its resampled shard sequence holding at least ``shuffle_buffer`` valid
+samples, each window shuffled as a whole with a seed of its own. Every training batch carries the
+:class:`StreamPosition` reached after it (window start, samples used from the window, batches,
+skips), so a checkpoint can record where each stream stands and a resumed stream continues with
+exactly the next sample: the shards before the window are drawn but never read, and only the
+current window is read again. (A rolling shuffle buffer, as webdataset's ``shuffle``, cannot be
+resumed without storing its contents; shuffle windows are what block-shuffling streaming loaders use
+for the same reason.)
 
 Bad input never stops the stream. An undecodable image, a missing or empty caption, an
 unreadable, garbage or truncated shard (its rest) is *skipped*: logged at WARNING with the shard
@@ -27,7 +38,7 @@ import json
 import logging
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice, repeat
 from typing import Any, Literal, NamedTuple, TypeVar
 
@@ -42,8 +53,8 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from glide_lightning.data.tokenizers import Tokenizer
 
-__all__ = ["IMAGE_KEYS", "RESIZE_MODES", "BadSample", "ImageTextStream", "ResizeMode", "ShardError", "check_choice",
-           "get_caption", "iter_shard", "load_image", "parse_caption_keys", "to_rgb"]
+__all__ = ["IMAGE_KEYS", "RESIZE_MODES", "BadSample", "ImageTextStream", "ResizeMode", "ShardError", "StreamPosition",
+           "check_choice", "get_caption", "iter_shard", "load_image", "parse_caption_keys", "to_rgb"]
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +209,43 @@ def get_caption(sample: dict[str, Any], keys: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------------------- dataset
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where one (rank, worker) training stream stands after a batch: enough to continue it exactly.
+
+    ``cursor`` indexes the worker's resampled shard sequence of ``epoch`` (the window the next
+    sample comes from starts there), ``offset`` counts the samples of that window already used,
+    ``batches`` the batches the worker has yielded in the epoch, and ``skipped`` the samples/shards
+    its slot had skipped (over the run) before the window was read (reading the window again counts
+    the window's own skips again).
+    """
+
+    epoch: int
+    cursor: int = 0
+    offset: int = 0
+    batches: int = 0
+    skipped: int = 0
+
+    def to_list(self) -> list[int]:
+        return [self.epoch, self.cursor, self.offset, self.batches, self.skipped]
+
+    @classmethod
+    def from_list(cls, values: Sequence[int]) -> StreamPosition:
+        return cls(*(int(v) for v in values))
+
+
+@dataclass(frozen=True)
+class StreamResume:
+    """What a stream continues from at its next pass of ``epoch``: the position of each logical
+    worker, and the rotation that makes DataLoader worker ``p`` play logical worker
+    ``(p + rotation) % workers`` (the DataLoader always starts its round-robin at worker 0; the
+    batch after ``k`` consumed ones comes from logical worker ``k % workers``)."""
+
+    epoch: int
+    rotation: int
+    positions: dict[int, StreamPosition]
+
+
 class _Item(NamedTuple):
     image: Tensor  # uint8 [3, S, S]
     caption: str
@@ -218,12 +266,12 @@ class _Progress:
 class ImageTextStream(IterableDataset):
     """Batches of decoded, resized, tokenized image-caption pairs streamed from shards.
 
-    Training (``train=True``): shard URLs are resampled with replacement from one random
-    sequence seeded by ``(seed, epoch)`` and dealt round-robin to the ``world_size x workers``
-    (rank, worker) slots; each slot shuffles its samples with a buffer seeded by
-    ``(seed, epoch, rank, worker)``. Given those and the worker count, an epoch is reproducible.
-    The stream is infinite unless ``batches_per_epoch`` (per rank) is set, which also gives it a
-    ``len``. Validation (``train=False``): every (rank, worker) reads all shards in order; raw
+    Training (``train=True``): each (rank, worker) slot resamples shard URLs with replacement from
+    its own sequence seeded by ``(seed, epoch, restart, rank, worker)`` and shuffles them in
+    windows of at least ``shuffle_buffer`` samples (see the module docstring); given those and the
+    worker count an epoch is reproducible, and :meth:`resume` continues it from saved
+    :class:`StreamPosition` s. The stream is infinite unless ``batches_per_epoch`` (per rank) is
+    set, which also gives it a ``len``. Validation (``train=False``): every (rank, worker) reads all shards in order; raw
     sample ``i`` (at most ``max_samples``) belongs to rank ``i % world_size``, and that rank's
     ``j``-th sample to worker ``(j // batch_size) % workers``, so every sample is used exactly
     once, ranks differ by at most one sample and batches come out in the single-process order.
@@ -236,7 +284,8 @@ class ImageTextStream(IterableDataset):
         resize_mode: ``"squish"`` or ``"center_crop"`` (see :func:`load_image`).
         caption_keys: Where captions are looked up (see :func:`get_caption`).
         train: Resample and shuffle (else one deterministic pass).
-        shuffle_buffer: Training shuffle buffer size in samples (0 or 1: no shuffling).
+        shuffle_buffer: Training shuffle window size in samples (0 or 1: no shuffling; a window
+            is then one shard).
         seed: Base seed of the shard sequence and the shuffle buffers.
         batches_per_epoch: Training batches per rank per epoch (None: infinite stream).
         max_samples: Validation: use only the first ``max_samples`` samples (None: all).
@@ -267,10 +316,18 @@ class ImageTextStream(IterableDataset):
         self.skip_counter = counter.share_memory_()
         self.name = name or repr(self.urls[0] if len(self.urls) == 1 else f"{len(self.urls)} shards")
         self._epoch = torch.zeros((), dtype=torch.long).share_memory_()  # read by (persistent) workers
+        self.restart = 0  # part of every training seed: a stream restarted at batch n uses n (see resume)
+        self._resume: StreamResume | None = None  # each process's copy applies it once, then drops it
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch of the next pass (shared with already-started worker processes)."""
         self._epoch.fill_(int(epoch))
+
+    def resume(self, resume: StreamResume | None, restart: int = 0) -> None:
+        """Continue the next pass of ``resume.epoch`` from ``resume``'s positions (None: start the
+        epoch afresh), with ``restart`` mixed into every later training seed. Set before the
+        DataLoader starts its worker processes (they take a copy of the stream)."""
+        self._resume, self.restart = resume, int(restart)
 
     @property
     def epoch(self) -> int:
@@ -299,39 +356,68 @@ class ImageTextStream(IterableDataset):
         epoch, progress = self.epoch, _Progress()
         slot = worker % self.skip_counter.numel()
         if not self.train:
-            events = self._route(self._read(iter(self.urls), None), worker, workers)
+            events = self._route((e for url in self.urls for e in iter_shard(url)), worker, workers)
             items = self._decode(events, progress, slot)
             yield from (self._collate([item for _, item in group]) for group in _group_by_chunk(items))
             return
-        rng = random.Random(wds.utils.make_seed(self.seed, epoch))
-        shards = (self.urls[rng.randrange(len(self.urls))] for _ in repeat(None))  # resampled, infinite
-        shards = islice(shards, self.rank * workers + worker, None, self.world_size * workers)
-        items = (item for _, item in self._decode(((None, e) for e in self._read(shards, progress)), progress, slot))
-        if self.shuffle_buffer > 1:
-            seed = wds.utils.make_seed(self.seed, epoch, self.rank, worker)
-            items = wds.filters.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), seed=seed)(items)
-        batches = (self._collate(chunk) for chunk in _chunks(items, self.batch_size))
+        resume, self._resume = self._resume, None
+        if resume is None or resume.epoch != epoch:
+            resume = StreamResume(epoch, 0, {})
+        logical = (worker + resume.rotation) % workers
+        start = resume.positions.get(logical, StreamPosition(epoch, skipped=int(self.skip_counter[slot])))
+        share = None
         if self.batches_per_epoch is not None:
-            share = self.batches_per_epoch // workers + int(worker < self.batches_per_epoch % workers)
-            batches = islice(batches, share)
-        yield from batches
-
-    def _read(self, shards: Iterator[str], progress: _Progress | None) -> Iterator[dict[str, Any] | ShardError]:
-        """Samples of the shards in turn. With ``progress`` (resampled training), give up once
-        every shard has been read (or 3x as many reads as shards) without a valid sample, since
-        resampling would loop forever: the stream ends, and the loader raises on an empty pass
-        (ending rather than raising lets the other worker processes shut down cleanly)."""
-        for url in shards:
-            if progress is not None and progress.good == 0 and (
-                len(progress.distinct_done) >= len(self.urls) or progress.shards_done >= 3 * len(self.urls)
-            ):
-                log.error("%s; this worker read %d shard(s) and gives up", self.describe_failure(),
-                          progress.shards_done)
+            share = self.batches_per_epoch // workers + int(logical < self.batches_per_epoch % workers)
+        items = self._train_items(logical, start, progress, slot)
+        batches = start.batches
+        while share is None or batches < share:
+            chunk = list(islice(items, self.batch_size))
+            if not chunk:
                 return
-            yield from iter_shard(url)
-            if progress is not None:
+            batches += 1
+            batch = self._collate([item for item, _ in chunk])
+            batch["stream_position"] = [logical, *replace(chunk[-1][1], batches=batches).to_list()]
+            yield batch
+
+    def _train_items(self, logical: int, start: StreamPosition, progress: _Progress,
+                     slot: int) -> Iterator[tuple[_Item, StreamPosition]]:
+        """The samples of logical worker ``logical``'s training stream from ``start`` on, each with
+        the position reached after it. Shards before ``start.cursor`` are drawn, not read."""
+        seed = (self.seed, start.epoch, self.restart, self.rank, logical)
+        rng = random.Random(wds.utils.make_seed(*seed))
+        draws = (self.urls[rng.randrange(len(self.urls))] for _ in repeat(None))  # resampled, infinite
+        cursor, offset = start.cursor, start.offset
+        shards = islice(draws, cursor, None)
+        self.skip_counter[slot] = start.skipped
+        while True:
+            window_start, skipped_before, window = cursor, int(self.skip_counter[slot]), []
+            while len(window) < max(1, self.shuffle_buffer):
+                if self._gives_up(progress):
+                    return
+                url = next(shards)
+                cursor += 1
+                window += [item for _, item in self._decode(((None, e) for e in iter_shard(url)), progress, slot)]
                 progress.shards_done += 1
                 progress.distinct_done.add(url)
+            if self.shuffle_buffer > 1:
+                random.Random(wds.utils.make_seed(*seed, window_start)).shuffle(window)
+            end = StreamPosition(start.epoch, cursor, 0, 0, int(self.skip_counter[slot]))
+            for index in range(offset, len(window)):
+                last = index + 1 == len(window)
+                yield window[index], end if last else StreamPosition(start.epoch, window_start, index + 1, 0,
+                                                                     skipped_before)
+            offset = 0
+
+    def _gives_up(self, progress: _Progress) -> bool:
+        """Resampled training: give up once every shard has been read (or 3x as many reads as
+        shards) without a valid sample, since resampling would loop forever: the stream ends, and
+        the loader raises on an empty pass (ending rather than raising lets the other worker
+        processes shut down cleanly)."""
+        if progress.good == 0 and (len(progress.distinct_done) >= len(self.urls)
+                                   or progress.shards_done >= 3 * len(self.urls)):
+            log.error("%s; this worker read %d shard(s) and gives up", self.describe_failure(), progress.shards_done)
+            return True
+        return False
 
     def _route(self, events: Iterator[Any], worker: int, workers: int) -> Iterator[tuple[int, Any]]:
         """Validation: keep this (rank, worker)'s events (samples and shard errors alike, so each
@@ -392,11 +478,6 @@ class ImageTextStream(IterableDataset):
         return {"image": image, "tokens": tokens, "mask": mask,
                 "caption": [item.caption for item in items], "key": [item.key for item in items],
                 "url": [item.url for item in items], "skipped": self.skip_counter.sum()}
-
-
-def _chunks(items: Iterator[_T], size: int) -> Iterator[list[_T]]:
-    while chunk := list(islice(items, size)):
-        yield chunk
 
 
 def _group_by_chunk(items: Iterator[tuple[int, _T]]) -> Iterator[list[tuple[int, _T]]]:

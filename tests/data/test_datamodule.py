@@ -310,6 +310,48 @@ def test_fit_end_to_end(bad_dir: tuple[Path, list[str]], train_dir: Path) -> Non
     assert [k for keys in model.val_keys for k in keys] == ALL_KEYS[:8] * 2  # once per validation run
 
 
+def fit_recording(train_dir: Path, ckpt_dir: Path, max_steps: int, workers: int,
+                  ckpt_path: Path | None = None) -> tuple[list[list[str]], torch.Tensor]:
+    """Fit a Recorder with a checkpoint at every step; the batch keys it trained on and its weight.
+    Epochs of 5 batches (samples_per_epoch 15, batch 3), so 12 steps cross two epoch boundaries."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    dm = GlideDataModule(train_shards=str(train_dir), image_size=16, batch_size=3, text_ctx=8, num_workers=workers,
+                         samples_per_epoch=15, shuffle_buffer=7, seed=3)
+    model = Recorder()
+    checkpoints = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    fit = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, max_steps=max_steps, callbacks=[checkpoints], limit_val_batches=0)
+    with time_limit(120):
+        fit.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    assert fit.global_step == max_steps
+    return model.train_keys, model.weight.detach().clone()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_the_stream_exactly(train_dir: Path, tmp_path: Path, workers: int) -> None:
+    """Resumed from the checkpoint of step k (mid-epoch, at an epoch's last batch, with worker
+    round-robin mid-cycle), a run trains on exactly the batches of steps k+1.. of an uninterrupted
+    run and ends with the same weight."""
+    keys, weight = fit_recording(train_dir, tmp_path / "full", 12, workers)
+    assert len({k for batch in keys for k in batch}) > 15  # the run sees new samples after its first epoch
+    for k in (3, 5, 10):
+        resumed, resumed_weight = fit_recording(train_dir, tmp_path / f"from{k}", 12, workers,
+                                                ckpt_path=tmp_path / f"full/step={k}.ckpt")
+        assert resumed == keys[k:], f"resumed at step {k}"
+        assert torch.equal(resumed_weight, weight)
+
+
+def test_resume_with_another_worker_count_restarts_from_a_step_seed(
+    train_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys, _ = fit_recording(train_dir, tmp_path / "full", 6, workers=0)
+    with caplog.at_level(logging.WARNING, logger="glide_lightning.data.datamodule"):
+        resumed, _ = fit_recording(train_dir, tmp_path / "more", 6, workers=2, ckpt_path=tmp_path / "full/step=3.ckpt")
+    assert "restarts from a new seed derived from batch 3" in caplog.text
+    assert resumed != keys[3:] and resumed[0] != keys[0]  # not a replay of the run's first batches
+
+
 DDP_SCRIPT = """
 import json, sys
 import lightning as L, torch
