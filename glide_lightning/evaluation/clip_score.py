@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from glide_lightning.evaluation.features import private_rng
+
 
 @dataclasses.dataclass(frozen=True)
 class CLIPScoreResult:
@@ -78,7 +80,8 @@ class CLIPScorer:
     @staticmethod
     def _create(open_clip: Any, model_name: str, pretrained: str | None) -> nn.Module:
         try:
-            model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+            with private_rng(0):  # the initialisation (kept when pretrained is None) leaves the global RNG alone
+                model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
         except Exception as e:
             if pretrained is None:
                 raise

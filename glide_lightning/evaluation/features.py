@@ -21,6 +21,8 @@ import hashlib
 import logging
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, get_args
 from urllib.parse import urlparse
@@ -281,6 +283,16 @@ class ModuleFeatures(FeatureExtractor):
         return out
 
 
+@contextmanager
+def private_rng(seed: int) -> Iterator[None]:
+    """Run a block (a module's random initialisation) on torch's CPU RNG seeded with ``seed``,
+    leaving the global RNG as it was: ``nn.Module`` constructors take no generator, so fixed random
+    weights are drawn inside a fork of the global RNG, never by reseeding it behind a run's back."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def write_random_inception_weights(path: str | os.PathLike[str], seed: int = 0) -> Path:
     """Write randomly initialised weights of torch-fidelity's FID Inception to ``path``.
 
@@ -294,8 +306,8 @@ def write_random_inception_weights(path: str | os.PathLike[str], seed: int = 0) 
     tf_inception.load_state_dict_from_url = lambda *a, **k: None
     tf_inception.FeatureExtractorInceptionV3.load_state_dict = lambda self, *a, **k: None  # type: ignore[method-assign]
     try:
-        torch.manual_seed(seed)
-        net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+        with private_rng(seed):
+            net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     finally:
         tf_inception.load_state_dict_from_url = load_url
         tf_inception.FeatureExtractorInceptionV3.load_state_dict = load_state  # type: ignore[method-assign]

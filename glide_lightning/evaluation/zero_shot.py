@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from glide_lightning.data.synthetic import parse_caption
 from glide_lightning.evaluation.adherence import score_batch
-from glide_lightning.evaluation.features import FeatureExtractor, InceptionFeatures, ModuleFeatures
+from glide_lightning.evaluation.features import FeatureExtractor, InceptionFeatures, ModuleFeatures, private_rng
 from glide_lightning.evaluation.fid import ReferenceStatsCache, feature_stats, fid_from_stats
 from glide_lightning.evaluation.generate import SamplingConfig, SamplingModel, generate
 from glide_lightning.evaluation.images import save_png
@@ -97,9 +97,9 @@ def load_images(folder: Path, indices: range, batch_size: int = 50) -> Iterator[
 def random_conv_features(seed: int = 0) -> FeatureExtractor:
     """A small randomly initialised conv net as feature extractor: for machines without the Inception
     weights and for tests. Its FIDs are NOT real FIDs and are labelled so."""
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(4), nn.Flatten())
+    with private_rng(seed):
+        net = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(4), nn.Flatten())
     return ModuleFeatures(net, f"random-conv-seed{seed}", pretrained=False)
 
 

@@ -74,3 +74,65 @@ def test_fit_logs_grids_and_generation_metrics_and_keeps_the_best_fid_checkpoint
     logger.experiment.finish()
     media = list((tmp_path / "wandb").glob("offline-run-*/files/media/images/samples/*.png"))
     assert len(media) == 2, "each grid is logged to wandb as an image"
+
+
+def global_rng_states() -> tuple:
+    import random
+
+    import numpy as np
+
+    numpy_state = np.random.get_state()
+    return torch.get_rng_state(), numpy_state[1].tobytes(), numpy_state[2:], random.getstate()
+
+
+class RNGBetweenSteps(L.Callback):
+    """Compares the global RNG states from the end of a training step (before the other callbacks:
+    sample grids, then validation with generation metrics, checkpointing) to the start of the next."""
+
+    def __init__(self) -> None:
+        self.after_step: tuple | None = None
+        self.changed: list[int] = []
+        self.checked: list[int] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        self.after_step = global_rng_states()
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if self.after_step is None:
+            return
+        now = global_rng_states()
+        same = torch.equal(now[0], self.after_step[0]) and now[1:] == self.after_step[1:]
+        (self.checked if same else self.changed).append(trainer.global_step)
+
+
+def test_validation_grids_and_metrics_leave_the_global_rng_alone(synthetic_shards, tmp_path, offline_wandb):
+    """Fixed random weights (random-conv FID features, an untrained CLIP) come from private RNGs: the
+    run's own random stream (timesteps, noise, caption drops) is the same with or without them."""
+    probe = RNGBetweenSteps()
+    callbacks = [probe, EMAWeightAveraging(decay=0.9),
+                 SampleGrid(prompts=PROMPTS, guidance_scales=[1.0, 3.0], every_n_steps=2, steps="2"),
+                 GenerationMetrics(num_samples=4, guidance_scales=[3.0], extractor="random-conv", adherence=True,
+                                   clip_model="ViT-B-32", clip_pretrained=None, steps="2")]
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, val_check_interval=2, check_val_every_n_epoch=None,
+                        limit_val_batches=1, num_sanity_val_steps=0, logger=False, callbacks=callbacks,
+                        default_root_dir=str(tmp_path), enable_progress_bar=False, enable_checkpointing=False)
+    dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", val_shards=f"{synthetic_shards}/val-*.tar",
+                         image_size=32, text_ctx=16, batch_size=4, num_workers=0)
+    trainer.fit(GlideModule(model=TINY, diffusion=DiffusionConfig(steps=20)), datamodule=dm)
+    assert "val/clip_score@3" in trainer.callback_metrics and (tmp_path / "samples/step00000002.png").exists()
+    assert probe.changed == [] and probe.checked == [1, 2]  # step 2 ran a grid and a validation
+
+
+def test_fixed_random_weights_are_reproducible_and_private():
+    from glide_lightning.evaluation.clip_score import CLIPScorer
+    from glide_lightning.evaluation.zero_shot import build_extractor
+
+    torch.manual_seed(123)
+    before = global_rng_states()
+    first, second = build_extractor("random-conv"), build_extractor("random-conv")
+    clips = [CLIPScorer("ViT-B-32", pretrained=None) for _ in range(2)]
+    after = global_rng_states()
+    assert torch.equal(before[0], after[0]) and before[1:] == after[1:]
+    for a, b in ((first.module, second.module), (clips[0].model, clips[1].model)):
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(p, q)

@@ -376,20 +376,26 @@ if __name__ == "__main__":
     shards, out = sys.argv[1], sys.argv[2]
     dm = GlideDataModule(train_shards=shards, val_shards=shards, image_size=16, batch_size=3, text_ctx=8,
                          num_workers=1, samples_per_epoch=7, shuffle_buffer=4)
-    model = Recorder()
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0)
-    trainer.fit(model, datamodule=dm)
+    runs = {}
+    for name, ckpt_path in (("full", None), ("resumed", f"{out}/ckpt/step=1.ckpt")):
+        model = Recorder()
+        every_step = L.pytorch.callbacks.ModelCheckpoint(dirpath=f"{out}/ckpt" if name == "full" else f"{out}/ckpt2",
+                                                         filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
+                            callbacks=[every_step], enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0)
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        runs[name] = {"train": model.train_keys, "val": model.val_keys, "steps": trainer.global_step}
     with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
-        json.dump({"train": model.train_keys, "val": model.val_keys, "steps": trainer.global_step}, f)
+        json.dump(runs, f)
 """
 
 
 @pytest.mark.slow
 def test_ddp_two_processes(train_dir: Path, tmp_path: Path) -> None:
     """A real 2-process DDP fit (gloo, in a subprocess: Lightning's ddp launcher re-runs the
-    command): ranks take the same number of steps on different data, validation is split."""
+    command): ranks take the same number of steps on different data, validation is split, and a
+    run resumed from step 1 trains every rank on the batches of the uninterrupted run."""
     import subprocess
     import sys
 
@@ -400,7 +406,10 @@ def test_ddp_two_processes(train_dir: Path, tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, str(script), str(train_dir), str(tmp_path)], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for run_of_rank in runs:
+        assert run_of_rank["resumed"]["train"] == run_of_rank["full"]["train"][1:]
+    ranks = [run_of_rank["full"] for run_of_rank in runs]
     assert ranks[0]["steps"] == ranks[1]["steps"] == 4  # 7 // 3 = 2 batches per rank and epoch
     assert ranks[0]["train"] != ranks[1]["train"]
     val = [[k for keys in rank["val"] for k in keys] for rank in ranks]
