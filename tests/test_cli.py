@@ -128,19 +128,77 @@ def resume(command: list[str], env: dict, tmp_path: Path, max_steps: int) -> sub
     return run
 
 
-def test_killed_run_resumes_at_its_saved_step_with_identical_state(synthetic_shards, tmp_path):
-    command, env, first = start_long_run(synthetic_shards, tmp_path, checkpoint_every=4)
-    checkpoints = tmp_path / "smoke/checkpoints"
-    wait_for(checkpoints / "step00000008.ckpt", first)
-    first.kill()  # SIGKILL: no chance to save anything more
-    first.wait()
-    newest = max(checkpoints.glob("step*.ckpt"))
-    saved = torch.load(newest, map_location="cpu", weights_only=True)
-    second = resume(command, env, tmp_path, saved["global_step"] + 2)
-    assert f"at step {saved['global_step']}" in second.stderr
-    assert_resumed_state(tmp_path / f"probes/start_{saved['global_step']}.pt", saved)
-    final = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
-    assert final["global_step"] == saved["global_step"] + 2
+def step_keys(path: Path) -> dict[int, list[str]]:
+    """The batch keys trained on at each step; a step run again after a resume keeps its last record."""
+    return {record["step"]: record["keys"] for record in map(json.loads, path.read_text().splitlines())}
+
+
+def assert_identical(actual: object, expected: object, where: str = "") -> None:
+    """Bit-for-bit equality of nested checkpoint values (tensors, containers, plain data)."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype, where
+        assert torch.equal(actual, expected), f"{where} differs"
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), where
+        for key in expected:
+            assert_identical(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), where
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            assert_identical(a, e, f"{where}[{index}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+CHECKPOINT_STATE = ("state_dict", "current_model_state", "optimizer_states", "lr_schedulers", "rng",
+                    "timestep_sampler")
+
+
+def test_preempted_run_trains_on_the_batches_and_ends_in_the_state_of_an_uninterrupted_run(synthetic_shards, tmp_path):
+    """SIGKILLed mid-step at three steps (mid-epoch, at an epoch's end, after a validation) and resumed
+    each time, a run sees the batch sequence of an uninterrupted one and ends bit-identical to it:
+    weights, EMA, optimizer, LR schedule, RNG and the data streams' state."""
+    env = {**cli_env(tmp_path), "WANDB_MODE": "disabled"}
+    extra = ["--data.num_workers", "2", "--data.samples_per_epoch", "20", "--data.shuffle_buffer", "30",
+             "--run.checkpoint_every_n_steps", "2", "--trainer.val_check_interval", "4",
+             "--trainer.limit_val_batches", "1", "--trainer.max_steps", "12"]
+    callbacks = [{"class_path": "glide_lightning.callbacks.SampleGrid",
+                  "init_args": {"prompts": ["a large red circle"], "guidance_scales": [1.0, 3.0], "every_n_steps": 3,
+                                "steps": "2"}},
+                 {"class_path": "glide_lightning.callbacks.GenerationMetrics",
+                  "init_args": {"num_samples": 4, "guidance_scales": [3.0], "extractor": "random-conv",
+                                "adherence": True, "steps": "2"}}]
+
+    def run(name: str, kill_after: int | None) -> subprocess.CompletedProcess:
+        probes = [*callbacks, {"class_path": "glide_test_probes.StepKeys",
+                               "init_args": {"out_file": str(tmp_path / f"{name}.jsonl")}}]
+        if kill_after is not None:
+            probes.append({"class_path": "glide_test_probes.KillSwitch", "init_args": {"after_step": kill_after}})
+        config = tmp_path / f"{name}_{kill_after}.yaml"
+        config.write_text(Path(probe_config(tmp_path, *probes)).read_text())
+        command = smoke_command(synthetic_shards, tmp_path, "--config", str(config), "--run.name", name, *extra)
+        return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    uninterrupted = run("whole", None)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    # 5 steps per epoch: killed in step 4 (resumes at 2), in step 6 (resumes at 4, after a
+    # validation), in step 11 (resumes at 10, the end of epoch 1), then runs to step 12
+    for kill_after in (3, 5, 10, None):
+        segment = run("preempted", kill_after)
+        if kill_after is None:
+            assert segment.returncode == 0, segment.stderr[-3000:]
+        else:
+            assert segment.returncode == -signal.SIGKILL, segment.stderr[-3000:]
+    assert step_keys(tmp_path / "preempted.jsonl") == step_keys(tmp_path / "whole.jsonl")
+    assert len(step_keys(tmp_path / "whole.jsonl")) == 12
+    whole, preempted = (torch.load(tmp_path / f"{name}/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+                        for name in ("whole", "preempted"))
+    assert whole["global_step"] == preempted["global_step"] == 12
+    for key in CHECKPOINT_STATE:
+        assert_identical(preempted[key], whole[key], key)
+    streams = whole["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert streams == preempted["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert streams[0]["ranks"][0]["epoch"] == 2 and len(streams[0]["ranks"][0]["positions"]) == 2  # both workers
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -58,3 +58,31 @@ class StateProbe(L.Callback):
             import time
 
             time.sleep(self.sleep_per_step)  # widens the window in which the test interrupts the run
+
+
+class StepKeys(L.Callback):
+    """Appends ``{"step": <optimizer step about to run>, "keys": [...]}`` for every training batch to
+    ``<out_file>`` (a JSON line each, flushed at once, so a killed run leaves what it trained on)."""
+
+    def __init__(self, out_file: str) -> None:
+        self.out_file = Path(out_file)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.out_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.out_file.open("a") as f:
+            f.write(json.dumps({"step": trainer.global_step + 1, "keys": list(batch["key"])}) + "\n")
+
+
+class KillSwitch(L.Callback):
+    """SIGKILLs its own process in the middle of optimizer step ``after_step + 1`` (after the forward
+    pass, before the weights change): a preemption with no chance to save anything."""
+
+    def __init__(self, after_step: int) -> None:
+        self.after_step = after_step
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Any) -> None:
+        if trainer.global_step == self.after_step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
