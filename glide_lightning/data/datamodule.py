@@ -300,7 +300,9 @@ class GlideDataModule(L.LightningDataModule):
         batch_size: Training batch size per rank.
         val_batch_size: Validation batch size per rank (None: ``batch_size``).
         num_workers: DataLoader worker processes per rank (0: load in the main process).
-        shuffle_buffer: Training samples held in each worker's shuffle buffer (0: no shuffling).
+        shuffle_buffer: Training samples shuffled together in each worker's shuffle window (at
+            least this many, whole shards; 0: no shuffling). Memory: this many decoded images per
+            worker; a resume reads the current window again.
         samples_per_epoch: Training samples per rank per epoch (rounded down to whole batches);
             None: an endless stream (use ``max_steps``).
         seed: Seed of the shard resampling and the shuffle buffers (with the epoch).
