@@ -14,8 +14,10 @@ import torch
 ScheduleName = Literal["linear", "cosine"]
 SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
 
-# GLIDE's respacing preset for its upsampler ("fast27": 27 steps in five sections).
+# GLIDE's respacing preset for its upsampler ("fast27": 27 steps in five sections, and the noisiest
+# kept step T - 1 swapped for T - 3, which GLIDE does to soften artifacts from the noisiest step).
 RESPACING_PRESETS = {"fast27": "10,10,3,2,2"}
+_SOFTENED_PRESETS = ("fast27",)
 
 
 def get_named_beta_schedule(name: ScheduleName, num_steps: int) -> torch.Tensor:
@@ -51,9 +53,22 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
     - ``"ddimN"``: the N steps ``0, k, 2k, …`` with an integer stride k (as DDIM); fails if no stride
       gives exactly N;
     - ``"a,b,c"``: split the steps into equal sections and take a, b, c … evenly spaced steps in each;
-    - a preset name (``"fast27"`` = ``"10,10,3,2,2"``, GLIDE's upsampler setting).
+    - a preset name: ``"fast27"``, GLIDE's upsampler setting: ``"10,10,3,2,2"`` with the last step
+      T - 1 replaced by T - 3 (as glide-text2im does).
+
+    Within a section of ``size`` steps, ``count`` steps are kept as Improved DDPM does: a position
+    starts at 0 and advances by the float stride (size - 1) / (count - 1); each kept step is the
+    position rounded with Python's ``round`` (halves to even), so respaced samplers visit exactly
+    the steps of the reference implementation (multiplying j · stride instead differs by one step
+    for many counts, through float error at halves).
     """
-    spec = RESPACING_PRESETS.get(spec.strip(), spec.strip())
+    name = spec.strip()
+    if name in _SOFTENED_PRESETS:
+        kept = set(space_timesteps(num_timesteps, RESPACING_PRESETS[name]))
+        if num_timesteps - 3 in kept or num_timesteps - 1 not in kept:
+            raise ValueError(f"respacing {name!r} needs a process of at least 30 steps, got {num_timesteps}")
+        return sorted(kept - {num_timesteps - 1} | {num_timesteps - 3})
+    spec = RESPACING_PRESETS.get(name, name)
     if spec == "":
         return list(range(num_timesteps))
     if spec.startswith("ddim"):
@@ -71,7 +86,10 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
         if count > size:
             raise ValueError(f"respacing {spec!r}: cannot take {count} steps from a section of {size}")
         stride = (size - 1) / (count - 1) if count > 1 else 0.0
-        kept += [start + round(j * stride) for j in range(count)]
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride  # accumulated, as the reference does: the float error is part of the rule
         start += size
     return sorted(set(kept))
 

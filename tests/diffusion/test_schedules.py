@@ -37,11 +37,39 @@ def test_space_timesteps_forms():
     hundred = space_timesteps(1000, "100")
     assert len(hundred) == 100 and hundred[0] == 0 and hundred[-1] == 999
     assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
-    fast = space_timesteps(1000, "fast27")
-    assert fast == space_timesteps(1000, "10,10,3,2,2") and len(fast) == 27
-    # sections of 200 steps: 10 steps in [0, 200), 2 steps in [800, 1000) at both ends
-    assert sum(0 <= t < 200 for t in fast) == 10 and [t for t in fast if t >= 800] == [800, 999]
     assert space_timesteps(10, "10") == list(range(10))
+
+
+def test_fast27_is_glides_preset():
+    """GLIDE's fast27 on its 1000-step upsampler process: sections of 200 steps taking 10, 10, 3, 2, 2
+    steps (strides 199/9, 199/9, 99.5 rounded half to even, 199, 199), then step 999 replaced by 997."""
+    tens = [0, 22, 44, 66, 88, 111, 133, 155, 177, 199]
+    expected = tens + [200 + t for t in tens] + [400, 500, 599, 600, 799, 800, 997]
+    assert space_timesteps(1000, "fast27") == expected
+    assert space_timesteps(1000, "10,10,3,2,2") == expected[:-1] + [999]
+
+
+def reference_section_steps(size: int, count: int) -> list[int]:
+    """Improved DDPM's rule, as its paper's code states it: a float position advanced by the stride
+    and rounded (Python round) at every step."""
+    stride = (size - 1) / (count - 1) if count > 1 else 1.0
+    position, steps = 0.0, []
+    for _ in range(count):
+        steps.append(round(position))
+        position += stride
+    return steps
+
+
+@pytest.mark.parametrize("num_timesteps", [100, 1000, 4000])
+def test_every_count_keeps_the_reference_steps(num_timesteps):
+    # includes counts whose stride lands on .5 (e.g. 3 of 1000: 499.5) and the many counts for which
+    # j * stride and the accumulated position round differently (e.g. 15 of 100)
+    for count in range(1, num_timesteps + 1):
+        assert space_timesteps(num_timesteps, str(count)) == reference_section_steps(num_timesteps, count), count
+    assert space_timesteps(1000, "3") == [0, 500, 999]  # 499.5 rounds half to even
+    sections = space_timesteps(1000, "7,5,31")  # sections of 334, 333, 333 steps
+    assert sections == (reference_section_steps(334, 7) + [334 + t for t in reference_section_steps(333, 5)]
+                        + [667 + t for t in reference_section_steps(333, 31)])
 
 
 @pytest.mark.parametrize("spec", ["ddim30", "abc", "0", "300", "10,x"])
