@@ -14,7 +14,7 @@ from einops import rearrange
 from lightning.pytorch.loggers import WandbLogger
 
 from glide_lightning.evaluation.generate import SamplingConfig, SamplingModel, generate, image_grid, model_from_module
-from glide_lightning.evaluation.images import save_png, to_pil
+from glide_lightning.data.images import save_png, to_pil
 
 log = logging.getLogger(__name__)
 

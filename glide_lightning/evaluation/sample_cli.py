@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from glide_lightning.evaluation.generate import SamplingConfig, generate, image_grid, load_sampling_model
-from glide_lightning.evaluation.images import save_png
+from glide_lightning.data.images import save_png
 
 log = logging.getLogger(__name__)
 DEFAULTS = SamplingConfig()

@@ -27,7 +27,7 @@ from glide_lightning.evaluation.adherence import score_batch
 from glide_lightning.evaluation.features import FeatureExtractor, InceptionFeatures, ModuleFeatures
 from glide_lightning.evaluation.fid import ReferenceStatsCache, feature_stats, fid_from_stats
 from glide_lightning.evaluation.generate import SamplingConfig, SamplingModel, generate
-from glide_lightning.evaluation.images import save_png
+from glide_lightning.data.images import save_png
 
 log = logging.getLogger(__name__)
 

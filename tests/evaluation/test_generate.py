@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from glide_lightning.evaluation.generate import SamplingConfig, generate, image_grid, load_sampling_model
-from glide_lightning.evaluation.images import read_png_metadata
+from glide_lightning.data.images import read_png_metadata
 from glide_lightning.evaluation.sample_cli import main as sample_main
 from glide_lightning.models import from_glide_text2im
 from glide_lightning.models.glide_text2im import glide_config

@@ -11,7 +11,7 @@ from glide_lightning.data.synthetic import synthetic_samples
 from glide_lightning.evaluation.fid import ReferenceStatsCache
 from glide_lightning.evaluation.fid_cli import main as fid_main
 from glide_lightning.evaluation.generate import SamplingConfig, load_sampling_model
-from glide_lightning.evaluation.images import read_png_metadata
+from glide_lightning.data.images import read_png_metadata
 from glide_lightning.evaluation.zero_shot import FIDJob, generate_missing, random_conv_features, run, scale_dir
 
 
