@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, classifier_free_guidance, get_sampler
+from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.models import ModelConfig, build_model
 
 PARTS = Path(__file__).resolve().parents[1] / "experiments" / "parts"
@@ -82,7 +83,7 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        diffusion.training_losses(model, x, t, dict(tokens=tokens, mask=mask))["loss"].mean().backward()
+        training_losses(diffusion, model, x, t, dict(tokens=tokens, mask=mask))["loss"].mean().backward()
         optimizer.step()
 
     record("train_step", train_step, batch)

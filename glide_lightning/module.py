@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric
 
 from glide_lightning.data.tokenizers import TokenizerName, build_tokenizer
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
+from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.diffusion.timesteps import TimestepSamplerName, build_timestep_sampler
 from glide_lightning.models import ModelConfig, build_model, from_glide_text2im
 from glide_lightning.models.glide_text2im import GLIDE_OPTIONS
@@ -139,7 +140,7 @@ class GlideModule(L.LightningModule):
         images = batch["image"]
         tokens, mask, drop = self.drop_captions(batch["tokens"], batch["mask"])
         t, weights = self.timesteps.sample(images.shape[0], images.device)
-        terms = self.diffusion.training_losses(self.model, images, t, dict(tokens=tokens, mask=mask))
+        terms = training_losses(self.diffusion, self.model, images, t, dict(tokens=tokens, mask=mask))
         if self.hparams["timestep_sampler"] != "uniform":
             # every rank updates the sampler with every rank's losses, so they sample alike
             gathered_t, gathered_loss = (self.all_gather(x).reshape(-1) for x in (t, terms["loss"].detach()))
@@ -172,8 +173,8 @@ class GlideModule(L.LightningModule):
         # stratified: sample j gets a t in the j-th of b equal slices of [0, T)
         t = ((torch.arange(b) + torch.rand(b, generator=generator)) * self.diffusion.num_timesteps / b).long()
         noise = torch.randn(images.shape, generator=generator).to(images)
-        terms = self.diffusion.training_losses(self.model, images, t.to(images.device),
-                                               dict(tokens=batch["tokens"], mask=batch["mask"]), noise)
+        terms = training_losses(self.diffusion, self.model, images, t.to(images.device),
+                                dict(tokens=batch["tokens"], mask=batch["mask"]), noise)
         quartiles = self.quartiles(t.to(images.device))
         for name, value in terms.items():
             self.val_metrics[name].update(value)
