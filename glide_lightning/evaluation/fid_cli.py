@@ -18,9 +18,9 @@ import yaml
 
 from glide_lightning.cli import resolve_wandb_mode
 from glide_lightning.evaluation.fid import ReferenceStatsCache
-from glide_lightning.evaluation.generate import load_sampling_model
 from glide_lightning.evaluation.sample_cli import add_sampling_arguments, resolve_device, sampling_config
 from glide_lightning.evaluation.zero_shot import FIDJob, build_extractor, run
+from glide_lightning.sampling import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def main(command: str, argv: list[str] | None = None) -> list[dict[str, Any]] | 
         raise SystemExit("pass --ckpt CKPT or --run-dir runs/<experiment>")
     device = resolve_device(args.device)
     sampling = sampling_config(args)
-    base = load_sampling_model(checkpoint, device)
-    upsampler = load_sampling_model(args.upsampler, device) if args.upsampler else None
+    base = load_checkpoint(checkpoint, device)
+    upsampler = load_checkpoint(args.upsampler, device) if args.upsampler else None
     res = (upsampler or base).image_size
     if args.res is not None and args.res != res:
         hint = " (256 px needs --upsampler, e.g. glide-text2im's upsample.pt)" if args.res > res else ""

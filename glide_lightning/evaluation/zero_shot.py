@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from glide_lightning.data.images import save_png
 from glide_lightning.data.synthetic import parse_caption
 from glide_lightning.evaluation.adherence import score_batch
 from glide_lightning.evaluation.features import FeatureExtractor, InceptionFeatures, ModuleFeatures
 from glide_lightning.evaluation.fid import ReferenceStatsCache, feature_stats, fid_from_stats
-from glide_lightning.evaluation.generate import SamplingConfig, SamplingModel, generate
-from glide_lightning.data.images import save_png
+from glide_lightning.sampling import SamplingConfig, SamplingModel, generate
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ from PIL import Image
 import pytest
 import torch
 
+from glide_lightning.data.images import read_png_metadata
 from glide_lightning.data.synthetic import synthetic_samples
 from glide_lightning.evaluation.fid import ReferenceStatsCache
 from glide_lightning.evaluation.fid_cli import main as fid_main
-from glide_lightning.evaluation.generate import SamplingConfig, load_sampling_model
-from glide_lightning.data.images import read_png_metadata
 from glide_lightning.evaluation.zero_shot import FIDJob, generate_missing, random_conv_features, run, scale_dir
+from glide_lightning.sampling import SamplingConfig, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def held_out(tmp_path_factory):
 
 def test_killed_fid_run_resumes_without_regenerating_finished_images(tiny_checkpoint, held_out, tmp_path):
     root, captions = held_out
-    loaded = load_sampling_model(tiny_checkpoint)
+    loaded = load_checkpoint(tiny_checkpoint)
     job = FIDJob(captions=captions[:6], reference=str(root / "reference"), out_dir=tmp_path,
                  sampling=SamplingConfig(steps="3", batch_size=4), scales=[2.0])
     assert generate_missing(loaded, job, 2.0) == 6
@@ -55,7 +55,7 @@ def test_killed_fid_run_resumes_without_regenerating_finished_images(tiny_checkp
 
 def test_ranks_generate_disjoint_shares(tiny_checkpoint, held_out, tmp_path):
     root, captions = held_out
-    loaded = load_sampling_model(tiny_checkpoint)
+    loaded = load_checkpoint(tiny_checkpoint)
     job = FIDJob(captions=captions[:5], reference=str(root / "reference"), out_dir=tmp_path,
                  sampling=SamplingConfig(steps="2"), scales=[1.0])
     assert generate_missing(loaded, job, 1.0, rank=1, world=2) == 2  # images 1 and 3
@@ -64,7 +64,7 @@ def test_ranks_generate_disjoint_shares(tiny_checkpoint, held_out, tmp_path):
 
 def test_fid_results_say_how_they_were_computed_and_flag_random_weights(tiny_checkpoint, held_out, tmp_path):
     root, captions = held_out
-    loaded = load_sampling_model(tiny_checkpoint)
+    loaded = load_checkpoint(tiny_checkpoint)
     job = FIDJob(captions=captions[:8], reference=str(root / "reference"), out_dir=tmp_path,
                  sampling=SamplingConfig(steps="3"), scales=[1.0, 4.0], clip_model=None)
     cache = ReferenceStatsCache(tmp_path / "cache")
