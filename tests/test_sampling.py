@@ -86,6 +86,14 @@ def test_a_trained_checkpoint_loads_ema_or_raw_weights_and_samples(fitted_checkp
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8 and images.float().std() > 0
 
 
+def test_sample_command_picks_ema_or_raw_weights(fitted_checkpoint, tmp_path):
+    for weights in ("ema", "raw"):
+        out = sample_main(["--ckpt", str(fitted_checkpoint), "--prompt", "a large red circle", "--steps", "2",
+                           "--weights", weights, "--out", str(tmp_path / weights), "--device", "cpu"])
+        expected = "EMA weights" if weights == "ema" else "raw weights"
+        assert f"({expected}, step 3)" in read_png_metadata(out / "0000.png")["checkpoint"]
+
+
 def test_a_checkpoint_without_ema_says_its_weights_are_raw(tiny_checkpoint):
     saved = _weights(torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)["state_dict"])
     loaded = load_checkpoint(tiny_checkpoint)

@@ -69,8 +69,8 @@ def main(command: str, argv: list[str] | None = None) -> list[dict[str, Any]] | 
         raise SystemExit("pass --ckpt CKPT or --run-dir runs/<experiment>")
     device = resolve_device(args.device)
     sampling = sampling_config(args)
-    base = load_checkpoint(checkpoint, device)
-    upsampler = load_checkpoint(args.upsampler, device) if args.upsampler else None
+    base = load_checkpoint(checkpoint, device, weights=args.weights, kind="base")
+    upsampler = load_checkpoint(args.upsampler, device, kind="upsample") if args.upsampler else None
     res = (upsampler or base).image_size
     if args.res is not None and args.res != res:
         hint = " (256 px needs --upsampler, e.g. glide-text2im's upsample.pt)" if args.res > res else ""
