@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 
 from PIL import ExifTags, Image, ImageOps
 
+from glide_lightning.data.images import to_rgb
 from glide_lightning.data.shards import (
     JPEG_QUALITY,
     MANIFEST_NAME,
@@ -27,7 +28,6 @@ from glide_lightning.data.shards import (
     SplitManifest,
     encode_image,
     load_manifest,
-    to_rgb,
     write_manifest,
     write_shards,
 )

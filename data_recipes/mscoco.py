@@ -59,7 +59,8 @@ from data_recipes.common import (
     require_dir,
     write_entries,
 )
-from glide_lightning.data.shards import Manifest, sha256_file, to_rgb
+from glide_lightning.data.images import to_rgb
+from glide_lightning.data.shards import Manifest, sha256_file
 
 NAME = "mscoco"
 SUMMARY = "MS-COCO 2014/2017 captions: train shards + zero-shot FID captions and reference images"

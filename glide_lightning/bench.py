@@ -3,7 +3,8 @@
 For each model preset (the smoke experiment's tiny model and miniGLIDE, read from
 ``experiments/parts``) it times, per image: the forward pass (contiguous and channels-last), a full
 training step (hybrid loss, forward + backward + AdamW step, reported as training images/second)
-and 25-step guided sampling (classifier-free guidance at scale 3: a doubled batch per step); and it
+and 25-step guided sampling with :func:`glide_lightning.sampling.generate` (classifier-free guidance at
+the sampling default scale: a doubled batch per step, tokenization included); and it
 measures the data pipeline alone (read + decode + RGB + resize + tokenize) on generated shards.
 Figures are medians of several runs after a warm-up, written with the machine's description to a
 JSON file. Timings on a shared machine are noisy: compare figures from one run of this script.
@@ -24,8 +25,11 @@ from typing import Callable
 import torch
 import yaml
 
-from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, classifier_free_guidance, get_sampler
+from glide_lightning.data.tokenizers import build_tokenizer
+from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
+from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.models import ModelConfig, build_model
+from glide_lightning.sampling import SamplingConfig, SamplingModel, generate
 
 PARTS = Path(__file__).resolve().parents[1] / "experiments" / "parts"
 # name: (model part of the experiments, batch size used for timing)
@@ -82,19 +86,20 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        diffusion.training_losses(model, x, t, dict(tokens=tokens, mask=mask))["loss"].mean().backward()
+        training_losses(diffusion, model, x, t, dict(tokens=tokens, mask=mask))["loss"].mean().backward()
         optimizer.step()
 
     record("train_step", train_step, batch)
     result["train_images_per_s"] = 1.0 / result["train_step_s_per_image"]
 
     model.eval()
-    sampling = diffusion.respace(str(sample_steps))
-    empty = dict(tokens=torch.zeros_like(tokens[:1]), mask=torch.zeros_like(mask[:1]))
-    guided = classifier_free_guidance(model, 3.0, empty)
-    sampler = get_sampler("ddpm")
-    record(f"sample_{sample_steps}_steps_cfg", lambda: sampler(
-        sampling, guided, tuple(x.shape), model_kwargs=dict(tokens=tokens, mask=mask), device=device), batch)
+    # guided sampling through the one generate() that the sample command and the FID harness use
+    loaded = SamplingModel(model, diffusion.config, build_tokenizer("clip", text_ctx=config.text_ctx), config,
+                           f"bench preset {name} (random weights)")
+    sampling = SamplingConfig(steps=str(sample_steps), batch_size=batch)  # the default guidance scale
+    prompts = ["a small red circle above a large blue square"] * batch
+    result["sample_guidance_scale"] = sampling.guidance_scale
+    record(f"sample_{sample_steps}_steps_cfg", lambda: generate(loaded, prompts, list(range(batch)), sampling), batch)
     result["forward_channels_last_speedup"] = result["forward_s_per_image"] / result["forward_channels_last_s_per_image"]
     # sampling cost is linear in the number of steps: the 100-step rate (GLIDE's setting) from the measured one
     result["guided_generation_images_per_s_100_steps"] = sample_steps / (100 * result[f"sample_{sample_steps}_steps_cfg_s_per_image"])

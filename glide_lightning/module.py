@@ -17,9 +17,10 @@ from torchmetrics import MeanMetric
 
 from glide_lightning.data.tokenizers import TokenizerName, build_tokenizer
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
+from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.diffusion.timesteps import TimestepSamplerName, build_timestep_sampler
-from glide_lightning.models import ModelConfig, build_model, from_glide_text2im
-from glide_lightning.models.glide_text2im import GLIDE_OPTIONS
+from glide_lightning.models import ModelConfig, build_model
+from glide_lightning.sampling import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +112,22 @@ class GlideModule(L.LightningModule):
             self.load_initial_weights(self.init_from)
 
     def load_initial_weights(self, path: str) -> None:
-        """Start from a glide-text2im checkpoint or from a glide_lightning checkpoint's EMA weights."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if "state_dict" in state:  # a glide_lightning (Lightning) checkpoint: its EMA weights
-            weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
-            self.model.load_state_dict(weights, strict=True)
-        else:
-            # the released checkpoint of this model kind (clear errors on mismatched keys or shapes)
-            kind = next(k for k, config in GLIDE_OPTIONS.items() if config.kind == self.model_config.kind)
-            loaded = from_glide_text2im(kind, state)
-            self.model.load_state_dict(loaded.state_dict(), strict=True)
-        log.info("initialised the model's weights from %s", path)
+        """Start from a checkpoint's weights: a glide_lightning ``.ckpt`` (its EMA weights when the run
+        kept them) or glide-text2im's released file of this model's kind (``base.pt`` for ``base``, …),
+        read by :func:`glide_lightning.sampling.load_checkpoint`.
+
+        Raises:
+            FileNotFoundError, ValueError: no such file, not a checkpoint, or a model of another kind.
+            CheckpointMismatchError: a state dict that is not glide-text2im's model of this kind.
+            ValueError: a model of this kind whose architecture differs from ``model``'s.
+        """
+        loaded = load_checkpoint(path, kind=self.model_config.kind)
+        try:
+            self.model.load_state_dict(loaded.model.state_dict(), strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"init_from: {loaded.source} does not fit this model's architecture; set model: to the "
+                             f"checkpoint's ({loaded.model_config.to_dict()})\n{e}") from e
+        log.info("initialised the model's weights from %s", loaded.source)
 
     # ----------------------------------------------------------------------------- training
     def forward(self, x_t: Tensor, timesteps: Tensor, **model_kwargs: Any) -> Tensor:
@@ -139,7 +145,7 @@ class GlideModule(L.LightningModule):
         images = batch["image"]
         tokens, mask, drop = self.drop_captions(batch["tokens"], batch["mask"])
         t, weights = self.timesteps.sample(images.shape[0], images.device)
-        terms = self.diffusion.training_losses(self.model, images, t, dict(tokens=tokens, mask=mask))
+        terms = training_losses(self.diffusion, self.model, images, t, dict(tokens=tokens, mask=mask))
         if self.hparams["timestep_sampler"] != "uniform":
             # every rank updates the sampler with every rank's losses, so they sample alike
             gathered_t, gathered_loss = (self.all_gather(x).reshape(-1) for x in (t, terms["loss"].detach()))
@@ -172,8 +178,8 @@ class GlideModule(L.LightningModule):
         # stratified: sample j gets a t in the j-th of b equal slices of [0, T)
         t = ((torch.arange(b) + torch.rand(b, generator=generator)) * self.diffusion.num_timesteps / b).long()
         noise = torch.randn(images.shape, generator=generator).to(images)
-        terms = self.diffusion.training_losses(self.model, images, t.to(images.device),
-                                               dict(tokens=batch["tokens"], mask=batch["mask"]), noise)
+        terms = training_losses(self.diffusion, self.model, images, t.to(images.device),
+                                dict(tokens=batch["tokens"], mask=batch["mask"]), noise)
         quartiles = self.quartiles(t.to(images.device))
         for name, value in terms.items():
             self.val_metrics[name].update(value)

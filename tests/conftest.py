@@ -3,6 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from glide_lightning.models import ModelConfig
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,3 +29,60 @@ def synthetic_shards(tmp_path_factory) -> Path:
     write_shards(synthetic_samples(0, 32, split="val", image_size=32), out, "val", max_per_shard=50,
                  image_format="png")
     return out
+
+
+TINY = ModelConfig(image_size=32, model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=[16],
+                   dropout=0.0, text_ctx=16, xf_width=32, xf_layers=1, xf_heads=2)
+
+
+def tiny_module(seed: int = 0):
+    """A tiny GlideModule whose output layers are not zero (a fresh ADM model outputs exactly 0)."""
+    from glide_lightning.diffusion import DiffusionConfig
+    from glide_lightning.module import GlideModule  # Lightning: imported by the tests that need it only
+
+    torch.manual_seed(seed)
+    module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50))
+    for p in module.model.parameters():
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    return module
+
+
+@pytest.fixture(scope="session")
+def make_tiny_module():
+    """:func:`tiny_module`, for tests that build their own runs."""
+    return tiny_module
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A glide_lightning checkpoint of the tiny model (saved by a real Trainer, no training, no EMA)."""
+    import lightning as L
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    trainer = L.Trainer(accelerator="cpu", logger=False, max_steps=0, enable_progress_bar=False)
+    trainer.strategy.connect(tiny_module())
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def glide_placeholder(tmp_path_factory):
+    """``glide_placeholder(kind) -> Path``: a file with glide-text2im's released model's keys and shapes
+    (``base.pt``, …) whose tensors are stride-0 views of one number (a few kB instead of 1.5 GB): the
+    loading and forward paths of the real checkpoint, cheaply. Made once per kind and session."""
+    from glide_lightning.models import GLIDE_CHECKPOINT_FILES, from_glide_text2im
+
+    folder = tmp_path_factory.mktemp("glide_text2im")
+
+    def make(kind: str) -> Path:
+        path = folder / GLIDE_CHECKPOINT_FILES[kind]
+        if not path.exists():
+            with torch.device("meta"):
+                shapes = {k: v.shape for k, v in from_glide_text2im(kind).state_dict().items()}
+            value = torch.full((1,), 0.01)
+            torch.save({k: value.expand(shape) if len(shape) else value[0].clone() for k, shape in shapes.items()},
+                       path)
+        return path
+
+    return make

@@ -141,3 +141,13 @@ def test_init_from_a_checkpoint_or_a_glide_file(tmp_path):
     torch.save(source.model.state_dict(), tmp_path / "not_glide.pt")
     with pytest.raises(CheckpointMismatchError, match="shape"):
         target.load_initial_weights(str(tmp_path / "not_glide.pt"))
+
+
+def test_init_from_refuses_a_released_model_of_another_kind_or_architecture(glide_placeholder, tmp_path):
+    target = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50))
+    with pytest.raises(ValueError, match="holds a 'upsample' model .* but a 'base' model is needed"):
+        target.load_initial_weights(str(glide_placeholder("upsample")))
+    with pytest.raises(ValueError, match="init_from: .*glide-text2im base.* does not fit this model's architecture"):
+        target.load_initial_weights(str(glide_placeholder("base")))  # GLIDE's base model is not this tiny one
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        target.load_initial_weights(str(tmp_path / "missing.ckpt"))

@@ -1,5 +1,6 @@
 """Sample grids during training: fixed prompts × guidance scales with fixed seeds, so grids from
-different steps and runs compare cell by cell."""
+different steps and runs compare cell by cell. Also the Lightning-aware side of sampling: which
+weights of a training module to sample from (:func:`model_from_module`, :func:`sampling_model`)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,31 @@ import lightning as L
 import torch
 from einops import rearrange
 from lightning.pytorch.loggers import WandbLogger
+from torch import nn
 
-from glide_lightning.evaluation.generate import SamplingConfig, SamplingModel, generate, image_grid, model_from_module
-from glide_lightning.evaluation.images import save_png, to_pil
+from glide_lightning.data.images import image_grid, save_png, to_pil
+from glide_lightning.sampling import SamplingConfig, SamplingModel, generate
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = ["a photo of a dog", "a bowl of fruit on a wooden table", "a red car parked on a street",
                    "an oil painting of a mountain landscape"]
+
+
+def model_from_module(module: Any) -> nn.Module:
+    """The EMA weights of a GlideModule's network when an EMA callback averages it, else the network.
+
+    Lightning's WeightAveraging swaps the average into the module during validation, so there the
+    module itself holds the EMA weights; elsewhere they live in the callback's averaged copy (a
+    private attribute of Lightning's, read here only: this is the Lightning-aware side of sampling)."""
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None or trainer.validating or trainer.sanity_checking:
+        return module.model
+    for callback in trainer.callbacks:
+        average = getattr(callback, "_average_model", None)  # Lightning's WeightAveraging
+        if average is not None:
+            return average.module.model
+    return module.model
 
 
 def sampling_model(pl_module: Any) -> SamplingModel:

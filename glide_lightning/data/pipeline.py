@@ -51,10 +51,11 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from glide_lightning.data.images import to_rgb
 from glide_lightning.data.tokenizers import Tokenizer
 
 __all__ = ["IMAGE_KEYS", "RESIZE_MODES", "BadSample", "ImageTextStream", "ResizeMode", "ShardError", "StreamPosition",
-           "check_choice", "get_caption", "iter_shard", "load_image", "parse_caption_keys", "to_rgb"]
+           "check_choice", "get_caption", "iter_shard", "load_image", "parse_caption_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -121,26 +122,6 @@ def iter_shard(url: str) -> Iterator[dict[str, Any] | ShardError]:
 
 
 # ----------------------------------------------------------------------------------------- images
-_WIDE_GRAY = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 255}
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB: transparency (RGBA, LA, PA, P or L/RGB with a transparent
-    colour) is composited over white; 16/32-bit grayscale (``I;16*``, ``I``: assumed 16-bit
-    range) is scaled to 8 bits, ``F`` clipped to [0, 255]; everything else goes through
-    ``Image.convert("RGB")`` (CMYK, YCbCr, 1, L, P, ...)."""
-    if img.mode in _WIDE_GRAY:
-        array = np.asarray(img, dtype=np.float64)
-        array = np.clip(array, 0, _WIDE_GRAY[img.mode]) * (255.0 / _WIDE_GRAY[img.mode])
-        img = Image.fromarray(np.rint(array).astype(np.uint8))  # 2-D uint8: mode "L"
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        background.alpha_composite(rgba)
-        img = background
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
 def load_image(data: bytes, image_size: int, resize_mode: ResizeMode = "squish") -> Tensor:
     """Decode image bytes to a uint8 ``[3, image_size, image_size]`` tensor.
 

@@ -31,12 +31,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import numpy as np
 from PIL import Image
+
+from glide_lightning.data.images import to_rgb
 
 __all__ = [
     "IMAGE_FORMATS", "JPEG_QUALITY", "MANIFEST_NAME", "CaptionStats", "ImageFormat", "Manifest", "Sample",
-    "ShardInfo", "SplitManifest", "encode_image", "load_manifest", "sha256_file", "shard_name", "to_rgb",
+    "ShardInfo", "SplitManifest", "encode_image", "load_manifest", "sha256_file", "shard_name",
     "verify_manifest", "write_manifest", "write_shards",
 ]
 
@@ -53,7 +54,6 @@ _TAR_OWNER = "glide"
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
 _MAGIC: dict[str, tuple[bytes, ...]] = {"jpg": (b"\xff\xd8\xff",), "png": (b"\x89PNG\r\n\x1a\n",)}
-_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
 @dataclass(frozen=True)
@@ -163,34 +163,6 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 def _check_format(fmt: str) -> None:
     if fmt not in IMAGE_FORMATS:
         raise ValueError(f"image format must be one of {IMAGE_FORMATS}, got {fmt!r}")
-
-
-def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB.
-
-    Transparency (RGBA, LA, PA, P with a transparent colour) is composited over ``background``;
-    16/32-bit integer greyscale (I;16*, I) is scaled to 8 bits (values above 255 are taken as
-    16-bit: divided by 257); float images (F) in [0, 1] are scaled by 255, otherwise clipped;
-    every other mode (L, 1, P, CMYK, YCbCr, …) goes through PIL's own conversion.
-    """
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode == "P" and "transparency" in img.info:
-        img, mode = img.convert("RGBA"), "RGBA"
-    if mode in _ALPHA_MODES:
-        rgba = img.convert("RGBA")
-        base = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(base, rgba).convert("RGB")
-    if mode.startswith("I") or mode == "F":
-        arr = np.asarray(img).astype(np.float64)
-        if mode == "F":
-            arr = arr * 255.0 if arr.size and np.nanmax(arr) <= 1.0 else arr
-        elif mode.startswith("I;16") or (arr.size and arr.max() > 255):
-            arr = np.clip(arr, 0, 65535) / 257.0
-        arr8 = np.clip(np.rint(np.nan_to_num(arr)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, mode="L").convert("RGB")
-    return img.convert("RGB")
 
 
 def encode_image(img: Image.Image, fmt: ImageFormat = "jpg", *, quality: int = JPEG_QUALITY) -> bytes:

@@ -4,7 +4,8 @@ Shapes: images ``x_start``, ``x_t``, ``noise`` are [B, C, H, W]; ``t`` is a Long
 indices into *this* process's steps. The model is any callable ``model(x_t, timesteps, **kw)``
 returning ε (C channels) or ε and the learned-range value v (2C channels); it always receives the
 *original* step indices (``timestep_map[t]``), so a respaced process drives a network trained on
-the full schedule unchanged.
+the full schedule unchanged. The training losses, which use this process, live in
+:mod:`glide_lightning.diffusion.losses`.
 """
 
 from __future__ import annotations
@@ -160,18 +161,6 @@ class GaussianDiffusion:
         """Run the model and return p(x_{t-1} | x_t) (see :meth:`mean_variance_from_output`)."""
         out = self.call_model(model, x_t, t, model_kwargs)
         return self.mean_variance_from_output(out, x_t, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn)
-
-    # ----------------------------------------------------------------------------- training
-    def training_losses(self, model: ModelFn, x_start: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None,
-                        noise: Tensor | None = None) -> dict[str, Tensor]:
-        """Per-sample loss terms ([B] each) of the configured loss: ``loss``, ``mse`` and, where the
-        variance is learned, ``vb`` (the VLB term L_t in bits per dimension)."""
-        from glide_lightning.diffusion.losses import LOSSES  # losses import this module's types
-
-        noise = torch.randn_like(x_start) if noise is None else noise
-        x_t = self.q_sample(x_start, t, noise)
-        out = self.call_model(model, x_t, t, model_kwargs)
-        return LOSSES[self.config.loss_type](self, out, x_start, x_t, t, noise)
 
 
 def learned_range_log_variance(model_var_values: Tensor, min_log: Tensor, max_log: Tensor) -> Tensor:

@@ -1,20 +1,22 @@
-"""Training losses by name. Each returns per-sample terms ([B] tensors); the caller reduces them.
+"""Training losses by name, and :func:`training_losses`, the one dispatch from ``loss_type`` to them.
 
-One signature for the family: ``loss(diffusion, model_output, x_start, x_t, t, noise) -> terms``.
+Each loss returns per-sample terms ([B] tensors); the caller reduces them. One signature for the
+family: ``loss(diffusion, model_output, x_start, x_t, t, noise) -> terms``. ``loss_type`` travels
+from the YAML to :class:`~glide_lightning.diffusion.config.DiffusionConfig` (a typed choice,
+checked when parsed) to :data:`LOSSES` here.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from glide_lightning.diffusion.gaussian import GaussianDiffusion
+from glide_lightning.diffusion.gaussian import GaussianDiffusion, ModelFn
 
-LossFn = Callable[["GaussianDiffusion", Tensor, Tensor, Tensor, Tensor, Tensor], dict[str, Tensor]]
+LossFn = Callable[[GaussianDiffusion, Tensor, Tensor, Tensor, Tensor, Tensor], dict[str, Tensor]]
 
 
 def mean_flat(x: Tensor) -> Tensor:
@@ -106,3 +108,15 @@ def p2_loss(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor,
 
 
 LOSSES: dict[str, LossFn] = {"simple": simple_loss, "hybrid": hybrid_loss, "p2": p2_loss}
+
+
+def training_losses(diffusion: GaussianDiffusion, model: ModelFn, x_start: Tensor, t: Tensor,
+                    model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-sample terms ([B] each) of ``diffusion.config.loss_type`` at steps ``t`` ([B], indices of
+    ``diffusion``'s steps): ``loss``, ``mse`` and, where the variance is learned, ``vb`` (the VLB term
+    L_t in bits per dimension). ``x_start`` [B, C, H, W] in [-1, 1]; ``noise`` defaults to fresh
+    N(0, I) draws; ``model(x_t, timesteps, **model_kwargs)`` is the network."""
+    noise = torch.randn_like(x_start) if noise is None else noise
+    x_t = diffusion.q_sample(x_start, t, noise)
+    out = diffusion.call_model(model, x_t, t, model_kwargs)
+    return LOSSES[diffusion.config.loss_type](diffusion, out, x_start, x_t, t, noise)

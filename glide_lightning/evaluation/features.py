@@ -99,7 +99,7 @@ def check_uint8_images(images: Tensor) -> None:
         raise TypeError(
             f"Expected uint8 images (0..255), got dtype {images.dtype}. FID is defined on 8-bit images: convert "
             f"model outputs in [-1, 1] with ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) "
-            f"(glide_lightning.evaluation.generate.to_uint8)."
+            f"(glide_lightning.data.images.to_uint8)."
         )
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"Expected RGB images [B, 3, H, W], got shape {tuple(images.shape)}.")

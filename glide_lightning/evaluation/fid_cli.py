@@ -18,9 +18,10 @@ import yaml
 
 from glide_lightning.cli import resolve_wandb_mode
 from glide_lightning.evaluation.fid import ReferenceStatsCache
-from glide_lightning.evaluation.generate import load_sampling_model
+from glide_lightning.evaluation.results import ScaleResult
 from glide_lightning.evaluation.sample_cli import add_sampling_arguments, resolve_device, sampling_config
 from glide_lightning.evaluation.zero_shot import FIDJob, build_extractor, run
+from glide_lightning.sampling import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def parser_for(command: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(command: str, argv: list[str] | None = None) -> list[dict[str, Any]] | None:
+def main(command: str, argv: list[str] | None = None) -> list[ScaleResult] | None:
     args = parser_for(command).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     run_dir = Path(args.run_dir) if args.run_dir else None
@@ -69,8 +70,8 @@ def main(command: str, argv: list[str] | None = None) -> list[dict[str, Any]] | 
         raise SystemExit("pass --ckpt CKPT or --run-dir runs/<experiment>")
     device = resolve_device(args.device)
     sampling = sampling_config(args)
-    base = load_sampling_model(checkpoint, device)
-    upsampler = load_sampling_model(args.upsampler, device) if args.upsampler else None
+    base = load_checkpoint(checkpoint, device, weights=args.weights, kind="base")
+    upsampler = load_checkpoint(args.upsampler, device, kind="upsample") if args.upsampler else None
     res = (upsampler or base).image_size
     if args.res is not None and args.res != res:
         hint = " (256 px needs --upsampler, e.g. glide-text2im's upsample.pt)" if args.res > res else ""
@@ -91,21 +92,11 @@ def main(command: str, argv: list[str] | None = None) -> list[dict[str, Any]] | 
     if command == "sweep":
         write_sweep(out, results)
     for r in results:
-        print(summary_line(r))
+        print(r.summary_line())
     return results
 
 
-def summary_line(result: dict[str, Any]) -> str:
-    clip = result.get("clip_score")
-    parts = [f"guidance {result['guidance_scale']:g}: FID {result['fid']['fid']:.2f}"]
-    if clip:
-        parts.append(f"CLIP score {clip['mean']:.2f}" + (" (random CLIP weights)" if clip["random_weights"] else ""))
-    if result.get("adherence") is not None:
-        parts.append(f"adherence {result['adherence']:.3f}")
-    return ", ".join(parts) + f"  [{result['fid']['label']}]"
-
-
-def log_to_wandb(run_dir: Path, results: list[dict[str, Any]]) -> None:
+def log_to_wandb(run_dir: Path, results: list[ScaleResult]) -> None:
     """Put the figures in the summary of a wandb run beside the training run (same project and group)."""
     import wandb
 
@@ -114,24 +105,25 @@ def log_to_wandb(run_dir: Path, results: list[dict[str, Any]]) -> None:
     name = run_cfg.get("name", run_dir.name)
     summary: dict[str, Any] = {}
     for r in results:
-        s = f"{r['guidance_scale']:g}"
-        summary[f"eval/fid@{s}"] = r["fid"]["fid"]
-        if r.get("clip_score"):
-            summary[f"eval/clip_score@{s}"] = r["clip_score"]["mean"]
-        if r.get("adherence") is not None:
-            summary[f"eval/adherence@{s}"] = r["adherence"]
+        s = f"{r.guidance_scale:g}"
+        summary[f"eval/fid@{s}"] = r.fid.fid
+        if r.clip_score is not None:
+            summary[f"eval/clip_score@{s}"] = r.clip_score.mean
+        if r.adherence is not None:
+            summary[f"eval/adherence@{s}"] = r.adherence
     first = results[0]
-    summary.update({"eval/n": first["n"], "eval/resolution": first["resolution"], "eval/sampler": first["sampler"],
-                    "eval/steps": first["steps"], "eval/extractor": first["fid"]["extractor_name"],
-                    "eval/fid_label": first["fid"]["label"]})
+    summary.update({"eval/n": first.n, "eval/resolution": first.resolution, "eval/sampler": first.sampler,
+                    "eval/steps": first.steps, "eval/extractor": first.fid.extractor_name,
+                    "eval/fid_label": first.fid.label})
     run = wandb.init(project=run_cfg.get("project", "glide_lightning"), group=run_cfg.get("group"),
                      name=f"{name}-eval", job_type="eval", dir=str(run_dir), tags=run_cfg.get("tags"),
-                     mode=resolve_wandb_mode(run_cfg.get("wandb_mode", "auto")), config={"results": results})
+                     mode=resolve_wandb_mode(run_cfg.get("wandb_mode", "auto")),
+                     config={"results": [r.to_dict() for r in results]})
     run.summary.update(summary)
     run.finish()
 
 
-def write_sweep(out: Path, results: list[dict[str, Any]]) -> None:
+def write_sweep(out: Path, results: list[ScaleResult]) -> None:
     """``sweep.md`` (table) and ``sweep.png`` (FID vs CLIP score, annotated with the scales)."""
     import matplotlib
 
@@ -139,26 +131,26 @@ def write_sweep(out: Path, results: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     first = results[0]
-    lines = [f"# Guidance sweep: {first['checkpoint']}", "",
-             f"N = {first['n']}, {first['resolution']} px, {first['sampler']} {first['steps']} steps, "
-             f"features: {first['fid']['extractor_name']}", "", f"> {first['fid']['label']}", "",
+    lines = [f"# Guidance sweep: {first.checkpoint}", "",
+             f"N = {first.n}, {first.resolution} px, {first.sampler} {first.steps} steps, "
+             f"features: {first.fid.extractor_name}", "", f"> {first.fid.label}", "",
              "| guidance | FID | CLIP score | adherence |", "|---:|---:|---:|---:|"]
     for r in results:
-        clip = f"{r['clip_score']['mean']:.2f}" if r.get("clip_score") else "–"
-        adherence = f"{r['adherence']:.3f}" if r.get("adherence") is not None else "–"
-        lines.append(f"| {r['guidance_scale']:g} | {r['fid']['fid']:.2f} | {clip} | {adherence} |")
+        clip = f"{r.clip_score.mean:.2f}" if r.clip_score is not None else "–"
+        adherence = f"{r.adherence:.3f}" if r.adherence is not None else "–"
+        lines.append(f"| {r.guidance_scale:g} | {r.fid.fid:.2f} | {clip} | {adherence} |")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(5, 4))
-    fids = [r["fid"]["fid"] for r in results]
-    x = [r["clip_score"]["mean"] if r.get("clip_score") else r["guidance_scale"] for r in results]
+    fids = [r.fid.fid for r in results]
+    x = [r.clip_score.mean if r.clip_score is not None else r.guidance_scale for r in results]
     ax.plot(x, fids, "o-")
     for xi, fi, r in zip(x, fids, results):
-        ax.annotate(f"s={r['guidance_scale']:g}", (xi, fi), textcoords="offset points", xytext=(4, 4))
-    against = "CLIP score" if results[0].get("clip_score") else "guidance scale"
+        ax.annotate(f"s={r.guidance_scale:g}", (xi, fi), textcoords="offset points", xytext=(4, 4))
+    against = "CLIP score" if first.clip_score is not None else "guidance scale"
     ax.set_xlabel(against)
     ax.set_ylabel("FID")
-    ax.set_title(f"FID vs {against}" + (" (NOT real FIDs: random features)" if first["fid"]["random_weights"] else ""))
+    ax.set_title(f"FID vs {against}" + (" (NOT real FIDs: random features)" if first.fid.random_weights else ""))
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=120)
     plt.close(fig)
-    (out / "sweep.json").write_text(json.dumps(results, indent=1))
+    (out / "sweep.json").write_text(json.dumps([r.to_dict() for r in results], indent=1))

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from glide_lightning.evaluation.results import ScaleResult, read_results
 
 SMOOTH = 0.1  # the final train loss is the mean over the last 10 % of its logged steps (it is noisy)
 
@@ -28,7 +29,8 @@ class RunSummary:
     path: Path
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
-    evals: list[dict[str, Any]] = field(default_factory=list)
+    evals: dict[str, list[ScaleResult]] = field(default_factory=dict)
+    """FID results by evaluation setting (the name of their folder under ``fid/``)."""
 
     def final(self, key: str, smooth: float = 0.0) -> float | None:
         points = self.curves.get(key, [])
@@ -82,8 +84,7 @@ def load_run(path: str | Path) -> RunSummary:
         summary.config = yaml.safe_load(config_file.read_text()) or {}
         summary.name = summary.config.get("run", {}).get("name", summary.name)
     for results in sorted(run_dir.glob("fid/*/results.json")):
-        for result in json.loads(results.read_text())["results"]:
-            summary.evals.append({**result, "setting": results.parent.name})
+        summary.evals[results.parent.name] = read_results(results)
     return summary
 
 
@@ -106,7 +107,8 @@ def write_report(runs: list[RunSummary], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = sorted({(e["setting"], e["guidance_scale"]) for run in runs for e in run.evals})
+    settings = sorted({(setting, r.guidance_scale) for run in runs for setting, results in run.evals.items()
+                       for r in results})
     lines = [f"# Ablation: {' vs '.join(run.name for run in runs)}", "",
              "Built from each run's `csv/`, `config.yaml` and `fid/*/results.json`. Final train loss: mean of the "
              f"last {SMOOTH:.0%} of logged steps; validation loss: the last validation (fixed timesteps and noise).",
@@ -120,11 +122,11 @@ def write_report(runs: list[RunSummary], out: Path) -> Path:
                  _fmt(run.images_seen, 12), _duration(run.final("train/wall_time_s")),
                  _fmt(run.final("train/loss", SMOOTH)), _fmt(run.final("val/loss"))]
         for setting, scale in settings:
-            match = [e for e in run.evals if e["setting"] == setting and e["guidance_scale"] == scale]
+            match = [r for r in run.evals.get(setting, []) if r.guidance_scale == scale]
             if match:
-                labels.add(match[0]["fid"]["label"].split(":")[0])
-                clip = match[0].get("clip_score")
-                cells += [f"{match[0]['fid']['fid']:.2f}", f"{clip['mean']:.2f}" if clip else "–"]
+                labels.add(match[0].fid.label.split(":")[0])
+                clip = match[0].clip_score
+                cells += [f"{match[0].fid.fid:.2f}", f"{clip.mean:.2f}" if clip is not None else "–"]
             else:
                 cells += ["–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -148,7 +150,7 @@ def write_report(runs: list[RunSummary], out: Path) -> Path:
     if settings:
         fig, ax = plt.subplots(figsize=(5, 4))
         for run in runs:
-            points = sorted((e["guidance_scale"], e["fid"]["fid"]) for e in run.evals)
+            points = sorted((r.guidance_scale, r.fid.fid) for results in run.evals.values() for r in results)
             if points:
                 ax.plot(*zip(*points), marker="o", label=run.name)
         ax.set_xlabel("guidance scale"), ax.set_ylabel("FID"), ax.legend()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from glide_lightning.evaluation.generate import SamplingConfig, generate, image_grid, load_sampling_model
-from glide_lightning.evaluation.images import save_png
+from glide_lightning.data.images import image_grid, save_png
+from glide_lightning.sampling import SamplingConfig, generate, load_checkpoint
 
 log = logging.getLogger(__name__)
 DEFAULTS = SamplingConfig()
@@ -52,6 +52,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upsampler", help="upsampler checkpoint (glide-text2im's upsample.pt) for 256 px")
     parser.add_argument("--upsample-steps", default=DEFAULTS.upsample_steps)
     parser.add_argument("--upsample-temp", type=float, default=DEFAULTS.upsample_temp)
+    parser.add_argument("--weights", choices=["ema", "raw"], default="ema",
+                        help="of a glide_lightning .ckpt: its EMA weights (when the run kept them) or the raw ones")
     parser.add_argument("--device", default="auto", help="cuda, cpu, … (auto: cuda when available)")
 
 
@@ -75,8 +77,8 @@ def main(argv: list[str] | None = None) -> Path:
     prompts = read_prompts(args.prompt, args.prompts_file)
     config = sampling_config(args)
     device = resolve_device(args.device)
-    base = load_sampling_model(args.ckpt, device)
-    upsampler = load_sampling_model(args.upsampler, device) if args.upsampler else None
+    base = load_checkpoint(args.ckpt, device, weights=args.weights, kind="base")
+    upsampler = load_checkpoint(args.upsampler, device, kind="upsample") if args.upsampler else None
     all_prompts = [p for p in prompts for _ in range(args.num_per_prompt)]
     seeds = [args.seed + i for i in range(len(all_prompts))]
     log.info("sampling %d images from %s at guidance %.2f (%s, %s steps)", len(all_prompts), base.source,

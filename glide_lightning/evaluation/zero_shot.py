@@ -9,7 +9,6 @@ under a key made of the reference set, resolution, sample count and extractor we
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -22,12 +21,13 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from glide_lightning.data.images import save_png
 from glide_lightning.data.synthetic import parse_caption
 from glide_lightning.evaluation.adherence import score_batch
 from glide_lightning.evaluation.features import FeatureExtractor, InceptionFeatures, ModuleFeatures, private_rng
 from glide_lightning.evaluation.fid import ReferenceStatsCache, feature_stats, fid_from_stats
-from glide_lightning.evaluation.generate import SamplingConfig, SamplingModel, generate
-from glide_lightning.evaluation.images import save_png
+from glide_lightning.evaluation.results import ScaleResult, write_results
+from glide_lightning.sampling import SamplingConfig, SamplingModel, generate
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def build_extractor(name: str, inception_weights: str | None = None, device: str
 
 
 def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache: ReferenceStatsCache,
-                   checkpoint: str, clip: Any = None) -> dict[str, Any]:
+                   checkpoint: str, clip: Any = None) -> ScaleResult:
     """FID, CLIP score and (synthetic captions) adherence of one scale's images."""
     folder = scale_dir(job.out_dir, scale)
     n = len(job.captions)
@@ -138,13 +138,11 @@ def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache
             yield batch
 
     generated = feature_stats(extractor, batches())
-    return {
-        "guidance_scale": scale, "n": n, "resolution": resolution, "sampler": job.sampling.sampler,
-        "steps": job.sampling.steps, "checkpoint": checkpoint, "reference": str(job.reference),
-        "fid": fid_from_stats(generated, reference).to_dict(),
-        "clip_score": asdict(clip.summarize(clip_scores)) if clip is not None else None,
-        "adherence": sum(adherence) / len(adherence) if synthetic else None,
-    }
+    return ScaleResult(guidance_scale=scale, n=n, resolution=resolution, sampler=job.sampling.sampler,
+                       steps=job.sampling.steps, checkpoint=checkpoint, reference=str(job.reference),
+                       fid=fid_from_stats(generated, reference),
+                       clip_score=clip.summarize(clip_scores) if clip is not None else None,
+                       adherence=sum(adherence) / len(adherence) if synthetic else None)
 
 
 def is_synthetic_caption(caption: str) -> bool:
@@ -181,9 +179,10 @@ def reference_batches(folder: str, resolution: int, batch_size: int = 50) -> Ite
 
 
 def run(job: FIDJob, base: SamplingModel, extractor: FeatureExtractor, cache: ReferenceStatsCache, *,
-        upsampler: SamplingModel | None = None) -> list[dict[str, Any]] | None:
+        upsampler: SamplingModel | None = None) -> list[ScaleResult] | None:
     """Generate (resumably, this rank's share) and, on rank 0, score every scale; results are written
-    to ``<out>/results.json`` and returned (None on other ranks)."""
+    to ``<out>/results.json`` (:func:`~glide_lightning.evaluation.results.write_results`) and returned
+    (None on other ranks)."""
     rank, world = rank_and_world()
     for scale in job.scales:
         made = generate_missing(base, job, scale, upsampler, rank, world)
@@ -199,8 +198,7 @@ def run(job: FIDJob, base: SamplingModel, extractor: FeatureExtractor, cache: Re
     for scale in job.scales:
         wait_for_images(scale_dir(job.out_dir, scale), len(job.captions))
         results.append(evaluate_scale(job, scale, extractor, cache, base.source, clip))
-        log.info("guidance %g: %s", scale, results[-1]["fid"]["label"])
-    path = job.out_dir / "results.json"
-    path.write_text(json.dumps({"results": results, "sampling": asdict(job.sampling)}, indent=1))
+        log.info("guidance %g: %s", scale, results[-1].fid.label)
+    path = write_results(job.out_dir / "results.json", results, asdict(job.sampling))
     log.info("wrote %s", path)
     return results

@@ -15,7 +15,7 @@ from glide_lightning.callbacks import GenerationMetrics, SampleGrid
 from glide_lightning.callbacks.samples import sampling_model
 from glide_lightning.data import GlideDataModule
 from glide_lightning.diffusion import DiffusionConfig
-from glide_lightning.evaluation.generate import generate
+from glide_lightning.sampling import generate
 from glide_lightning.models import ModelConfig
 from glide_lightning.module import GlideModule
 

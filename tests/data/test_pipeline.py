@@ -1,4 +1,4 @@
-"""Tests for glide_lightning.data.pipeline: shard expansion, image conversion and resizing,
+"""Tests for glide_lightning.data.pipeline: shard expansion, image decoding and resizing,
 captions, tar reading with bad input, the benchmark helper."""
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from glide_lightning.data.pipeline import (
     iter_shard,
     load_image,
     parse_caption_keys,
-    to_rgb,
 )
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -83,34 +82,6 @@ def test_expand_errors_name_what_was_looked_at(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ images
-@pytest.mark.parametrize(
-    ("make", "expected"),
-    [
-        (lambda: Image.new("L", (4, 4), 128), (128, 128, 128)),
-        (lambda: Image.new("1", (4, 4), 1), WHITE),
-        (lambda: Image.new("RGBA", (4, 4), (255, 0, 0, 0)), WHITE),  # transparent: white background
-        (lambda: Image.new("RGBA", (4, 4), (255, 0, 0, 255)), RED),
-        (lambda: Image.new("LA", (4, 4), (0, 0)), WHITE),
-        (lambda: Image.new("CMYK", (4, 4), (0, 255, 255, 0)), RED),
-        (lambda: Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)), WHITE),  # I;16: scaled, not clipped
-        (lambda: Image.fromarray(np.full((4, 4), 257 * 100, dtype=np.uint16)), (100, 100, 100)),
-    ],
-)
-def test_to_rgb_modes(make: Any, expected: tuple[int, int, int]) -> None:
-    img = to_rgb(make())
-    assert img.mode == "RGB" and img.getpixel((1, 1)) == expected
-
-
-def test_to_rgb_palette_with_transparency_round_trip() -> None:
-    img = Image.new("P", (4, 4), 0)
-    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
-    img.putpixel((0, 0), 1)
-    img.info["transparency"] = 1  # palette index 1 (blue) is transparent
-    decoded = Image.open(io.BytesIO(encode(img)))
-    rgb = to_rgb(decoded)
-    assert rgb.getpixel((0, 0)) == WHITE and rgb.getpixel((2, 2)) == RED
-
-
 def _wide_red_left_quarter() -> Image.Image:
     img = Image.new("RGB", (256, 64), BLUE)
     img.paste(RED, (0, 0, 64, 64))  # left quarter red

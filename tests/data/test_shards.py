@@ -1,4 +1,4 @@
-"""Shard writing: encoding of every image mode, the shard/manifest contract, atomicity, determinism."""
+"""Shard writing: image encoding, the shard/manifest contract, atomicity, determinism."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from glide_lightning.data.shards import (
     encode_image,
     load_manifest,
     sha256_file,
-    to_rgb,
     verify_manifest,
     write_manifest,
     write_shards,
@@ -36,39 +35,7 @@ def read(paths: list[Path]) -> list[dict]:
     return list(wds.WebDataset([str(p) for p in paths], shardshuffle=False).decode("pil"))
 
 
-# ---------------------------------------------------------------- image modes
-
-
-@pytest.mark.parametrize(
-    ("mode", "value", "expected"),
-    [
-        ("L", 100, (100, 100, 100)),
-        ("1", 1, (255, 255, 255)),
-        ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
-        ("RGBA", (0, 0, 255, 0), (255, 255, 255)),  # fully transparent -> white background
-        ("RGBA", (0, 0, 255, 255), (0, 0, 255)),
-        ("LA", (0, 128), (127, 127, 127)),
-        ("I;16", 65535, (255, 255, 255)),
-        ("I;16", 257 * 40, (40, 40, 40)),
-        ("I", 1000, (4, 4, 4)),  # > 255: taken as 16-bit
-        ("I", 200, (200, 200, 200)),
-        ("F", 0.5, (128, 128, 128)),
-    ],
-)
-def test_to_rgb_converts_every_mode(mode, value, expected):
-    rgb = to_rgb(Image.new(mode, (3, 2), value))
-    assert rgb.mode == "RGB" and rgb.size == (3, 2)
-    assert rgb.getpixel((1, 1)) == expected
-
-
-def test_palette_with_transparency_is_composited_over_white():
-    img = Image.new("P", (2, 1))
-    img.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
-    img.putpixel((0, 0), 0)
-    img.putpixel((1, 0), 1)
-    img.info["transparency"] = 0
-    rgb = to_rgb(img)
-    assert rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((1, 0)) == (10, 200, 30)
+# ---------------------------------------------------------------- encoding
 
 
 def test_encode_image_jpg_and_png():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, discretized_gaussian_log_likelihood, mean_flat
+from glide_lightning.diffusion.losses import training_losses
 
 
 def make(loss, variance, **kw):
@@ -40,7 +41,7 @@ def test_simple_loss_is_the_eps_mse():
     model = Linear1x1(3)
     x_start, noise = torch.rand(4, 3, 4, 4) * 2 - 1, torch.randn(4, 3, 4, 4)
     t = torch.tensor([0, 1, 20, 49])
-    terms = diffusion.training_losses(model, x_start, t, noise=noise)
+    terms = training_losses(diffusion, model, x_start, t, noise=noise)
     expected = ((model(diffusion.q_sample(x_start, t, noise), t) - noise) ** 2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(terms["mse"], expected)
     assert terms["loss"].shape == (4,) and set(terms) == {"loss", "mse"}
@@ -52,7 +53,7 @@ def test_hybrid_vb_term_trains_only_the_variance_channels():
     t = torch.tensor([0, 10, 40])
     x_t = diffusion.q_sample(x_start, t, noise)
     output = torch.randn(3, 6, 4, 4, requires_grad=True)
-    terms = diffusion.training_losses(lambda x, ts: output, x_start, t, noise=noise)
+    terms = training_losses(diffusion, lambda x, ts: output, x_start, t, noise=noise)
     (grad_vb,) = torch.autograd.grad(terms["vb"].sum(), output, retain_graph=True)
     assert grad_vb[:, :3].abs().max() == 0, "the VLB term must not reach the ε channels"
     assert grad_vb[:, 3:].abs().min() > 0
@@ -69,10 +70,10 @@ def test_vb_is_small_for_the_true_posterior_and_large_otherwise():
     x_start, noise = torch.rand(3, 3, 4, 4) * 2 - 1, torch.randn(3, 3, 4, 4)
     t = torch.tensor([5, 20, 40])
     exact = torch.cat([noise, -torch.ones_like(noise)], 1)  # v = -1 → β̃, the true posterior variance
-    vb = diffusion.training_losses(lambda x, ts: exact, x_start, t, noise=noise)["vb"]
+    vb = training_losses(diffusion, lambda x, ts: exact, x_start, t, noise=noise)["vb"]
     assert vb.abs().max() < 1e-3
     wrong = torch.cat([noise, torch.ones_like(noise)], 1)  # β instead of β̃
-    assert (diffusion.training_losses(lambda x, ts: wrong, x_start, t, noise=noise)["vb"] > vb).all()
+    assert (training_losses(diffusion, lambda x, ts: wrong, x_start, t, noise=noise)["vb"] > vb).all()
 
 
 def test_p2_weighting():
@@ -80,14 +81,14 @@ def test_p2_weighting():
     t = torch.tensor([0, 10, 30, 49])
     model = Linear1x1(3)
     p2 = make("p2", "fixed_small", p2_gamma=1.0, p2_k=1.0)
-    terms = p2.training_losses(model, x_start, t, noise=noise)
+    terms = training_losses(p2, model, x_start, t, noise=noise)
     snr = p2.table("snr")[t].float()
     torch.testing.assert_close(terms["loss"], terms["mse"] / (1 + snr))
     # γ = 0 gives L_simple
-    flat = make("p2", "fixed_small", p2_gamma=0.0).training_losses(model, x_start, t, noise=noise)
+    flat = training_losses(make("p2", "fixed_small", p2_gamma=0.0), model, x_start, t, noise=noise)
     torch.testing.assert_close(flat["loss"], flat["mse"])
     # with a learned variance the VLB term is added
-    learned = make("p2", "learned_range").training_losses(Linear1x1(6), x_start, t, noise=noise)
+    learned = training_losses(make("p2", "learned_range"), Linear1x1(6), x_start, t, noise=noise)
     assert "vb" in learned
 
 
@@ -103,7 +104,7 @@ def test_losses_fall_when_fitting_a_linear_model(loss, variance, channels):
     t = torch.arange(8) * 6
     losses = []
     for _ in range(100):
-        loss_value = mean_flat(diffusion.training_losses(model, x_start, t, noise=noise)["loss"]).mean()
+        loss_value = mean_flat(training_losses(diffusion, model, x_start, t, noise=noise)["loss"]).mean()
         opt.zero_grad()
         loss_value.backward()
         opt.step()

@@ -7,12 +7,13 @@ from PIL import Image
 import pytest
 import torch
 
+from glide_lightning.data.images import read_png_metadata
 from glide_lightning.data.synthetic import synthetic_samples
 from glide_lightning.evaluation.fid import ReferenceStatsCache
 from glide_lightning.evaluation.fid_cli import main as fid_main
-from glide_lightning.evaluation.generate import SamplingConfig, load_sampling_model
-from glide_lightning.evaluation.images import read_png_metadata
+from glide_lightning.evaluation.results import read_results
 from glide_lightning.evaluation.zero_shot import FIDJob, generate_missing, random_conv_features, run, scale_dir
+from glide_lightning.sampling import SamplingConfig, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def held_out(tmp_path_factory):
 
 def test_killed_fid_run_resumes_without_regenerating_finished_images(tiny_checkpoint, held_out, tmp_path):
     root, captions = held_out
-    loaded = load_sampling_model(tiny_checkpoint)
+    loaded = load_checkpoint(tiny_checkpoint)
     job = FIDJob(captions=captions[:6], reference=str(root / "reference"), out_dir=tmp_path,
                  sampling=SamplingConfig(steps="3", batch_size=4), scales=[2.0])
     assert generate_missing(loaded, job, 2.0) == 6
@@ -55,7 +56,7 @@ def test_killed_fid_run_resumes_without_regenerating_finished_images(tiny_checkp
 
 def test_ranks_generate_disjoint_shares(tiny_checkpoint, held_out, tmp_path):
     root, captions = held_out
-    loaded = load_sampling_model(tiny_checkpoint)
+    loaded = load_checkpoint(tiny_checkpoint)
     job = FIDJob(captions=captions[:5], reference=str(root / "reference"), out_dir=tmp_path,
                  sampling=SamplingConfig(steps="2"), scales=[1.0])
     assert generate_missing(loaded, job, 1.0, rank=1, world=2) == 2  # images 1 and 3
@@ -64,20 +65,21 @@ def test_ranks_generate_disjoint_shares(tiny_checkpoint, held_out, tmp_path):
 
 def test_fid_results_say_how_they_were_computed_and_flag_random_weights(tiny_checkpoint, held_out, tmp_path):
     root, captions = held_out
-    loaded = load_sampling_model(tiny_checkpoint)
+    loaded = load_checkpoint(tiny_checkpoint)
     job = FIDJob(captions=captions[:8], reference=str(root / "reference"), out_dir=tmp_path,
                  sampling=SamplingConfig(steps="3"), scales=[1.0, 4.0], clip_model=None)
     cache = ReferenceStatsCache(tmp_path / "cache")
     results = run(job, loaded, random_conv_features(), cache)
-    assert [r["guidance_scale"] for r in results] == [1.0, 4.0]
+    assert [r.guidance_scale for r in results] == [1.0, 4.0]
     for r in results:
-        assert r["n"] == 8 and r["resolution"] == 32 and r["sampler"] == "ddpm" and r["steps"] == "3"
-        assert r["fid"]["random_weights"] and r["fid"]["label"].startswith("NOT a real FID")
-        assert r["fid"]["n_reference"] == 12 and r["fid"]["resolution"] == 32  # references resized to 32 px
-        assert 0.0 <= r["adherence"] <= 1.0  # synthetic captions: adherence is scored
+        assert r.n == 8 and r.resolution == 32 and r.sampler == "ddpm" and r.steps == "3"
+        assert r.fid.random_weights and r.fid.label.startswith("NOT a real FID")
+        assert r.fid.n_reference == 12 and r.fid.resolution == 32  # references resized to 32 px
+        assert 0.0 <= r.adherence <= 1.0  # synthetic captions: adherence is scored
+        assert r.clip_score is None and str(tiny_checkpoint) in r.checkpoint
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1  # one reference entry, reused by both scales
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["results"][1]["fid"]["fid"] == results[1]["fid"]["fid"]
+    assert read_results(tmp_path / "results.json") == results
+    assert json.loads((tmp_path / "results.json").read_text())["sampling"]["steps"] == "3"
 
 
 def test_sweep_command_writes_table_plot_and_wandb_summary(tiny_checkpoint, held_out, tmp_path, monkeypatch):
@@ -97,7 +99,8 @@ def test_sweep_command_writes_table_plot_and_wandb_summary(tiny_checkpoint, held
     table = (out / "sweep.md").read_text()
     assert "| 1 |" in table and "| 3 |" in table and "NOT a real FID" in table
     assert (out / "sweep.png").stat().st_size > 1000
-    assert results[0]["clip_score"]["random_weights"]
+    assert results[0].clip_score.random_weights
+    assert json.loads((out / "sweep.json").read_text()) == [r.to_dict() for r in results]
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline, "the figures go to a wandb run beside the training run"
 

@@ -1,0 +1,115 @@
+"""The zero-shot evaluation's result record (:class:`ScaleResult`, one per guidance scale) and the one
+pair of functions that write and read it (``<out>/results.json``): the FID harness writes it, the
+sweep table, the wandb summary and the ablation report read it.
+
+``results.json`` is ``{"format": ..., "results": [<ScaleResult as a dict>, ...], "sampling": {...}}``;
+files written before the format was named (no ``format`` key, same fields) read the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from glide_lightning.evaluation.clip_score import CLIPScoreResult
+from glide_lightning.evaluation.fid import FIDResult
+
+__all__ = ["RESULTS_FORMAT", "ScaleResult", "read_results", "write_results"]
+
+RESULTS_FORMAT = "glide_lightning.fid_results/1"
+
+
+@dataclass(frozen=True)
+class ScaleResult:
+    """What was measured at one guidance scale, and how."""
+
+    guidance_scale: float
+    """Classifier-free guidance scale s of the generated images."""
+    n: int
+    """Generated images (one per held-out caption)."""
+    resolution: int
+    """Side in pixels at which generated and reference images were compared."""
+    sampler: str
+    """``ddpm`` or ``ddim``."""
+    steps: str
+    """Sampling steps as a respacing (``"100"``, ``"ddim50"``…)."""
+    checkpoint: str
+    """The sampled weights (:attr:`glide_lightning.sampling.SamplingModel.source`)."""
+    fid: FIDResult
+    """The FID and its provenance (``fid.label`` says whether it is a real Inception FID)."""
+    reference: str = ""
+    """Directory of the reference images."""
+    clip_score: CLIPScoreResult | None = None
+    """Mean CLIP score of (image, caption) pairs (None: not measured)."""
+    adherence: float | None = None
+    """Fraction of caption attributes visible in the images (synthetic captions only; None otherwise)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, nested as in ``results.json``."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScaleResult:
+        """The record of :meth:`to_dict` (unknown keys are ignored). Raises ``KeyError`` naming a missing field."""
+        clip = data.get("clip_score")
+        return cls(guidance_scale=float(data["guidance_scale"]), n=int(data["n"]), resolution=int(data["resolution"]),
+                   sampler=data["sampler"], steps=str(data["steps"]), checkpoint=data["checkpoint"],
+                   fid=_record(FIDResult, data["fid"], "fid"), reference=data.get("reference", ""),
+                   clip_score=None if clip is None else _record(CLIPScoreResult, clip, "clip_score"),
+                   adherence=data.get("adherence"))
+
+    def summary_line(self) -> str:
+        """One line: the scale, FID, CLIP score and adherence, and the FID's label."""
+        parts = [f"guidance {self.guidance_scale:g}: FID {self.fid.fid:.2f}"]
+        if self.clip_score is not None:
+            parts.append(f"CLIP score {self.clip_score.mean:.2f}"
+                         + (" (random CLIP weights)" if self.clip_score.random_weights else ""))
+        if self.adherence is not None:
+            parts.append(f"adherence {self.adherence:.3f}")
+        return ", ".join(parts) + f"  [{self.fid.label}]"
+
+
+def _record(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [name for name in names if name not in data]
+    if missing:
+        raise KeyError(f"{where} lacks {', '.join(missing)}")
+    return cls(**{name: data[name] for name in names})
+
+
+def write_results(path: Path, results: Sequence[ScaleResult], sampling: Mapping[str, Any] | None = None) -> Path:
+    """Write ``results`` (and the sampling settings they were made with) to ``path`` as JSON."""
+    payload = {"format": RESULTS_FORMAT, "results": [r.to_dict() for r in results], "sampling": dict(sampling or {})}
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+def read_results(path: Path) -> list[ScaleResult]:
+    """The records of a ``results.json`` (this format or the unnamed one before it).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not JSON, another format, or a record missing a field (named, with its index).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"FID results not found: {path} (python -m glide_lightning fid writes them)")
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON: {e}") from e
+    if not isinstance(payload, dict) or not isinstance(payload.get("results"), list):
+        raise ValueError(f"{path} is not an FID results file (expected a 'results' list)")
+    found = payload.get("format", RESULTS_FORMAT)
+    if found != RESULTS_FORMAT:
+        raise ValueError(f"{path} has format {found!r}; this version reads {RESULTS_FORMAT!r}")
+    records = []
+    for i, data in enumerate(payload["results"]):
+        try:
+            records.append(ScaleResult.from_dict(data))
+        except KeyError as e:
+            raise ValueError(f"{path}: result {i} lacks a field: {e.args[0]}") from e
+    return records

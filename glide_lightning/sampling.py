@@ -1,0 +1,278 @@
+"""Sampling: the one reader of every checkpoint kind, the one registry of released models and the one
+:func:`generate` behind ``python -m glide_lightning sample``, ``fid`` / ``sweep``, the training
+callbacks, ``init_from`` and the benchmark.
+
+Checkpoints (:func:`load_checkpoint`):
+
+- a glide_lightning ``.ckpt`` written by Lightning: the network's architecture, process and tokenizer
+  come from its ``hyper_parameters``. When the run used Lightning's ``EMAWeightAveraging``, its
+  ``state_dict`` holds the EMA weights and ``current_model_state`` the raw ones; ``weights="ema"``
+  (the default) or ``"raw"`` picks one, and :attr:`SamplingModel.source` says which was loaded.
+- one of glide-text2im's released files (``base.pt``, ``upsample.pt``, ``base_inpaint.pt``,
+  ``upsample_inpaint.pt``), recognised by its keys and shapes; its settings come from
+  :data:`RELEASED_MODELS`.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from glide_lightning.data.images import to_uint8
+from glide_lightning.data.tokenizers import Tokenizer, TokenizerName, build_tokenizer
+from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, SamplerName, classifier_free_guidance, get_sampler
+from glide_lightning.models import (
+    GLIDE_CHECKPOINT_FILES,
+    GLIDE_KINDS,
+    GLIDE_OPTIONS,
+    GlideKind,
+    ModelConfig,
+    ModelKind,
+    build_model,
+    from_glide_text2im,
+)
+from glide_lightning.models.glide_text2im import detect_glide_kind
+
+__all__ = ["RELEASED_MODELS", "ReleasedModel", "SamplingConfig", "SamplingModel", "Weights", "generate",
+           "load_checkpoint", "released_model", "sample_generators"]
+
+log = logging.getLogger(__name__)
+
+Weights = Literal["ema", "raw"]
+
+
+# ------------------------------------------------------------------------------------- released models
+@dataclass(frozen=True)
+class ReleasedModel:
+    """What it takes to sample one of glide-text2im's released models."""
+
+    kind: GlideKind
+    """glide-text2im's name: ``base``, ``upsample``, ``base-inpaint`` or ``upsample-inpaint``."""
+    file: str
+    """Its released checkpoint's file name (``base.pt``, …)."""
+    model: ModelConfig
+    """Its architecture (``text_ctx`` 128, ``n_vocab`` 50257); it lives beside the strict importer in
+    :mod:`glide_lightning.models.glide_text2im`, which cannot see :mod:`~glide_lightning.diffusion`."""
+    diffusion: DiffusionConfig
+    """Its training process: 1000 steps of a cosine (base models) or linear (upsamplers) schedule, learned Σ."""
+    tokenizer: TokenizerName = "gpt2"
+    """GPT-2's BPE, padded with token 50256 and mask False to ``model.text_ctx`` tokens."""
+
+
+_BASE_PROCESS = DiffusionConfig(steps=1000, noise_schedule="cosine", variance_type="learned_range", loss_type="hybrid")
+_UPSAMPLER_PROCESS = DiffusionConfig(steps=1000, noise_schedule="linear", variance_type="learned_range",
+                                     loss_type="hybrid")
+
+RELEASED_MODELS: dict[str, ReleasedModel] = {
+    kind: ReleasedModel(kind, GLIDE_CHECKPOINT_FILES[kind], GLIDE_OPTIONS[kind],
+                        _UPSAMPLER_PROCESS if kind.startswith("upsample") else _BASE_PROCESS)
+    for kind in GLIDE_KINDS
+}
+"""glide-text2im's released models by kind: the one place their settings are written down."""
+
+
+def released_model(kind: str | None = None, *, model_kind: ModelKind | None = None) -> ReleasedModel:
+    """The released model of glide-text2im ``kind`` (``base-inpaint``, …) or of our ``model_kind``
+    (``inpaint``, …: the kind field of :class:`ModelConfig`). Raises ``ValueError`` naming the choices."""
+    for released in RELEASED_MODELS.values():
+        if released.kind == kind or (model_kind is not None and released.model.kind == model_kind):
+            return released
+    raise ValueError(f"no released glide-text2im model of kind {kind or model_kind!r}; "
+                     f"choose one of {', '.join(RELEASED_MODELS)}")
+
+
+# ------------------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How images are drawn from a model: the one place these knobs have defaults."""
+
+    guidance_scale: float = 3.0
+    """Classifier-free guidance scale s (1: no guidance; GLIDE samples at 3)."""
+    sampler: SamplerName = "ddpm"
+    """``ddpm`` (ancestral, uses the model's variance) or ``ddim``."""
+    steps: str = "100"
+    """Sampling steps as a respacing of the training process: ``"100"``, ``"ddim50"``, ``"fast27"``…"""
+    eta: float = 0.0
+    """DDIM's η (0: deterministic)."""
+    batch_size: int = 16
+    """Images generated per forward batch (guidance doubles the model's batch)."""
+    upsample_steps: str = "fast27"
+    """Respacing of the upsampler's process (GLIDE: ``fast27``)."""
+    upsample_temp: float = 0.997
+    """Scale of the upsampler's initial noise (GLIDE: 0.997)."""
+
+    def __post_init__(self) -> None:
+        if self.sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of ddpm, ddim")
+        if self.batch_size < 1 or self.guidance_scale < 0:
+            raise ValueError("batch_size must be >= 1 and guidance_scale >= 0")
+
+
+@dataclass
+class SamplingModel:
+    """A network ready to sample: its weights, process, tokenizer and provenance."""
+
+    model: nn.Module
+    diffusion_config: DiffusionConfig
+    tokenizer: Tokenizer
+    model_config: ModelConfig
+    source: str
+    """Where the weights come from: the path and which weights (EMA or raw, the training step, or
+    the released model's kind)."""
+
+    @property
+    def image_size(self) -> int:
+        return self.model_config.image_size
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def load_checkpoint(checkpoint: str | Path, device: torch.device | str = "cpu", *, weights: Weights = "ema",
+                    kind: ModelKind | None = None) -> SamplingModel:
+    """Read any checkpoint this project knows (see the module docstring) into a :class:`SamplingModel`
+    in eval mode on ``device``.
+
+    Args:
+        checkpoint: a glide_lightning ``.ckpt`` or a glide-text2im ``.pt``.
+        device: where the network goes.
+        weights: ``ema`` (the EMA weights when the run kept them, else the raw ones, as ``source``
+            says) or ``raw`` (the weights the optimizer trained). Released files hold one set.
+        kind: the :class:`ModelConfig` kind the caller needs (``init_from`` passes its model's), checked.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is neither kind of checkpoint, cannot be read with
+            ``torch.load(weights_only=True)``, holds a model of another ``kind``, or ``weights`` is unknown.
+        CheckpointMismatchError: ``kind`` is given and the file is a state dict that matches no
+            released model; the error lists its differences from the released model of that kind.
+    """
+    path = Path(checkpoint)
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"unknown weights {weights!r}; choose ema or raw")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (train a run first, or pass the path of a .ckpt or "
+                                f"of glide-text2im's base.pt / upsample.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        raise ValueError(f"{path} cannot be read as a checkpoint (torch.load with weights_only=True): {e}") from e
+    if isinstance(state, dict) and "state_dict" in state and "hyper_parameters" in state:
+        loaded = _read_lightning(path, state, weights)
+    elif isinstance(state, dict):
+        loaded = _read_released(path, state, kind)
+    else:
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a checkpoint: pass a glide_lightning .ckpt "
+                         f"or one of glide-text2im's {', '.join(GLIDE_CHECKPOINT_FILES.values())}")
+    if kind is not None and loaded.model_config.kind != kind:
+        raise ValueError(f"{path} holds a {loaded.model_config.kind!r} model ({loaded.source}), but a {kind!r} model "
+                         f"is needed: pass a checkpoint of a {kind!r} model (e.g. glide-text2im's "
+                         f"{released_model(model_kind=kind).file})")
+    loaded.model.to(device).eval()
+    return loaded
+
+
+def _read_lightning(path: Path, state: dict[str, Any], weights: Weights) -> SamplingModel:
+    """A GlideModule checkpoint: its hyper-parameters rebuild the network, process and tokenizer."""
+    hp = state["hyper_parameters"]
+    if not isinstance(hp, dict) or not {"model", "diffusion", "tokenizer"} <= hp.keys():
+        raise ValueError(f"{path} is a Lightning checkpoint, but not of a GlideModule (its hyper_parameters lack "
+                         f"model, diffusion and tokenizer)")
+    config = ModelConfig(**hp["model"])
+    has_ema = "current_model_state" in state  # Lightning's WeightAveraging: EMA in state_dict, raw moved aside
+    use_ema = has_ema and weights == "ema"
+    source = state["current_model_state"] if has_ema and not use_ema else state["state_dict"]
+    what = ("EMA weights" if use_ema else "raw weights" if has_ema or weights == "raw"
+            else "raw weights: this run kept no EMA")
+    model = build_model(config)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in source.items() if k.startswith("model.")},
+                          strict=True)
+    return SamplingModel(model, DiffusionConfig(**hp["diffusion"]),
+                         build_tokenizer(hp["tokenizer"], text_ctx=config.text_ctx), config,
+                         f"{path} ({what}, step {state.get('global_step', '?')})")
+
+
+def _read_released(path: Path, state: dict[str, Any], kind: ModelKind | None) -> SamplingModel:
+    """A bare state dict: one of glide-text2im's released models, recognised by keys and shapes."""
+    found = detect_glide_kind(state)
+    if found is None:
+        if kind is not None and any(r.model.kind == kind for r in RELEASED_MODELS.values()):
+            # the caller needs this kind: explain how the file differs from that released model
+            from_glide_text2im(released_model(model_kind=kind).kind, state)
+        raise ValueError(f"{path} is neither a glide_lightning checkpoint (a .ckpt with state_dict and "
+                         f"hyper_parameters) nor one of glide-text2im's released "
+                         f"{', '.join(GLIDE_CHECKPOINT_FILES.values())} (its keys and shapes match none)")
+    released = RELEASED_MODELS[found]
+    return SamplingModel(from_glide_text2im(found, state), released.diffusion,
+                         build_tokenizer(released.tokenizer, text_ctx=released.model.text_ctx), released.model,
+                         f"{path} (glide-text2im {found})")
+
+
+# ------------------------------------------------------------------------------------- generation
+def sample_generators(seeds: list[int], offset: int = 0) -> list[torch.Generator]:
+    """One CPU generator per image: image i's noise (initial and at every step) depends on seeds[i]
+    alone, not on the batch it is drawn in, the device or the rank: a resumed or sharded FID run
+    draws exactly the images an uninterrupted one would."""
+    return [torch.Generator().manual_seed(seed * 2 + offset) for seed in seeds]
+
+
+@torch.no_grad()
+def generate(base: SamplingModel, prompts: list[str], seeds: list[int], config: SamplingConfig = SamplingConfig(), *,
+             upsampler: SamplingModel | None = None, progress: bool = False) -> Tensor:
+    """Images for ``prompts`` (one per prompt, uint8 [N, 3, H, W]), guided at ``config.guidance_scale``.
+
+    Image i depends on ``prompts[i]`` and ``seeds[i]`` only (see :func:`sample_generators`), up to
+    floating-point differences between batch sizes (a pixel level here and there). With
+    ``upsampler``, the base samples are upsampled (conditioned on the prompt, unguided, GLIDE's
+    ``fast27`` and temperature by default). Raises ``ValueError`` for mismatched lengths or models
+    of the wrong kind (inpainting models need images to fill, which this does not take).
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if base.model_config.kind != "base":
+        raise ValueError(f"generate draws text-to-image samples: the base model must be of kind 'base', got "
+                         f"{base.model_config.kind!r} ({base.source})")
+    if upsampler is not None and upsampler.model_config.kind != "upsample":
+        raise ValueError(f"the upsampler must be of kind 'upsample' (e.g. glide-text2im's upsample.pt), got "
+                         f"{upsampler.model_config.kind!r} ({upsampler.source})")
+    device = next(base.model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), config.batch_size):
+        batch_prompts, batch_seeds = prompts[start:start + config.batch_size], seeds[start:start + config.batch_size]
+        images = _sample(base, batch_prompts, batch_seeds, config, device, progress)
+        if upsampler is not None:
+            images = _upsample(upsampler, images, batch_prompts, batch_seeds, config, progress)
+        out.append(to_uint8(images))
+    size = (upsampler or base).image_size
+    return torch.cat(out) if out else torch.empty(0, 3, size, size, dtype=torch.uint8)
+
+
+def _sample(loaded: SamplingModel, prompts: list[str], seeds: list[int], config: SamplingConfig,
+            device: torch.device, progress: bool) -> Tensor:
+    size = loaded.image_size
+    tokens, mask = (x.to(device) for x in loaded.tokenizer(prompts))
+    empty_tokens, empty_mask = (x.to(device) for x in loaded.tokenizer.empty(1))
+    model = classifier_free_guidance(loaded.model, config.guidance_scale, dict(tokens=empty_tokens, mask=empty_mask))
+    diffusion = GaussianDiffusion.from_config(loaded.diffusion_config, config.steps)
+    options = {"eta": config.eta} if config.sampler == "ddim" else {}
+    sampler = get_sampler(config.sampler, **options)
+    return sampler(diffusion, model, (len(prompts), 3, size, size), model_kwargs=dict(tokens=tokens, mask=mask),
+                   generator=sample_generators(seeds), progress=progress, device=device)
+
+
+def _upsample(loaded: SamplingModel, low_res: Tensor, prompts: list[str], seeds: list[int], config: SamplingConfig,
+              progress: bool) -> Tensor:
+    device = low_res.device
+    size = loaded.image_size
+    tokens, mask = (x.to(device) for x in loaded.tokenizer(prompts))
+    # GLIDE feeds the upsampler the base samples rounded to 8-bit, as a saved image would be
+    low_res = to_uint8(low_res).float() / 127.5 - 1
+    diffusion = GaussianDiffusion.from_config(loaded.diffusion_config, config.upsample_steps)
+    return get_sampler("ddpm")(diffusion, loaded.model, (len(prompts), 3, size, size),
+                               model_kwargs=dict(low_res=low_res, tokens=tokens, mask=mask),
+                               noise_scale=config.upsample_temp, generator=sample_generators(seeds, offset=1),
+                               progress=progress, device=device)

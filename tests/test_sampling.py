@@ -1,0 +1,186 @@
+"""glide_lightning.sampling: the one checkpoint reader (ours with and without EMA, glide-text2im's
+released files), the released-model registry and guided generation, and the ``sample`` command."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+
+from glide_lightning.data import GlideDataModule
+from glide_lightning.data.images import read_png_metadata
+from glide_lightning.evaluation.sample_cli import main as sample_main
+from glide_lightning.models import CheckpointMismatchError
+from glide_lightning.models.glide_text2im import glide_config
+from glide_lightning.sampling import RELEASED_MODELS, SamplingConfig, generate, load_checkpoint, released_model
+
+FAST = SamplingConfig(steps="5", batch_size=2)
+SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+def test_images_depend_on_prompt_and_seed_only(tiny_checkpoint):
+    loaded = load_checkpoint(tiny_checkpoint)
+    prompts = ["a large red circle", "a small blue square", "a large green triangle"]
+    together = generate(loaded, prompts, [1, 2, 3], FAST)
+    assert together.dtype == torch.uint8 and together.shape == (3, 3, 32, 32)
+    alone = generate(loaded, prompts[1:2], [2], SamplingConfig(steps="5", batch_size=1))
+    diff = (together[1].int() - alone[0].int()).abs()  # the same up to float differences between batch sizes
+    assert diff.float().mean() < 0.5 and (diff > 8).float().mean() < 0.01
+    assert not torch.equal(generate(loaded, prompts[1:2], [9], FAST)[0], alone[0])
+
+
+def test_guidance_changes_images_and_scale_one_is_the_conditional_model(tiny_checkpoint):
+    loaded = load_checkpoint(tiny_checkpoint)
+    prompts = ["a large red circle", "a small blue square"]
+    at = {s: generate(loaded, prompts, [0, 1], SamplingConfig(steps="5", guidance_scale=s)) for s in (1.0, 8.0)}
+    assert not torch.equal(at[1.0], at[8.0])
+
+
+def test_sample_command_writes_pngs_with_metadata(tiny_checkpoint, tmp_path):
+    out = sample_main(["--ckpt", str(tiny_checkpoint), "--prompt", "a large red circle", "--prompt", "a small blue square",
+                       "--num-per-prompt", "2", "--steps", "4", "--sampler", "ddim", "--seed", "7",
+                       "--guidance-scale", "2.5", "--out", str(tmp_path / "s"), "--device", "cpu"])
+    files = sorted(p.name for p in out.glob("*.png"))
+    assert files == ["0000.png", "0001.png", "0002.png", "0003.png", "grid.png"]
+    meta = read_png_metadata(out / "0002.png")
+    assert meta["prompt"] == "a small blue square" and meta["seed"] == "9" and meta["guidance_scale"] == "2.5"
+    assert meta["sampler"] == "ddim" and meta["steps"] == "4" and str(tiny_checkpoint) in meta["checkpoint"]
+    assert json.loads((out / "metadata.json").read_text())["config"]["guidance_scale"] == 2.5
+
+
+# ----------------------------------------------------------------------------------- our checkpoints
+@pytest.fixture(scope="module")
+def fitted_checkpoint(synthetic_shards, make_tiny_module, tmp_path_factory) -> Path:
+    """A checkpoint written by a real ``Trainer.fit`` of the tiny model with Lightning's EMA, as every
+    training run before this module existed wrote them (EMA in ``state_dict``, raw weights in
+    ``current_model_state``)."""
+    folder = tmp_path_factory.mktemp("fit")
+    checkpoints = ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=3, save_top_k=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[EMAWeightAveraging(decay=0.5), checkpoints])
+    dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=32, text_ctx=16, batch_size=4,
+                         num_workers=0)
+    trainer.fit(make_tiny_module(), datamodule=dm)
+    return folder / "last.ckpt"  # saved during training (after fit, Lightning copies the EMA into the model)
+
+
+def _weights(state: dict) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+
+
+def test_a_trained_checkpoint_loads_ema_or_raw_weights_and_samples(fitted_checkpoint):
+    saved = torch.load(fitted_checkpoint, map_location="cpu", weights_only=True)
+    ema_saved, raw_saved = _weights(saved["state_dict"]), _weights(saved["current_model_state"])
+    assert any(not torch.equal(ema_saved[k], raw_saved[k]) for k in ema_saved), "EMA and raw weights must differ"
+    ema = load_checkpoint(fitted_checkpoint)
+    raw = load_checkpoint(fitted_checkpoint, weights="raw")
+    for loaded, expected in ((ema, ema_saved), (raw, raw_saved)):
+        for name, value in loaded.model.state_dict().items():
+            assert torch.equal(value, expected[name]), name
+        assert not loaded.model.training and loaded.image_size == 32
+    assert "(EMA weights, step 3)" in ema.source and "(raw weights, step 3)" in raw.source
+    images = generate(ema, ["a large red circle", "a small blue square"], [0, 1], FAST)
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8 and images.float().std() > 0
+
+
+def test_sample_command_picks_ema_or_raw_weights(fitted_checkpoint, tmp_path):
+    for weights in ("ema", "raw"):
+        out = sample_main(["--ckpt", str(fitted_checkpoint), "--prompt", "a large red circle", "--steps", "2",
+                           "--weights", weights, "--out", str(tmp_path / weights), "--device", "cpu"])
+        expected = "EMA weights" if weights == "ema" else "raw weights"
+        assert f"({expected}, step 3)" in read_png_metadata(out / "0000.png")["checkpoint"]
+
+
+def test_a_checkpoint_without_ema_says_its_weights_are_raw(tiny_checkpoint):
+    saved = _weights(torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    loaded = load_checkpoint(tiny_checkpoint)
+    assert "raw weights: this run kept no EMA" in loaded.source
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.model.state_dict().items())
+    assert "(raw weights, step 0)" in load_checkpoint(tiny_checkpoint, weights="raw").source
+    with pytest.raises(ValueError, match="unknown weights 'best'; choose ema or raw"):
+        load_checkpoint(tiny_checkpoint, weights="best")
+
+
+# ----------------------------------------------------------------------------------- released checkpoints
+@pytest.fixture
+def gpt2_bpe(monkeypatch):
+    fixtures = SHARED_FIXTURES / "gpt2_bpe"
+    if not fixtures.is_dir():
+        pytest.skip(f"GPT-2 BPE fixture not found at {fixtures}")
+    monkeypatch.setenv("GLIDE_GPT2_BPE_DIR", str(fixtures))
+
+
+def test_the_registry_holds_every_released_model_with_glide_text2im_settings():
+    path = SHARED_FIXTURES / "glide_text2im_state_dicts.json"
+    if not path.is_file():
+        pytest.skip(f"glide-text2im fixture not found at {path}")
+    fixture = json.loads(path.read_text())
+    schedules = {"squaredcos_cap_v2": "cosine", "linear": "linear"}
+    files = {"base": "base.pt", "upsample": "upsample.pt", "base-inpaint": "base_inpaint.pt",
+             "upsample-inpaint": "upsample_inpaint.pt"}
+    assert {kind: r.file for kind, r in RELEASED_MODELS.items()} == files
+    for kind, released in RELEASED_MODELS.items():
+        options = fixture[kind]["options"]
+        assert released.diffusion.steps == options["diffusion_steps"]
+        assert released.diffusion.noise_schedule == schedules[options["noise_schedule"]], kind
+        assert released.diffusion.variance_type == "learned_range" and released.model.learn_sigma
+        assert released.tokenizer == "gpt2" and released.model.text_ctx == options["text_ctx"] == 128
+        assert released.model == glide_config(kind) and released.model.n_vocab == 50257
+    assert released_model(model_kind="inpaint").kind == "base-inpaint"
+    with pytest.raises(ValueError, match="choose one of base, upsample, base-inpaint, upsample-inpaint"):
+        released_model("base_inpaint")
+
+
+@pytest.mark.slow
+def test_upsampler_takes_base_samples_to_256_px(tiny_checkpoint, glide_placeholder, gpt2_bpe):
+    base = load_checkpoint(tiny_checkpoint)
+    upsampler = load_checkpoint(glide_placeholder("upsample"))
+    assert upsampler.image_size == 256 and upsampler.diffusion_config.noise_schedule == "linear"
+    images = generate(base, ["a large red circle"], [0], SamplingConfig(steps="2", upsample_steps="1"),
+                      upsampler=upsampler)
+    assert images.shape == (1, 3, 256, 256) and images.dtype == torch.uint8
+
+
+def test_glide_text2im_checkpoint_is_recognised_and_samples(glide_placeholder, gpt2_bpe):
+    """A released-format base.pt (placeholder weights, the real keys and shapes) loads with its GPT-2
+    tokenizer, cosine process and 64 px; a guided sample runs."""
+    loaded = load_checkpoint(glide_placeholder("base"))
+    assert loaded.model_config == glide_config("base") and loaded.tokenizer.n_vocab == 50257
+    assert loaded.diffusion_config.noise_schedule == "cosine" and "glide-text2im base" in loaded.source
+    images = generate(loaded, ["a corgi"], [0], SamplingConfig(steps="1"))
+    assert images.shape == (1, 3, 64, 64)
+
+
+def test_every_released_file_is_recognised_and_a_kind_mismatch_is_explained(tiny_checkpoint, glide_placeholder):
+    for kind, released in RELEASED_MODELS.items():
+        loaded = load_checkpoint(glide_placeholder(kind))
+        assert loaded.model_config == released.model and loaded.diffusion_config == released.diffusion
+        assert f"glide-text2im {kind}" in loaded.source
+    upsample = glide_placeholder("upsample")
+    with pytest.raises(ValueError, match="holds a 'upsample' model .* but a 'base' model is needed.*base.pt"):
+        load_checkpoint(upsample, kind="base")
+    with pytest.raises(ValueError, match="base model must be of kind 'base', got 'upsample'"):
+        generate(load_checkpoint(upsample), ["a corgi"], [0], FAST)
+    base = load_checkpoint(tiny_checkpoint)
+    with pytest.raises(ValueError, match=r"upsampler must be of kind 'upsample' \(.*upsample.pt\), got 'base'"):
+        generate(base, ["a corgi"], [0], FAST, upsampler=base)
+
+
+def test_unknown_checkpoint_is_explained(tmp_path):
+    path = tmp_path / "x.pt"
+    torch.save({"weight": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="neither a glide_lightning checkpoint .* nor one of glide-text2im's released"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointMismatchError, match=r"'base' model \(expected base.pt\):\n  783 missing keys"):
+        load_checkpoint(path, kind="base")  # the kind that is needed: how the file differs from its released model
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match="holds a Tensor, not a checkpoint"):
+        load_checkpoint(tmp_path / "tensor.pt")
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="cannot be read as a checkpoint"):
+        load_checkpoint(tmp_path / "garbage.ckpt")
