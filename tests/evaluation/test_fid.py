@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import urllib.error
-from pathlib import Path
 
 import numpy as np
 import pytest

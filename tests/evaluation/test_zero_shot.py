@@ -5,7 +5,6 @@ import numpy as np
 from PIL import Image
 
 import pytest
-import torch
 
 from glide_lightning.data.images import read_png_metadata
 from glide_lightning.data.synthetic import synthetic_samples
