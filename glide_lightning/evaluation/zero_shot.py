@@ -1,14 +1,22 @@
 """Zero-shot FID (and CLIP score, and text adherence on synthetic captions) over guidance scales.
 
-Generation is batched and resumable: image i of scale s is ``<out>/scale_<s>/images/<i>.png``
-(seed ``seed + i``, the same for every scale), written atomically, and a rerun only generates the
-missing ones. Under torchrun (``RANK`` / ``WORLD_SIZE`` set) rank r generates the images i ≡ r mod
-world size; rank 0 waits for all of them, then computes the metrics. Reference statistics are cached
-under a key made of the reference set, resolution, sample count and extractor weights.
+Generation is batched and resumable: image i of scale s is
+``<out>/images-<key>/scale_<s>/<i>.png`` (seed ``seed + i``, the same for every scale), written
+atomically, and a rerun only generates the missing ones. ``<key>`` is a hash of everything that
+determines the images (:func:`generation_identity`: the weights themselves, architecture, process,
+tokenizer, caption list, seed, sampler and its options, batch size, upsampler, device type), which
+``generation.json`` beside them spells out: a new checkpoint, seed or caption file never reuses
+another's images. Images are made in fixed blocks of ``batch_size`` consecutive indices, so a
+resumed or sharded run draws every image in the batch an uninterrupted one would (byte-identical
+images). Under torchrun (``RANK`` / ``WORLD_SIZE`` set) rank r generates the blocks b ≡ r mod world
+size; rank 0 waits for all of them, then computes the metrics. Reference statistics are cached under
+a key made of the reference set, resolution, sample count and extractor weights.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -24,7 +32,13 @@ from torch import Tensor, nn
 from glide_lightning.data.images import save_png
 from glide_lightning.data.synthetic import parse_caption
 from glide_lightning.evaluation.adherence import score_batch
-from glide_lightning.evaluation.features import FeatureExtractor, InceptionFeatures, ModuleFeatures, private_rng
+from glide_lightning.evaluation.features import (
+    FeatureExtractor,
+    InceptionFeatures,
+    ModuleFeatures,
+    private_rng,
+    sha256_state_dict,
+)
 from glide_lightning.evaluation.fid import ReferenceStatsCache, feature_stats, fid_from_stats
 from glide_lightning.evaluation.results import ScaleResult, write_results
 from glide_lightning.sampling import SamplingConfig, SamplingModel, generate
@@ -50,8 +64,39 @@ class FIDJob:
     """open_clip pretrained tag or local file (None: random weights, labelled as such)."""
 
 
-def scale_dir(out_dir: Path, scale: float) -> Path:
-    return out_dir / f"scale_{scale:g}" / "images"
+def _model_identity(loaded: SamplingModel) -> dict[str, Any]:
+    return {"weights_sha256": sha256_state_dict(loaded.model), "model": loaded.model_config.to_dict(),
+            "diffusion": asdict(loaded.diffusion_config), "tokenizer": type(loaded.tokenizer).__name__,
+            "text_ctx": loaded.model_config.text_ctx}
+
+
+def generation_identity(job: FIDJob, base: SamplingModel, upsampler: SamplingModel | None = None) -> dict[str, Any]:
+    """Everything that determines the generated images, but the guidance scale (a folder of its own)."""
+    sampling = asdict(job.sampling)
+    del sampling["guidance_scale"]
+    if upsampler is None:
+        del sampling["upsample_steps"], sampling["upsample_temp"]
+    return {"base": _model_identity(base), "upsampler": None if upsampler is None else _model_identity(upsampler),
+            "sampling": sampling, "seed": job.seed, "n": len(job.captions),
+            "captions_sha256": hashlib.sha256("\n".join(job.captions).encode()).hexdigest(),
+            "device": next(base.model.parameters()).device.type}
+
+
+def images_dir(job: FIDJob, base: SamplingModel, upsampler: SamplingModel | None = None) -> Path:
+    """``<out>/images-<key>``: the images of this model and these settings (see the module docstring),
+    with ``generation.json`` spelling out the identity and where the weights came from."""
+    identity = generation_identity(job, base, upsampler)
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    root = job.out_dir / f"images-{key}"
+    if not (root / "generation.json").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        sources = {"base": base.source, "upsampler": upsampler.source if upsampler is not None else None}
+        (root / "generation.json").write_text(json.dumps({**identity, "sources": sources}, indent=1, sort_keys=True))
+    return root
+
+
+def scale_dir(root: Path, scale: float) -> Path:
+    return root / f"scale_{scale:g}"
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -59,22 +104,32 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def generate_missing(base: SamplingModel, job: FIDJob, scale: float, upsampler: SamplingModel | None = None,
-                     rank: int = 0, world: int = 1) -> int:
-    """Generate this rank's images of ``scale`` that are not on disk yet; returns how many it made."""
-    folder = scale_dir(job.out_dir, scale)
-    todo = [i for i in range(rank, len(job.captions), world) if not (folder / f"{i:06d}.png").exists()]
+                     rank: int = 0, world: int = 1, images: Path | None = None) -> int:
+    """Generate this rank's images of ``scale`` that are not on disk yet; returns how many it wrote.
+
+    Work goes in blocks of ``batch_size`` consecutive images (rank r takes blocks b ≡ r mod world):
+    a block with a missing image is generated whole, so every image comes from the same batch as in
+    an uninterrupted single-process run, whatever was killed or how many ranks share the work.
+    ``images``: :func:`images_dir` when the caller has it (it hashes the weights)."""
+    folder = scale_dir(images or images_dir(job, base, upsampler), scale)
     config = replace(job.sampling, guidance_scale=scale)
-    step = config.batch_size
-    for start in range(0, len(todo), step):
-        indices = todo[start:start + step]
-        images = generate(base, [job.captions[i] for i in indices], [job.seed + i for i in indices], config,
+    n, size = len(job.captions), config.batch_size
+    blocks = [range(start, min(start + size, n)) for start in range(rank * size, n, world * size)]
+    written = 0
+    for done, block in enumerate(blocks, 1):
+        missing = [i for i in block if not (folder / f"{i:06d}.png").exists()]
+        if not missing:
+            continue
+        images = generate(base, [job.captions[i] for i in block], [job.seed + i for i in block], config,
                           upsampler=upsampler)
-        for i, image in zip(indices, images):
-            save_png(image, folder / f"{i:06d}.png", {"prompt": job.captions[i], "seed": job.seed + i,
-                                                      "guidance_scale": scale, "sampler": config.sampler,
-                                                      "steps": config.steps, "checkpoint": base.source})
-        log.info("scale %g: %d / %d images of rank %d", scale, start + len(indices), len(todo), rank)
-    return len(todo)
+        for i, image in zip(block, images):
+            if i in missing:
+                save_png(image, folder / f"{i:06d}.png", {"prompt": job.captions[i], "seed": job.seed + i,
+                                                          "guidance_scale": scale, "sampler": config.sampler,
+                                                          "steps": config.steps, "checkpoint": base.source})
+        written += len(missing)
+        log.info("scale %g: block %d / %d of rank %d (%d images written)", scale, done, len(blocks), rank, written)
+    return written
 
 
 def wait_for_images(folder: Path, n: int, timeout_s: float = 24 * 3600) -> None:
@@ -114,9 +169,9 @@ def build_extractor(name: str, inception_weights: str | None = None, device: str
 
 
 def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache: ReferenceStatsCache,
-                   checkpoint: str, clip: Any = None) -> ScaleResult:
-    """FID, CLIP score and (synthetic captions) adherence of one scale's images."""
-    folder = scale_dir(job.out_dir, scale)
+                   checkpoint: str, images: Path, clip: Any = None) -> ScaleResult:
+    """FID, CLIP score and (synthetic captions) adherence of the images of one scale in ``images``."""
+    folder = scale_dir(images, scale)
     n = len(job.captions)
     resolution = Image.open(folder / "000000.png").size[0]
     reference = cache.get_or_compute(str(Path(job.reference).resolve()), resolution,
@@ -184,8 +239,10 @@ def run(job: FIDJob, base: SamplingModel, extractor: FeatureExtractor, cache: Re
     to ``<out>/results.json`` (:func:`~glide_lightning.evaluation.results.write_results`) and returned
     (None on other ranks)."""
     rank, world = rank_and_world()
+    images = images_dir(job, base, upsampler)
+    log.info("images of this model and these settings: %s", images)
     for scale in job.scales:
-        made = generate_missing(base, job, scale, upsampler, rank, world)
+        made = generate_missing(base, job, scale, upsampler, rank, world, images)
         log.info("scale %g: generated %d new images (the rest were already on disk)", scale, made)
     if rank != 0:
         return None
@@ -196,9 +253,10 @@ def run(job: FIDJob, base: SamplingModel, extractor: FeatureExtractor, cache: Re
         clip = CLIPScorer(job.clip_model, job.clip_pretrained, device=next(base.model.parameters()).device)
     results = []
     for scale in job.scales:
-        wait_for_images(scale_dir(job.out_dir, scale), len(job.captions))
-        results.append(evaluate_scale(job, scale, extractor, cache, base.source, clip))
+        wait_for_images(scale_dir(images, scale), len(job.captions))
+        results.append(evaluate_scale(job, scale, extractor, cache, base.source, images, clip))
         log.info("guidance %g: %s", scale, results[-1].fid.label)
-    path = write_results(job.out_dir / "results.json", results, asdict(job.sampling))
+    path = write_results(job.out_dir / "results.json", results,
+                         {**asdict(job.sampling), "seed": job.seed, "images": str(images)})
     log.info("wrote %s", path)
     return results

@@ -1,8 +1,5 @@
-import io
 import json
-
-import numpy as np
-from PIL import Image
+from dataclasses import replace
 
 import pytest
 
@@ -11,7 +8,14 @@ from glide_lightning.data.synthetic import synthetic_samples
 from glide_lightning.evaluation.fid import ReferenceStatsCache
 from glide_lightning.evaluation.fid_cli import main as fid_main
 from glide_lightning.evaluation.results import read_results
-from glide_lightning.evaluation.zero_shot import FIDJob, generate_missing, random_conv_features, run, scale_dir
+from glide_lightning.evaluation.zero_shot import (
+    FIDJob,
+    generate_missing,
+    images_dir,
+    random_conv_features,
+    run,
+    scale_dir,
+)
 from glide_lightning.sampling import SamplingConfig, load_checkpoint
 
 
@@ -28,13 +32,13 @@ def held_out(tmp_path_factory):
     return root, captions
 
 
-def test_killed_fid_run_resumes_without_regenerating_finished_images(tiny_checkpoint, held_out, tmp_path):
+def test_killed_fid_run_resumes_byte_identical(tiny_checkpoint, held_out, tmp_path):
     root, captions = held_out
     loaded = load_checkpoint(tiny_checkpoint)
     job = FIDJob(captions=captions[:6], reference=str(root / "reference"), out_dir=tmp_path,
                  sampling=SamplingConfig(steps="3", batch_size=4), scales=[2.0])
     assert generate_missing(loaded, job, 2.0) == 6
-    folder = scale_dir(tmp_path, 2.0)
+    folder = scale_dir(images_dir(job, loaded), 2.0)
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.glob("*.png")}
     # a run killed mid-way: two images never written, one half-written temp file left behind
     (folder / "000002.png").unlink(), (folder / "000005.png").unlink()
@@ -42,24 +46,58 @@ def test_killed_fid_run_resumes_without_regenerating_finished_images(tiny_checkp
     assert generate_missing(loaded, job, 2.0) == 2
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.glob("*.png")}
     assert set(after) == set(before)
-    for name in before:  # finished images untouched; regenerated ones the same (per-image seeds)
-        if name in ("000002.png", "000005.png"):  # up to float differences between batch sizes
-            diff = (np.asarray(Image.open(folder / name), dtype=int) -
-                    np.asarray(Image.open(io.BytesIO(before[name][1])), dtype=int))
-            assert np.abs(diff).mean() < 0.5 and (np.abs(diff) > 8).mean() < 0.01
-        else:
-            assert after[name] == before[name]
+    for name in before:  # regenerated in their own blocks: the same bytes; the others untouched
+        assert after[name][1] == before[name][1]
+        if name not in ("000002.png", "000005.png"):
+            assert after[name][0] == before[name][0]
     assert generate_missing(loaded, job, 2.0) == 0
     assert read_png_metadata(folder / "000002.png")["prompt"] == captions[2]
 
 
-def test_ranks_generate_disjoint_shares(tiny_checkpoint, held_out, tmp_path):
+def test_ranks_generate_disjoint_blocks_identical_to_one_process(tiny_checkpoint, held_out, tmp_path):
     root, captions = held_out
     loaded = load_checkpoint(tiny_checkpoint)
-    job = FIDJob(captions=captions[:5], reference=str(root / "reference"), out_dir=tmp_path,
-                 sampling=SamplingConfig(steps="2"), scales=[1.0])
-    assert generate_missing(loaded, job, 1.0, rank=1, world=2) == 2  # images 1 and 3
-    assert sorted(p.name for p in scale_dir(tmp_path, 1.0).glob("*.png")) == ["000001.png", "000003.png"]
+
+    def job(out):
+        return FIDJob(captions=captions[:5], reference=str(root / "reference"), out_dir=out,
+                      sampling=SamplingConfig(steps="2", batch_size=2), scales=[1.0])
+
+    assert generate_missing(loaded, job(tmp_path / "two"), 1.0, rank=1, world=2) == 2  # block [2, 3]
+    shard = scale_dir(images_dir(job(tmp_path / "two"), loaded), 1.0)
+    assert sorted(p.name for p in shard.glob("*.png")) == ["000002.png", "000003.png"]
+    assert generate_missing(loaded, job(tmp_path / "two"), 1.0, rank=0, world=2) == 3  # blocks [0, 1], [4]
+    assert generate_missing(loaded, job(tmp_path / "one"), 1.0) == 5
+    alone = scale_dir(images_dir(job(tmp_path / "one"), loaded), 1.0)
+    for i in range(5):
+        assert (shard / f"{i:06d}.png").read_bytes() == (alone / f"{i:06d}.png").read_bytes()
+
+
+def test_images_are_cached_under_everything_that_determines_them(tiny_checkpoint, make_tiny_module, held_out,
+                                                                 tmp_path):
+    """Another checkpoint, seed, caption list, sampler option or batch size never reuses images."""
+    import lightning as L
+
+    root, captions = held_out
+    other_ckpt = tmp_path / "other.ckpt"
+    trainer = L.Trainer(accelerator="cpu", logger=False, max_steps=0, enable_progress_bar=False)
+    trainer.strategy.connect(make_tiny_module(seed=1))
+    trainer.save_checkpoint(other_ckpt)
+    base, other = load_checkpoint(tiny_checkpoint), load_checkpoint(other_ckpt)
+    job = FIDJob(captions=captions[:3], reference=str(root / "reference"), out_dir=tmp_path / "fid",
+                 sampling=SamplingConfig(steps="2"), scales=[3.0])
+    variants = {"other checkpoint": (other, job), "seed": (base, replace(job, seed=123)),
+                "captions": (base, replace(job, captions=captions[3:6])),
+                "sampler": (base, replace(job, sampling=SamplingConfig(steps="2", sampler="ddim"))),
+                "batch size": (base, replace(job, sampling=SamplingConfig(steps="2", batch_size=2)))}
+    assert generate_missing(base, job, 3.0) == 3
+    assert generate_missing(base, job, 3.0) == 0  # the same model and settings: reused
+    folders = {images_dir(job, base)}
+    for name, (model, variant) in variants.items():
+        assert generate_missing(model, variant, 3.0) == 3, name
+        folders.add(images_dir(variant, model))
+    assert len(folders) == len(variants) + 1
+    recorded = json.loads((images_dir(variants["seed"][1], base) / "generation.json").read_text())
+    assert recorded["seed"] == 123 and str(tiny_checkpoint) in recorded["sources"]["base"]
 
 
 def test_fid_results_say_how_they_were_computed_and_flag_random_weights(tiny_checkpoint, held_out, tmp_path):
