@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from glide_lightning.data.images import to_uint8
 from glide_lightning.data.tokenizers import Tokenizer, TokenizerName, build_tokenizer
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, SamplerName, classifier_free_guidance, get_sampler
+from glide_lightning.diffusion.samplers import SAMPLER_NAMES
+from glide_lightning.diffusion.schedules import parse_respacing
 from glide_lightning.models import (
     GLIDE_CHECKPOINT_FILES,
     GLIDE_KINDS,
@@ -108,10 +110,31 @@ class SamplingConfig:
     """Scale of the upsampler's initial noise (GLIDE: 0.997)."""
 
     def __post_init__(self) -> None:
-        if self.sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of ddpm, ddim")
-        if self.batch_size < 1 or self.guidance_scale < 0:
-            raise ValueError("batch_size must be >= 1 and guidance_scale >= 0")
+        """Options that contradict each other are errors when the config is made (parse time)."""
+        problems = []
+        if self.sampler not in SAMPLER_NAMES:
+            problems.append(f"sampler {self.sampler!r} is unknown: choose one of {', '.join(SAMPLER_NAMES)}")
+        for name in ("steps", "upsample_steps"):
+            try:
+                parse_respacing(getattr(self, name))
+            except ValueError as error:
+                problems.append(f"{name}: {error}")
+        if self.steps.strip().startswith("ddim") and self.sampler != "ddim":
+            problems.append(f"steps {self.steps!r} is DDIM's stride spacing but sampler is {self.sampler!r}: use "
+                            f"sampler 'ddim', or steps '{self.steps.strip()[4:]}' for evenly spaced {self.sampler} steps")
+        if self.eta < 0:
+            problems.append(f"eta must be >= 0, got {self.eta}")
+        elif self.eta != 0 and self.sampler != "ddim":
+            problems.append(f"eta {self.eta} is DDIM's noise level, but sampler is {self.sampler!r}: use sampler "
+                            f"'ddim' or leave eta at 0")
+        if self.guidance_scale < 0:
+            problems.append(f"guidance_scale must be >= 0 (1: no guidance), got {self.guidance_scale}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.upsample_temp <= 0:
+            problems.append(f"upsample_temp must be > 0 (GLIDE: 0.997), got {self.upsample_temp}")
+        if problems:
+            raise ValueError("bad sampling options:\n  - " + "\n  - ".join(problems))
 
 
 @dataclass

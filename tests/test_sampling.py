@@ -184,3 +184,26 @@ def test_unknown_checkpoint_is_explained(tmp_path):
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match="cannot be read as a checkpoint"):
         load_checkpoint(tmp_path / "garbage.ckpt")
+
+
+@pytest.mark.parametrize("options, rule", [
+    ({"steps": "ddim50"}, "steps 'ddim50' is DDIM's stride spacing but sampler is 'ddpm'"),
+    ({"eta": 0.5}, "eta 0.5 is DDIM's noise level"),
+    ({"sampler": "ddim", "eta": -1.0}, "eta must be >= 0"),
+    ({"steps": "fast"}, "steps: bad respacing 'fast'"),
+    ({"upsample_steps": "10,x"}, "upsample_steps: bad respacing"),
+    ({"guidance_scale": -1.0}, "guidance_scale must be >= 0"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"upsample_temp": 0.0}, "upsample_temp must be > 0"),
+])
+def test_contradicting_sampling_options_fail_when_the_config_is_made(options, rule):
+    with pytest.raises(ValueError, match="bad sampling options") as error:
+        SamplingConfig(**options)
+    assert rule in str(error.value)
+
+
+def test_every_broken_rule_is_named_once():
+    with pytest.raises(ValueError) as error:
+        SamplingConfig(steps="ddim25", eta=0.3, batch_size=0)
+    assert str(error.value).count("\n  - ") == 3
+    SamplingConfig(sampler="ddim", steps="ddim25", eta=0.3)  # consistent: accepted

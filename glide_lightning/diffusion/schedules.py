@@ -68,16 +68,16 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
         if num_timesteps - 3 in kept or num_timesteps - 1 not in kept:
             raise ValueError(f"respacing {name!r} needs a process of at least 30 steps, got {num_timesteps}")
         return sorted(kept - {num_timesteps - 1} | {num_timesteps - 3})
+    form, counts = parse_respacing(name)
     spec = RESPACING_PRESETS.get(name, name)
-    if spec == "":
+    if form == "all":
         return list(range(num_timesteps))
-    if spec.startswith("ddim"):
-        n = _parse_count(spec[4:], spec)
+    if form == "ddim":
+        n = counts[0]
         for stride in range(1, num_timesteps + 1):
             if len(range(0, num_timesteps, stride)) == n:
                 return list(range(0, num_timesteps, stride))
         raise ValueError(f"respacing {spec!r}: no integer stride gives exactly {n} of {num_timesteps} steps")
-    counts = [_parse_count(part, spec) for part in spec.split(",")]
     base, extra = divmod(num_timesteps, len(counts))
     kept: list[int] = []
     start = 0
@@ -92,6 +92,21 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
             position += stride  # accumulated, as the reference does: the float error is part of the rule
         start += size
     return sorted(set(kept))
+
+
+def parse_respacing(spec: str) -> tuple[Literal["all", "ddim", "sections"], tuple[int, ...]]:
+    """The form of a respacing spec (see :func:`space_timesteps`) and its counts, checked without
+    knowing the process: ``("all", ())``, ``("ddim", (N,))`` or ``("sections", (a, b, …))``.
+
+    Raises:
+        ValueError: not one of the accepted forms (the message lists them).
+    """
+    spec = RESPACING_PRESETS.get(spec.strip(), spec.strip())
+    if spec == "":
+        return "all", ()
+    if spec.startswith("ddim"):
+        return "ddim", (_parse_count(spec[4:], spec),)
+    return "sections", tuple(_parse_count(part, spec) for part in spec.split(","))
 
 
 def _parse_count(text: str, spec: str) -> int:
