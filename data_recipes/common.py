@@ -31,7 +31,7 @@ from glide_lightning.data.shards import (
     write_manifest,
     write_shards,
 )
-from glide_lightning.locks import DirectoryLock, LockBusy, release_lock
+from glide_lightning.locks import DirectoryLock, LockBusy, check_free, release_lock
 
 log = logging.getLogger("data_recipes")
 
@@ -99,6 +99,10 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     """Raise unless ``out`` is absent, empty of datasets, or ``overwrite`` is set."""
     if out.exists() and not out.is_dir():
         raise RecipeError(f"--out {out} exists and is not a directory")
+    try:
+        check_free(out, "--out")  # a recipe writing there now: say so, not "already holds a dataset"
+    except LockBusy as busy:
+        raise RecipeError(str(busy)) from None
     if not out.is_dir() or overwrite:
         return
     found = sorted(p.name for p in out.iterdir() if _SHARD_RE.match(p.name) or p.name == MANIFEST_NAME)

@@ -49,8 +49,7 @@ class DirectoryLock:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise LockBusy(f"{self.what} {self.directory} is in use by {describe(holder)}: wait for it to end or "
-                           "stop it (its lock goes away with it), or use another directory") from None
+            raise LockBusy(busy_message(self.what, self.directory, holder)) from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(holder_info()).encode())
         os.fsync(fd)
@@ -78,6 +77,21 @@ class DirectoryLock:
         self.release()
 
 
+def check_free(directory: str | os.PathLike[str], what: str = "directory") -> None:
+    """Raise :class:`LockBusy` if another process holds ``directory``'s lock (a look, not a hold)."""
+    path = Path(directory) / LOCK_NAME
+    if _HELD.get(os.path.realpath(directory)) is not None or not path.is_file():
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise LockBusy(busy_message(what, directory, _read_holder(fd))) from None
+    finally:
+        os.close(fd)
+
+
 def release_lock(directory: str | os.PathLike[str]) -> None:
     """Release this process's lock on ``directory``, if it holds one."""
     held = _HELD.get(os.path.realpath(directory))
@@ -87,8 +101,14 @@ def release_lock(directory: str | os.PathLike[str]) -> None:
 
 def holder_info() -> dict[str, Any]:
     """What a refused process is told about this one."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+    command = " ".join(getattr(sys, "orig_argv", sys.argv))  # as typed: `python -m data_recipes …`
+    return {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def busy_message(what: str, directory: str | os.PathLike[str], holder: dict[str, Any] | None) -> str:
+    return (f"{what} {directory} is in use by {describe(holder)}: wait for it to end or stop it (its lock goes "
+            "away with it), or use another directory")
 
 
 def describe(holder: dict[str, Any] | None) -> str:
