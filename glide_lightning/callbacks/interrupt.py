@@ -34,22 +34,30 @@ class GracefulInterrupt(OptimizerStepCallback):
     def __init__(self) -> None:
         self.requested: int | None = None
         self.stopped_at: int | None = None
-        self._previous: dict[int, Any] = {}
+        self._original: dict[int, Any] = {}
+        self._active = False
         self._pid: int | None = None
         self._speaks = True
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # installed here, after Lightning installs its SIGTERM handler, so that this one replaces it
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # before the DataLoader workers fork, so that they inherit this handler (and ignore the signal
+        # rather than die of it while the main process finishes its step)
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
-        self._pid, self._speaks = os.getpid(), trainer.is_global_zero
+        self._pid, self._speaks, self._active = os.getpid(), trainer.is_global_zero, True
         for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
+            self._original[signum] = signal.signal(signum, self._handle)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # again: Lightning has meanwhile wrapped this SIGTERM handler in its own, which stops after any
+        # micro-batch (mid gradient accumulation); its teardown puts this one back
+        if self._active:
+            signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if os.getpid() != self._pid:
             return  # a DataLoader worker: the main process decides, and ends the workers
-        if self.requested is not None:  # second signal: give up waiting
+        if not self._active or self.requested is not None:  # after the fit, or a second signal: act at once
             self._restore()
             signal.raise_signal(signum)
             return
@@ -77,6 +85,7 @@ class GracefulInterrupt(OptimizerStepCallback):
         self._restore()
 
     def _restore(self) -> None:
-        for signum, handler in self._previous.items():
+        # (Lightning's teardown after an exception may put this handler back: inactive, it passes signals on)
+        self._active = False
+        for signum, handler in self._original.items():
             signal.signal(signum, handler)
-        self._previous = {}
