@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -289,6 +290,44 @@ def test_make_train_with_an_unknown_experiment_lists_the_available_ones():
     assert "unknown experiment 'nope'" in run.stderr
     for name in EXPERIMENTS:
         assert name in run.stderr
+
+
+def fresh_checkout(tmp_path: Path) -> Path:
+    """The repository's tracked files (as `git clone` gives them: no data/, no runs/) in a temp dir."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True)
+    if listed.returncode:
+        pytest.skip("needs a git checkout")
+    checkout = tmp_path / "checkout"
+    for name in filter(None, listed.stdout.split("\0")):
+        if (REPO / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, checkout / name)
+    assert not (checkout / "data").exists()
+    return checkout
+
+
+def test_make_train_smoke_on_a_fresh_checkout_builds_data_and_stops_at_max_time(tmp_path):
+    checkout = fresh_checkout(tmp_path)
+    venv = tmp_path / "venv"  # `make setup` is up to date: this interpreter already has everything
+    venv.mkdir()
+    (venv / ".installed").touch()
+    recorder = {"class_path": "glide_test_probes.KeyRecorder", "init_args": {"out_dir": str(tmp_path / "keys")}}
+    args = ["--config", probe_config(tmp_path, recorder), "--run.root", str(tmp_path / "runs"),
+            "--trainer.max_time", "00:00:00:08", "--trainer.max_steps", "100000", "--trainer.limit_val_batches", "0",
+            "--run.checkpoint_every_n_steps", "5", "--data.batch_size", "4", "--data.num_workers", "0",
+            "--trainer.enable_progress_bar", "false"]
+    env = {**cli_env(tmp_path), "PYTHONPATH": os.pathsep.join([str(checkout), str(REPO / "tests/helpers")])}
+    run = subprocess.run(["make", "-s", "train", "EXP=smoke", f"VENV={venv}", f"PY={sys.executable}",
+                          "SMOKE_DATA_ARGS=--train 40 --val 8 --image-size 32 --max-per-shard 20",
+                          f"ARGS={' '.join(args)}"], cwd=checkout, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "building the synthetic shards first" in run.stdout
+    manifest = json.loads((checkout / "data/synthetic/manifest.json").read_text())
+    assert manifest["args"]["train"] == 40  # the recipe got its own flags, and the training its ARGS
+    steps_run = len(json.loads((tmp_path / "keys/keys_rank0.json").read_text()))
+    last = torch.load(tmp_path / "runs/smoke/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert list((tmp_path / "runs/smoke/checkpoints").glob("step*.ckpt")), "periodic saves came before the stop"
+    assert 5 < steps_run < 100000 and last["global_step"] == steps_run, "max_time saves the step it reached"
 
 
 def test_busy_wandb_id_is_retried_then_replaced(tmp_path, monkeypatch):
