@@ -239,7 +239,8 @@ def test_interrupt_saves_a_resumable_checkpoint(synthetic_shards, tmp_path, sign
 @pytest.mark.slow
 def test_two_process_ddp_fit_splits_the_data(synthetic_shards, tmp_path):
     recorder = {"class_path": "glide_test_probes.KeyRecorder", "init_args": {"out_dir": str(tmp_path / "keys")}}
-    run = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--config", probe_config(tmp_path, recorder),
+    poison = {"class_path": "glide_test_probes.PoisonBatch", "init_args": {"step": 2, "rank": 1}}
+    run = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--config", probe_config(tmp_path, recorder, poison),
                                        "--trainer.accelerator", "cpu", "--trainer.devices", "2",
                                        "--trainer.strategy", "ddp", "--trainer.max_steps", "3",
                                        "--trainer.val_check_interval", "3"),
@@ -249,7 +250,14 @@ def test_two_process_ddp_fit_splits_the_data(synthetic_shards, tmp_path):
     assert len(ranks[0]) == len(ranks[1]) == 3
     seen = [{k for batch in rank for k in batch} for rank in ranks]
     assert seen[0] != seen[1] and len(seen[0] | seen[1]) > len(seen[0])
-    assert torch.load(tmp_path / "smoke/checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
+    last = torch.load(tmp_path / "smoke/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 3
+    # rank 1's NaN batch at step 2: both ranks skipped that step (no hang, no NaN weights)
+    assert all(torch.isfinite(v).all() for v in last["current_model_state"].values())
+    skipped = [float(r["train/nonfinite_steps"]) for r in read_csv_metrics(tmp_path / "smoke")
+               if r.get("train/nonfinite_steps")]
+    assert skipped == [0.0, 1.0, 1.0]  # logged by rank 0, whose own batch was finite
+    assert "is in use" not in run.stderr  # one run lock, taken by the launching process only
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
