@@ -27,7 +27,7 @@ from glide_lightning.callbacks import GracefulInterrupt, NonFiniteLossError, Run
 from glide_lightning.data.datamodule import GlideDataModule
 from glide_lightning.locks import LockBusy
 from glide_lightning.module import GlideModule
-from glide_lightning.runs import (  # noqa: F401 (RunConfig, resolve_wandb_mode: also imported from here)
+from glide_lightning.runs import (  # RunConfig, resolve_wandb_mode, …: still importable from here
     ConfigDriftError,
     RunConfig,
     archive_checkpoints,

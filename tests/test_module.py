@@ -188,7 +188,7 @@ def test_a_nonfinite_step_is_skipped_and_training_goes_on(synthetic_shards):
 def test_nonfinite_steps_in_a_row_stop_the_run_naming_steps_terms_and_timesteps(synthetic_shards):
     from glide_lightning.callbacks import NonFiniteLossError
 
-    module, trainer, probe, logged, run = guarded_fit(f"{synthetic_shards}/train-*.tar", 20, poison={3, 4, 5, 6},
+    module, trainer, probe, _, run = guarded_fit(f"{synthetic_shards}/train-*.tar", 20, poison={3, 4, 5, 6},
                                                       max_nonfinite_steps=3)
     with pytest.raises(NonFiniteLossError) as error:
         run()
@@ -224,8 +224,8 @@ def test_a_checkpoint_with_nonfinite_weights_is_refused(synthetic_shards, tmp_pa
 @pytest.mark.parametrize("kwargs,match", [
     ({"model": ModelConfig(**{**TINY.to_dict(), "kind": "upsample"})}, r"model.kind 'upsample' cannot be trained yet"),
     ({"model": ModelConfig(**{**TINY.to_dict(), "kind": "inpaint"})}, r"model.kind 'inpaint' cannot be trained yet"),
-    ({"tokenizer": "gpt2"}, r"model.model.n_vocab is 49408 but tokenizer 'gpt2' has 50257 tokens: set "
-                            r"model.model.n_vocab: 50257"),
+    ({"tokenizer": "gpt2"},
+     "model.model.n_vocab is 49408 but tokenizer 'gpt2' has 50257 tokens: set model.model.n_vocab: 50257"),
     ({"model": ModelConfig(**{**TINY.to_dict(), "text_ctx": 1})}, r"model.model.text_ctx 1 does not suit tokenizer"),
     ({"max_nonfinite_steps": 0}, r"max_nonfinite_steps must be >= 1"),
 ])

@@ -76,9 +76,9 @@ class NonFiniteGuard(L.Callback):
                      losses[-1] if losses else (None, {}))
         loss, terms = worst
         which = "its loss" if loss is not None and not torch.isfinite(loss).all() else "its gradients"
-        lines = [f"training stopped: optimizer steps {self.first_in_row}-{step} were all non-finite "
-                 f"({self.in_a_row} in a row, model.max_nonfinite_steps={self.max_in_a_row}); step {step} "
-                 f"({which} not finite on this rank's batch) had:"]
+        lines = [(f"training stopped: optimizer steps {self.first_in_row}-{step} were all non-finite "
+                  f"({self.in_a_row} in a row, model.max_nonfinite_steps={self.max_in_a_row}); step {step} "
+                  f"({which} not finite on this rank's batch) had:")]
         lines += [f"  {name}: {_values(value)}" for name, value in terms.items()]
         if not terms and loss is not None:
             lines.append(f"  loss: {_values(loss)}")

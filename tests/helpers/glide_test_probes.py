@@ -66,6 +66,7 @@ class PoisonBatch(L.Callback):
     def __init__(self, step: int, rank: int) -> None:
         self.step, self.rank = step, rank
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         if trainer.global_step + 1 == self.step and trainer.global_rank == self.rank:
             batch["image"][:] = float("nan")
