@@ -143,3 +143,13 @@ def test_ctrl_c_mid_accumulation_stops_after_the_step_without_validation_or_grid
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
     assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
     assert sum("received SIGINT" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("callback", [SampleGrid(prompts=PROMPTS[:1], steps="25"),
+                                      GenerationMetrics(num_samples=2, extractor="random-conv", steps="ddim30")])
+def test_sampling_steps_that_do_not_fit_the_process_fail_before_training(synthetic_shards, tmp_path, callback):
+    micro = MicroBatches()
+    with pytest.raises(ValueError, match=r"steps '(25|ddim30)' does not fit the model's process of "
+                                         r"model.diffusion.steps=20.*init_args.steps"):
+        accumulating_fit(tmp_path, synthetic_shards, [micro, callback], max_steps=2, limit_val_batches=0)
+    assert micro.steps == [], "no training step ran"
