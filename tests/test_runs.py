@@ -97,3 +97,15 @@ def test_write_versioned_keeps_each_earlier_content(tmp_path):
     assert write_versioned(path, "a: 3\n") == tmp_path / "config.v2.yaml"
     assert [p.read_text() for p in (tmp_path / "config.v1.yaml", tmp_path / "config.v2.yaml", path)] == [
         "a: 1\n", "a: 2\n", "a: 3\n"]
+
+
+def test_starting_over_moves_the_old_checkpoints_aside(tmp_path):
+    from glide_lightning.runs import archive_checkpoints, newest_checkpoint
+
+    run_dir = tmp_path / "r"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    assert archive_checkpoints(run_dir) is None  # nothing to keep
+    torch.save({"global_step": 300}, run_dir / "checkpoints/last.ckpt")
+    assert archive_checkpoints(run_dir) == run_dir / "checkpoints.v1"
+    assert newest_checkpoint(run_dir) is None, "the new run does not resume the old one's step 300 later"
+    assert (run_dir / "checkpoints.v1/last.ckpt").is_file()
