@@ -8,6 +8,8 @@ BENCH_OUT ?= bench/results.json
 EXP    ?=
 RECIPE ?=
 ARGS   ?=
+# extra flags of the synthetic recipe when `make train EXP=smoke` builds data/synthetic (ARGS are the training's)
+SMOKE_DATA_ARGS ?=
 RUNS   ?=
 CKPT   ?=
 RES    ?=
@@ -50,7 +52,7 @@ bench: setup  ## time models, training, sampling, data pipeline and FID/CLIP fea
 train: check-exp setup  ## train EXP=<experiment> [ARGS="--trainer.max_steps 100 ..."]; resumes its run if it has a checkpoint
 	@if [ "$(EXP)" = smoke ] && ! ls data/synthetic/train-*.tar >/dev/null 2>&1; then \
 		echo "data/synthetic is empty: building the synthetic shards first"; \
-		$(MAKE) --no-print-directory data RECIPE=synthetic; fi
+		$(PY) -m data_recipes synthetic --out data/synthetic $(SMOKE_DATA_ARGS); fi
 	$(PY) -m glide_lightning fit --config experiments/$(EXP).yaml $(ARGS)
 
 fid: check-exp setup  ## zero-shot FID + CLIP score: EXP=<run> [CKPT=] [N=5000] [SCALES="1.5 3"] [RES=64|256] [ARGS="--upsampler upsample.pt"]

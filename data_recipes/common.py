@@ -31,6 +31,7 @@ from glide_lightning.data.shards import (
     write_manifest,
     write_shards,
 )
+from glide_lightning.locks import DirectoryLock, LockBusy, check_free, release_lock
 
 log = logging.getLogger("data_recipes")
 
@@ -69,13 +70,21 @@ def require_file(path: Path, what: str, hint: str = "") -> Path:
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> Path:
-    """Create ``out``; refuse (unless ``overwrite``) to write over a dataset already there.
+    """Create and lock ``out``; refuse (unless ``overwrite``) to write over a dataset already there.
 
-    With ``overwrite`` the previous recipe outputs are deleted (shards, manifest, partial files,
-    FID caption/reference files); other files in ``out`` are left alone.
+    The lock (``out/.lock``, see :mod:`glide_lightning.locks`) makes this process the directory's
+    only writer until :func:`finish` (or the process's end): a second recipe writing the same
+    ``out`` is refused with the holder's pid, host and command. With ``overwrite`` the previous
+    recipe outputs are deleted (shards, manifest, partial files of earlier, dead writers, FID
+    caption/reference files); other files in ``out`` are left alone.
     """
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"--out {out} exists and is not a directory")
+    try:
+        DirectoryLock(out, "--out").acquire()
+    except LockBusy as busy:
+        raise RecipeError(str(busy)) from None
     check_out_dir(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
     for path in out.iterdir():
         partial = path.name.startswith(".") and path.name.endswith(".partial")
         ours = _SHARD_RE.match(path.name) or path.name in _OUTPUT_FILES or partial
@@ -90,6 +99,10 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     """Raise unless ``out`` is absent, empty of datasets, or ``overwrite`` is set."""
     if out.exists() and not out.is_dir():
         raise RecipeError(f"--out {out} exists and is not a directory")
+    try:
+        check_free(out, "--out")  # a recipe writing there now: say so, not "already holds a dataset"
+    except LockBusy as busy:
+        raise RecipeError(str(busy)) from None
     if not out.is_dir() or overwrite:
         return
     found = sorted(p.name for p in out.iterdir() if _SHARD_RE.match(p.name) or p.name == MANIFEST_NAME)
@@ -296,6 +309,7 @@ def finish(
     if not any(s.num_samples for s in splits):
         raise RecipeError(f"no sample could be written (every input was skipped); no manifest written in {out}")
     write_manifest(out, recipe, args_to_json(args), [s for s in splits if s.num_samples], extra=extra)
+    release_lock(out)  # the dataset is complete: the directory is free again
     for s in splits:
         log.info("%s: %d samples in %d shard(s)", s.split, s.num_samples, len(s.shards))
         if not s.num_samples:

@@ -64,6 +64,11 @@ class GlideModule(L.LightningModule):
             resuming a run, which restores everything from the run's own checkpoint.
         val_seed: seed of the fixed timesteps and noise of validation, so that validation losses
             compare across runs and arms.
+        max_nonfinite_steps: an optimizer step whose loss or gradients are not finite is skipped
+            (logged as ``train/nonfinite_steps``); this many in a row stop the run with an error
+            naming the steps, loss terms and timesteps, before anything non-finite is saved. 5: one
+            bad batch is survivable, but skipped steps leave the weights unchanged, so a run whose
+            weights make every batch non-finite (e.g. a far too high LR) stops within seconds.
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class GlideModule(L.LightningModule):
         timestep_sampler: TimestepSamplerName = "uniform",
         init_from: str | None = None,
         val_seed: int = 0,
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         # hyper-parameters as plain data, so checkpoints load with torch.load(weights_only=True)
@@ -83,20 +89,23 @@ class GlideModule(L.LightningModule):
                                        ((ModelConfig, model), (DiffusionConfig, diffusion), (OptimizerConfig, optimizer)))
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
-        if diffusion.variance_type == "learned_range" and not model.learn_sigma:
-            raise ValueError("variance_type 'learned_range' needs model.learn_sigma: true (6 output channels)")
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
+        self.tokenizer = check_trainable(model, diffusion, tokenizer)
         self.save_hyperparameters({"model": model.to_dict(), "diffusion": asdict(diffusion),
                                    "optimizer": asdict(optimizer), "tokenizer": tokenizer,
                                    "cond_drop_prob": cond_drop_prob, "timestep_sampler": timestep_sampler,
-                                   "init_from": init_from, "val_seed": val_seed})
+                                   "init_from": init_from, "val_seed": val_seed,
+                                   "max_nonfinite_steps": max_nonfinite_steps})
         self.model_config, self.diffusion_config, self.optimizer_config = model, diffusion, optimizer
         self.model = build_model(model)
         self.diffusion = GaussianDiffusion.from_config(diffusion)
-        self.tokenizer = build_tokenizer(tokenizer, text_ctx=model.text_ctx)
         self.timesteps = build_timestep_sampler(timestep_sampler, self.diffusion.num_timesteps)
         self.cond_drop_prob = cond_drop_prob
         self.val_seed = val_seed
         self.init_from = init_from
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.step_terms: dict[str, Tensor] = {}  # the last training batch's loss terms and t (for NonFiniteGuard)
         self.wall_time_s = 0.0  # training wall time over all sessions of the run (kept in checkpoints)
         self._session_start: float | None = None
         # validation means over the epoch, overall and by timestep quartile (synced across ranks)
@@ -107,6 +116,13 @@ class GlideModule(L.LightningModule):
         })
 
     # ----------------------------------------------------------------------------- set-up
+    def configure_callbacks(self) -> list[L.Callback]:
+        # The non-finite guard is a callback (it needs the optimizer-step hooks and its own state in
+        # checkpoints) added by the module itself, so that no Trainer can fit this module without it.
+        from glide_lightning.callbacks.nonfinite import NonFiniteGuard  # lazy: callbacks import sampling code
+
+        return [NonFiniteGuard(self.max_nonfinite_steps)]
+
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.init_from and self.trainer.ckpt_path is None:
             self.load_initial_weights(self.init_from)
@@ -146,6 +162,7 @@ class GlideModule(L.LightningModule):
         tokens, mask, drop = self.drop_captions(batch["tokens"], batch["mask"])
         t, weights = self.timesteps.sample(images.shape[0], images.device)
         terms = training_losses(self.diffusion, self.model, images, t, dict(tokens=tokens, mask=mask))
+        self.step_terms = {**{k: v.detach() for k, v in terms.items()}, "t": t}
         if self.hparams["timestep_sampler"] != "uniform":
             # every rank updates the sampler with every rank's losses, so they sample alike
             gathered_t, gathered_loss = (self.all_gather(x).reshape(-1) for x in (t, terms["loss"].detach()))
@@ -223,6 +240,26 @@ class GlideModule(L.LightningModule):
         """Seconds of training so far, summed over every session of this run (resumes included)."""
         session = 0.0 if self._session_start is None else time.monotonic() - self._session_start
         return self.wall_time_s + session
+
+
+def check_trainable(model: ModelConfig, diffusion: DiffusionConfig, tokenizer: TokenizerName) -> Any:
+    """The tokenizer, once the settings are known to train together (errors name the field and the fix)."""
+    if model.kind != "base":
+        raise ValueError(f"model.kind {model.kind!r} cannot be trained yet: GlideModule trains text-to-image base "
+                         "models only (the data module gives no low_res / inpainting inputs). Use model.kind: base; "
+                         "glide-text2im's released upsampler samples with `sample --upsampler upsample.pt`")
+    if diffusion.variance_type == "learned_range" and not model.learn_sigma:
+        raise ValueError("model.diffusion.variance_type 'learned_range' needs model.model.learn_sigma: true "
+                         "(6 output channels), or a fixed variance_type with loss_type simple or p2")
+    try:
+        built = build_tokenizer(tokenizer, text_ctx=model.text_ctx)
+    except ValueError as error:
+        raise ValueError(f"model.model.text_ctx {model.text_ctx} does not suit tokenizer {tokenizer!r}: {error}") \
+            from None
+    if model.xf_width and model.n_vocab != built.n_vocab:
+        raise ValueError(f"model.model.n_vocab is {model.n_vocab} but tokenizer {tokenizer!r} has {built.n_vocab} "
+                         f"tokens: set model.model.n_vocab: {built.n_vocab} (or another model.tokenizer)")
+    return built
 
 
 def _as(cls: type, value: Any) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def read_csv_metrics(run_dir: Path) -> list[dict[str, str]]:
 
 
 def test_smoke_fit_through_the_cli(synthetic_shards, tmp_path):
-    run = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--trainer.max_steps", "6",
+    run = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--trainer.max_steps", "7",
                                        "--trainer.val_check_interval", "6", "--run.checkpoint_every_n_steps", "3"),
                          env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -66,7 +67,8 @@ def test_smoke_fit_through_the_cli(synthetic_shards, tmp_path):
     names = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     assert names == ["last.ckpt", "step00000003.ckpt", "step00000006.ckpt"]
     last = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
-    assert last["global_step"] == 6 and "current_model_state" in last  # EMA weights + the raw ones
+    assert last["global_step"] == 7, "last.ckpt holds the step the run ended at, not the last periodic one"
+    assert "current_model_state" in last  # EMA weights + the raw ones
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["diffusion"]["loss_type"] == "hybrid"
     rows = read_csv_metrics(run_dir)
     logged = {k for row in rows for k, v in row.items() if v}
@@ -77,6 +79,61 @@ def test_smoke_fit_through_the_cli(synthetic_shards, tmp_path):
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and any(offline[0].rglob("*.wandb"))
     assert "wandb logs offline" in run.stderr
+
+
+def test_resume_refuses_architecture_drift_and_records_optimisation_drift(synthetic_shards, tmp_path):
+    env = cli_env(tmp_path)
+    first = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--trainer.max_steps", "2",
+                                         "--trainer.val_check_interval", "1000", "--trainer.num_sanity_val_steps", "0"),
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "smoke"
+    config = (run_dir / "config.yaml").read_bytes()
+    last = (run_dir / "checkpoints/last.ckpt").read_bytes()
+    refused = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--trainer.max_steps", "4",
+                                           "--model.model.model_channels", "64", "--model.diffusion.steps", "1000"),
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert "model.model.model_channels: 32 → 64" in refused.stderr
+    assert "model.diffusion.steps: 100 → 1000" in refused.stderr
+    assert "Start a new run (--run.name smoke_2)" in refused.stderr and "--run.resume false" in refused.stderr
+    assert "size mismatch" not in refused.stderr and "Traceback" not in refused.stderr
+    assert (run_dir / "config.yaml").read_bytes() == config and not list(run_dir.glob("config.v*.yaml"))
+    assert (run_dir / "checkpoints/last.ckpt").read_bytes() == last
+    warned = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--trainer.max_steps", "3",
+                                          "--trainer.val_check_interval", "1000", "--trainer.num_sanity_val_steps",
+                                          "0", "--data.batch_size", "6", "--model.optimizer.lr", "1e-3"),
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert warned.returncode == 0, warned.stderr[-3000:]
+    assert "with changed settings" in warned.stderr and "data.batch_size: 4 → 6" in warned.stderr
+    record = json.loads((run_dir / "config_changes.jsonl").read_text())
+    assert record["step"] == 2 and {c["field"] for c in record["changes"]} == {"data.batch_size", "model.optimizer.lr"}
+    assert yaml.safe_load((run_dir / "config.v1.yaml").read_text())["data"]["batch_size"] == 4  # the earlier one
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["batch_size"] == 6
+    assert torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_a_nonfinite_loss_stops_the_run_and_never_reaches_a_checkpoint(synthetic_shards, tmp_path):
+    run = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--model.optimizer.lr", "1e5",
+                                       "--model.optimizer.warmup_steps", "0", "--model.max_nonfinite_steps", "3",
+                                       "--trainer.max_steps", "60", "--run.checkpoint_every_n_steps", "2",
+                                       "--trainer.val_check_interval", "1000", "--trainer.num_sanity_val_steps", "0"),
+                         env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "were all non-finite (3 in a row, model.max_nonfinite_steps=3)" in run.stderr
+    assert "loss: [nan" in run.stderr and "vb: [" in run.stderr and "t: [" in run.stderr
+    checkpoints = sorted((tmp_path / "smoke/checkpoints").glob("*.ckpt"))
+    assert checkpoints
+    for path in checkpoints:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "current_model_state"):
+            for name, value in checkpoint[key].items():
+                assert torch.isfinite(value).all(), f"{path.name} {key} {name}"
+        for state in checkpoint["optimizer_states"][0]["state"].values():
+            assert torch.isfinite(state["exp_avg"]).all() and torch.isfinite(state["exp_avg_sq"]).all()
+    skipped = [float(r["train/nonfinite_steps"]) for r in read_csv_metrics(tmp_path / "smoke")
+               if r.get("train/nonfinite_steps")]
+    assert skipped[0] == 0.0 and {1.0, 2.0} <= set(skipped)
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
@@ -107,17 +164,20 @@ def assert_resumed_state(probe_file: Path, checkpoint: dict) -> None:
     assert torch.equal(probe["torch_rng"], checkpoint["rng"]["torch"])
 
 
-def start_long_run(shards: Path, tmp_path: Path, checkpoint_every: int) -> tuple[list[str], dict, subprocess.Popen]:
+def start_long_run(shards: Path, tmp_path: Path, checkpoint_every: int, *extra: str,
+                   new_session: bool = False) -> tuple[list[str], dict, subprocess.Popen]:
     """A smoke run of 1000 slowed-down steps (0.3 s each) with a StateProbe; returns its command (to
-    resume it), environment and process."""
+    resume it), environment and process (``new_session``: in a process group of its own, as a
+    terminal's foreground job is)."""
     env = cli_env(tmp_path)
     probes = {"class_path": "glide_test_probes.StateProbe",
               "init_args": {"out_dir": str(tmp_path / "probes"), "sleep_per_step": 0.3}}
     command = smoke_command(shards, tmp_path, "--config", probe_config(tmp_path, probes),
                             "--run.checkpoint_every_n_steps", str(checkpoint_every), "--trainer.val_check_interval",
-                            "1000")
+                            "1000", *extra)
     process = subprocess.Popen(command + ["--trainer.max_steps", "1000"], env=env, cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=new_session)
     return command, env, process
 
 
@@ -201,24 +261,59 @@ def test_preempted_run_trains_on_the_batches_and_ends_in_the_state_of_an_uninter
     assert streams[0]["ranks"][0]["epoch"] == 2 and len(streams[0]["ranks"][0]["positions"]) == 2  # both workers
 
 
+def test_a_second_writer_is_refused_and_a_killed_run_resumes_at_its_saved_step(synthetic_shards, tmp_path):
+    command, env, first = start_long_run(synthetic_shards, tmp_path, checkpoint_every=4)
+    checkpoints = tmp_path / "smoke/checkpoints"
+    wait_for(checkpoints / "step00000008.ckpt", first)
+    # one writer per run: the same command again is refused, naming the process that trains it
+    second = subprocess.run(command + ["--trainer.max_steps", "1000"], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert second.returncode == 2 and f"is in use by pid {first.pid} on " in second.stderr, second.stderr[-3000:]
+    assert first.poll() is None, "the refused process left the running one alone"
+    first.kill()  # SIGKILL: no chance to save anything more (nor to release its lock: the kernel does)
+    first.wait()
+    newest = max(checkpoints.glob("step*.ckpt"))
+    saved = torch.load(newest, map_location="cpu", weights_only=True)
+    second = resume(command, env, tmp_path, saved["global_step"] + 2)
+    assert f"at step {saved['global_step']}" in second.stderr
+    assert_resumed_state(tmp_path / f"probes/start_{saved['global_step']}.pt", saved)
+    final = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert final["global_step"] == saved["global_step"] + 2
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_saves_a_resumable_checkpoint(synthetic_shards, tmp_path, signum):
-    command, env, first = start_long_run(synthetic_shards, tmp_path, checkpoint_every=3)
+    # 2 DataLoader workers; SIGINT to the whole process group, as Ctrl-C in a terminal sends it, SIGTERM to
+    # the main process, as `kill` sends it
+    command, env, first = start_long_run(synthetic_shards, tmp_path, 3, "--data.num_workers", "2", new_session=True)
     checkpoints = tmp_path / "smoke/checkpoints"
     wait_for(checkpoints / "step00000003.ckpt", first)
     time.sleep(0.45)  # somewhere inside a later step
-    first.send_signal(signum)
+    if signum == signal.SIGINT:
+        os.killpg(first.pid, signum)
+    else:
+        first.send_signal(signum)
     first.wait(timeout=120)
+    stderr = first.stderr.read()
+    assert first.returncode == 0, stderr[-5000:]
+    assert stderr.count(f"received {signal.Signals(signum).name}") == 1, "one message, not one per worker"
     last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] > 3, "the interrupt must save the step it stopped at, not an older one"
+    assert f"stopped at step {last['global_step']}" in stderr
+    assert not [r for r in read_csv_metrics(tmp_path / "smoke") if r.get("val/loss")], "no validation on the way out"
     resume(command, env, tmp_path, last["global_step"] + 1)
     assert_resumed_state(tmp_path / f"probes/start_{last['global_step']}.pt", last)
+    # one last.ckpt, the newest: never a last-v1.ckpt beside a stale last.ckpt
+    assert not list(checkpoints.glob("last-*.ckpt"))
+    final = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert final["global_step"] == last["global_step"] + 1
 
 
 @pytest.mark.slow
 def test_two_process_ddp_fit_splits_the_data(synthetic_shards, tmp_path):
     recorder = {"class_path": "glide_test_probes.KeyRecorder", "init_args": {"out_dir": str(tmp_path / "keys")}}
-    run = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--config", probe_config(tmp_path, recorder),
+    poison = {"class_path": "glide_test_probes.PoisonBatch", "init_args": {"step": 2, "rank": 1}}
+    run = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--config", probe_config(tmp_path, recorder, poison),
                                        "--trainer.accelerator", "cpu", "--trainer.devices", "2",
                                        "--trainer.strategy", "ddp", "--trainer.max_steps", "3",
                                        "--trainer.val_check_interval", "3"),
@@ -228,7 +323,14 @@ def test_two_process_ddp_fit_splits_the_data(synthetic_shards, tmp_path):
     assert len(ranks[0]) == len(ranks[1]) == 3
     seen = [{k for batch in rank for k in batch} for rank in ranks]
     assert seen[0] != seen[1] and len(seen[0] | seen[1]) > len(seen[0])
-    assert torch.load(tmp_path / "smoke/checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
+    last = torch.load(tmp_path / "smoke/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 3
+    # rank 1's NaN batch at step 2: both ranks skipped that step (no hang, no NaN weights)
+    assert all(torch.isfinite(v).all() for v in last["current_model_state"].values())
+    skipped = [float(r["train/nonfinite_steps"]) for r in read_csv_metrics(tmp_path / "smoke")
+               if r.get("train/nonfinite_steps")]
+    assert skipped == [0.0, 1.0, 1.0]  # logged by rank 0, whose own batch was finite
+    assert "is in use" not in run.stderr  # one run lock, taken by the launching process only
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -269,6 +371,44 @@ def test_make_train_with_an_unknown_experiment_lists_the_available_ones():
     assert "unknown experiment 'nope'" in run.stderr
     for name in EXPERIMENTS:
         assert name in run.stderr
+
+
+def fresh_checkout(tmp_path: Path) -> Path:
+    """The repository's tracked files (as `git clone` gives them: no data/, no runs/) in a temp dir."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True)
+    if listed.returncode:
+        pytest.skip("needs a git checkout")
+    checkout = tmp_path / "checkout"
+    for name in filter(None, listed.stdout.split("\0")):
+        if (REPO / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, checkout / name)
+    assert not (checkout / "data").exists()
+    return checkout
+
+
+def test_make_train_smoke_on_a_fresh_checkout_builds_data_and_stops_at_max_time(tmp_path):
+    checkout = fresh_checkout(tmp_path)
+    venv = tmp_path / "venv"  # `make setup` is up to date: this interpreter already has everything
+    venv.mkdir()
+    (venv / ".installed").touch()
+    recorder = {"class_path": "glide_test_probes.KeyRecorder", "init_args": {"out_dir": str(tmp_path / "keys")}}
+    args = ["--config", probe_config(tmp_path, recorder), "--run.root", str(tmp_path / "runs"),
+            "--trainer.max_time", "00:00:00:08", "--trainer.max_steps", "100000", "--trainer.limit_val_batches", "0",
+            "--run.checkpoint_every_n_steps", "5", "--data.batch_size", "4", "--data.num_workers", "0",
+            "--trainer.enable_progress_bar", "false"]
+    env = {**cli_env(tmp_path), "PYTHONPATH": os.pathsep.join([str(checkout), str(REPO / "tests/helpers")])}
+    run = subprocess.run(["make", "-s", "train", "EXP=smoke", f"VENV={venv}", f"PY={sys.executable}",
+                          "SMOKE_DATA_ARGS=--train 40 --val 8 --image-size 32 --max-per-shard 20",
+                          f"ARGS={' '.join(args)}"], cwd=checkout, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "building the synthetic shards first" in run.stdout
+    manifest = json.loads((checkout / "data/synthetic/manifest.json").read_text())
+    assert manifest["args"]["train"] == 40  # the recipe got its own flags, and the training its ARGS
+    steps_run = len(json.loads((tmp_path / "keys/keys_rank0.json").read_text()))
+    last = torch.load(tmp_path / "runs/smoke/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert list((tmp_path / "runs/smoke/checkpoints").glob("step*.ckpt")), "periodic saves came before the stop"
+    assert 5 < steps_run < 100000 and last["global_step"] == steps_run, "max_time saves the step it reached"
 
 
 def test_busy_wandb_id_is_retried_then_replaced(tmp_path, monkeypatch):

@@ -150,3 +150,100 @@ def test_init_from_refuses_a_released_model_of_another_kind_or_architecture(glid
         target.load_initial_weights(str(glide_placeholder("base")))  # GLIDE's base model is not this tiny one
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         target.load_initial_weights(str(tmp_path / "missing.ckpt"))
+
+
+class PoisonBatches(L.Callback):
+    """Makes the images of the given optimizer steps (1-based) NaN, as a corrupt batch would be, and
+    records the weights before and after each step."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+        self.before: dict[int, dict[str, torch.Tensor]] = {}
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step + 1
+        self.before[step] = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+        if step in self.steps:
+            batch["image"][:] = float("nan")
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.after[trainer.global_step] = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+
+
+def guarded_fit(shards, steps: int, poison: set[int], tmp_path=None, **module_kwargs):
+    module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50), **module_kwargs)
+    probe, logged = PoisonBatches(poison), Logged()
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[probe, logged],
+                        limit_val_batches=0, log_every_n_steps=1, gradient_clip_val=1.0)
+    dm = GlideDataModule(train_shards=shards, image_size=32, text_ctx=16, batch_size=4, num_workers=0)
+    return module, trainer, probe, logged, lambda: trainer.fit(module, datamodule=dm)
+
+
+def test_a_nonfinite_step_is_skipped_and_training_goes_on(synthetic_shards):
+    module, trainer, probe, logged, run = guarded_fit(f"{synthetic_shards}/train-*.tar", 5, poison={3})
+    run()
+    assert trainer.global_step == 5
+    for name, value in probe.before[3].items():  # step 3 left every weight as it was
+        assert torch.equal(probe.after[3][name], value), name
+    changed = [n for n, v in probe.before[4].items() if not torch.equal(probe.after[4][n], v)]
+    assert changed, "the next (finite) step trains again"
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    counts = [step["train/nonfinite_steps"] for step in logged.steps]
+    assert counts == [0.0, 0.0, 1.0, 1.0, 1.0]
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_naming_steps_terms_and_timesteps(synthetic_shards):
+    from glide_lightning.callbacks import NonFiniteLossError
+
+    module, trainer, probe, _, run = guarded_fit(f"{synthetic_shards}/train-*.tar", 20, poison={3, 4, 5, 6},
+                                                      max_nonfinite_steps=3)
+    with pytest.raises(NonFiniteLossError) as error:
+        run()
+    message = str(error.value)
+    assert "optimizer steps 3-5" in message and "max_nonfinite_steps=3" in message
+    assert "loss: [nan" in message and "mse: [nan" in message and "t: [" in message
+    assert trainer.global_step == 4  # stopped during step 5: 6 never ran
+    for name, value in probe.before[3].items():
+        assert torch.equal(module.model.state_dict()[name], value), name  # the weights of step 2
+
+
+def test_a_checkpoint_with_nonfinite_weights_is_refused(synthetic_shards, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from glide_lightning.callbacks import NonFiniteLossError
+
+    class Corrupt(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            with torch.no_grad():
+                next(pl_module.model.parameters()).fill_(float("inf"))
+
+    module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50))
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Corrupt(), saver], limit_val_batches=0)
+    dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=32, text_ctx=16, batch_size=4,
+                         num_workers=0)
+    with pytest.raises(NonFiniteLossError, match="non-finite weights"):
+        trainer.fit(module, datamodule=dm)
+    assert not list(tmp_path.glob("*.ckpt"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"model": ModelConfig(**{**TINY.to_dict(), "kind": "upsample"})}, r"model.kind 'upsample' cannot be trained yet"),
+    ({"model": ModelConfig(**{**TINY.to_dict(), "kind": "inpaint"})}, r"model.kind 'inpaint' cannot be trained yet"),
+    ({"tokenizer": "gpt2"},
+     "model.model.n_vocab is 49408 but tokenizer 'gpt2' has 50257 tokens: set model.model.n_vocab: 50257"),
+    ({"model": ModelConfig(**{**TINY.to_dict(), "text_ctx": 1})}, r"model.model.text_ctx 1 does not suit tokenizer"),
+    ({"max_nonfinite_steps": 0}, r"max_nonfinite_steps must be >= 1"),
+])
+def test_configs_that_cannot_train_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GlideModule(**{"diffusion": DiffusionConfig(steps=10), **kwargs})
+
+
+def test_gpt2_with_its_vocabulary_constructs():
+    module = GlideModule(model=ModelConfig(**{**TINY.to_dict(), "n_vocab": 50257}), diffusion=DiffusionConfig(steps=10),
+                         tokenizer="gpt2")
+    assert module.tokenizer.n_vocab == module.model_config.n_vocab == 50257

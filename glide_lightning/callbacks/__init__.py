@@ -1,7 +1,12 @@
-"""Lightning callbacks: graceful interruption, sample grids and generation metrics during training."""
+"""Lightning callbacks: the run's checkpoints, graceful interruption, the non-finite guard, sample grids
+and generation metrics during training."""
 
+from glide_lightning.callbacks.checkpoint import RunCheckpoint
 from glide_lightning.callbacks.interrupt import GracefulInterrupt
 from glide_lightning.callbacks.metrics import GenerationMetrics
+from glide_lightning.callbacks.nonfinite import NonFiniteGuard, NonFiniteLossError
 from glide_lightning.callbacks.samples import SampleGrid
+from glide_lightning.callbacks.steps import OptimizerStepCallback
 
-__all__ = ["GenerationMetrics", "GracefulInterrupt", "SampleGrid"]
+__all__ = ["GenerationMetrics", "GracefulInterrupt", "NonFiniteGuard", "NonFiniteLossError", "OptimizerStepCallback",
+           "RunCheckpoint", "SampleGrid"]

@@ -1,73 +1,91 @@
-"""Stop cleanly on SIGINT / SIGTERM: finish the running step, save a resumable checkpoint, exit.
+"""Stop cleanly on SIGINT / SIGTERM: finish the optimizer step, skip validation, save, exit.
 
-Lightning already turns SIGTERM into a stop between steps, but Ctrl-C raises KeyboardInterrupt
-wherever the program is, possibly half-way through an optimizer step, and its checkpoint would then
-hold a half-updated model. This callback catches the first SIGINT (and SIGTERM), lets the step
-finish, writes ``last.ckpt`` and stops the trainer; a second signal interrupts at once.
+Ctrl-C would otherwise raise KeyboardInterrupt wherever the program is, possibly half-way through
+an optimizer step, and Lightning's own SIGTERM handling stops after any micro-batch, possibly
+half-way through a gradient accumulation. This callback takes both signals over while training
+runs: the first one asks the run to stop after the current optimizer step (every rank at the same
+step), without the validation Lightning runs when a run stops early and without sample grids;
+``last.ckpt`` is then saved once, by the run's checkpoint callback when training ends (see
+:class:`~glide_lightning.callbacks.checkpoint.RunCheckpoint`). A second signal interrupts at once.
+Only the main process of rank 0 speaks: DataLoader workers forked from it inherit the handler and
+ignore the signal (the main process ends them).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import lightning as L
 import torch
 
+from glide_lightning.callbacks.steps import OptimizerStepCallback
+
 log = logging.getLogger(__name__)
 
 
-class GracefulInterrupt(L.Callback):
-    """On the first SIGINT or SIGTERM, save ``<dirpath>/last.ckpt`` after the current step and stop.
+class GracefulInterrupt(OptimizerStepCallback):
+    """On the first SIGINT or SIGTERM, stop after the current optimizer step; a second one aborts."""
 
-    Args:
-        dirpath: directory of the checkpoint (the run's ``checkpoints/``).
-    """
-
-    def __init__(self, dirpath: str | Path) -> None:
-        self.dirpath = Path(dirpath)
+    def __init__(self) -> None:
         self.requested: int | None = None
-        self._previous: dict[int, Any] = {}
+        self.stopped_at: int | None = None
+        self._original: dict[int, Any] = {}
+        self._active = False
+        self._pid: int | None = None
+        self._speaks = True
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # before the DataLoader workers fork, so that they inherit this handler (and ignore the signal
+        # rather than die of it while the main process finishes its step)
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
+        self._pid, self._speaks, self._active = os.getpid(), trainer.is_global_zero, True
         for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
+            self._original[signum] = signal.signal(signum, self._handle)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # again: Lightning has meanwhile wrapped this SIGTERM handler in its own, which stops after any
+        # micro-batch (mid gradient accumulation); its teardown puts this one back
+        if self._active:
+            signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested is not None:  # second signal: give up waiting
+        if os.getpid() != self._pid:
+            return  # a DataLoader worker: the main process decides, and ends the workers
+        if not self._active or self.requested is not None:  # after the fit, or a second signal: act at once
             self._restore()
             signal.raise_signal(signum)
             return
         self.requested = signum
-        log.warning("received %s: finishing this step, then saving %s and stopping (send it again to abort now)",
-                    signal.Signals(signum).name, self.dirpath / "last.ckpt")
+        if self._speaks:
+            log.warning("received %s: stopping after this optimizer step and saving last.ckpt, without validation "
+                        "or samples (send it again to abort now)", signal.Signals(signum).name)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def on_optimizer_step_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         requested = torch.tensor(float(self.requested is not None), device=pl_module.device)
         if trainer.world_size > 1:  # every rank stops at the same step
             requested = trainer.strategy.reduce(requested, reduce_op="max")
         if requested.item():
-            trainer.save_checkpoint(self.dirpath / "last.ckpt")
-            log.warning("saved a resumable checkpoint at step %d: %s", trainer.global_step, self.dirpath / "last.ckpt")
             trainer.should_stop = True
+            # Lightning validates a run that stops early; an interrupted run must not wait for that
+            trainer.limit_val_batches = 0
+            self.stopped_at = trainer.global_step
+            if trainer.is_global_zero:
+                log.warning("stopped at step %d", trainer.global_step)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore()
+        self._restore()  # after on_train_end, so that the final save is covered too
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # Lightning stops on SIGTERM between steps by raising SIGTERMException (a SystemExit): if
-        # that came before this step's on_train_batch_end, save here (the state is between steps)
-        if self.requested is not None and isinstance(exception, SystemExit) and not trainer.should_stop:
-            trainer.save_checkpoint(self.dirpath / "last.ckpt")
         self._restore()
 
     def _restore(self) -> None:
-        for signum, handler in self._previous.items():
+        # (Lightning's teardown after an exception may put this handler back: inactive, it passes signals on)
+        self._active = False
+        for signum, handler in self._original.items():
             signal.signal(signum, handler)
-        self._previous = {}

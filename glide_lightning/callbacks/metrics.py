@@ -60,6 +60,11 @@ class GenerationMetrics(L.Callback):
         self._images: list[torch.Tensor] = []
         self._captions: list[str] = []
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from glide_lightning.callbacks.samples import check_sampling_steps
+
+        check_sampling_steps("GenerationMetrics", self.config.steps, pl_module)
+
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._images, self._captions = [], []
 

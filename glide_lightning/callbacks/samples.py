@@ -15,6 +15,7 @@ from einops import rearrange
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
+from glide_lightning.callbacks.steps import OptimizerStepCallback
 from glide_lightning.data.images import image_grid, save_png, to_pil
 from glide_lightning.sampling import SamplingConfig, SamplingModel, generate
 
@@ -46,7 +47,19 @@ def sampling_model(pl_module: Any) -> SamplingModel:
                          pl_module.model_config, "training run (EMA weights when an EMA callback is set)")
 
 
-class SampleGrid(L.Callback):
+def check_sampling_steps(owner: str, steps: str, pl_module: Any) -> None:
+    """Fail before training when a callback's sampling respacing cannot be taken from the module's process."""
+    from glide_lightning.diffusion.schedules import space_timesteps
+
+    try:
+        space_timesteps(pl_module.diffusion_config.steps, steps)
+    except ValueError as error:
+        raise ValueError(f"{owner} steps {steps!r} does not fit the model's process of "
+                         f"model.diffusion.steps={pl_module.diffusion_config.steps} ({error}): set the callback's "
+                         f"init_args.steps to at most {pl_module.diffusion_config.steps} steps") from None
+
+
+class SampleGrid(OptimizerStepCallback):
     """Every ``every_n_steps`` optimizer steps, draw one image per (prompt, guidance scale) with the
     same seeds each time, log the grid (rows = prompts, columns = scales) to wandb as ``samples/grid``
     and write it to ``<run dir>/samples/step<N>.png``.
@@ -69,8 +82,12 @@ class SampleGrid(L.Callback):
         overrides = {k: v for k, v in {"sampler": sampler, "steps": steps}.items() if v is not None}
         self.config = replace(SamplingConfig(), **overrides)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if trainer.global_step % self.every_n_steps == 0 and trainer.is_global_zero:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_sampling_steps("SampleGrid", self.config.steps, pl_module)
+
+    def on_optimizer_step_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # once per optimizer step (not per micro-batch), and not when the run is stopping (Ctrl-C)
+        if trainer.global_step % self.every_n_steps == 0 and trainer.is_global_zero and not trainer.should_stop:
             self.log_grid(trainer, pl_module)
 
     @torch.no_grad()

@@ -10,7 +10,8 @@ and a ``manifest.json``. Each sample in a shard is four tar members sharing one 
 ``manifest.json`` (written last, see :func:`write_manifest`) names the recipe and its arguments and,
 per split, every shard with its sample count and sha256, plus caption statistics.
 
-Atomicity: a shard is written to a hidden temporary name and renamed once complete, and writing a
+Atomicity: a shard is written to a hidden temporary name of this process (``.<name>.<pid>.partial``)
+and renamed once complete, and writing a
 split first deletes the directory's manifest; the manifest is written (atomically) only after all
 splits. So an interrupted recipe leaves no manifest, and a manifest only lists complete shards.
 Determinism: members are written in a fixed order with fixed mtime/owner/mode, so the same samples
@@ -196,7 +197,7 @@ class _ShardFile:
         import webdataset as wds
 
         self.path = out_dir / name
-        self.tmp = out_dir / f".{name}.partial"
+        self.tmp = out_dir / f".{name}.{os.getpid()}.partial"  # per process: never another writer's file
         self.stream = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/abort
         self.writer = wds.TarWriter(
             self.stream, encoder=False, user=_TAR_OWNER, group=_TAR_OWNER, mtime=_TAR_MTIME, compress=False
@@ -320,7 +321,7 @@ def _version() -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()

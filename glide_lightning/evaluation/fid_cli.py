@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from glide_lightning.cli import resolve_wandb_mode
+from glide_lightning.runs import resolve_wandb_mode
 from glide_lightning.evaluation.fid import ReferenceStatsCache
 from glide_lightning.evaluation.results import ScaleResult
 from glide_lightning.evaluation.sample_cli import add_sampling_arguments, resolve_device, sampling_config

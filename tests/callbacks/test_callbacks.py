@@ -136,3 +136,82 @@ def test_fixed_random_weights_are_reproducible_and_private():
     for a, b in ((first.module, second.module), (clips[0].model, clips[1].model)):
         for p, q in zip(a.parameters(), b.parameters(), strict=True):
             assert torch.equal(p, q)
+
+
+class MicroBatches(L.Callback):
+    """Records global_step after every micro-batch and when each validation starts."""
+
+    def __init__(self, signal_at_micro_batch: int | None = None) -> None:
+        self.steps: list[int] = []
+        self.validations: list[int] = []
+        self.signal_at = signal_at_micro_batch
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.steps.append(trainer.global_step)
+        if len(self.steps) == self.signal_at:
+            import signal
+
+            signal.raise_signal(signal.SIGINT)  # as Ctrl-C would, half-way through an accumulation
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.validations.append(trainer.global_step)
+
+
+def accumulating_fit(tmp_path, synthetic_shards, callbacks, max_steps: int, **trainer_kwargs) -> L.Trainer:
+    module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=20))
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=2, logger=False,
+                        callbacks=callbacks, default_root_dir=str(tmp_path), enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, **trainer_kwargs)
+    dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", val_shards=f"{synthetic_shards}/val-*.tar",
+                         image_size=32, text_ctx=16, batch_size=2, num_workers=0, shuffle_buffer=10)
+    trainer.fit(module, datamodule=dm)
+    return trainer
+
+
+def test_step_callbacks_fire_once_per_optimizer_step_under_accumulation(synthetic_shards, tmp_path, caplog):
+    from glide_lightning.callbacks import OptimizerStepCallback
+
+    class Steps(OptimizerStepCallback):
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+
+        def on_optimizer_step_end(self, trainer, pl_module) -> None:
+            self.calls.append(trainer.global_step)
+
+    micro, steps = MicroBatches(), Steps()
+    grid = SampleGrid(prompts=PROMPTS[:1], guidance_scales=[1.0], every_n_steps=2, steps="2")
+    caplog.set_level("INFO", logger="glide_lightning.callbacks.samples")
+    accumulating_fit(tmp_path, synthetic_shards, [micro, steps, grid], max_steps=4, limit_val_batches=0)
+    assert micro.steps == [0, 1, 1, 2, 2, 3, 3, 4]  # 8 micro-batches, 4 optimizer steps
+    assert steps.calls == [1, 2, 3, 4]
+    fired = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sample grid at step")]
+    assert [m.split()[4] for m in fired] == ["2:", "4:"]  # not at step 0 (first micro-batch), not twice at 2
+
+
+def test_ctrl_c_mid_accumulation_stops_after_the_step_without_validation_or_grid(synthetic_shards, tmp_path, caplog):
+    from glide_lightning.callbacks import GracefulInterrupt, RunCheckpoint
+
+    micro = MicroBatches(signal_at_micro_batch=5)  # the first micro-batch of step 3
+    grid = SampleGrid(prompts=PROMPTS[:1], guidance_scales=[1.0], every_n_steps=3, steps="2")
+    checkpoints = RunCheckpoint(tmp_path / "checkpoints", every_n_train_steps=100)
+    caplog.set_level("INFO")
+    trainer = accumulating_fit(tmp_path, synthetic_shards, [GracefulInterrupt(), micro, grid, checkpoints],
+                               max_steps=50, val_check_interval=100, check_val_every_n_epoch=None,
+                               limit_val_batches=2)
+    assert micro.steps == [0, 1, 1, 2, 2, 3]  # the signal came mid-step 3: step 3 was completed, then stop
+    assert trainer.global_step == 3
+    assert micro.validations == [], "an interrupted run does not validate"
+    assert not list((tmp_path / "samples").glob("*.png")), "nor draw a grid at the stopping step"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
+    assert sum("received SIGINT" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("callback", [SampleGrid(prompts=PROMPTS[:1], steps="25"),
+                                      GenerationMetrics(num_samples=2, extractor="random-conv", steps="ddim30")])
+def test_sampling_steps_that_do_not_fit_the_process_fail_before_training(synthetic_shards, tmp_path, callback):
+    micro = MicroBatches()
+    with pytest.raises(ValueError, match=r"steps '(25|ddim30)' does not fit the model's process of "
+                                         r"model.diffusion.steps=20.*init_args.steps"):
+        accumulating_fit(tmp_path, synthetic_shards, [micro, callback], max_steps=2, limit_val_batches=0)
+    assert micro.steps == [], "no training step ran"

@@ -88,3 +88,22 @@ def test_input_errors_are_reported_without_traceback(tmp_path, capsys):
     assert "error: --images directory" in err and "does not exist" in err and "Traceback" not in err
     assert main(["synthetic", "--out", str(tmp_path / "o"), "--image-size", "8"]) == 2
     assert "--image-size must be >= 16" in capsys.readouterr().err
+
+
+def test_two_recipes_writing_one_directory_one_is_refused_naming_the_other(tmp_path):
+    """Two real processes build the same --out at once (as two fresh-checkout `make train EXP=smoke` did):
+    one is refused, naming the other, and the dataset that results is consistent."""
+    from glide_lightning.data.shards import verify_manifest
+
+    out = tmp_path / "shapes"
+    cmd = [sys.executable, "-m", "data_recipes", "synthetic", "--out", str(out), "--train", "20000", "--val", "0",
+           "--image-size", "16", "--max-per-shard", "2000"]  # fmt: skip  (a few seconds of rendering)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    both = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=180)[1] for p in both]
+    codes = [p.returncode for p in both]
+    assert sorted(codes) == [0, 2], errors
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    assert f"is in use by pid {both[winner].pid} on " in errors[loser], errors[loser]
+    assert "data_recipes synthetic --out" in errors[loser]  # the holder's command
+    assert verify_manifest(out) == [] and not list(out.glob(".*.partial"))

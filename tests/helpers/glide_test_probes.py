@@ -86,3 +86,15 @@ class KillSwitch(L.Callback):
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PoisonBatch(L.Callback):
+    """Makes the images of optimizer step ``step`` (1-based) NaN on rank ``rank`` only (a corrupt batch)."""
+
+    def __init__(self, step: int, rank: int) -> None:
+        self.step, self.rank = step, rank
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step + 1 == self.step and trainer.global_rank == self.rank:
+            batch["image"][:] = float("nan")

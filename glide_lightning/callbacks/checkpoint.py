@@ -1,0 +1,46 @@
+"""The run's checkpoints: ``step<N>.ckpt`` every N optimizer steps and one ``last.ckpt``, always the
+newest state.
+
+Lightning's ModelCheckpoint refreshes ``last`` only when it saves a periodic checkpoint (and at the
+end of training only if it saved nothing before), and versions it (``last-v1.ckpt``, …) when a file
+of that name exists that it did not write. Here every stop (the end of ``max_steps``, ``max_time``,
+a signal, see :class:`~glide_lightning.callbacks.GracefulInterrupt`) saves ``last.ckpt`` at the step
+the run reached, through this one callback, and ``last.ckpt`` is never versioned.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``<dirpath>/step<N>.ckpt`` every ``every_n_train_steps`` optimizer steps (all kept) and
+    ``<dirpath>/last.ckpt`` at each of them and wherever training stops."""
+
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int) -> None:
+        super().__init__(dirpath=dirpath, filename="step{step:08d}", auto_insert_metric_name=False,
+                         every_n_train_steps=every_n_train_steps, save_top_k=-1, save_last=True,
+                         enable_version_counter=False)
+        self._last_saved_step: int | None = None
+        self._start_step: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._start_step = trainer.global_step
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_saved_step = trainer.global_step
+
+    def save_last_now(self, trainer: L.Trainer) -> None:
+        """Write ``last.ckpt`` at the current step unless it already holds it (every rank calls this)."""
+        if trainer.fast_dev_run or trainer.global_step in (self._last_saved_step, self._start_step):
+            return  # nothing new since the last save (or since the checkpoint this session started from)
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save_last_now(trainer)

@@ -1,0 +1,255 @@
+"""Run directories: where a run lives, its lock, its newest checkpoint, its wandb run, and what a
+resume may change.
+
+``<root>/<name>/`` holds ``checkpoints/`` (``last.ckpt``, always the newest state, and
+``step<N>.ckpt``), ``config.yaml`` (earlier versions kept as ``config.v1.yaml``, …),
+``config_changes.jsonl`` (settings changed by resumes), ``csv/``, ``wandb/`` and ``.lock`` (the one
+process training it). No LightningCLI here: the training CLI and the evaluation commands both use it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from glide_lightning.locks import DirectoryLock
+
+log = logging.getLogger("glide_lightning")
+
+WandbMode = Literal["auto", "online", "offline", "disabled"]
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives and how it is logged."""
+
+    name: str = "default"
+    """Run name: the run directory is ``<root>/<name>`` and the wandb run is named after it."""
+    root: str = "runs"
+    """Directory that holds the run directories."""
+    project: str = "glide_lightning"
+    """wandb project."""
+    group: str | None = None
+    """wandb group: the ablation a run belongs to (e.g. ``minig`` for minig_simple and minig_hybrid)."""
+    tags: list[str] = field(default_factory=list)
+    """wandb tags."""
+    wandb_mode: WandbMode = "auto"
+    """``auto``: online when a wandb API key is configured (``WANDB_API_KEY`` or ``wandb login``),
+    offline otherwise (files in the run directory; ``wandb sync`` uploads them later); or
+    ``online`` / ``offline`` / ``disabled``. A ``WANDB_MODE`` environment variable wins."""
+    checkpoint_every_n_steps: int = 1000
+    """Keep a checkpoint every this many optimizer steps (``last.ckpt`` is refreshed at each, and
+    wherever training stops)."""
+    resume: bool = True
+    """Resume from the newest checkpoint in the run directory, if there is one (refused if the model,
+    diffusion or tokenizer settings differ from the checkpoint's). ``false`` starts the run over: its
+    checkpoints move to ``checkpoints.v<N>/``."""
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+def is_launching_process() -> bool:
+    """True in the process a user started; False in the per-rank processes a DDP launcher (Lightning's,
+    torchrun) starts for ranks other than 0, which must not lock, check or write run files."""
+    return not int(os.environ.get("LOCAL_RANK", 0)) and not int(os.environ.get("RANK", 0))
+
+
+def lock_run(run: RunConfig) -> DirectoryLock:
+    """The run directory's lock (``LockBusy`` names the process that trains it already)."""
+    return DirectoryLock(run.dir, f"run {run.name!r}: its directory").acquire()
+
+
+def resolve_wandb_mode(mode: WandbMode) -> str:
+    """The wandb mode to use: never a login prompt and never a hang without a key."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        pass
+    return "offline"
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint of ``run_dir`` with the most optimizer steps (``last.ckpt`` on ties)."""
+    candidates = list((Path(run_dir) / "checkpoints").glob("*.ckpt"))
+    best: tuple[int, int, Path] | None = None
+    for path in candidates:
+        try:
+            step = checkpoint_step(path)
+        except Exception as error:  # a truncated file from a killed save: skip it, say so
+            log.warning("ignoring unreadable checkpoint %s (%s)", path, error)
+            continue
+        key = (step, path.name == "last.ckpt", path)
+        best = key if best is None or key[:2] > best[:2] else best
+    return None if best is None else best[2]
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
+def archive_checkpoints(run_dir: Path) -> Path | None:
+    """Move ``checkpoints/`` aside as ``checkpoints.v<N>/`` (a run started over), if it holds any."""
+    checkpoints = run_dir / "checkpoints"
+    if not any(checkpoints.glob("*.ckpt")):
+        return None
+    target = _next_version(run_dir, "checkpoints.v{}")
+    checkpoints.rename(target)
+    return target
+
+
+def wandb_logger(run: RunConfig, mode: str, attempts: int = 6, wait_s: float = 5.0) -> Any:
+    """The run's WandbLogger, continuing the run's wandb run (its id is kept in ``wandb_id.txt``).
+
+    The wandb run starts here, on the main process, rather than lazily: right after a kill, the
+    killed process's wandb service can still hold the run id for a few seconds ("run ID … is in
+    use"). Then this waits and retries, and if the id stays busy, logs this session to a new wandb
+    run of the same name and group, saying so, rather than failing the resume.
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    id_file = run.dir / "wandb_id.txt"
+    if not id_file.exists():
+        id_file.write_text(secrets.token_hex(4))  # wandb run ids are short [a-z0-9] strings
+    run_id = id_file.read_text().strip()
+
+    def make(wandb_id: str) -> WandbLogger:
+        return WandbLogger(name=run.name, project=run.project, group=run.group, tags=run.tags,
+                           save_dir=str(run.dir), id=wandb_id, resume="allow")
+
+    if mode == "disabled" or not is_launching_process():
+        return make(run_id)  # other ranks never start a wandb run
+    for attempt in range(attempts):
+        logger = make(run_id)
+        try:
+            logger.experiment  # noqa: B018 (starts the wandb run)
+            return logger
+        except Exception as error:
+            if "in use" not in str(error):
+                raise
+            log.warning("wandb run %s is still held by a previous process (attempt %d of %d)", run_id,
+                        attempt + 1, attempts)
+            time.sleep(wait_s)
+    fresh = secrets.token_hex(4)
+    log.warning("wandb run %s stayed busy: logging this session to a new wandb run %s (same name and group)",
+                run_id, fresh)
+    return make(fresh)
+
+
+# ------------------------------------------------------------------------------------ config drift
+REFUSED = ("model.model.", "model.diffusion.", "model.tokenizer", "model.timestep_sampler", "data.tokenizer",
+           "data.text_ctx", "data.image_size")
+"""Settings the checkpoint's weights (or its timestep sampler state) were trained for: a resume may
+not change them."""
+IGNORED = ("model.init_from",)
+"""Settings that only matter when a run starts."""
+TRAINER_WARNED = ("trainer.accumulate_grad_batches", "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm",
+                  "trainer.precision", "trainer.devices", "trainer.num_nodes", "trainer.strategy")
+"""Trainer settings (not in the checkpoint's hyper-parameters; compared with the previous
+``config.yaml``) that change the optimisation: warned about and recorded like the optimizer's."""
+
+
+@dataclass(frozen=True)
+class Change:
+    field: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.old!r} → {self.new!r}"
+
+
+class ConfigDriftError(ValueError):
+    """A resume would change settings the checkpoint was trained with."""
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"<prefix>.a.b": 1}``; tuples as lists; keys starting with ``_`` left out."""
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not str(key).startswith("_"):
+                out.update(flatten(f"{prefix}.{key}", item))
+        return out
+    if isinstance(value, tuple):
+        value = list(value)
+    return {prefix: value}
+
+
+def changes(old: Mapping[str, Any], new: Mapping[str, Any], keys: Iterable[str] | None = None) -> list[Change]:
+    """Fields present in both flat mappings (or in ``keys``) whose values differ."""
+    names = sorted(set(old) & set(new)) if keys is None else [k for k in keys if k in old and k in new]
+    return [Change(k, old[k], new[k]) for k in names if old[k] != new[k]]
+
+
+def check_resume(run: RunConfig, checkpoint_path: str | os.PathLike[str], model_hparams: Mapping[str, Any],
+                 data_hparams: Mapping[str, Any], trainer_config: Mapping[str, Any]) -> list[Change]:
+    """Compare a resume's settings with the checkpoint's; refuse (``ConfigDriftError``) model, diffusion
+    and tokenizer changes; warn about and record (``config_changes.jsonl``) the other ones; return those."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+    old = {**flatten("model", checkpoint.get("hyper_parameters", {})),
+           **flatten("data", checkpoint.get("datamodule_hyper_parameters", {}))}
+    new = {**flatten("model", model_hparams), **flatten("data", data_hparams)}
+    found = [c for c in changes(old, new) if not c.field.startswith(IGNORED)]
+    previous = run.dir / "config.yaml"
+    if previous.is_file():
+        import yaml
+
+        found += changes(flatten("trainer", (yaml.safe_load(previous.read_text()) or {}).get("trainer", {})),
+                         flatten("trainer", trainer_config), TRAINER_WARNED)
+    refused = [c for c in found if c.field.startswith(REFUSED)]
+    step = int(checkpoint["global_step"])
+    if refused:
+        raise ConfigDriftError(
+            f"run {run.name!r} ({run.dir}) has a checkpoint at step {step} ({Path(checkpoint_path).name}) trained with "
+            "other model, diffusion or tokenizer settings; resuming it would change:\n"
+            + "\n".join(f"  {c}" for c in refused)
+            + f"\nStart a new run (--run.name {run.name}_2), start this one over (--run.resume false: its checkpoints "
+            "move to checkpoints.v<N>/), or drop these overrides.")
+    if found:
+        log.warning("resuming run %r at step %d with changed settings (recorded in %s):\n%s", run.name, step,
+                    run.dir / "config_changes.jsonl", "\n".join(f"  {c}" for c in found))
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step, "checkpoint": str(checkpoint_path),
+                  "changes": [{"field": c.field, "old": c.old, "new": c.new} for c in found]}
+        with (run.dir / "config_changes.jsonl").open("a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+    return found
+
+
+def write_versioned(path: Path, text: str) -> Path | None:
+    """Write ``text`` to ``path``, first keeping a different earlier content as ``<stem>.v<N><suffix>``;
+    returns where the earlier version went (None: there was none, or it was the same)."""
+    kept = None
+    if path.is_file() and path.read_text() != text:
+        kept = _next_version(path.parent, f"{path.stem}.v{{}}{path.suffix}")
+        path.rename(kept)
+    if kept is not None or not path.is_file():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return kept
+
+
+def _next_version(directory: Path, pattern: str) -> Path:
+    n = 1
+    while (directory / pattern.format(n)).exists():
+        n += 1
+    return directory / pattern.format(n)

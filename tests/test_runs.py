@@ -1,0 +1,111 @@
+"""Run-directory helpers: the directory lock (with real second processes), config drift on resume,
+versioned files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from glide_lightning.locks import DirectoryLock, LockBusy
+from glide_lightning.runs import ConfigDriftError, RunConfig, check_resume, write_versioned
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def hold_lock(directory: Path) -> subprocess.Popen:
+    """Another process that takes the directory's lock, says so, and waits to be killed."""
+    code = ("import sys, time; from glide_lightning.locks import DirectoryLock; "
+            "DirectoryLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)")
+    process = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert process.stdout.readline().strip() == "locked"
+    return process
+
+
+def test_a_held_lock_refuses_naming_its_holder_and_dies_with_it(tmp_path):
+    holder = hold_lock(tmp_path / "run")
+    try:
+        with pytest.raises(LockBusy) as busy:
+            DirectoryLock(tmp_path / "run", "run 'x': its directory").acquire()
+        message = str(busy.value)
+        assert f"pid {holder.pid} on " in message and "started " in message and "-c" in message
+    finally:
+        holder.send_signal(signal.SIGKILL)  # no chance to clean up: the kernel releases the lock
+        holder.wait()
+    lock = DirectoryLock(tmp_path / "run").acquire()
+    assert json.loads((tmp_path / "run/.lock").read_text())["pid"] == os.getpid()
+    assert DirectoryLock(tmp_path / "run").acquire() is lock  # re-entrant within a process
+    lock.release()
+
+
+def fake_checkpoint(path: Path, **changes) -> Path:
+    hparams = {"model": {"model_channels": 32, "channel_mult": [1, 2]}, "diffusion": {"steps": 100},
+               "optimizer": {"lr": 3e-4, "betas": (0.9, 0.999)}, "tokenizer": "clip", "init_from": None}
+    data = {"batch_size": 4, "tokenizer": "clip", "_instantiator": "x"}
+    torch.save({"global_step": 7, "hyper_parameters": hparams, "datamodule_hyper_parameters": data}, path)
+    return path
+
+
+def test_resume_refuses_model_diffusion_and_tokenizer_changes_listing_each(tmp_path):
+    run = RunConfig(name="r", root=str(tmp_path))
+    run.dir.mkdir()
+    ckpt = fake_checkpoint(run.dir / "last.ckpt")
+    same = {"model": {"model_channels": 32, "channel_mult": (1, 2)}, "diffusion": {"steps": 100},
+            "optimizer": {"lr": 3e-4, "betas": [0.9, 0.999]}, "tokenizer": "clip", "init_from": "base.pt"}
+    assert check_resume(run, ckpt, same, {"batch_size": 4, "tokenizer": "clip"}, {}) == []  # init_from: ignored
+    drift = {**same, "model": {"model_channels": 64, "channel_mult": [1, 2]}, "diffusion": {"steps": 1000},
+             "tokenizer": "gpt2"}
+    with pytest.raises(ConfigDriftError) as error:
+        check_resume(run, ckpt, drift, {"batch_size": 8, "tokenizer": "gpt2"}, {})
+    message = str(error.value)
+    for line in ("model.model.model_channels: 32 → 64", "model.diffusion.steps: 100 → 1000",
+                 "model.tokenizer: 'clip' → 'gpt2'", "data.tokenizer: 'clip' → 'gpt2'"):
+        assert line in message
+    assert "batch_size" not in message and "--run.name r_2" in message and "--run.resume false" in message
+    assert not (run.dir / "config_changes.jsonl").exists()
+
+
+def test_resume_warns_about_and_records_optimisation_and_data_changes(tmp_path, caplog):
+    run = RunConfig(name="r", root=str(tmp_path))
+    run.dir.mkdir()
+    (run.dir / "config.yaml").write_text("trainer:\n  accumulate_grad_batches: 1\n  max_steps: 10\n")
+    ckpt = fake_checkpoint(run.dir / "last.ckpt")
+    new = {"model": {"model_channels": 32, "channel_mult": [1, 2]}, "diffusion": {"steps": 100},
+           "optimizer": {"lr": 1e-3, "betas": [0.9, 0.999]}, "tokenizer": "clip"}
+    found = check_resume(run, ckpt, new, {"batch_size": 8, "tokenizer": "clip"},
+                         {"accumulate_grad_batches": 2, "max_steps": 20})
+    assert [str(c) for c in found] == ["data.batch_size: 4 → 8", "model.optimizer.lr: 0.0003 → 0.001",
+                                       "trainer.accumulate_grad_batches: 1 → 2"]  # max_steps: routine
+    assert "data.batch_size: 4 → 8" in caplog.text
+    record = json.loads((run.dir / "config_changes.jsonl").read_text())
+    assert record["step"] == 7 and {c["field"] for c in record["changes"]} == {
+        "model.optimizer.lr", "data.batch_size", "trainer.accumulate_grad_batches"}
+
+
+def test_write_versioned_keeps_each_earlier_content(tmp_path):
+    path = tmp_path / "config.yaml"
+    assert write_versioned(path, "a: 1\n") is None
+    assert write_versioned(path, "a: 1\n") is None  # unchanged: no new version
+    assert write_versioned(path, "a: 2\n") == tmp_path / "config.v1.yaml"
+    assert write_versioned(path, "a: 3\n") == tmp_path / "config.v2.yaml"
+    assert [p.read_text() for p in (tmp_path / "config.v1.yaml", tmp_path / "config.v2.yaml", path)] == [
+        "a: 1\n", "a: 2\n", "a: 3\n"]
+
+
+def test_starting_over_moves_the_old_checkpoints_aside(tmp_path):
+    from glide_lightning.runs import archive_checkpoints, newest_checkpoint
+
+    run_dir = tmp_path / "r"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    assert archive_checkpoints(run_dir) is None  # nothing to keep
+    torch.save({"global_step": 300}, run_dir / "checkpoints/last.ckpt")
+    assert archive_checkpoints(run_dir) == run_dir / "checkpoints.v1"
+    assert newest_checkpoint(run_dir) is None, "the new run does not resume the old one's step 300 later"
+    assert (run_dir / "checkpoints.v1/last.ckpt").is_file()
