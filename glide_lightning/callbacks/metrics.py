@@ -1,8 +1,9 @@
 """FID, CLIP score and text adherence during training, on a small subset of the validation data.
 
 At the end of a validation run (every ``every_n_validations``-th), the first ``num_samples``
-validation captions are sampled at each guidance scale with the EMA weights (Lightning swaps them
-in for validation), and compared with the validation images themselves. Logged as
+validation captions are sampled at each guidance scale with the EMA weights (the live weights
+until the average has its first update; ``val/generation_ema`` is 1 or 0 accordingly, whatever the
+order of the callbacks), and compared with the validation images themselves. Logged as
 ``val/fid@<scale>``, ``val/clip_score@<scale>`` and ``val/adherence@<scale>``, so that
 ``ModelCheckpoint(monitor="val/fid@3")`` can keep the best-FID checkpoint. A small-sample FID is
 biased upwards: compare it across steps and runs, not with published numbers (``make fid`` is for
@@ -88,7 +89,9 @@ class GenerationMetrics(L.Callback):
 
     @torch.no_grad()
     def compute(self, pl_module: Any) -> dict[str, float]:
-        """The metrics at every scale (rank 0; the module holds the EMA weights during validation)."""
+        """The metrics at every scale (rank 0), from the EMA weights once the average has been updated
+        and the live weights before that, whatever the callback order (see ``model_from_module``);
+        ``val/generation_ema`` says which (1 or 0)."""
         from glide_lightning.callbacks.samples import sampling_model
         from glide_lightning.evaluation.fid import feature_stats, fid_from_stats
 
@@ -97,7 +100,8 @@ class GenerationMetrics(L.Callback):
         real = torch.cat(self._images)
         extractor = self.extractor()
         reference = feature_stats(extractor, real)
-        loaded = sampling_model(pl_module)
+        loaded = sampling_model(pl_module, self)
+        log.info("generation metrics from the %s", loaded.source)
         seeds = [self.seed + i for i in range(len(self._captions))]
         values: dict[str, float] = {}
         for scale in self.scales:
@@ -113,6 +117,7 @@ class GenerationMetrics(L.Callback):
             log.info("%s", result.label)
         if extractor.random_weights:
             values["val/fid_random_weights"] = 1.0  # the FIDs above are NOT real FIDs
+        values["val/generation_ema"] = float("EMA weights" in loaded.source)  # 0: the live weights
         return values
 
     def extractor(self) -> Any:

@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from einops import rearrange
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
@@ -25,26 +26,41 @@ DEFAULT_PROMPTS = ["a photo of a dog", "a bowl of fruit on a wooden table", "a r
                    "an oil painting of a mountain landscape"]
 
 
-def model_from_module(module: Any) -> nn.Module:
-    """The EMA weights of a GlideModule's network when an EMA callback averages it, else the network.
+def model_from_module(module: Any, caller: L.Callback | None = None) -> tuple[nn.Module, str]:
+    """The network a training-time callback should sample from, and which weights those are: the
+    EMA weights once an EMA (Lightning ``WeightAveraging``) callback has updated its average, the
+    live (optimizer's) weights before that or without one, whatever the order of the callbacks.
 
-    Lightning's WeightAveraging swaps the average into the module during validation, so there the
-    module itself holds the EMA weights; elsewhere they live in the callback's averaged copy (a
-    private attribute of Lightning's, read here only: this is the Lightning-aware side of sampling)."""
+    Lightning's WeightAveraging swaps the average into the module from its ``on_validation_epoch_start``
+    to its ``on_validation_epoch_end``, swapping even an average that was never updated (a delayed
+    ``update_starting_at_step``): inside that window the module holds the average and the callback's
+    copy the live weights, outside it the other way round. During validation, ``caller`` is the
+    callback asking from its own ``on_validation_epoch_end``: the swap is then still in place exactly
+    when the averaging callback comes after ``caller`` in ``trainer.callbacks`` (hooks run in that
+    order). (``_average_model`` is a private attribute of Lightning's, read here only: this is the
+    Lightning-aware side of sampling.)"""
     trainer = getattr(module, "_trainer", None)
-    if trainer is None or trainer.validating or trainer.sanity_checking:
-        return module.model
-    for callback in trainer.callbacks:
-        average = getattr(callback, "_average_model", None)  # Lightning's WeightAveraging
-        if average is not None:
-            return average.module.model
-    return module.model
+    averaging = None if trainer is None else next(
+        (cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging) and cb._average_model is not None), None)
+    if averaging is None:
+        return module.model, "live weights (no EMA callback)"
+    average = averaging._average_model
+    swapped = False
+    if trainer.validating or trainer.sanity_checking:
+        callbacks = trainer.callbacks
+        swapped = caller not in callbacks or callbacks.index(averaging) > callbacks.index(caller)
+    updates = int(average.n_averaged)
+    if updates:
+        return (module if swapped else average.module).model, f"EMA weights ({updates} updates)"
+    return (average.module if swapped else module).model, "live weights (the EMA has no update yet)"
 
 
-def sampling_model(pl_module: Any) -> SamplingModel:
-    """A GlideModule's network (EMA weights when averaged) ready for :func:`generate`."""
-    return SamplingModel(model_from_module(pl_module), pl_module.diffusion_config, pl_module.tokenizer,
-                         pl_module.model_config, "training run (EMA weights when an EMA callback is set)")
+def sampling_model(pl_module: Any, caller: L.Callback | None = None) -> SamplingModel:
+    """A GlideModule's network ready for :func:`generate`, with its weights chosen and named by
+    :func:`model_from_module` (``source`` says which)."""
+    model, weights = model_from_module(pl_module, caller)
+    return SamplingModel(model, pl_module.diffusion_config, pl_module.tokenizer, pl_module.model_config,
+                         f"training run, step {getattr(pl_module, 'global_step', 0)}: {weights}")
 
 
 def check_sampling_steps(owner: str, steps: str, pl_module: Any) -> None:
@@ -92,8 +108,10 @@ class SampleGrid(OptimizerStepCallback):
 
     @torch.no_grad()
     def make_grid(self, pl_module: L.LightningModule) -> torch.Tensor:
-        """uint8 [3, rows·H, cols·W]: row i = prompt i, column j = guidance scale j, seed = seed + i."""
-        loaded = sampling_model(pl_module)
+        """uint8 [3, rows·H, cols·W]: row i = prompt i, column j = guidance scale j, seed = seed + i;
+        from the EMA weights once averaged (:func:`model_from_module`; ``self.weights`` says which)."""
+        loaded = sampling_model(pl_module, self)
+        self.weights = loaded.source
         was_training = loaded.model.training
         loaded.model.eval()
         seeds = [self.seed + i for i in range(len(self.prompts))]
@@ -111,10 +129,12 @@ class SampleGrid(OptimizerStepCallback):
         path = Path(trainer.default_root_dir) / "samples" / f"step{step:08d}.png"
         save_png(grid, path, {"step": step, "rows (prompts)": self.prompts, "columns (guidance scales)": self.scales,
                               "seeds": [self.seed + i for i in range(len(self.prompts))],
-                              "sampler": self.config.sampler, "steps": self.config.steps})
-        caption = f"step {step}; rows: prompts, columns: guidance {', '.join(f'{s:g}' for s in self.scales)}"
+                              "sampler": self.config.sampler, "steps": self.config.steps, "weights": self.weights})
+        weights = self.weights.split(": ", 1)[-1]
+        caption = (f"step {step}, {weights}; rows: prompts, columns: guidance "
+                   f"{', '.join(f'{s:g}' for s in self.scales)}")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="samples/grid", images=[to_pil(grid)], caption=[caption], step=step)
-        log.info("sample grid at step %d: %s", step, path)
+        log.info("sample grid at step %d (%s): %s", step, weights, path)
         return path

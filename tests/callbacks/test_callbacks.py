@@ -185,7 +185,7 @@ def test_step_callbacks_fire_once_per_optimizer_step_under_accumulation(syntheti
     assert micro.steps == [0, 1, 1, 2, 2, 3, 3, 4]  # 8 micro-batches, 4 optimizer steps
     assert steps.calls == [1, 2, 3, 4]
     fired = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sample grid at step")]
-    assert [m.split()[4] for m in fired] == ["2:", "4:"]  # not at step 0 (first micro-batch), not twice at 2
+    assert [m.split()[4] for m in fired] == ["2", "4"]  # not at step 0 (first micro-batch), not twice at 2
 
 
 def test_ctrl_c_mid_accumulation_stops_after_the_step_without_validation_or_grid(synthetic_shards, tmp_path, caplog):
@@ -208,10 +208,72 @@ def test_ctrl_c_mid_accumulation_stops_after_the_step_without_validation_or_grid
 
 
 @pytest.mark.parametrize("callback", [SampleGrid(prompts=PROMPTS[:1], steps="25"),
-                                      GenerationMetrics(num_samples=2, extractor="random-conv", steps="ddim30")])
+                                      GenerationMetrics(num_samples=2, extractor="random-conv", sampler="ddim",
+                                                        steps="ddim30")])
 def test_sampling_steps_that_do_not_fit_the_process_fail_before_training(synthetic_shards, tmp_path, callback):
     micro = MicroBatches()
     with pytest.raises(ValueError, match=r"steps '(25|ddim30)' does not fit the model's process of "
                                          r"model.diffusion.steps=20.*init_args.steps"):
         accumulating_fit(tmp_path, synthetic_shards, [micro, callback], max_steps=2, limit_val_batches=0)
     assert micro.steps == [], "no training step ran"
+
+
+class WeightsSeenByMetrics(GenerationMetrics):
+    """GenerationMetrics at its real hook, recording the weights it would sample instead of sampling."""
+
+    def __init__(self) -> None:
+        super().__init__(num_samples=2, extractor="random-conv", steps="2")
+        self.seen: list[tuple[int, dict[str, torch.Tensor], str]] = []
+
+    def compute(self, pl_module):
+        loaded = sampling_model(pl_module, self)
+        self.seen.append((pl_module.global_step, {k: v.clone() for k, v in loaded.model.state_dict().items()},
+                          loaded.source))
+        return {}
+
+
+class WeightsSeenByGrid(SampleGrid):
+    def __init__(self) -> None:
+        super().__init__(prompts=PROMPTS[:1], guidance_scales=[1.0], every_n_steps=2, steps="2")
+        self.seen: list[tuple[int, dict[str, torch.Tensor], str]] = []
+
+    def log_grid(self, trainer, pl_module):
+        loaded = sampling_model(pl_module, self)
+        self.seen.append((trainer.global_step, {k: v.clone() for k, v in loaded.model.state_dict().items()},
+                          loaded.source))
+
+
+class LiveWeights(L.Callback):
+    """The optimizer's weights after every step."""
+
+    def __init__(self) -> None:
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.after[trainer.global_step] = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+@pytest.mark.parametrize("ema_start", [None, 10])
+def test_generation_during_training_uses_the_ema_once_updated_whatever_the_order(synthetic_shards, ema_first,
+                                                                                  ema_start):
+    """decay 1.0 keeps the average at its first update (the weights after step 1), so it differs from
+    the live weights at step 2, when the grid and the validation sample; with the EMA starting at
+    step 10 there is no average yet and the live weights of step 2 must be used."""
+    metrics, grid, live = WeightsSeenByMetrics(), WeightsSeenByGrid(), LiveWeights()
+    ema = EMAWeightAveraging(decay=1.0, update_starting_at_step=ema_start)
+    callbacks = [live, ema, metrics, grid] if ema_first else [live, metrics, grid, ema]
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, val_check_interval=2, check_val_every_n_epoch=None,
+                        limit_val_batches=1, num_sanity_val_steps=0, logger=False, callbacks=callbacks,
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", val_shards=f"{synthetic_shards}/val-*.tar",
+                         image_size=32, text_ctx=16, batch_size=4, num_workers=0)
+    trainer.fit(GlideModule(model=TINY, diffusion=DiffusionConfig(steps=20), optimizer={"lr": 1e-2}), datamodule=dm)
+    expected, kind = (live.after[2], "live weights") if ema_start else (live.after[1], "EMA weights")
+    assert any(not torch.equal(live.after[1][k], live.after[2][k]) for k in expected)  # the two candidates differ
+    for seen in (metrics.seen, grid.seen):
+        assert [step for step, _, _ in seen] == [2]
+        _, weights, source = seen[0]
+        assert kind in source
+        for name, value in expected.items():
+            assert torch.equal(weights[name], value), name
