@@ -42,6 +42,7 @@ import glob
 import logging
 import os
 import re
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
@@ -117,6 +118,16 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     if not urls:
         raise FileNotFoundError(f"no shards found for spec {spec!r}")
     return urls
+
+
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT and SIGTERM. Ctrl-C, SLURM's ``scancel`` and
+    ``docker stop`` signal the whole process group; PyTorch's workers would die of SIGTERM at once (and
+    of SIGINT with a traceback each), and the main process would crash on its lost workers before it
+    could finish the step and save. The main process handles the signal and shuts the workers down;
+    if it dies, they notice and exit on their own (PyTorch's worker watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class StreamLoader(DataLoader):
@@ -457,7 +468,8 @@ class GlideDataModule(L.LightningDataModule):
         workers = self.num_workers
         on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return StreamLoader(stream, epoch_fn=epoch_fn, batch_size=None, num_workers=workers,
-                            persistent_workers=workers > 0, pin_memory=on_cuda, **resume_fns)
+                            persistent_workers=workers > 0, pin_memory=on_cuda,
+                            worker_init_fn=leave_stop_signals_to_the_main_process if workers else None, **resume_fns)
 
     def _replay_loader(self, overfit: int | float) -> DataLoader:
         per_epoch = self.batches_per_epoch()
