@@ -69,6 +69,8 @@ def test_smoke_fit_through_the_cli(synthetic_shards, tmp_path):
     last = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 7, "last.ckpt holds the step the run ended at, not the last periodic one"
     assert "current_model_state" in last  # EMA weights + the raw ones
+    # the raw weights are the optimizer's own, not the average Lightning's EMA copies over them at the end
+    assert any(not torch.equal(last["current_model_state"][k], v) for k, v in last["state_dict"].items())
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["diffusion"]["loss_type"] == "hybrid"
     rows = read_csv_metrics(run_dir)
     logged = {k for row in rows for k, v in row.items() if v}
@@ -215,9 +217,9 @@ CHECKPOINT_STATE = ("state_dict", "current_model_state", "optimizer_states", "lr
 
 
 def test_preempted_run_trains_on_the_batches_and_ends_in_the_state_of_an_uninterrupted_run(synthetic_shards, tmp_path):
-    """SIGKILLed mid-step at three steps (mid-epoch, at an epoch's end, after a validation) and resumed
-    each time, a run sees the batch sequence of an uninterrupted one and ends bit-identical to it:
-    weights, EMA, optimizer, LR schedule, RNG and the data streams' state."""
+    """Stopped by max_steps, then SIGKILLed mid-step at three steps (mid-epoch, after a validation, at an
+    epoch's end) and resumed each time, a run sees the batch sequence of an uninterrupted one and ends
+    bit-identical to it: weights, EMA, optimizer, LR schedule, RNG and the data streams' state."""
     env = {**cli_env(tmp_path), "WANDB_MODE": "disabled"}
     extra = ["--data.num_workers", "2", "--data.samples_per_epoch", "20", "--data.shuffle_buffer", "30",
              "--run.checkpoint_every_n_steps", "2", "--trainer.val_check_interval", "4",
@@ -229,21 +231,24 @@ def test_preempted_run_trains_on_the_batches_and_ends_in_the_state_of_an_uninter
                   "init_args": {"num_samples": 4, "guidance_scales": [3.0], "extractor": "random-conv",
                                 "adherence": True, "steps": "2"}}]
 
-    def run(name: str, kill_after: int | None) -> subprocess.CompletedProcess:
+    def run(name: str, kill_after: int | None, *more: str) -> subprocess.CompletedProcess:
         probes = [*callbacks, {"class_path": "glide_test_probes.StepKeys",
                                "init_args": {"out_file": str(tmp_path / f"{name}.jsonl")}}]
         if kill_after is not None:
             probes.append({"class_path": "glide_test_probes.KillSwitch", "init_args": {"after_step": kill_after}})
         config = tmp_path / f"{name}_{kill_after}.yaml"
         config.write_text(Path(probe_config(tmp_path, *probes)).read_text())
-        command = smoke_command(synthetic_shards, tmp_path, "--config", str(config), "--run.name", name, *extra)
+        command = smoke_command(synthetic_shards, tmp_path, "--config", str(config), "--run.name", name, *extra, *more)
         return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
     uninterrupted = run("whole", None)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
-    # 5 steps per epoch: killed in step 4 (resumes at 2), in step 6 (resumes at 4, after a
+    # 5 steps per epoch: stopped by max_steps after step 3 (mid-epoch; Lightning resumes at its next
+    # epoch, the data must not), killed in step 6 (resumes at 4), in step 9 (resumes at 8, after a
     # validation), in step 11 (resumes at 10, the end of epoch 1), then runs to step 12
-    for kill_after in (3, 5, 10, None):
+    stopped = run("preempted", None, "--trainer.max_steps", "3")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    for kill_after in (5, 8, 10, None):
         segment = run("preempted", kill_after)
         if kill_after is None:
             assert segment.returncode == 0, segment.stderr[-3000:]

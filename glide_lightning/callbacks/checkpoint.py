@@ -3,9 +3,11 @@ newest state.
 
 Lightning's ModelCheckpoint refreshes ``last`` only when it saves a periodic checkpoint (and at the
 end of training only if it saved nothing before), and versions it (``last-v1.ckpt``, …) when a file
-of that name exists that it did not write. Here every stop (the end of ``max_steps``, ``max_time``,
-a signal, see :class:`~glide_lightning.callbacks.GracefulInterrupt`) saves ``last.ckpt`` at the step
-the run reached, through this one callback, and ``last.ckpt`` is never versioned.
+of that name exists that it did not write. Here every stop (the end of ``max_steps``, ``max_epochs``,
+``max_time``, a signal, see :class:`~glide_lightning.callbacks.GracefulInterrupt`) saves
+``last.ckpt`` at the step the run reached, through this one callback, with the live weights and
+the EMA as they are (before Lightning's EMA callback copies its average over the live weights at
+the end of training), and ``last.ckpt`` is never versioned.
 """
 
 from __future__ import annotations
@@ -42,5 +44,20 @@ class RunCheckpoint(ModelCheckpoint):
             return  # nothing new since the last save (or since the checkpoint this session started from)
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.save_last_now(trainer)
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Where training stops (``max_steps``, ``max_epochs``, ``max_time``, a signal), save
+        ``last.ckpt`` here, at the end of the last epoch, and not in ``on_train_end``: there
+        Lightning's ``WeightAveraging`` has already copied the EMA weights over the live ones, and a
+        run resumed from that checkpoint would go on training the EMA instead of its own weights."""
+        super().on_train_epoch_end(trainer, pl_module)
+        if fit_ends_after_this_epoch(trainer):
+            self.save_last_now(trainer)
+
+
+def fit_ends_after_this_epoch(trainer: L.Trainer) -> bool:
+    """In ``on_train_epoch_end``: whether the fit loop stops after this epoch (Lightning's own check,
+    ``fit_loop.done``, changes the loop's state when it answers, so it is not called here)."""
+    loop = trainer.fit_loop
+    max_steps, max_epochs = loop.max_steps, loop.max_epochs
+    return (trainer.should_stop or (max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps)
+            or (max_epochs is not None and max_epochs >= 0 and loop.epoch_progress.current.processed >= max_epochs))

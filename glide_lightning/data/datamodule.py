@@ -131,9 +131,15 @@ def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
 
 
 class StreamLoader(DataLoader):
-    """A DataLoader over an :class:`ImageTextStream` that sets the stream's epoch before each
-    pass (also in persistent workers), raises if a pass yields no batch at all, never draws from
+    """A DataLoader over an :class:`ImageTextStream` that numbers its passes (epochs: set in the
+    stream, also in persistent workers), raises if a pass yields no batch at all, never draws from
     the global RNG, and, for training, records where the stream stands.
+
+    **Epochs.** The first pass takes its epoch from a resumed state, else from ``epoch_fn`` (the
+    trainer's epoch, for a loader made mid-run), else 0; every later pass is the next epoch. So the
+    stream, not Lightning's epoch counter, says which data comes next: a run stopped by
+    ``max_steps`` mid-epoch is resumed by Lightning at the next epoch, but its data continues the
+    unfinished one, as an uninterrupted run's would.
 
     **Resume.** Training batches carry their ``stream_position``; whoever trains on a batch hands
     it to :meth:`mark_consumed` (:class:`GlideDataModule` does so in ``on_before_batch_transfer``,
@@ -148,7 +154,7 @@ class StreamLoader(DataLoader):
 
     Args:
         dataset: The stream (any dataset works; the extras apply to streams only).
-        epoch_fn: Returns the epoch of the pass about to start (None: count the passes).
+        epoch_fn: Returns the trainer's epoch (for the first pass of a loader made mid-run).
         step_fn: Returns the batches trained so far in the run (resumable training loaders).
         gather_fn: All-gathers an int64 tensor ``[L]`` from every rank into ``[world_size, L]``.
         rank_fn: Returns ``(rank, world_size)``.
@@ -168,25 +174,26 @@ class StreamLoader(DataLoader):
         self.epoch_fn, self.step_fn, self.gather_fn = epoch_fn, step_fn, gather_fn
         self.rank_fn = rank_fn or (lambda: (0, 1))
         self._passes = 0
-        self._epoch = 0  # of the consumed positions below
+        self._epoch = 0  # of the current pass, and of the consumed positions below
         self._consumed = 0  # batches trained on in that epoch
         self._positions: dict[int, StreamPosition] = {}  # logical worker -> after its last trained batch
-        self._pending: dict[str, int | dict[int, StreamPosition]] | None = None  # a loaded state, for the next pass
-        self._loaded = False
+        self._pending: dict[str, Any] | None = None  # a loaded state, for the first pass
 
     @property
     def workers(self) -> int:
         return max(1, self.num_workers)
 
     def __iter__(self) -> Iterator[Any]:
-        epoch = self.epoch_fn() if self.epoch_fn is not None else None
-        epoch = self._passes if epoch is None else epoch
         stream = self.dataset if isinstance(self.dataset, ImageTextStream) else None
-        if stream is not None and stream.train and self._passes == 0:
-            epoch = self._prepare_resume(stream, epoch)
+        if self._passes:
+            epoch = self._epoch + 1
+        else:
+            epoch = (self.epoch_fn() if self.epoch_fn is not None else None) or 0
+            if stream is not None and stream.train:
+                epoch = self._prepare_resume(stream, epoch)
         if stream is not None:
             stream.set_epoch(epoch)
-        if self._epoch != epoch:
+        if self._epoch != epoch:  # a new epoch (a resumed one keeps the positions _prepare_resume set)
             self._epoch, self._consumed, self._positions = epoch, 0, {}
         self._passes += 1
         return self._checked(super().__iter__())
@@ -195,24 +202,18 @@ class StreamLoader(DataLoader):
         """Before the first pass (and before worker processes copy the stream): continue from the
         loaded state, or restart from a step-derived seed, or start afresh. Returns the pass's epoch."""
         pending, self._pending = self._pending, None
-        if pending is None:
-            done = self.step_fn() if self.step_fn is not None else 0
-            if done:
+        if pending is None or "epoch" not in pending:
+            done = pending["restart"] if pending else (self.step_fn() if self.step_fn is not None else 0)
+            if pending is None and done:
                 log.warning("the checkpoint holds no data-stream state (written by an older version): the training "
                             "stream restarts from a new seed derived from batch %d, not from the beginning", done)
-                stream.resume(None, restart=done)
+            stream.resume(None, restart=done)
             return epoch
-        saved_epoch, consumed = int(pending["epoch"]), int(pending["consumed"])
-        positions = pending["positions"]
-        assert isinstance(positions, dict)
+        saved_epoch, consumed, positions = pending["epoch"], pending["consumed"], pending["positions"]
         if stream.batches_per_epoch is not None and consumed >= stream.batches_per_epoch:
-            # saved after the last batch of its epoch: Lightning asks for this pass while its epoch
-            # counter still says the finished epoch, and then trains the pass as the next one
-            saved_epoch, consumed, positions = saved_epoch + 1, 0, {}
-        if saved_epoch < epoch:  # restarted (another world size or worker count): a fresh epoch
-            saved_epoch, consumed, positions = epoch, 0, {}
+            saved_epoch, consumed, positions = saved_epoch + 1, 0, {}  # saved after the last batch of its epoch
         self._epoch, self._consumed, self._positions = saved_epoch, consumed, dict(positions)
-        stream.resume(StreamResume(saved_epoch, consumed % self.workers, dict(positions)), restart=int(pending["restart"]))
+        stream.resume(StreamResume(saved_epoch, consumed % self.workers, dict(positions)), restart=pending["restart"])
         return saved_epoch
 
     def _checked(self, batches: Iterator[Any]) -> Iterator[Any]:
@@ -258,7 +259,6 @@ class StreamLoader(DataLoader):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` at the next pass (see the class docstring)."""
         rank, world_size = self.rank_fn()
-        self._loaded = True
         if state.get("format") != self.STATE_FORMAT:
             raise ValueError(f"unknown data-stream state format {state.get('format')!r} (expected "
                              f"{self.STATE_FORMAT}): was the checkpoint written by a newer glide_lightning?")
@@ -267,7 +267,7 @@ class StreamLoader(DataLoader):
             log.warning("resuming with %d rank(s) x %d loader worker(s) where the checkpoint had %d x %d: the training "
                         "stream restarts from a new seed derived from batch %d (not from the beginning)",
                         world_size, self.workers, state["world_size"], state["num_workers"], done)
-            self._pending = {"epoch": -1, "consumed": 0, "restart": done, "positions": {}}
+            self._pending = {"restart": done}
             return
         own = state["ranks"][rank]
         positions = {int(w): StreamPosition.from_list(p) for w, p in own["positions"].items()}

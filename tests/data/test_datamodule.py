@@ -310,14 +310,15 @@ def test_fit_end_to_end(bad_dir: tuple[Path, list[str]], train_dir: Path) -> Non
     assert [k for keys in model.val_keys for k in keys] == ALL_KEYS[:8] * 2  # once per validation run
 
 
-def fit_recording(train_dir: Path, ckpt_dir: Path, max_steps: int, workers: int,
-                  ckpt_path: Path | None = None) -> tuple[list[list[str]], torch.Tensor]:
-    """Fit a Recorder with a checkpoint at every step; the batch keys it trained on and its weight.
+def fit_recording(train_dir: Path, ckpt_dir: Path, max_steps: int, workers: int, ckpt_path: Path | None = None,
+                  samples_per_epoch: int | None = 15) -> tuple[list[list[str]], torch.Tensor]:
+    """Fit a Recorder with a checkpoint at every step and one at the end (``end.ckpt``, saved after
+    ``fit`` returns, as a run's last checkpoint is); the batch keys it trained on and its weight.
     Epochs of 5 batches (samples_per_epoch 15, batch 3), so 12 steps cross two epoch boundaries."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     dm = GlideDataModule(train_shards=str(train_dir), image_size=16, batch_size=3, text_ctx=8, num_workers=workers,
-                         samples_per_epoch=15, shuffle_buffer=7, seed=3)
+                         samples_per_epoch=samples_per_epoch, shuffle_buffer=7, seed=3)
     model = Recorder()
     checkpoints = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)
     fit = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -325,6 +326,7 @@ def fit_recording(train_dir: Path, ckpt_dir: Path, max_steps: int, workers: int,
     with time_limit(120):
         fit.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     assert fit.global_step == max_steps
+    fit.save_checkpoint(ckpt_dir / "end.ckpt")
     return model.train_keys, model.weight.detach().clone()
 
 
@@ -340,6 +342,18 @@ def test_resume_continues_the_stream_exactly(train_dir: Path, tmp_path: Path, wo
                                                 ckpt_path=tmp_path / f"full/step={k}.ckpt")
         assert resumed == keys[k:], f"resumed at step {k}"
         assert torch.equal(resumed_weight, weight)
+
+
+@pytest.mark.parametrize("samples_per_epoch", [None, 15])
+def test_a_run_stopped_by_max_steps_continues_its_unfinished_epoch(train_dir: Path, tmp_path: Path,
+                                                                   samples_per_epoch: int | None) -> None:
+    """Stopped by max_steps, Lightning saves its loops with the epoch finished and resumes at the next
+    one; the data continues the unfinished epoch, as in the uninterrupted run."""
+    keys, weight = fit_recording(train_dir, tmp_path / "full", 7, 2, samples_per_epoch=samples_per_epoch)
+    first, _ = fit_recording(train_dir, tmp_path / "first", 3, 2, samples_per_epoch=samples_per_epoch)
+    rest, rest_weight = fit_recording(train_dir, tmp_path / "rest", 7, 2, ckpt_path=tmp_path / "first/end.ckpt",
+                                      samples_per_epoch=samples_per_epoch)
+    assert first + rest == keys and torch.equal(rest_weight, weight)
 
 
 def test_resume_with_another_worker_count_restarts_from_a_step_seed(
