@@ -24,7 +24,7 @@ from glide_lightning.evaluation.fid_cli import FIDCommand, SweepCommand
 from glide_lightning.evaluation.report import CompareCommand
 from glide_lightning.evaluation.sample_cli import SampleCommand
 
-__all__ = ["COMMANDS", "TRAINING_COMMANDS", "build_parser", "main", "parse"]
+__all__ = ["COMMANDS", "TRAINING_COMMANDS", "build_parser", "command_parser", "main", "parse"]
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the fields' docstrings in --help
 
@@ -37,18 +37,25 @@ TRAINING_COMMANDS = {"fit": "train a model (LightningCLI): python -m glide_light
                                  "--config ... --ckpt_path ..."}
 
 
+def command_parser(name: str) -> ArgumentParser:
+    """The parser of one :data:`COMMANDS` entry: its dataclass's fields, docstrings and defaults."""
+    command = COMMANDS[name]
+    doc = " ".join((command.__doc__ or "").split())
+    parser = ArgumentParser(prog=f"python -m glide_lightning {name}", description=doc)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (later flags win)")
+    parser.add_class_arguments(command, fail_untyped=True)
+    return parser
+
+
 def build_parser() -> ArgumentParser:
     """The parser of every command but ``fit`` / ``validate`` (listed in its help, handed to LightningCLI)."""
     parser = ArgumentParser(prog="python -m glide_lightning", description=__doc__.split("\n\n")[0])
     subcommands = parser.add_subcommands(dest="command", required=True)
     for name, help_text in TRAINING_COMMANDS.items():
         subcommands.add_subcommand(name, ArgumentParser(description=help_text), help=help_text)
-    for name, command in COMMANDS.items():
-        doc = " ".join((command.__doc__ or "").split())
-        sub = ArgumentParser(prog=f"python -m glide_lightning {name}", description=doc)
-        sub.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (later flags win)")
-        sub.add_class_arguments(command, fail_untyped=True)
-        subcommands.add_subcommand(name, sub, help=re.split(r"[.:;] ", doc)[0])
+    for name in COMMANDS:
+        sub = command_parser(name)
+        subcommands.add_subcommand(name, sub, help=re.split(r"[.:;] ", sub.description or "")[0])
     return parser
 
 
@@ -58,14 +65,13 @@ def parse(argv: list[str]) -> Any:
     parser = build_parser()
     config = parser.parse_args(argv)
     name = config.command
-    sub = parser._subcommands_action._name_parser_map[name]  # for errors in the command's own usage
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     try:
         made: Namespace = instantiate(config)[name]
         command = COMMANDS[name]
         return command(**{f.name: made[f.name] for f in dataclasses.fields(command) if f.init})
     except ValueError as error:
-        sub.error(f"{name}: {error}")
+        command_parser(name).error(f"{name}: {error}")  # the command's own usage, then the broken rules
 
 
 def main(argv: list[str] | None = None) -> Any:

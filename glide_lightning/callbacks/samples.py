@@ -66,7 +66,7 @@ class SampleGrid(OptimizerStepCallback):
 
     Args:
         prompts: captions of the grid's rows.
-        guidance_scales: the grid's columns.
+        guidance_scales: the grid's columns (default: ``DEFAULT_GUIDANCE_SWEEP``, the one sweep list).
         every_n_steps: optimizer steps between grids.
         seed: seed of the first row (row i uses seed + i, the same in every column).
         sampling: sampler, steps, η, batch size (its ``guidance_scale`` is replaced by each column's);
