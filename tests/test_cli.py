@@ -449,6 +449,16 @@ def test_readme_quick_start_runs_as_written_on_a_fresh_checkout(tmp_path):
     assert all(f"| {s} |" in sweep for s in (1, 3, 6, 12)) and "NOT a real FID" in sweep
     report = (checkout / "reports/smoke.md").read_text()
     assert "| smoke | hybrid | learned_range | 3 |" in report and "FID@12" in report
+    # RUN= evaluates a run by its directory name (one started with --run.name), EXP= picks the settings
+    shutil.copytree(checkout / "runs/smoke/checkpoints", checkout / "runs/renamed/checkpoints")
+    run = subprocess.run(["make", "-s", "fid", "RUN=renamed", "EXP=smoke", f"VENV={venv}", f"PY={sys.executable}",
+                          *TINY["sweep"]], cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "1 scale(s) x 8 captions" in run.stderr  # fid: the sampling default scale alone
+    assert (checkout / "runs/renamed/fid/res32_ddpm2_n8/results.json").is_file()
+    run = subprocess.run(["make", "-s", "fid", "RUN=nope", f"VENV={venv}"], cwd=checkout, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode != 0 and "no run directory runs/nope" in run.stderr and "renamed" in run.stderr
 
 
 def test_busy_wandb_id_is_retried_then_replaced(tmp_path, monkeypatch):
