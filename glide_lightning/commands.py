@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import re
 import sys
+from collections import Counter
 from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
@@ -65,6 +66,11 @@ def parse(argv: list[str]) -> Any:
     parser = build_parser()
     config = parser.parse_args(argv)
     name = config.command
+    repeated = _repeated_list_options(COMMANDS[name], argv)
+    if repeated:
+        command_parser(name).error("; ".join(f"--{o} is given more than once, and a later one would replace the "
+                                             f"earlier: add the others with --{o}+ VALUE (or --{o} '[a, b]')"
+                                             for o in repeated))
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     try:
         made: Namespace = instantiate(config)[name]
@@ -72,6 +78,14 @@ def parse(argv: list[str]) -> Any:
         return command(**{f.name: made[f.name] for f in dataclasses.fields(command) if f.init})
     except ValueError as error:
         command_parser(name).error(f"{name}: {error}")  # the command's own usage, then the broken rules
+
+
+def _repeated_list_options(command: type, argv: list[str]) -> list[str]:
+    """List-valued fields set twice with a plain ``--name`` (argparse's ``append`` habit): jsonargparse
+    keeps the last value only, so ``--prompt a --prompt b`` would silently sample ``b`` alone."""
+    lists = {f.name for f in dataclasses.fields(command) if "list[" in str(f.type)}
+    given = Counter(arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--"))
+    return sorted(name for name in lists if given[name] > 1)
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -58,6 +58,7 @@ def test_sweep_scales_default_to_the_one_sweep_list_and_fid_to_the_sampling_scal
     (["sweep", "--ckpt", "m.ckpt", "--sampling.sampler", "ddmi"], "sampling.sampler"),
     (["fid", "--ckpt", "m.ckpt", "--n", "0"], "n must be >= 1"),
     (["bench", "--presets", "[huge]"], "presets"),
+    (["sample", "--ckpt", "m.ckpt", "--prompt", "a", "--prompt", "b"], "--prompt is given more than once"),
 ])
 def test_contradicting_or_unknown_values_fail_at_parse_time_naming_the_field(argv, expected, capsys):
     with pytest.raises(SystemExit) as done:
