@@ -11,24 +11,35 @@ ARGS   ?=
 # extra flags of the synthetic recipe when `make train EXP=smoke` builds data/synthetic (ARGS are the training's)
 SMOKE_DATA_ARGS ?=
 RUNS   ?=
+# fid / sweep evaluate runs/<RUN> (a run named with --run.name), or runs/<EXP> when RUN is not given
+RUN    ?=
 CKPT   ?=
 RES    ?=
+# guidance scales, e.g. SCALES="1.5 3"; empty: the command's default (fid: the sampling default scale,
+# sweep: DEFAULT_GUIDANCE_SWEEP in glide_lightning/sampling.py; the one list of it)
 SCALES ?=
 ifeq ($(EXP),smoke)  # held-out synthetic shapes; random features (no weights to download), labelled as such
-N         ?= 200
+# CPU-sized: 64 images x 4 scales x 25 steps of the tiny model take ~2 min on a laptop CPU
+N         ?= 64
 CAPTIONS  ?= data/synthetic/fid_captions.txt
 REFERENCE ?= data/synthetic/fid_reference
-EVAL_EXTRA ?= --extractor random-conv --clip-model none
+EVAL_EXTRA ?= --extractor random-conv --clip_model none --sampling.steps 25
 endif
 N      ?= 5000
 CAPTIONS  ?= data/mscoco/fid_captions.txt
 REFERENCE ?= data/mscoco/fid_reference
-EVAL_ARGS = --run-dir runs/$(EXP) $(if $(CKPT),--ckpt $(CKPT)) --n $(N) $(if $(RES),--res $(RES)) \
-            --captions $(CAPTIONS) --reference $(REFERENCE) $(EVAL_EXTRA)
+empty :=
+space := $(empty) $(empty)
+comma := ,
+RUN_DIR = runs/$(or $(RUN),$(EXP))
+yaml_list = '[$(subst $(space),$(comma),$(strip $(1)))]'
+EVAL_ARGS = --run_dir $(RUN_DIR) $(if $(CKPT),--ckpt $(CKPT)) --n $(N) $(if $(RES),--res $(RES)) \
+            --captions $(CAPTIONS) --reference $(REFERENCE) $(EVAL_EXTRA) \
+            $(if $(strip $(SCALES)),--scales $(call yaml_list,$(SCALES)))
 EXPERIMENTS := $(sort $(basename $(notdir $(wildcard experiments/*.yaml))))
 RECIPES     := synthetic folder mscoco stanford_dogs sbucaptions
 
-.PHONY: help setup test bench train data fid sweep compare check-exp check-recipe clean
+.PHONY: help setup test bench train data sample fid sweep compare check-exp check-run check-recipe clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -47,7 +58,7 @@ test: setup  ## run the test suite (offline, CPU; GPU-only tests are skipped)
 	$(PY) -m pytest -q
 
 bench: setup  ## time models, training, sampling, data pipeline and FID/CLIP features; writes bench/results.json [ARGS="--repeats 3"]
-	$(PY) -m glide_lightning.bench --out $(BENCH_OUT) $(ARGS)
+	$(PY) -m glide_lightning bench --out $(BENCH_OUT) $(ARGS)
 
 train: check-exp setup  ## train EXP=<experiment> [ARGS="--trainer.max_steps 100 ..."]; resumes its run if it has a checkpoint
 	@if [ "$(EXP)" = smoke ] && ! ls data/synthetic/train-*.tar >/dev/null 2>&1; then \
@@ -55,15 +66,19 @@ train: check-exp setup  ## train EXP=<experiment> [ARGS="--trainer.max_steps 100
 		$(PY) -m data_recipes synthetic --out data/synthetic $(SMOKE_DATA_ARGS); fi
 	$(PY) -m glide_lightning fit --config experiments/$(EXP).yaml $(ARGS)
 
-fid: check-exp setup  ## zero-shot FID + CLIP score: EXP=<run> [CKPT=] [N=5000] [SCALES="1.5 3"] [RES=64|256] [ARGS="--upsampler upsample.pt"]
-	$(PY) -m glide_lightning fid $(EVAL_ARGS) $(if $(SCALES),--scales $(SCALES)) $(ARGS)
+sample: setup  ## images from prompts: ARGS='--ckpt runs/smoke/checkpoints/last.ckpt --prompt "a large red circle"'
+	$(PY) -m glide_lightning sample $(ARGS)
 
-sweep: check-exp setup  ## FID and CLIP score per guidance scale, table and trade-off plot: EXP=<run> [SCALES=...]
-	$(PY) -m glide_lightning sweep $(EVAL_ARGS) --scales $(or $(SCALES),1 2 3 4 6 8 12) $(ARGS)
+fid: check-run setup  ## zero-shot FID + CLIP score: EXP=<experiment> or RUN=<run name> [CKPT=] [N=5000] [SCALES="1.5 3"] [RES=64|256] [ARGS="--upsampler upsample.pt"]
+	$(PY) -m glide_lightning fid $(EVAL_ARGS) $(ARGS)
+
+sweep: check-run setup  ## FID and CLIP score per guidance scale, table and trade-off plot: EXP=<experiment> or RUN=<run name> [SCALES=...]
+	$(PY) -m glide_lightning sweep $(EVAL_ARGS) $(ARGS)
 
 compare: setup  ## ablation report from the runs' own files: RUNS="minig_simple minig_hybrid"
 	@if [ -z "$(RUNS)" ]; then echo 'use RUNS="<run> <run> ..." (directories under runs/)' >&2; exit 2; fi
-	$(PY) -m glide_lightning compare $(addprefix runs/,$(RUNS)) --out reports/$(subst $(eval) ,_vs_,$(strip $(RUNS))).md $(ARGS)
+	$(PY) -m glide_lightning compare --runs $(call yaml_list,$(addprefix runs/,$(RUNS))) \
+		--out reports/$(subst $(space),_vs_,$(strip $(RUNS))).md $(ARGS)
 
 data: check-recipe setup  ## build shards: RECIPE=<recipe> [ARGS="..."] (python -m data_recipes RECIPE --help)
 	$(PY) -m data_recipes $(RECIPE) $(if $(filter synthetic,$(RECIPE)),$(or $(ARGS),--out data/synthetic),$(ARGS))
@@ -71,6 +86,11 @@ data: check-recipe setup  ## build shards: RECIPE=<recipe> [ARGS="..."] (python 
 check-exp:
 	@if [ -z "$(EXP)" ] || [ ! -f "experiments/$(EXP).yaml" ]; then \
 		echo "unknown experiment '$(EXP)': use EXP=<name> with one of: $(EXPERIMENTS)" >&2; exit 2; fi
+
+check-run:
+	@if [ -n "$(RUN)" ]; then if [ ! -d "runs/$(RUN)" ]; then \
+		echo "no run directory runs/$(RUN): use RUN=<one of: $$(ls runs 2>/dev/null | tr '\n' ' ')>" >&2; exit 2; fi; \
+	else $(MAKE) -s check-exp EXP="$(EXP)"; fi
 
 check-recipe:
 	@if [ -z "$(filter $(RECIPE),$(RECIPES))" ] || [ -z "$(RECIPE)" ]; then \

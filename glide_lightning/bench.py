@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m glide_lightning.bench --out bench/results.json`` (``make bench``).
+"""Benchmarks: ``python -m glide_lightning bench --out bench/results.json`` (``make bench``).
 
 For each model preset (the smoke experiment's tiny model and miniGLIDE, read from
 ``experiments/parts``) it times, per image: the forward pass (contiguous and channels-last), a full
@@ -12,15 +12,14 @@ JSON file. Timings on a shared machine are noisy: compare figures from one run o
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import yaml
@@ -107,14 +106,16 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
     return result
 
 
-def bench_data_pipeline(repeats: int, image_size: int = 64, samples: int = 384) -> dict[str, object]:
+def bench_data_pipeline(repeats: int, preset: str = "minig", samples: int = 384) -> dict[str, object]:
     """Images/second of the data pipeline alone on generated shards: 256 px JPEGs (photo-like
-    decoding cost) resized to ``image_size`` and tokenized with the CLIP BPE, in one process and
-    with 2 workers."""
+    decoding cost) resized to the ``preset``'s image size and tokenized with the CLIP BPE to its
+    text context, in one process and with 2 workers."""
     from glide_lightning.data import measure_pipeline
     from glide_lightning.data.shards import write_shards
     from glide_lightning.data.synthetic import synthetic_samples
 
+    config = preset_config(preset)
+    image_size = config.image_size
     result: dict[str, object] = {"image_size": image_size, "source": "synthetic recipe, 256 px JPEG",
                                  "samples": samples}
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,7 +123,8 @@ def bench_data_pipeline(repeats: int, image_size: int = 64, samples: int = 384) 
                      image_format="jpg")
         shards = f"{tmp}/train-{{000000..000003}}.tar"
         for workers in (0, 2):
-            runs = [measure_pipeline(shards, image_size=image_size, num_workers=workers, val_batch_size=32)
+            runs = [measure_pipeline(shards, image_size=image_size, tokenizer="clip", text_ctx=config.text_ctx,
+                                     bpe_dir=None, num_workers=workers, val_batch_size=32)
                     for _ in range(repeats)]
             result[f"images_per_s_workers{workers}"] = statistics.median(runs)
             result[f"images_per_s_workers{workers}_runs"] = runs
@@ -155,43 +157,58 @@ def bench_features(repeats: int, batch: int = 32, image_size: int = 64) -> dict[
     return result
 
 
-def main(argv: list[str] | None = None) -> dict[str, object]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/results.json"), help="JSON file to write")
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--skip-data", action="store_true", help="do not benchmark the data pipeline")
-    parser.add_argument("--sample-steps", type=int, default=25,
-                        help="guided sampling steps timed (the 100-step rate is scaled from it; 100 measures it)")
-    parser.add_argument("--skip-features", action="store_true", help="do not benchmark the FID / CLIP extractors")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    report: dict[str, object] = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "device": str(device),
-                    "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "repeats": args.repeats,
-        "models": {},
-    }
-    for name in args.presets:
-        print(f"benchmarking {name} …", flush=True)
-        report["models"][name] = bench_model(name, args.repeats, device, args.sample_steps)  # type: ignore[index]
-        summary = {k: v for k, v in report["models"][name].items() if k.endswith(("_per_image", "speedup", "per_s", "steps"))}  # type: ignore[index]
-        print(json.dumps({name: summary}, indent=1), flush=True)
-    if not args.skip_features:
-        print("benchmarking the feature extractors …", flush=True)
-        report["features"] = bench_features(args.repeats)
-        print(json.dumps({k: v for k, v in report["features"].items() if k.endswith("per_s")}), flush=True)
-    if not args.skip_data:
-        print("benchmarking the data pipeline …", flush=True)
-        report["data_pipeline"] = bench_data_pipeline(args.repeats)
-        print(json.dumps({k: v for k, v in report["data_pipeline"].items() if not k.endswith("runs")}), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
-    return report
+@dataclass
+class BenchCommand:
+    """Time the model presets (forward, training step, guided sampling), the feature extractors and the
+    data pipeline; medians of several runs, written with the machine's description to a JSON file."""
 
+    out: str = "bench/results.json"
+    """The JSON file to write."""
+    presets: list[Literal["tiny", "minig"]] = field(default_factory=lambda: ["tiny", "minig"])
+    """Model presets to time (the experiments' ``parts/tiny_model.yaml`` and ``parts/minig_model.yaml``)."""
+    repeats: int = 5
+    """Timed runs per measurement (the median is reported)."""
+    device: str = "auto"
+    """``cuda``, ``cpu``, … (auto: cuda when available)."""
+    skip_data: bool = False
+    """Do not benchmark the data pipeline."""
+    sample_steps: int = 25
+    """Guided sampling steps timed (the 100-step rate is scaled from it; 100 measures it)."""
+    skip_features: bool = False
+    """Do not benchmark the FID / CLIP feature extractors."""
 
-if __name__ == "__main__":
-    main()
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.sample_steps < 1 or not self.presets:
+            raise ValueError(f"repeats and sample_steps must be >= 1 and presets non-empty, got "
+                             f"repeats={self.repeats}, "
+                             f"sample_steps={self.sample_steps}, presets={self.presets}")
+
+    def run(self) -> dict[str, object]:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" \
+            else torch.device(self.device)
+        report: dict[str, object] = {
+            "machine": {"platform": platform.platform(), "processor": platform.processor(), "device": str(device),
+                        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                        "torch": torch.__version__, "threads": torch.get_num_threads()},
+            "repeats": self.repeats,
+            "models": {},
+        }
+        for name in self.presets:
+            print(f"benchmarking {name} …", flush=True)
+            report["models"][name] = bench_model(name, self.repeats, device, self.sample_steps)  # type: ignore[index]
+            summary = {k: v for k, v in report["models"][name].items()  # type: ignore[index]
+                       if k.endswith(("_per_image", "speedup", "per_s", "steps"))}
+            print(json.dumps({name: summary}, indent=1), flush=True)
+        if not self.skip_features:
+            print("benchmarking the feature extractors …", flush=True)
+            report["features"] = bench_features(self.repeats)
+            print(json.dumps({k: v for k, v in report["features"].items() if k.endswith("per_s")}), flush=True)
+        if not self.skip_data:
+            print("benchmarking the data pipeline …", flush=True)
+            report["data_pipeline"] = bench_data_pipeline(self.repeats)
+            print(json.dumps({k: v for k, v in report["data_pipeline"].items() if not k.endswith("runs")}), flush=True)
+        out = Path(self.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+        print(f"wrote {out}")
+        return report

@@ -74,6 +74,7 @@ class GlideCLI(LightningCLI):
         parser.add_class_arguments(RunConfig, "run")
         # the model owns these knobs; the data module follows
         parser.link_arguments("model.tokenizer", "data.tokenizer")
+        parser.link_arguments("model.bpe_dir", "data.bpe_dir")
         parser.link_arguments("model.model.text_ctx", "data.text_ctx")
         parser.link_arguments("model.model.image_size", "data.image_size")
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -56,6 +56,9 @@ class GlideModule(L.LightningModule):
         tokenizer: the caption tokenizer (``clip`` for new models; ``gpt2`` for glide-text2im's
             checkpoints). The data module uses the same one; the module needs it for the empty
             caption and for sampling from prompts.
+        bpe_dir: directory with GPT-2's ``encoder.json`` and ``vocab.bpe`` (``gpt2`` only; None:
+            ``$GLIDE_GPT2_BPE_DIR``, else tiktoken's download). The data module gets the same one. A
+            path on this machine, so it is not part of the checkpoint's hyper-parameters.
         cond_drop_prob: probability of replacing a caption by the empty caption (classifier-free
             guidance; GLIDE: 0.2).
         timestep_sampler: ``uniform`` or Improved DDPM's ``loss_aware`` importance sampling.
@@ -77,6 +80,7 @@ class GlideModule(L.LightningModule):
         diffusion: DiffusionConfig = DiffusionConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
         tokenizer: TokenizerName = "clip",
+        bpe_dir: str | None = None,
         cond_drop_prob: float = 0.2,
         timestep_sampler: TimestepSamplerName = "uniform",
         init_from: str | None = None,
@@ -91,7 +95,7 @@ class GlideModule(L.LightningModule):
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
-        self.tokenizer = check_trainable(model, diffusion, tokenizer)
+        self.tokenizer = check_trainable(model, diffusion, tokenizer, bpe_dir)
         self.save_hyperparameters({"model": model.to_dict(), "diffusion": asdict(diffusion),
                                    "optimizer": asdict(optimizer), "tokenizer": tokenizer,
                                    "cond_drop_prob": cond_drop_prob, "timestep_sampler": timestep_sampler,
@@ -242,7 +246,8 @@ class GlideModule(L.LightningModule):
         return self.wall_time_s + session
 
 
-def check_trainable(model: ModelConfig, diffusion: DiffusionConfig, tokenizer: TokenizerName) -> Any:
+def check_trainable(model: ModelConfig, diffusion: DiffusionConfig, tokenizer: TokenizerName,
+                    bpe_dir: str | None = None) -> Any:
     """The tokenizer, once the settings are known to train together (errors name the field and the fix)."""
     if model.kind != "base":
         raise ValueError(f"model.kind {model.kind!r} cannot be trained yet: GlideModule trains text-to-image base "
@@ -252,7 +257,8 @@ def check_trainable(model: ModelConfig, diffusion: DiffusionConfig, tokenizer: T
         raise ValueError("model.diffusion.variance_type 'learned_range' needs model.model.learn_sigma: true "
                          "(6 output channels), or a fixed variance_type with loss_type simple or p2")
     try:
-        built = build_tokenizer(tokenizer, text_ctx=model.text_ctx)
+        files = {"bpe_dir": bpe_dir} if tokenizer == "gpt2" else {}
+        built = build_tokenizer(tokenizer, text_ctx=model.text_ctx, **files)
     except ValueError as error:
         raise ValueError(f"model.model.text_ctx {model.text_ctx} does not suit tokenizer {tokenizer!r}: {error}") \
             from None

@@ -41,8 +41,8 @@ from glide_lightning.models import (
 )
 from glide_lightning.models.glide_text2im import detect_glide_kind
 
-__all__ = ["RELEASED_MODELS", "ReleasedModel", "SamplingConfig", "SamplingModel", "Weights", "generate",
-           "load_checkpoint", "released_model", "sample_generators"]
+__all__ = ["DEFAULT_GUIDANCE_SWEEP", "RELEASED_MODELS", "ReleasedModel", "SamplingConfig", "SamplingModel", "Weights",
+           "generate", "load_checkpoint", "released_model", "sample_generators"]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,12 @@ class SamplingConfig:
             problems.append(f"upsample_temp must be > 0 (GLIDE: 0.997), got {self.upsample_temp}")
         if problems:
             raise ValueError("bad sampling options:\n  - " + "\n  - ".join(problems))
+
+
+DEFAULT_GUIDANCE_SWEEP: tuple[float, ...] = (1.0, 3.0, 6.0, 12.0)
+"""The guidance scales swept by default (GLIDE / dogGLIDE's 1 / 3 / 6 / 12): the columns of
+:class:`~glide_lightning.callbacks.SampleGrid` and the scales of the ``sweep`` command (and so of
+``make sweep``); the one place this list is written."""
 
 
 @dataclass

@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from glide_lightning import bench
+from glide_lightning.commands import main as glide_main
 
 
 def test_bench_writes_per_image_medians(tmp_path):
     out = tmp_path / "results.json"
-    bench.main(["--out", str(out), "--presets", "tiny", "--repeats", "1", "--sample-steps", "4", "--skip-features"])
+    glide_main(["bench", "--out", str(out), "--presets", "[tiny]", "--repeats", "1", "--sample_steps", "4",
+                "--skip_features", "true"])
     report = json.loads(out.read_text())
     tiny = report["models"]["tiny"]
     assert report["machine"]["torch"] == torch.__version__

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -226,10 +227,10 @@ def test_preempted_run_trains_on_the_batches_and_ends_in_the_state_of_an_uninter
              "--trainer.limit_val_batches", "1", "--trainer.max_steps", "12"]
     callbacks = [{"class_path": "glide_lightning.callbacks.SampleGrid",
                   "init_args": {"prompts": ["a large red circle"], "guidance_scales": [1.0, 3.0], "every_n_steps": 3,
-                                "steps": "2"}},
+                                "sampling": {"steps": "2"}}},
                  {"class_path": "glide_lightning.callbacks.GenerationMetrics",
                   "init_args": {"num_samples": 4, "guidance_scales": [3.0], "extractor": "random-conv",
-                                "adherence": True, "steps": "2"}}]
+                                "adherence": True, "sampling": {"steps": "2"}}}]
 
     def run(name: str, kill_after: int | None, *more: str) -> subprocess.CompletedProcess:
         probes = [*callbacks, {"class_path": "glide_test_probes.StepKeys",
@@ -411,6 +412,55 @@ def test_make_train_smoke_on_a_fresh_checkout_builds_data_and_stops_at_max_time(
     last = torch.load(tmp_path / "runs/smoke/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert list((tmp_path / "runs/smoke/checkpoints").glob("step*.ckpt")), "periodic saves came before the stop"
     assert 5 < steps_run < 100000 and last["global_step"] == steps_run, "max_time saves the step it reached"
+
+
+def readme_block(after: str) -> list[str]:
+    """The commands of the README's first bash block after the text ``after`` (comments dropped)."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("```bash\n", text.index(after)) + len("```bash\n")
+    lines = (line.split("#")[0].strip() for line in text[start:text.index("```", start)].splitlines())
+    return [line for line in lines if line]
+
+
+# make variables that shrink each quick-start command to seconds; the commands themselves are the README's
+TINY = {"train": ["SMOKE_DATA_ARGS=--train 40 --val 8 --image-size 32 --max-per-shard 20",
+                  "ARGS=--trainer.max_steps 3 --data.batch_size 4 --data.num_workers 0 --trainer.limit_val_batches 0 "
+                  "--trainer.log_every_n_steps 1 --trainer.enable_progress_bar false"],
+        "sweep": ["N=8"],  # ARGS (the cache dir) added in the test
+        "compare": []}
+
+
+def test_readme_quick_start_runs_as_written_on_a_fresh_checkout(tmp_path):
+    checkout = fresh_checkout(tmp_path)
+    venv = tmp_path / "venv"  # `make setup` is up to date: this interpreter already has everything
+    venv.mkdir()
+    (venv / ".installed").touch()
+    env = {**cli_env(tmp_path), "PYTHONPATH": str(checkout)}
+    commands = readme_block("Then, on any machine")
+    assert [c.split()[:2] for c in commands] == [["make", "train"], ["make", "sweep"], ["make", "compare"]]
+    TINY["sweep"].append(f"ARGS=--sampling.steps 2 --sampling.batch_size 8 --cache_dir {tmp_path / 'cache'}")
+    for command in commands:
+        target = command.split()[1]
+        run = subprocess.run([*shlex.split(command), "-s", f"VENV={venv}", f"PY={sys.executable}", *TINY[target]],
+                             cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, f"{command}:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}"
+        if target == "sweep":  # the command's own default scales (4: the Makefile has no list), announced first
+            assert "4 scale(s) x 8 captions, ddpm 2 steps: 32 images to generate" in run.stderr
+            assert "about" in run.stderr and "left" in run.stderr
+    sweep = (checkout / "runs/smoke/fid/res32_ddpm2_n8/sweep.md").read_text()
+    assert all(f"| {s} |" in sweep for s in (1, 3, 6, 12)) and "NOT a real FID" in sweep
+    report = (checkout / "reports/smoke.md").read_text()
+    assert "| smoke | hybrid | learned_range | 3 |" in report and "FID@12" in report
+    # RUN= evaluates a run by its directory name (one started with --run.name), EXP= picks the settings
+    shutil.copytree(checkout / "runs/smoke/checkpoints", checkout / "runs/renamed/checkpoints")
+    run = subprocess.run(["make", "-s", "fid", "RUN=renamed", "EXP=smoke", f"VENV={venv}", f"PY={sys.executable}",
+                          *TINY["sweep"]], cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "1 scale(s) x 8 captions" in run.stderr  # fid: the sampling default scale alone
+    assert (checkout / "runs/renamed/fid/res32_ddpm2_n8/results.json").is_file()
+    run = subprocess.run(["make", "-s", "fid", "RUN=nope", f"VENV={venv}"], cwd=checkout, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode != 0 and "no run directory runs/nope" in run.stderr and "renamed" in run.stderr
 
 
 def test_busy_wandb_id_is_retried_then_replaced(tmp_path, monkeypatch):

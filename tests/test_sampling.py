@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
 from glide_lightning.data import GlideDataModule
 from glide_lightning.data.images import read_png_metadata
-from glide_lightning.evaluation.sample_cli import main as sample_main
+from glide_lightning.commands import main as glide_main
 from glide_lightning.models import CheckpointMismatchError
 from glide_lightning.models.glide_text2im import glide_config
 from glide_lightning.sampling import RELEASED_MODELS, SamplingConfig, generate, load_checkpoint, released_model
@@ -39,9 +39,10 @@ def test_guidance_changes_images_and_scale_one_is_the_conditional_model(tiny_che
 
 
 def test_sample_command_writes_pngs_with_metadata(tiny_checkpoint, tmp_path):
-    out = sample_main(["--ckpt", str(tiny_checkpoint), "--prompt", "a large red circle", "--prompt", "a small blue square",
-                       "--num-per-prompt", "2", "--steps", "4", "--sampler", "ddim", "--seed", "7",
-                       "--guidance-scale", "2.5", "--out", str(tmp_path / "s"), "--device", "cpu"])
+    out = glide_main(["sample", "--ckpt", str(tiny_checkpoint), "--prompt", "a large red circle",
+                      "--prompt+", "a small blue square", "--num_per_prompt", "2", "--sampling.steps", "4",
+                      "--sampling.sampler", "ddim", "--seed", "7", "--sampling.guidance_scale", "2.5",
+                      "--out", str(tmp_path / "s"), "--device", "cpu"])
     files = sorted(p.name for p in out.glob("*.png"))
     assert files == ["0000.png", "0001.png", "0002.png", "0003.png", "grid.png"]
     meta = read_png_metadata(out / "0002.png")
@@ -61,7 +62,8 @@ def fitted_checkpoint(synthetic_shards, make_tiny_module, tmp_path_factory) -> P
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0,
                         callbacks=[EMAWeightAveraging(decay=0.5), checkpoints])
-    dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=32, text_ctx=16, batch_size=4,
+    dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=32, text_ctx=16,
+                         tokenizer="clip", bpe_dir=None, batch_size=4,
                          num_workers=0)
     trainer.fit(make_tiny_module(), datamodule=dm)
     return folder / "last.ckpt"  # saved during training (after fit, Lightning copies the EMA into the model)
@@ -88,8 +90,9 @@ def test_a_trained_checkpoint_loads_ema_or_raw_weights_and_samples(fitted_checkp
 
 def test_sample_command_picks_ema_or_raw_weights(fitted_checkpoint, tmp_path):
     for weights in ("ema", "raw"):
-        out = sample_main(["--ckpt", str(fitted_checkpoint), "--prompt", "a large red circle", "--steps", "2",
-                           "--weights", weights, "--out", str(tmp_path / weights), "--device", "cpu"])
+        out = glide_main(["sample", "--ckpt", str(fitted_checkpoint), "--prompt", "a large red circle",
+                          "--sampling.steps", "2", "--weights", weights, "--out", str(tmp_path / weights),
+                          "--device", "cpu"])
         expected = "EMA weights" if weights == "ema" else "raw weights"
         assert f"({expected}, step 3)" in read_png_metadata(out / "0000.png")["checkpoint"]
 

@@ -38,19 +38,17 @@ class GenerationMetrics(L.Callback):
         clip_model: open_clip model of the CLIP score (None: no CLIP score).
         clip_pretrained: open_clip pretrained tag or file (None: random weights, labelled).
         adherence: also score text adherence (captions of the synthetic shapes dataset only).
-        sampler: ``ddpm`` or ``ddim`` (None: the sampling default).
-        steps: sampling steps as a respacing (None: the sampling default).
+        sampling: sampler, steps, η, batch size and the default scale (checked when the config is parsed).
         seed: seed of the first sample (sample i uses seed + i at every scale and validation).
     """
 
     def __init__(self, num_samples: int = 64, guidance_scales: list[float] | None = None, every_n_validations: int = 1,
                  extractor: Literal["inception", "random-conv"] = "inception", inception_weights: str | None = None,
                  clip_model: str | None = None, clip_pretrained: str | None = "openai", adherence: bool = False,
-                 sampler: str | None = None, steps: str | None = None, seed: int = 0) -> None:
+                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> None:
         if num_samples < 2 or every_n_validations < 1:
             raise ValueError("GenerationMetrics needs num_samples >= 2 and every_n_validations >= 1")
-        overrides = {k: v for k, v in {"sampler": sampler, "steps": steps}.items() if v is not None}
-        self.config = replace(SamplingConfig(), **overrides)
+        self.config = sampling if isinstance(sampling, SamplingConfig) else SamplingConfig(**sampling)
         self.scales = [float(s) for s in guidance_scales] if guidance_scales else [self.config.guidance_scale]
         self.num_samples, self.every_n_validations, self.seed = num_samples, every_n_validations, seed
         self.extractor_name, self.inception_weights = extractor, inception_weights

@@ -18,7 +18,7 @@ from torch import nn
 
 from glide_lightning.callbacks.steps import OptimizerStepCallback
 from glide_lightning.data.images import image_grid, save_png, to_pil
-from glide_lightning.sampling import SamplingConfig, SamplingModel, generate
+from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, SamplingConfig, SamplingModel, generate
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def check_sampling_steps(owner: str, steps: str, pl_module: Any) -> None:
     except ValueError as error:
         raise ValueError(f"{owner} steps {steps!r} does not fit the model's process of "
                          f"model.diffusion.steps={pl_module.diffusion_config.steps} ({error}): set the callback's "
-                         f"init_args.steps to at most {pl_module.diffusion_config.steps} steps") from None
+                         f"init_args.sampling.steps to at most {pl_module.diffusion_config.steps} steps") from None
 
 
 class SampleGrid(OptimizerStepCallback):
@@ -82,21 +82,21 @@ class SampleGrid(OptimizerStepCallback):
 
     Args:
         prompts: captions of the grid's rows.
-        guidance_scales: the grid's columns.
+        guidance_scales: the grid's columns (default: ``DEFAULT_GUIDANCE_SWEEP``, the one sweep list).
         every_n_steps: optimizer steps between grids.
         seed: seed of the first row (row i uses seed + i, the same in every column).
-        sampler: ``ddpm`` or ``ddim`` (None: the sampling default).
-        steps: sampling steps as a respacing (None: the sampling default).
+        sampling: sampler, steps, η, batch size (its ``guidance_scale`` is replaced by each column's);
+            checked when the config is parsed.
     """
 
-    def __init__(self, prompts: list[str] = DEFAULT_PROMPTS, guidance_scales: list[float] = [1.0, 3.0, 6.0, 12.0],
-                 every_n_steps: int = 1000, seed: int = 0, sampler: str | None = None, steps: str | None = None) -> None:
+    def __init__(self, prompts: list[str] = DEFAULT_PROMPTS,
+                 guidance_scales: list[float] = list(DEFAULT_GUIDANCE_SWEEP), every_n_steps: int = 1000,
+                 seed: int = 0, sampling: SamplingConfig = SamplingConfig()) -> None:
         if not prompts or not guidance_scales or every_n_steps < 1:
             raise ValueError("SampleGrid needs prompts, guidance_scales and every_n_steps >= 1")
         self.prompts, self.scales = list(prompts), [float(s) for s in guidance_scales]
         self.every_n_steps, self.seed = every_n_steps, seed
-        overrides = {k: v for k, v in {"sampler": sampler, "steps": steps}.items() if v is not None}
-        self.config = replace(SamplingConfig(), **overrides)
+        self.config = sampling if isinstance(sampling, SamplingConfig) else SamplingConfig(**sampling)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_sampling_steps("SampleGrid", self.config.steps, pl_module)

@@ -299,15 +299,18 @@ class GlideDataModule(L.LightningDataModule):
             sorted), a list of these, or any URL webdataset opens (``pipe:aws s3 cp
             s3://bucket/x.tar -``, ``https://...``). Required for fitting.
         val_shards: Validation shards, same forms (None: no validation data).
-        image_size: Side of the square training images in pixels.
+        image_size: Side of the square training images in pixels: the model's ``image_size``
+            (the training CLI links ``model.model.image_size`` here; no default of its own).
         resize_mode: ``squish`` resizes the whole image to a square (miniGLIDE);
             ``center_crop`` resizes the short side then crops the centre square.
         caption_key: Where the caption is: a sample extension (``txt``) or a JSON field
             (``json:caption``, dots for nested fields); a list is tried in order.
-        tokenizer: Caption tokenizer: ``clip`` (CLIP BPE, offline) or ``gpt2`` (GLIDE's).
-        text_ctx: Tokens per caption (padded/truncated); must match the model's text context.
-        bpe_dir: Directory with GPT-2's ``encoder.json`` and ``vocab.bpe`` (``gpt2`` only;
-            default ``$GLIDE_GPT2_BPE_DIR``).
+        tokenizer: Caption tokenizer: ``clip`` (CLIP BPE, offline) or ``gpt2`` (GLIDE's): the
+            model's (linked from ``model.tokenizer``).
+        text_ctx: Tokens per caption (padded/truncated): the model's text context (linked from
+            ``model.model.text_ctx``).
+        bpe_dir: Directory with GPT-2's ``encoder.json`` and ``vocab.bpe`` (``gpt2`` only; None:
+            ``$GLIDE_GPT2_BPE_DIR``): the model's (linked from ``model.bpe_dir``).
         batch_size: Training batch size per rank.
         val_batch_size: Validation batch size per rank (None: ``batch_size``).
         num_workers: DataLoader worker processes per rank (0: load in the main process).
@@ -324,12 +327,13 @@ class GlideDataModule(L.LightningDataModule):
         self,
         train_shards: str | list[str] | None = None,
         val_shards: str | list[str] | None = None,
-        image_size: int = 64,
+        *,
+        image_size: int,
+        tokenizer: TokenizerName,
+        text_ctx: int,
+        bpe_dir: str | None,
         resize_mode: ResizeMode = "squish",
         caption_key: str | list[str] = "txt",
-        tokenizer: TokenizerName = "clip",
-        text_ctx: int = 77,
-        bpe_dir: str | None = None,
         batch_size: int = 12,
         val_batch_size: int | None = None,
         num_workers: int = 2,
@@ -342,8 +346,9 @@ class GlideDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         check_choice("resize_mode", resize_mode, RESIZE_MODES)
         check_choice("tokenizer", tokenizer, sorted(TOKENIZERS))
-        for name, value, minimum in (("image_size", image_size, 1), ("batch_size", batch_size, 1),
-                                     ("val_batch_size", val_batch_size, 1), ("num_workers", num_workers, 0),
+        for name, value, minimum in (("image_size", image_size, 1), ("text_ctx", text_ctx, 1),
+                                     ("batch_size", batch_size, 1), ("val_batch_size", val_batch_size, 1),
+                                     ("num_workers", num_workers, 0),
                                      ("shuffle_buffer", shuffle_buffer, 0), ("max_val_samples", max_val_samples, 1),
                                      ("samples_per_epoch", samples_per_epoch, batch_size)):
             if value is not None and value < minimum:

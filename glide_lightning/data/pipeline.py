@@ -276,7 +276,7 @@ class ImageTextStream(IterableDataset):
         name: What the stream is called in messages (e.g. the shard spec).
     """
 
-    def __init__(self, urls: Sequence[str], *, tokenizer: Tokenizer, batch_size: int, image_size: int = 64,
+    def __init__(self, urls: Sequence[str], *, tokenizer: Tokenizer, batch_size: int, image_size: int,
                  resize_mode: ResizeMode = "squish", caption_keys: Sequence[str] = ("txt",), train: bool = False,
                  shuffle_buffer: int = 1000, seed: int = 0, batches_per_epoch: int | None = None,
                  max_samples: int | None = None, rank: int = 0, world_size: int = 1,

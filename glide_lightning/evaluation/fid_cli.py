@@ -3,25 +3,27 @@
 ``fid`` writes ``<out>/results.json`` (and the run's wandb summary); ``sweep`` also writes
 ``sweep.md`` (a table per scale) and ``sweep.png`` (FID against CLIP score, one point per scale, as
 the GLIDE paper's guidance curves). Every figure says how it was computed: N, resolution, scale,
-sampler, steps and the feature extractor, and figures from random weights are labelled so.
+sampler, steps and the feature extractor, and figures from random weights are labelled so. The
+options are the fields of :class:`FIDCommand` / :class:`SweepCommand`, parsed by the front door,
+:mod:`glide_lightning.commands`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from glide_lightning.runs import resolve_wandb_mode
 from glide_lightning.evaluation.fid import ReferenceStatsCache
 from glide_lightning.evaluation.results import ScaleResult
-from glide_lightning.evaluation.sample_cli import add_sampling_arguments, resolve_device, sampling_config
+from glide_lightning.evaluation.sample_cli import resolve_device
 from glide_lightning.evaluation.zero_shot import FIDJob, build_extractor, run
-from glide_lightning.sampling import load_checkpoint
+from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, SamplingConfig, Weights, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -33,67 +35,111 @@ def read_captions(path: str, n: int) -> list[str]:
                                 f"any file with one caption per line works)")
     captions = [line.strip() for line in file.read_text().splitlines() if line.strip()]
     if len(captions) < n:
-        raise ValueError(f"{file} has {len(captions)} captions, fewer than --n {n}")
+        raise ValueError(f"{file} has {len(captions)} captions, fewer than --n {n}: pass a smaller --n or a longer "
+                         f"caption list")
     return captions[:n]
 
 
-def parser_for(command: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m glide_lightning {command}", description=__doc__)
-    parser.add_argument("--ckpt", help="checkpoint (default: <run-dir>/checkpoints/last.ckpt)")
-    parser.add_argument("--run-dir", help="the training run (runs/<experiment>): default checkpoint, output, wandb")
-    parser.add_argument("--captions", default="data/mscoco/fid_captions.txt", help="held-out captions, one per line")
-    parser.add_argument("--reference", default="data/mscoco/fid_reference", help="directory of reference images")
-    parser.add_argument("--n", type=int, default=5000, help="number of captions / generated images")
-    parser.add_argument("--scales", type=float, nargs="+", help="guidance scales (default: the sampling default)")
-    parser.add_argument("--res", type=int, help="evaluation resolution, checked against the model's output (e.g. 64 "
-                        "for a base model, 256 with --upsampler); default: what the model produces")
-    parser.add_argument("--extractor", choices=["inception", "random-conv"], default="inception",
-                        help="inception: the standard FID features; random-conv: no weights needed, NOT a real FID")
-    parser.add_argument("--inception-weights", help="local Inception weights file (offline machines)")
-    parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip model for the CLIP score ('none': skip)")
-    parser.add_argument("--clip-pretrained", default="openai",
-                        help="open_clip pretrained tag or local file ('none': random weights, labelled)")
-    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i at every scale")
-    parser.add_argument("--out", help="output directory (default: <run-dir>/fid or ./fid)")
-    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "glide_lightning" / "fid_reference"),
-                        help="where reference statistics are cached")
-    add_sampling_arguments(parser)
-    return parser
+_NONE = ("none", "None", "")
 
 
-def main(command: str, argv: list[str] | None = None) -> list[ScaleResult] | None:
-    args = parser_for(command).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run_dir = Path(args.run_dir) if args.run_dir else None
-    checkpoint = args.ckpt or (str(run_dir / "checkpoints" / "last.ckpt") if run_dir else None)
-    if checkpoint is None:
-        raise SystemExit("pass --ckpt CKPT or --run-dir runs/<experiment>")
-    device = resolve_device(args.device)
-    sampling = sampling_config(args)
-    base = load_checkpoint(checkpoint, device, weights=args.weights, kind="base")
-    upsampler = load_checkpoint(args.upsampler, device, kind="upsample") if args.upsampler else None
-    res = (upsampler or base).image_size
-    if args.res is not None and args.res != res:
-        hint = " (256 px needs --upsampler, e.g. glide-text2im's upsample.pt)" if args.res > res else ""
-        raise SystemExit(f"--res {args.res}, but {'the upsampler' if upsampler else 'the model'} makes {res} px images{hint}")
-    out = Path(args.out) if args.out else (run_dir / "fid" if run_dir else Path("fid"))
-    out = out / f"res{res}_{sampling.sampler}{sampling.steps}_n{args.n}"
-    none = ("none", "None", "")
-    job = FIDJob(captions=read_captions(args.captions, args.n), reference=args.reference, out_dir=out,
-                 scales=args.scales or [sampling.guidance_scale], sampling=sampling, seed=args.seed,
-                 clip_model=None if args.clip_model in none else args.clip_model,
-                 clip_pretrained=None if args.clip_pretrained in none else args.clip_pretrained)
-    extractor = build_extractor(args.extractor, args.inception_weights, device=str(device))
-    results = run(job, base, extractor, ReferenceStatsCache(args.cache_dir), upsampler=upsampler)
-    if results is None:
-        return None
-    if run_dir is not None:
-        log_to_wandb(run_dir, results)
-    if command == "sweep":
-        write_sweep(out, results)
-    for r in results:
-        print(r.summary_line())
-    return results
+@dataclass
+class FIDCommand:
+    """Zero-shot FID, CLIP score and adherence at each guidance scale: ``<out>/results.json`` and the
+    run's wandb summary. Prints the number of images to generate and an ETA before the work starts."""
+
+    ckpt: str | None = None
+    """Checkpoint to evaluate (default: ``<run_dir>/checkpoints/last.ckpt``)."""
+    run_dir: str | None = None
+    """The training run (``runs/<name>``): default checkpoint, output and wandb project."""
+    captions: str = "data/mscoco/fid_captions.txt"
+    """Held-out captions, one per line (the mscoco recipe writes this file)."""
+    reference: str = "data/mscoco/fid_reference"
+    """Directory of reference images."""
+    n: int = 5000
+    """Number of captions, i.e. of generated images per scale."""
+    scales: list[float] | None = None
+    """Guidance scales (default: the sampling config's ``guidance_scale``)."""
+    res: int | None = None
+    """Evaluation resolution, checked against the model's output (64 for a base model, 256 with
+    ``--upsampler``); default: what the model produces."""
+    extractor: Literal["inception", "random-conv"] = "inception"
+    """``inception``: the standard FID features; ``random-conv``: no weights needed, NOT a real FID."""
+    inception_weights: str | None = None
+    """A local Inception weights file (offline machines)."""
+    clip_model: str | None = "ViT-B-32"
+    """open_clip model of the CLIP score (``none``: no CLIP score)."""
+    clip_pretrained: str | None = "openai"
+    """open_clip pretrained tag or local file (``none``: random weights, labelled)."""
+    seed: int = 0
+    """Image i uses seed + i at every scale."""
+    out: str | None = None
+    """Output directory (default: ``<run_dir>/fid`` or ``./fid``)."""
+    cache_dir: str = str(Path.home() / ".cache" / "glide_lightning" / "fid_reference")
+    """Where reference statistics are cached."""
+    upsampler: str | None = None
+    """An upsampler checkpoint (glide-text2im's ``upsample.pt``) to evaluate at 256 px."""
+    weights: Weights = "ema"
+    """Of a glide_lightning ``.ckpt``: its EMA weights (when the run kept them) or the ``raw`` ones."""
+    device: str = "auto"
+    """``cuda``, ``cpu``, … (auto: cuda when available)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """How images are drawn (sampler, steps, batch size, …; ``guidance_scale`` when ``--scales`` is not given)."""
+
+    writes_sweep: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.scales is not None and (not self.scales or min(self.scales) < 0):
+            raise ValueError(f"scales must be a non-empty list of guidance scales >= 0, got {self.scales}")
+
+    def run(self) -> list[ScaleResult] | None:
+        """Generate, score and write the results (None on ranks other than 0 under torchrun)."""
+        run_dir = Path(self.run_dir) if self.run_dir else None
+        if run_dir is not None and not run_dir.is_dir():
+            raise FileNotFoundError(f"run directory not found: {run_dir} (make fid/sweep take EXP=<experiment> or "
+                                    f"RUN=<run name>, both directories under runs/)")
+        checkpoint = self.ckpt or (str(run_dir / "checkpoints" / "last.ckpt") if run_dir else None)
+        if checkpoint is None:
+            raise SystemExit("pass --ckpt CKPT or --run_dir runs/<name>")
+        device = resolve_device(self.device)
+        sampling = self.sampling
+        base = load_checkpoint(checkpoint, device, weights=self.weights, kind="base")
+        upsampler = load_checkpoint(self.upsampler, device, kind="upsample") if self.upsampler else None
+        res = (upsampler or base).image_size
+        if self.res is not None and self.res != res:
+            hint = " (256 px needs --upsampler, e.g. glide-text2im's upsample.pt)" if self.res > res else ""
+            raise SystemExit(f"--res {self.res}, but {'the upsampler' if upsampler else 'the model'} makes "
+                             f"{res} px images{hint}")
+        out = Path(self.out) if self.out else (run_dir / "fid" if run_dir else Path("fid"))
+        out = out / f"res{res}_{sampling.sampler}{sampling.steps}_n{self.n}"
+        job = FIDJob(captions=read_captions(self.captions, self.n), reference=self.reference, out_dir=out,
+                     scales=list(self.scales or [sampling.guidance_scale]), sampling=sampling, seed=self.seed,
+                     clip_model=None if self.clip_model in _NONE else self.clip_model,
+                     clip_pretrained=None if self.clip_pretrained in _NONE else self.clip_pretrained)
+        extractor = build_extractor(self.extractor, self.inception_weights, device=str(device))
+        results = run(job, base, extractor, ReferenceStatsCache(self.cache_dir), upsampler=upsampler)
+        if results is None:
+            return None
+        if run_dir is not None:
+            log_to_wandb(run_dir, results)
+        if self.writes_sweep:
+            write_sweep(out, results)
+        for r in results:
+            print(r.summary_line())
+        return results
+
+
+@dataclass
+class SweepCommand(FIDCommand):
+    """A guidance sweep: FID, CLIP score and adherence per scale, as ``fid`` does, plus ``sweep.md`` (a
+    table) and ``sweep.png`` (FID against CLIP score, one point per scale)."""
+
+    scales: list[float] | None = field(default_factory=lambda: list(DEFAULT_GUIDANCE_SWEEP))
+    """Guidance scales (default: the sampling module's ``DEFAULT_GUIDANCE_SWEEP``)."""
+
+    writes_sweep: ClassVar[bool] = True
 
 
 def log_to_wandb(run_dir: Path, results: list[ScaleResult]) -> None:

@@ -2,12 +2,12 @@
 from the runs' own files (CSV metrics, saved config, FID results), so it needs no wandb server.
 
 The report has one table (FID and CLIP score per guidance scale, final train and validation losses,
-steps, images seen, wall time) and two plots (loss curves; FID against guidance scale).
+steps, images seen, wall time) and two plots (loss curves; FID against guidance scale). The options
+are the fields of :class:`CompareCommand`, parsed by the front door, :mod:`glide_lightning.commands`.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 from dataclasses import dataclass, field
@@ -163,11 +163,21 @@ def write_report(runs: list[RunSummary], out: Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m glide_lightning compare", description=__doc__)
-    parser.add_argument("runs", nargs="+", help="run directories (runs/<name>)")
-    parser.add_argument("--out", default="reports/report.md", help="markdown file to write")
-    args = parser.parse_args(argv)
-    out = write_report([load_run(r) for r in args.runs], Path(args.out))
-    print(f"wrote {out}")
-    return out
+@dataclass
+class CompareCommand:
+    """An ablation report from the runs' own files: one table (FID and CLIP score per guidance scale,
+    final losses, steps, images seen, wall time) and two plots."""
+
+    runs: list[str]
+    """Run directories (``runs/<name>``), e.g. ``--runs '[runs/minig_simple, runs/minig_hybrid]'``."""
+    out: str = "reports/report.md"
+    """The markdown file to write (plots beside it)."""
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise ValueError("runs is empty: pass --runs '[runs/<name>, ...]'")
+
+    def run(self) -> Path:
+        out = write_report([load_run(r) for r in self.runs], Path(self.out))
+        print(f"wrote {out}")
+        return out

@@ -1,36 +1,36 @@
 """``python -m glide_lightning sample``: images from prompts with a trained or released model.
 
 Writes one PNG per image (its prompt, seed, guidance scale, sampler, steps and checkpoint in PNG text
-chunks), a grid (rows = prompts, columns = images per prompt) and ``metadata.json``.
+chunks), a grid (rows = prompts, columns = images per prompt) and ``metadata.json``. The options are
+the fields of :class:`SampleCommand` (``--sampling.*``: :class:`~glide_lightning.sampling.SamplingConfig`),
+parsed by the front door, :mod:`glide_lightning.commands`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from glide_lightning.data.images import image_grid, save_png
-from glide_lightning.sampling import SamplingConfig, generate, load_checkpoint
+from glide_lightning.sampling import SamplingConfig, Weights, generate, load_checkpoint
 
 log = logging.getLogger(__name__)
-DEFAULTS = SamplingConfig()
 
 
-def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
+def read_prompts(prompts: str | list[str] | None, prompts_file: str | None) -> list[str]:
     """Prompts from the command line and/or a file (one per line, blank lines and ``#`` comments skipped)."""
-    found = list(prompts or [])
+    found = [prompts] if isinstance(prompts, str) else list(prompts or [])
     if prompts_file:
         path = Path(prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompts file not found: {path}")
         found += [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
     if not found:
-        raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+        raise ValueError('no prompts: pass --prompt "TEXT" (--prompt+ "TEXT" adds another) or --prompts_file FILE')
     return found
 
 
@@ -40,62 +40,60 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """The :class:`SamplingConfig` knobs as options, with its defaults (defined only there)."""
-    parser.add_argument("--guidance-scale", type=float, default=DEFAULTS.guidance_scale,
-                        help=f"classifier-free guidance scale (default {DEFAULTS.guidance_scale})")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default=DEFAULTS.sampler)
-    parser.add_argument("--steps", default=DEFAULTS.steps,
-                        help=f"sampling steps: a respacing such as 100, ddim50, fast27 (default {DEFAULTS.steps})")
-    parser.add_argument("--eta", type=float, default=DEFAULTS.eta, help="DDIM eta")
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    parser.add_argument("--upsampler", help="upsampler checkpoint (glide-text2im's upsample.pt) for 256 px")
-    parser.add_argument("--upsample-steps", default=DEFAULTS.upsample_steps)
-    parser.add_argument("--upsample-temp", type=float, default=DEFAULTS.upsample_temp)
-    parser.add_argument("--weights", choices=["ema", "raw"], default="ema",
-                        help="of a glide_lightning .ckpt: its EMA weights (when the run kept them) or the raw ones")
-    parser.add_argument("--device", default="auto", help="cuda, cpu, … (auto: cuda when available)")
+@dataclass
+class SampleCommand:
+    """Images from prompts with a trained or released model: one PNG per image (prompt, seed, scale,
+    sampler, steps and checkpoint in its metadata), ``grid.png`` and ``metadata.json``."""
 
+    ckpt: str
+    """A glide_lightning ``.ckpt`` (``runs/<name>/checkpoints/last.ckpt``) or glide-text2im's ``base.pt``."""
+    prompt: str | list[str] | None = None
+    """A prompt; ``--prompt+ TEXT`` adds another (or ``--prompt '["a", "b"]'``)."""
+    prompts_file: str | None = None
+    """A file with one prompt per line (blank lines and ``#`` comments skipped)."""
+    num_per_prompt: int = 1
+    """Images per prompt (the grid's columns)."""
+    seed: int = 0
+    """Image i uses seed + i."""
+    out: str = "samples"
+    """Output directory."""
+    upsampler: str | None = None
+    """An upsampler checkpoint (glide-text2im's ``upsample.pt``) for 256 px images."""
+    weights: Weights = "ema"
+    """Of a glide_lightning ``.ckpt``: its EMA weights (when the run kept them) or the ``raw`` ones."""
+    device: str = "auto"
+    """``cuda``, ``cpu``, … (auto: cuda when available)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """How images are drawn (guidance scale, sampler, steps, …): the sampling defaults."""
 
-def sampling_config(args: argparse.Namespace) -> SamplingConfig:
-    return SamplingConfig(guidance_scale=args.guidance_scale, sampler=args.sampler, steps=str(args.steps),
-                          eta=args.eta, batch_size=args.batch_size, upsample_steps=args.upsample_steps,
-                          upsample_temp=args.upsample_temp)
+    def __post_init__(self) -> None:
+        if self.num_per_prompt < 1:
+            raise ValueError(f"num_per_prompt must be >= 1, got {self.num_per_prompt}")
 
-
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m glide_lightning sample", description=__doc__)
-    parser.add_argument("--ckpt", required=True, help="a glide_lightning .ckpt (EMA weights) or glide-text2im's base.pt")
-    parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    parser.add_argument("--prompts-file", help="a file with one prompt per line")
-    parser.add_argument("--num-per-prompt", type=int, default=1, help="images per prompt (grid columns)")
-    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    parser.add_argument("--out", default="samples", help="output directory")
-    add_sampling_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    prompts = read_prompts(args.prompt, args.prompts_file)
-    config = sampling_config(args)
-    device = resolve_device(args.device)
-    base = load_checkpoint(args.ckpt, device, weights=args.weights, kind="base")
-    upsampler = load_checkpoint(args.upsampler, device, kind="upsample") if args.upsampler else None
-    all_prompts = [p for p in prompts for _ in range(args.num_per_prompt)]
-    seeds = [args.seed + i for i in range(len(all_prompts))]
-    log.info("sampling %d images from %s at guidance %.2f (%s, %s steps)", len(all_prompts), base.source,
-             config.guidance_scale, config.sampler, config.steps)
-    images = generate(base, all_prompts, seeds, config, upsampler=upsampler, progress=True)
-    out = Path(args.out)
-    common = {"guidance_scale": config.guidance_scale, "sampler": config.sampler, "steps": config.steps,
-              "eta": config.eta, "checkpoint": base.source,
-              "upsampler": upsampler.source if upsampler else None,
-              "upsample_steps": config.upsample_steps if upsampler else None,
-              "upsample_temp": config.upsample_temp if upsampler else None}
-    records = []
-    for i, (image, prompt, seed) in enumerate(zip(images, all_prompts, seeds)):
-        record = {"file": f"{i:04d}.png", "prompt": prompt, "seed": seed, **common}
-        save_png(image, out / record["file"], record)
-        records.append(record)
-    save_png(image_grid(images, rows=len(prompts)), out / "grid.png", {"prompts": prompts, **common})
-    (out / "metadata.json").write_text(json.dumps({"config": asdict(config), "images": records}, indent=1))
-    log.info("wrote %d images and grid.png to %s", len(records), out)
-    return out
+    def run(self) -> Path:
+        """Sample and write the images; returns the output directory."""
+        prompts = read_prompts(self.prompt, self.prompts_file)
+        config = self.sampling
+        device = resolve_device(self.device)
+        base = load_checkpoint(self.ckpt, device, weights=self.weights, kind="base")
+        upsampler = load_checkpoint(self.upsampler, device, kind="upsample") if self.upsampler else None
+        all_prompts = [p for p in prompts for _ in range(self.num_per_prompt)]
+        seeds = [self.seed + i for i in range(len(all_prompts))]
+        log.info("sampling %d images from %s at guidance %.2f (%s, %s steps)", len(all_prompts), base.source,
+                 config.guidance_scale, config.sampler, config.steps)
+        images = generate(base, all_prompts, seeds, config, upsampler=upsampler, progress=True)
+        out = Path(self.out)
+        common = {"guidance_scale": config.guidance_scale, "sampler": config.sampler, "steps": config.steps,
+                  "eta": config.eta, "checkpoint": base.source,
+                  "upsampler": upsampler.source if upsampler else None,
+                  "upsample_steps": config.upsample_steps if upsampler else None,
+                  "upsample_temp": config.upsample_temp if upsampler else None}
+        records = []
+        for i, (image, prompt, seed) in enumerate(zip(images, all_prompts, seeds)):
+            record = {"file": f"{i:04d}.png", "prompt": prompt, "seed": seed, **common}
+            save_png(image, out / record["file"], record)
+            records.append(record)
+        save_png(image_grid(images, rows=len(prompts)), out / "grid.png", {"prompts": prompts, **common})
+        (out / "metadata.json").write_text(json.dumps({"config": asdict(config), "images": records}, indent=1))
+        log.info("wrote %d images and grid.png to %s", len(records), out)
+        return out

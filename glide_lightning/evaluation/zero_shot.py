@@ -103,18 +103,54 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def rank_blocks(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[range]:
+    """The blocks of ``batch_size`` consecutive image indices that rank ``rank`` of ``world`` makes."""
+    return [range(start, min(start + batch_size, n)) for start in range(rank * batch_size, n, world * batch_size)]
+
+
+def missing_blocks(folder: Path, blocks: list[range]) -> list[range]:
+    """The blocks with an image not on disk yet (such a block is generated whole)."""
+    return [block for block in blocks if any(not (folder / f"{i:06d}.png").exists() for i in block)]
+
+
+class GenerationETA:
+    """Says up front how many images a run will generate, and after each block how long the rest will
+    take (extrapolated from the seconds per image measured so far, the first block included)."""
+
+    def __init__(self, total: int, what: str) -> None:
+        self.total, self.done, self.what = total, 0, what
+        self.start = time.monotonic()
+        log.info("%s: %d images to generate", what, total)
+
+    def update(self, images: int) -> float:
+        """Count ``images`` more as made; log and return the estimated seconds left."""
+        self.done += images
+        per_image = (time.monotonic() - self.start) / max(self.done, 1)
+        left = per_image * (self.total - self.done)
+        log.info("%d / %d images in %s (%.2f s per image): about %s left", self.done, self.total,
+                 _clock(time.monotonic() - self.start), per_image, _clock(left))
+        return left
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 def generate_missing(base: SamplingModel, job: FIDJob, scale: float, upsampler: SamplingModel | None = None,
-                     rank: int = 0, world: int = 1, images: Path | None = None) -> int:
+                     rank: int = 0, world: int = 1, images: Path | None = None,
+                     eta: GenerationETA | None = None) -> int:
     """Generate this rank's images of ``scale`` that are not on disk yet; returns how many it wrote.
 
     Work goes in blocks of ``batch_size`` consecutive images (rank r takes blocks b ≡ r mod world):
     a block with a missing image is generated whole, so every image comes from the same batch as in
     an uninterrupted single-process run, whatever was killed or how many ranks share the work.
-    ``images``: :func:`images_dir` when the caller has it (it hashes the weights)."""
+    ``images``: :func:`images_dir` when the caller has it (it hashes the weights); ``eta`` counts the
+    images made (the whole run's estimate)."""
     folder = scale_dir(images or images_dir(job, base, upsampler), scale)
     config = replace(job.sampling, guidance_scale=scale)
-    n, size = len(job.captions), config.batch_size
-    blocks = [range(start, min(start + size, n)) for start in range(rank * size, n, world * size)]
+    blocks = rank_blocks(len(job.captions), config.batch_size, rank, world)
     written = 0
     for done, block in enumerate(blocks, 1):
         missing = [i for i in block if not (folder / f"{i:06d}.png").exists()]
@@ -129,6 +165,8 @@ def generate_missing(base: SamplingModel, job: FIDJob, scale: float, upsampler: 
                                                           "steps": config.steps, "checkpoint": base.source})
         written += len(missing)
         log.info("scale %g: block %d / %d of rank %d (%d images written)", scale, done, len(blocks), rank, written)
+        if eta is not None:
+            eta.update(len(block))
     return written
 
 
@@ -241,8 +279,12 @@ def run(job: FIDJob, base: SamplingModel, extractor: FeatureExtractor, cache: Re
     rank, world = rank_and_world()
     images = images_dir(job, base, upsampler)
     log.info("images of this model and these settings: %s", images)
+    blocks = rank_blocks(len(job.captions), job.sampling.batch_size, rank, world)
+    todo = sum(len(b) for scale in job.scales for b in missing_blocks(scale_dir(images, scale), blocks))
+    eta = GenerationETA(todo, f"rank {rank}: {len(job.scales)} scale(s) x {len(job.captions)} captions, "
+                              f"{job.sampling.sampler} {job.sampling.steps} steps")
     for scale in job.scales:
-        made = generate_missing(base, job, scale, upsampler, rank, world, images)
+        made = generate_missing(base, job, scale, upsampler, rank, world, images, eta)
         log.info("scale %g: generated %d new images (the rest were already on disk)", scale, made)
     if rank != 0:
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -15,9 +16,11 @@ from glide_lightning.callbacks import GenerationMetrics, SampleGrid
 from glide_lightning.callbacks.samples import sampling_model
 from glide_lightning.data import GlideDataModule
 from glide_lightning.diffusion import DiffusionConfig
-from glide_lightning.sampling import generate
+from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, SamplingConfig, generate
 from glide_lightning.models import ModelConfig
 from glide_lightning.module import GlideModule
+
+REPO = Path(__file__).resolve().parents[2]
 
 TINY = ModelConfig(image_size=32, model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=[16],
                    dropout=0.0, text_ctx=16, xf_width=32, xf_layers=1, xf_heads=2)
@@ -30,7 +33,7 @@ def test_grid_cells_are_prompt_by_scale_with_fixed_seeds():
     for p in module.model.parameters():
         if p.abs().sum() == 0:
             torch.nn.init.normal_(p, std=0.05)
-    grid_cb = SampleGrid(prompts=PROMPTS, guidance_scales=[1.0, 5.0], seed=3, steps="3")
+    grid_cb = SampleGrid(prompts=PROMPTS, guidance_scales=[1.0, 5.0], seed=3, sampling=SamplingConfig(steps="3"))
     grid = grid_cb.make_grid(module)
     assert grid.shape == (3, 2 * 32, 2 * 32) and torch.equal(grid, grid_cb.make_grid(module))
     loaded = sampling_model(module)
@@ -53,15 +56,16 @@ def test_fit_logs_grids_and_generation_metrics_and_keeps_the_best_fid_checkpoint
     module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=20))
     best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val/fid@3", mode="min", save_top_k=1)
     callbacks = [EMAWeightAveraging(decay=0.9), best,
-                 SampleGrid(prompts=PROMPTS, guidance_scales=[1.0, 3.0], every_n_steps=2, steps="2"),
+                 SampleGrid(prompts=PROMPTS, guidance_scales=[1.0, 3.0], every_n_steps=2,
+                            sampling=SamplingConfig(steps="2")),
                  GenerationMetrics(num_samples=8, guidance_scales=[1.0, 3.0], extractor="random-conv", adherence=True,
-                                   steps="2")]
+                                   sampling=SamplingConfig(steps="2"))]
     logger = WandbLogger(project="test", save_dir=str(tmp_path))
     trainer = L.Trainer(accelerator="cpu", max_steps=4, val_check_interval=2, check_val_every_n_epoch=None,
                         limit_val_batches=2, num_sanity_val_steps=0, logger=logger, callbacks=callbacks,
                         default_root_dir=str(tmp_path), enable_progress_bar=False, log_every_n_steps=1)
     dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", val_shards=f"{synthetic_shards}/val-*.tar",
-                         image_size=32, text_ctx=16, batch_size=4, num_workers=0)
+                         image_size=32, tokenizer="clip", bpe_dir=None, text_ctx=16, batch_size=4, num_workers=0)
     trainer.fit(module, datamodule=dm)
     grids = sorted((tmp_path / "samples").glob("*.png"))
     assert [g.name for g in grids] == ["step00000002.png", "step00000004.png"]
@@ -110,14 +114,15 @@ def test_validation_grids_and_metrics_leave_the_global_rng_alone(synthetic_shard
     run's own random stream (timesteps, noise, caption drops) is the same with or without them."""
     probe = RNGBetweenSteps()
     callbacks = [probe, EMAWeightAveraging(decay=0.9),
-                 SampleGrid(prompts=PROMPTS, guidance_scales=[1.0, 3.0], every_n_steps=2, steps="2"),
+                 SampleGrid(prompts=PROMPTS, guidance_scales=[1.0, 3.0], every_n_steps=2,
+                            sampling=SamplingConfig(steps="2")),
                  GenerationMetrics(num_samples=4, guidance_scales=[3.0], extractor="random-conv", adherence=True,
-                                   clip_model="ViT-B-32", clip_pretrained=None, steps="2")]
+                                   clip_model="ViT-B-32", clip_pretrained=None, sampling=SamplingConfig(steps="2"))]
     trainer = L.Trainer(accelerator="cpu", max_steps=3, val_check_interval=2, check_val_every_n_epoch=None,
                         limit_val_batches=1, num_sanity_val_steps=0, logger=False, callbacks=callbacks,
                         default_root_dir=str(tmp_path), enable_progress_bar=False, enable_checkpointing=False)
     dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", val_shards=f"{synthetic_shards}/val-*.tar",
-                         image_size=32, text_ctx=16, batch_size=4, num_workers=0)
+                         image_size=32, tokenizer="clip", bpe_dir=None, text_ctx=16, batch_size=4, num_workers=0)
     trainer.fit(GlideModule(model=TINY, diffusion=DiffusionConfig(steps=20)), datamodule=dm)
     assert "val/clip_score@3" in trainer.callback_metrics and (tmp_path / "samples/step00000002.png").exists()
     assert probe.changed == [] and probe.checked == [1, 2]  # step 2 ran a grid and a validation
@@ -163,7 +168,8 @@ def accumulating_fit(tmp_path, synthetic_shards, callbacks, max_steps: int, **tr
                         callbacks=callbacks, default_root_dir=str(tmp_path), enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, **trainer_kwargs)
     dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", val_shards=f"{synthetic_shards}/val-*.tar",
-                         image_size=32, text_ctx=16, batch_size=2, num_workers=0, shuffle_buffer=10)
+                         image_size=32, text_ctx=16, batch_size=2, num_workers=0,
+                         tokenizer="clip", bpe_dir=None, shuffle_buffer=10)
     trainer.fit(module, datamodule=dm)
     return trainer
 
@@ -179,7 +185,8 @@ def test_step_callbacks_fire_once_per_optimizer_step_under_accumulation(syntheti
             self.calls.append(trainer.global_step)
 
     micro, steps = MicroBatches(), Steps()
-    grid = SampleGrid(prompts=PROMPTS[:1], guidance_scales=[1.0], every_n_steps=2, steps="2")
+    grid = SampleGrid(prompts=PROMPTS[:1], guidance_scales=[1.0], every_n_steps=2,
+                      sampling=SamplingConfig(steps="2"))
     caplog.set_level("INFO", logger="glide_lightning.callbacks.samples")
     accumulating_fit(tmp_path, synthetic_shards, [micro, steps, grid], max_steps=4, limit_val_batches=0)
     assert micro.steps == [0, 1, 1, 2, 2, 3, 3, 4]  # 8 micro-batches, 4 optimizer steps
@@ -192,7 +199,8 @@ def test_ctrl_c_mid_accumulation_stops_after_the_step_without_validation_or_grid
     from glide_lightning.callbacks import GracefulInterrupt, RunCheckpoint
 
     micro = MicroBatches(signal_at_micro_batch=5)  # the first micro-batch of step 3
-    grid = SampleGrid(prompts=PROMPTS[:1], guidance_scales=[1.0], every_n_steps=3, steps="2")
+    grid = SampleGrid(prompts=PROMPTS[:1], guidance_scales=[1.0], every_n_steps=3,
+                      sampling=SamplingConfig(steps="2"))
     checkpoints = RunCheckpoint(tmp_path / "checkpoints", every_n_train_steps=100)
     caplog.set_level("INFO")
     trainer = accumulating_fit(tmp_path, synthetic_shards, [GracefulInterrupt(), micro, grid, checkpoints],
@@ -207,13 +215,13 @@ def test_ctrl_c_mid_accumulation_stops_after_the_step_without_validation_or_grid
     assert sum("received SIGINT" in r.getMessage() for r in caplog.records) == 1
 
 
-@pytest.mark.parametrize("callback", [SampleGrid(prompts=PROMPTS[:1], steps="25"),
-                                      GenerationMetrics(num_samples=2, extractor="random-conv", sampler="ddim",
-                                                        steps="ddim30")])
+@pytest.mark.parametrize("callback", [SampleGrid(prompts=PROMPTS[:1], sampling=SamplingConfig(steps="25")),
+                                      GenerationMetrics(num_samples=2, extractor="random-conv",
+                                                        sampling=SamplingConfig(sampler="ddim", steps="ddim30"))])
 def test_sampling_steps_that_do_not_fit_the_process_fail_before_training(synthetic_shards, tmp_path, callback):
     micro = MicroBatches()
     with pytest.raises(ValueError, match=r"steps '(25|ddim30)' does not fit the model's process of "
-                                         r"model.diffusion.steps=20.*init_args.steps"):
+                                         r"model.diffusion.steps=20.*init_args.sampling.steps"):
         accumulating_fit(tmp_path, synthetic_shards, [micro, callback], max_steps=2, limit_val_batches=0)
     assert micro.steps == [], "no training step ran"
 
@@ -222,7 +230,7 @@ class WeightsSeenByMetrics(GenerationMetrics):
     """GenerationMetrics at its real hook, recording the weights it would sample instead of sampling."""
 
     def __init__(self) -> None:
-        super().__init__(num_samples=2, extractor="random-conv", steps="2")
+        super().__init__(num_samples=2, extractor="random-conv", sampling=SamplingConfig(steps="2"))
         self.seen: list[tuple[int, dict[str, torch.Tensor], str]] = []
 
     def compute(self, pl_module):
@@ -234,7 +242,8 @@ class WeightsSeenByMetrics(GenerationMetrics):
 
 class WeightsSeenByGrid(SampleGrid):
     def __init__(self) -> None:
-        super().__init__(prompts=PROMPTS[:1], guidance_scales=[1.0], every_n_steps=2, steps="2")
+        super().__init__(prompts=PROMPTS[:1], guidance_scales=[1.0], every_n_steps=2,
+                         sampling=SamplingConfig(steps="2"))
         self.seen: list[tuple[int, dict[str, torch.Tensor], str]] = []
 
     def log_grid(self, trainer, pl_module):
@@ -277,3 +286,24 @@ def test_generation_during_training_uses_the_ema_once_updated_whatever_the_order
         assert kind in source
         for name, value in expected.items():
             assert torch.equal(weights[name], value), name
+
+
+def test_callback_sampling_options_are_typed_and_checked_when_the_yaml_is_parsed():
+    """The callbacks of experiments/smoke.yaml parse into a SamplingConfig; a contradiction in one fails
+    when the config is instantiated (before any trainer exists), naming the rule."""
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import Callback
+
+    specs = yaml.safe_load((REPO / "experiments/smoke.yaml").read_text())["trainer"]["callbacks"]
+    parser = ArgumentParser()
+    parser.add_argument("--callbacks", type=list[Callback])
+    made = parser.instantiate(parser.parse_object({"callbacks": specs})).callbacks
+    grid, metrics = (next(c for c in made if isinstance(c, kind)) for kind in (SampleGrid, GenerationMetrics))
+    assert grid.config == metrics.config == SamplingConfig(steps="25")
+    assert grid.scales == list(DEFAULT_GUIDANCE_SWEEP)  # the one sweep default
+    for spec in specs:
+        if spec["class_path"].endswith(("SampleGrid", "GenerationMetrics")):
+            spec["init_args"]["sampling"]["steps"] = "ddim25"  # DDIM spacing with the default ddpm sampler
+    with pytest.raises(ValueError, match="steps 'ddim25' is DDIM's stride spacing but sampler is 'ddpm'"):
+        parser.instantiate(parser.parse_object({"callbacks": specs}))

@@ -5,8 +5,8 @@ import sys
 from pathlib import Path
 
 from glide_lightning.data.synthetic import synthetic_samples
-from glide_lightning.evaluation.fid_cli import main as fid_main
-from glide_lightning.evaluation.report import load_run, main as compare_main
+from glide_lightning.commands import main as glide_main
+from glide_lightning.evaluation.report import load_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,12 +31,13 @@ def test_report_on_two_tiny_runs(synthetic_shards, tmp_path, monkeypatch):
         captions.append(sample.caption)
     (tmp_path / "captions.txt").write_text("\n".join(captions))
     for arm in ("simple", "hybrid"):
-        fid_main("fid", ["--run-dir", str(tmp_path / "runs" / f"tiny_{arm}"), "--captions", str(tmp_path / "captions.txt"),
-                         "--reference", str(reference), "--n", "6", "--scales", "1", "3", "--extractor", "random-conv",
-                         "--clip-model", "none", "--steps", "2", "--device", "cpu",
-                         "--cache-dir", str(tmp_path / "cache")])
-    out = compare_main([str(tmp_path / "runs/tiny_simple"), str(tmp_path / "runs/tiny_hybrid"),
-                        "--out", str(tmp_path / "reports/ablation.md")])
+        glide_main(["fid", "--run_dir", str(tmp_path / "runs" / f"tiny_{arm}"),
+                    "--captions", str(tmp_path / "captions.txt"), "--reference", str(reference), "--n", "6",
+                    "--scales", "[1, 3]", "--extractor", "random-conv",
+                    "--clip_model", "none", "--sampling.steps", "2", "--device", "cpu",
+                    "--cache_dir", str(tmp_path / "cache")])
+    out = glide_main(["compare", "--runs", f"[{tmp_path / 'runs/tiny_simple'}, {tmp_path / 'runs/tiny_hybrid'}]",
+                      "--out", str(tmp_path / "reports/ablation.md")])
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| tiny_")]
     assert len(rows) == 2

@@ -1,12 +1,14 @@
 import json
+import logging
+import re
 from dataclasses import replace
 
 import pytest
 
+from glide_lightning.commands import main as glide_main
 from glide_lightning.data.images import read_png_metadata
 from glide_lightning.data.synthetic import synthetic_samples
 from glide_lightning.evaluation.fid import ReferenceStatsCache
-from glide_lightning.evaluation.fid_cli import main as fid_main
 from glide_lightning.evaluation.results import read_results
 from glide_lightning.evaluation.zero_shot import (
     FIDJob,
@@ -100,13 +102,18 @@ def test_images_are_cached_under_everything_that_determines_them(tiny_checkpoint
     assert recorded["seed"] == 123 and str(tiny_checkpoint) in recorded["sources"]["base"]
 
 
-def test_fid_results_say_how_they_were_computed_and_flag_random_weights(tiny_checkpoint, held_out, tmp_path):
+def test_fid_results_say_how_they_were_computed_and_flag_random_weights(tiny_checkpoint, held_out, tmp_path, caplog):
     root, captions = held_out
     loaded = load_checkpoint(tiny_checkpoint)
     job = FIDJob(captions=captions[:8], reference=str(root / "reference"), out_dir=tmp_path,
-                 sampling=SamplingConfig(steps="3"), scales=[1.0, 4.0], clip_model=None)
+                 sampling=SamplingConfig(steps="3", batch_size=4), scales=[1.0, 4.0], clip_model=None)
     cache = ReferenceStatsCache(tmp_path / "cache")
-    results = run(job, loaded, random_conv_features(), cache)
+    with caplog.at_level(logging.INFO, logger="glide_lightning.evaluation.zero_shot"):
+        results = run(job, loaded, random_conv_features(), cache)
+    # the work is announced before it starts, and the time left is extrapolated from the first block on
+    assert "rank 0: 2 scale(s) x 8 captions, ddpm 3 steps: 16 images to generate" in caplog.text
+    assert re.search(r"4 / 16 images in \S+ \([\d.]+ s per image\): about \S+ left", caplog.text)
+    assert "16 / 16 images" in caplog.text
     assert [r.guidance_scale for r in results] == [1.0, 4.0]
     for r in results:
         assert r.n == 8 and r.resolution == 32 and r.sampler == "ddpm" and r.steps == "3"
@@ -128,10 +135,10 @@ def test_sweep_command_writes_table_plot_and_wandb_summary(tiny_checkpoint, held
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(tiny_checkpoint.read_bytes())
     (run_dir / "config.yaml").write_text("run:\n  name: tiny\n  group: test\n")
-    results = fid_main("sweep", ["--run-dir", str(run_dir), "--captions", str(root / "captions.txt"),
-                                 "--reference", str(root / "reference"), "--n", "6", "--scales", "1", "3",
-                                 "--extractor", "random-conv", "--clip-pretrained", "none", "--steps", "2",
-                                 "--device", "cpu", "--cache-dir", str(tmp_path / "cache")])
+    results = glide_main(["sweep", "--run_dir", str(run_dir), "--captions", str(root / "captions.txt"),
+                          "--reference", str(root / "reference"), "--n", "6", "--scales", "[1, 3]",
+                          "--extractor", "random-conv", "--clip_pretrained", "none", "--sampling.steps", "2",
+                          "--device", "cpu", "--cache_dir", str(tmp_path / "cache")])
     out = run_dir / "fid" / "res32_ddpm2_n6"
     table = (out / "sweep.md").read_text()
     assert "| 1 |" in table and "| 3 |" in table and "NOT a real FID" in table
@@ -145,5 +152,5 @@ def test_sweep_command_writes_table_plot_and_wandb_summary(tiny_checkpoint, held
 def test_fid_command_needs_enough_captions(tiny_checkpoint, held_out, tmp_path):
     root, _ = held_out
     with pytest.raises(ValueError, match="fewer than --n 100"):
-        fid_main("fid", ["--ckpt", str(tiny_checkpoint), "--captions", str(root / "captions.txt"), "--n", "100",
-                         "--reference", str(root / "reference"), "--out", str(tmp_path)])
+        glide_main(["fid", "--ckpt", str(tiny_checkpoint), "--captions", str(root / "captions.txt"), "--n", "100",
+                    "--reference", str(root / "reference"), "--out", str(tmp_path)])

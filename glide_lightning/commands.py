@@ -1,0 +1,100 @@
+"""``python -m glide_lightning <command>``: the one front door.
+
+``fit`` and ``validate`` are LightningCLI's (:mod:`glide_lightning.cli`, which imports Lightning's
+training machinery, so it is loaded only for them). ``sample``, ``fid``, ``sweep``, ``compare`` and
+``bench`` are typed dataclasses (:data:`COMMANDS`): jsonargparse reads their fields, docstrings and
+defaults, so each takes ``--help``, ``--config some.yaml`` and ``--print_config`` as ``fit`` does, and
+the sampling knobs are the fields of :class:`~glide_lightning.sampling.SamplingConfig` itself
+(``--sampling.steps``, ``--sampling.guidance_scale``, …), defined and checked there alone. Values that
+contradict each other fail when the command line is parsed, naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import sys
+from collections import Counter
+from typing import Any
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
+
+from glide_lightning.bench import BenchCommand
+from glide_lightning.evaluation.fid_cli import FIDCommand, SweepCommand
+from glide_lightning.evaluation.report import CompareCommand
+from glide_lightning.evaluation.sample_cli import SampleCommand
+
+__all__ = ["COMMANDS", "TRAINING_COMMANDS", "build_parser", "command_parser", "main", "parse"]
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the fields' docstrings in --help
+
+COMMANDS: dict[str, type] = {"sample": SampleCommand, "fid": FIDCommand, "sweep": SweepCommand,
+                             "compare": CompareCommand, "bench": BenchCommand}
+"""The non-training commands: name → dataclass (its fields are the options; ``run()`` does the work)."""
+TRAINING_COMMANDS = {"fit": "train a model (LightningCLI): python -m glide_lightning fit --config "
+                            "experiments/<name>.yaml; `fit --help` lists every field",
+                     "validate": "validate a checkpoint (LightningCLI): python -m glide_lightning validate "
+                                 "--config ... --ckpt_path ..."}
+
+
+def command_parser(name: str) -> ArgumentParser:
+    """The parser of one :data:`COMMANDS` entry: its dataclass's fields, docstrings and defaults."""
+    command = COMMANDS[name]
+    doc = " ".join((command.__doc__ or "").split())
+    parser = ArgumentParser(prog=f"python -m glide_lightning {name}", description=doc)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (later flags win)")
+    parser.add_class_arguments(command, fail_untyped=True)
+    return parser
+
+
+def build_parser() -> ArgumentParser:
+    """The parser of every command but ``fit`` / ``validate`` (listed in its help, handed to LightningCLI)."""
+    parser = ArgumentParser(prog="python -m glide_lightning", description=__doc__.split("\n\n")[0])
+    subcommands = parser.add_subcommands(dest="command", required=True)
+    for name, help_text in TRAINING_COMMANDS.items():
+        subcommands.add_subcommand(name, ArgumentParser(description=help_text), help=help_text)
+    for name in COMMANDS:
+        sub = command_parser(name)
+        subcommands.add_subcommand(name, sub, help=re.split(r"[.:;] ", sub.description or "")[0])
+    return parser
+
+
+def parse(argv: list[str]) -> Any:
+    """The command object (a :data:`COMMANDS` dataclass) that ``argv`` describes; parse errors, and
+    values the dataclasses refuse (one line per broken rule), exit with status 2 naming the field."""
+    parser = build_parser()
+    config = parser.parse_args(argv)
+    name = config.command
+    repeated = _repeated_list_options(COMMANDS[name], argv)
+    if repeated:
+        command_parser(name).error("; ".join(f"--{o} is given more than once, and a later one would replace the "
+                                             f"earlier: add the others with --{o}+ VALUE (or --{o} '[a, b]')"
+                                             for o in repeated))
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    try:
+        made: Namespace = instantiate(config)[name]
+        command = COMMANDS[name]
+        return command(**{f.name: made[f.name] for f in dataclasses.fields(command) if f.init})
+    except ValueError as error:
+        command_parser(name).error(f"{name}: {error}")  # the command's own usage, then the broken rules
+
+
+def _repeated_list_options(command: type, argv: list[str]) -> list[str]:
+    """List-valued fields set twice with a plain ``--name`` (argparse's ``append`` habit): jsonargparse
+    keeps the last value only, so ``--prompt a --prompt b`` would silently sample ``b`` alone."""
+    lists = {f.name for f in dataclasses.fields(command) if "list[" in str(f.type)}
+    given = Counter(arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--"))
+    return sorted(name for name in lists if given[name] > 1)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Run the command of ``argv`` (default: ``sys.argv[1:]``) and return what it returns."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TRAINING_COMMANDS:
+        from glide_lightning.cli import main as train
+
+        return train(argv)
+    command = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return command.run()

@@ -1,0 +1,75 @@
+"""The front door: every command parsed by jsonargparse from typed configs (in process, cheap)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from glide_lightning.commands import COMMANDS, build_parser, main, parse
+from glide_lightning.evaluation.fid_cli import FIDCommand, SweepCommand
+from glide_lightning.evaluation.sample_cli import SampleCommand
+from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, SamplingConfig
+
+REQUIRED = {"sample": ["--ckpt", "model.ckpt"], "compare": ["--runs", "[runs/a]"]}
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_takes_help_config_and_print_config(name, tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([name, "--help"])
+    assert done.value.code == 0
+    assert "--config" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([name, *REQUIRED.get(name, []), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    fields = {f.name for f in dataclasses.fields(COMMANDS[name])}
+    assert set(printed) - {"config"} == fields  # every option is a field of the command's dataclass
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(printed))
+    command = parse([name, "--config", str(tmp_path / "c.yaml")])  # the printed config is a valid --config
+    assert isinstance(command, COMMANDS[name])
+
+
+def test_sampling_options_are_the_sampling_config_fields_with_its_defaults(capsys):
+    for name in ("sample", "fid", "sweep"):
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = capsys.readouterr().out
+        for f in dataclasses.fields(SamplingConfig):
+            assert f"--sampling.{f.name}" in text  # not mirrored by hand: read from the dataclass
+    command = parse(["sample", "--ckpt", "m.ckpt", "--prompt", "a corgi", "--prompt+", "a cat",
+                     "--sampling.sampler", "ddim", "--sampling.steps", "ddim25", "--sampling.eta", "0.5"])
+    assert isinstance(command, SampleCommand) and command.prompt == ["a corgi", "a cat"]
+    assert command.sampling == SamplingConfig(sampler="ddim", steps="ddim25", eta=0.5)
+    assert parse(["fid", "--ckpt", "m.ckpt"]).sampling == SamplingConfig()  # the one default
+
+
+def test_sweep_scales_default_to_the_one_sweep_list_and_fid_to_the_sampling_scale():
+    assert parse(["sweep", "--ckpt", "m.ckpt"]).scales == list(DEFAULT_GUIDANCE_SWEEP)
+    fid = parse(["fid", "--ckpt", "m.ckpt"])
+    assert isinstance(fid, FIDCommand) and not isinstance(fid, SweepCommand) and fid.scales is None
+    assert parse(["sweep", "--ckpt", "m.ckpt", "--scales", "[1.5, 3]"]).scales == [1.5, 3.0]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["sample", "--ckpt", "m.ckpt", "--sampling.steps", "ddim50"], "steps 'ddim50' is DDIM's stride spacing"),
+    (["fid", "--ckpt", "m.ckpt", "--sampling.eta", "0.3"], "eta 0.3 is DDIM's noise level"),
+    (["sweep", "--ckpt", "m.ckpt", "--sampling.sampler", "ddmi"], "sampling.sampler"),
+    (["fid", "--ckpt", "m.ckpt", "--n", "0"], "n must be >= 1"),
+    (["bench", "--presets", "[huge]"], "presets"),
+    (["sample", "--ckpt", "m.ckpt", "--prompt", "a", "--prompt", "b"], "--prompt is given more than once"),
+])
+def test_contradicting_or_unknown_values_fail_at_parse_time_naming_the_field(argv, expected, capsys):
+    with pytest.raises(SystemExit) as done:
+        parse(argv)
+    assert done.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_fit_and_validate_are_listed_and_handed_to_lightning_cli(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for name in ("fit", "validate", *COMMANDS):
+        assert name in text
