@@ -276,7 +276,7 @@ def test_generation_during_training_uses_the_ema_once_updated_whatever_the_order
                         limit_val_batches=1, num_sanity_val_steps=0, logger=False, callbacks=callbacks,
                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
     dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", val_shards=f"{synthetic_shards}/val-*.tar",
-                         image_size=32, text_ctx=16, batch_size=4, num_workers=0)
+                         image_size=32, tokenizer="clip", bpe_dir=None, text_ctx=16, batch_size=4, num_workers=0)
     trainer.fit(GlideModule(model=TINY, diffusion=DiffusionConfig(steps=20), optimizer={"lr": 1e-2}), datamodule=dm)
     expected, kind = (live.after[2], "live weights") if ema_start else (live.after[1], "EMA weights")
     assert any(not torch.equal(live.after[1][k], live.after[2][k]) for k in expected)  # the two candidates differ
