@@ -241,7 +241,8 @@ class StreamLoader(DataLoader):
         """Where every (rank, worker) stream stands after the last trained batch (plain ints, so
         checkpoints load with ``weights_only=True``)."""
         width = 5
-        row = [self._epoch, self._consumed, self._restart(), 0]
+        head = 3  # epoch, consumed, restart; then per logical worker: present, cursor, offset, batches, skipped
+        row = [self._epoch, self._consumed, self._restart()]
         for logical in range(self.workers):
             position = self._positions.get(logical)
             row += [0] * width if position is None else [1, *position.to_list()[1:]]
@@ -250,9 +251,9 @@ class StreamLoader(DataLoader):
         _, world_size = self.rank_fn()
         ranks = []
         for values in rows.reshape(world_size, -1).tolist():
-            epoch, consumed, restart, _ = values[:4]
-            positions = {str(w): [epoch, *values[4 + w * width + 1:4 + (w + 1) * width]]
-                         for w in range(self.workers) if values[4 + w * width]}
+            epoch, consumed, restart = values[:head]
+            positions = {str(w): [epoch, *values[head + w * width + 1:head + (w + 1) * width]]
+                         for w in range(self.workers) if values[head + w * width]}
             ranks.append({"epoch": epoch, "consumed": consumed, "restart": restart, "positions": positions})
         return {"format": self.STATE_FORMAT, "world_size": world_size, "num_workers": self.workers, "ranks": ranks}
 
