@@ -42,7 +42,6 @@ import glob
 import logging
 import os
 import re
-import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
@@ -65,6 +64,7 @@ from glide_lightning.data.pipeline import (
     parse_caption_keys,
 )
 from glide_lightning.data.tokenizers import TOKENIZERS, Tokenizer, TokenizerName, build_tokenizer
+from glide_lightning.data.workers import leave_stop_signals_to_the_main_process
 
 __all__ = ["GlideDataModule", "StreamLoader", "expand_shards", "measure_pipeline"]
 
@@ -118,16 +118,6 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     if not urls:
         raise FileNotFoundError(f"no shards found for spec {spec!r}")
     return urls
-
-
-def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGINT and SIGTERM. Ctrl-C, SLURM's ``scancel`` and
-    ``docker stop`` signal the whole process group; PyTorch's workers would die of SIGTERM at once (and
-    of SIGINT with a traceback each), and the main process would crash on its lost workers before it
-    could finish the step and save. The main process handles the signal and shuts the workers down;
-    if it dies, they notice and exit on their own (PyTorch's worker watchdog)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class StreamLoader(DataLoader):

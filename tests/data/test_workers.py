@@ -1,0 +1,76 @@
+"""DataLoader workers leave stop signals to the main process but obey their parent, so that a job-wide
+SIGTERM saves a checkpoint and an interpreter exit with live workers does not hang (it did: CI hung
+for 80 minutes after the last test passed)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from glide_lightning.data.datamodule import GlideDataModule
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_datamodule import make_dm, train_dir  # noqa: E402, F401 (train_dir: the module's shards fixture)
+
+
+def wait_until_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if done:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_workers_ignore_a_sigterm_from_others_and_obey_one_from_their_parent(train_dir: Path) -> None:
+    dm: GlideDataModule = make_dm(train_dir, num_workers=2, samples_per_epoch=40)
+    dataloader = dm.train_dataloader()
+    loader = iter(dataloader)
+    next(loader)
+    workers = list(dataloader._iterator._workers)  # the worker processes (persistent: the loader keeps its iterator)
+    # A SIGTERM sent by another process (as `kill -- -PGID` or scancel do) leaves the workers running...
+    subprocess.run(["kill", "-TERM", *(str(w.pid) for w in workers)], check=True)
+    time.sleep(1.0)
+    assert all(w.is_alive() for w in workers)
+    batches = [next(loader) for _ in range(4)]
+    assert all(b["image"].shape[0] == 4 for b in batches)
+    # ...one from the parent (the DataLoader's shutdown, multiprocessing's exit) ends a worker at once.
+    workers[0].terminate()
+    workers[0].join(timeout=10)
+    assert workers[0].exitcode == 0
+    del loader, dataloader
+
+
+def test_the_interpreter_exits_while_workers_are_alive(train_dir: Path, tmp_path: Path) -> None:
+    script = tmp_path / "exit_with_live_workers.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_datamodule import make_dm
+        dm = make_dm({str(train_dir)!r}, num_workers=2, samples_per_epoch=40)
+        loader = iter(dm.train_dataloader())
+        next(loader)
+        print("exiting with live workers", flush=True)
+    """))
+    # Its own session, so that a hang can be killed with the workers (which hold its output pipes).
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the interpreter did not exit within 60 s of its last line: a worker ignored its parent's SIGTERM")
+    assert proc.returncode == 0, err
+    assert "exiting with live workers" in out
