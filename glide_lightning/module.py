@@ -51,7 +51,8 @@ class GlideModule(L.LightningModule):
 
     Args:
         model: the network's architecture.
-        diffusion: the diffusion process and the loss (``simple`` / ``hybrid`` / ``p2``).
+        diffusion: the diffusion process, the loss (``simple`` / ``hybrid`` / ``p2``), its weighting
+            (``min_snr_gamma``) and the prediction target (``eps`` / ``v``).
         optimizer: AdamW settings and the LR warm-up.
         tokenizer: the caption tokenizer (``clip`` for new models; ``gpt2`` for glide-text2im's
             checkpoints). The data module uses the same one; the module needs it for the empty
