@@ -20,7 +20,7 @@ import yaml
 
 from glide_lightning.diffusion import DiffusionConfig
 from glide_lightning.models import ModelConfig
-from glide_lightning.module import OptimizerConfig
+from glide_lightning.optim import OptimizerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
