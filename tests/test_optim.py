@@ -78,8 +78,8 @@ def test_cosine_without_an_end_is_refused(max_steps, match):
                         max_steps)
 
 
-TINY = dict(image_size=32, model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=[16],
-            dropout=0.0, text_ctx=16, xf_width=32, xf_layers=1, xf_heads=2)
+TINY = {"image_size": 32, "model_channels": 32, "num_res_blocks": 1, "channel_mult": (1, 2),
+        "attention_resolutions": [16], "dropout": 0.0, "text_ctx": 16, "xf_width": 32, "xf_layers": 1, "xf_heads": 2}
 
 
 class RecordLR(L.Callback):
