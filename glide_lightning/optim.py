@@ -18,11 +18,14 @@ step reached (:func:`sync_lr` applies it from the first resumed step, not one st
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, get_args
 
 import torch
+
+log = logging.getLogger(__name__)
 
 LRSchedule = Literal["constant", "cosine"]
 LR_SCHEDULES: tuple[str, ...] = get_args(LRSchedule)
@@ -67,7 +70,8 @@ class OptimizerConfig:
 def decay_end(config: OptimizerConfig, max_steps: int | None) -> int | None:
     """D of the cosine decay: ``decay_steps``, else the trainer's ``max_steps`` (None for ``constant``).
 
-    Raises ``ValueError`` for ``cosine`` without either, or with D ≤ ``warmup_steps``."""
+    Raises ``ValueError`` for ``cosine`` without either. A ``max_steps`` within the warm-up (a short test
+    run) is allowed with a warning: such a run never reaches the peak LR."""
     if config.lr_schedule != "cosine":
         return None
     end = config.decay_steps if config.decay_steps is not None else (max_steps if max_steps and max_steps > 0 else None)
@@ -75,8 +79,9 @@ def decay_end(config: OptimizerConfig, max_steps: int | None) -> int | None:
         raise ValueError("optimizer.lr_schedule 'cosine' needs optimizer.decay_steps or trainer.max_steps: the "
                          "decay must know where it ends")
     if end <= config.warmup_steps:
-        raise ValueError(f"the cosine decay ends at step {end} (trainer.max_steps), not after the warm-up's "
-                         f"{config.warmup_steps} steps: set optimizer.decay_steps or a larger max_steps")
+        log.warning("trainer.max_steps %d ends within the LR warm-up (%d steps): this run never reaches "
+                    "optimizer.lr, and the cosine decay has no steps (a later resume would start at min_lr_ratio)",
+                    end, config.warmup_steps)
     return end
 
 
@@ -89,6 +94,8 @@ def lr_factor(step: int, config: OptimizerConfig, decay_steps: int | None = None
     if config.lr_schedule == "constant":
         return 1.0
     assert decay_steps is not None, "cosine needs its decay_steps"
+    if decay_steps <= warmup:
+        return config.min_lr_ratio
     progress = min(1.0, (step - warmup) / (decay_steps - warmup))
     m = config.min_lr_ratio
     return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * progress))
