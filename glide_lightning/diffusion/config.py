@@ -39,7 +39,9 @@ class DiffusionConfig:
     """What the model's first C output channels predict: ``eps`` (the noise ε; DDPM, GLIDE and every
     released glide-text2im checkpoint) or ``v`` = α_t·ε − σ_t·x_0 with α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t)
     (Salimans & Ho 2022, Progressive Distillation, §4), better behaved at high noise, where ε barely
-    determines x_0. The MSE target of every loss follows it; samplers read x_0 and ε from it."""
+    determines x_0. The MSE target of every loss follows it; samplers read x_0 and ε from it.
+    Classifier-free guidance mixes v as it mixes ε: at fixed x_t and t, v = (ε − σ_t·x_t)/α_t is affine
+    in ε, so the guided v is the v of the guided ε."""
     min_snr_gamma: float | None = None
     """γ of the min-SNR-γ weighting of the MSE term (Hang et al. 2023, Efficient Diffusion Training via
     Min-SNR Weighting Strategy; the paper uses 5), None: off. It is a weighting, not a loss of its own,

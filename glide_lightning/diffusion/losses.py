@@ -74,7 +74,7 @@ def training_target(diffusion: GaussianDiffusion, x_start: Tensor, t: Tensor, no
 
 
 def min_snr_weight(diffusion: GaussianDiffusion, t: Tensor) -> Tensor:
-    """Min-SNR-γ weights of the MSE term, [B] (Hang et al. 2023, eq. 8 written for each target):
+    """Min-SNR-γ weights of the MSE term, [B] (Hang et al. 2023, written for each target):
     min(SNR(t), γ)/SNR(t) for ε, min(SNR(t), γ)/(SNR(t) + 1) for v; both are min(SNR(t), γ) times
     the x_0 MSE, since ‖x_0 − x̂_0‖² = ‖ε − ε̂‖²/SNR = ‖v − v̂‖²/(SNR + 1). Ones without
     ``min_snr_gamma``. The ε form is computed as min(1, γ/SNR), finite where SNR(t) → 0."""
