@@ -352,15 +352,15 @@ def test_every_experiment_parses_against_the_code(name, tmp_path):
 
 
 def test_laptop_folder_trains_on_a_folder_dataset_through_the_cli(folder_shards, tmp_path):
-    """The laptop experiment as the README runs it, on folder-recipe shards of 8 px images: it warns that
-    its 32 px model is far above them, trains with v, min-SNR, the cosine LR and WarmupEMA, and its
-    checkpoint says so."""
+    """The laptop experiment as the README runs it (with its 32 px variant), on folder-recipe shards of 8 px
+    images: it warns that a 32 px model is far above them, trains with v, min-SNR, the cosine LR and
+    WarmupEMA, and its checkpoint says so."""
     shards = folder_shards(8)
     run = subprocess.run([sys.executable, "-m", "glide_lightning", "fit", "--config",
                           str(REPO / "experiments/laptop_folder.yaml"), "--data.train_shards", f"{shards}/train-*.tar",
                           "--data.num_workers", "0", "--data.batch_size", "4", "--run.root", str(tmp_path),
-                          "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1",
-                          "--trainer.enable_progress_bar", "false"],
+                          "--model.model.image_size", "32", "--trainer.max_steps", "2",
+                          "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false"],
                          env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "model.model.image_size 32 is 4.0x the median size of the training images (8 px" in run.stderr
