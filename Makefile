@@ -64,6 +64,11 @@ train: check-exp setup  ## train EXP=<experiment> [ARGS="--trainer.max_steps 100
 	@if [ "$(EXP)" = smoke ] && ! ls data/synthetic/train-*.tar >/dev/null 2>&1; then \
 		echo "data/synthetic is empty: building the synthetic shards first"; \
 		$(PY) -m data_recipes synthetic --out data/synthetic $(SMOKE_DATA_ARGS); fi
+	@if [ "$(EXP)" = laptop_folder ] && [ -z "$(findstring train_shards,$(ARGS))" ] \
+		&& ! ls data/folder/train-*.tar >/dev/null 2>&1; then \
+		echo "data/folder has no shards: build them from your images first, e.g." >&2; \
+		echo "  make data RECIPE=folder ARGS=\"--images my_pictures/ --out data/folder\"" >&2; \
+		echo "(or train on shards elsewhere: ARGS=\"--data.train_shards 'DIR/train-*.tar'\")" >&2; exit 2; fi
 	$(PY) -m glide_lightning fit --config experiments/$(EXP).yaml $(ARGS)
 
 sample: setup  ## images from prompts: ARGS='--ckpt runs/smoke/checkpoints/last.ckpt --prompt "a large red circle"'

@@ -318,6 +318,33 @@ def finish(
     return load_manifest(out)
 
 
+@dataclass
+class ImageSizes:
+    """Sizes of the images a recipe wrote, ``(width, height)`` in pixels: ``native`` as found on disk
+    (after EXIF orientation) and ``stored`` in the shards (after ``--max-size``)."""
+
+    native: list[tuple[int, int]] = field(default_factory=list)
+    stored: list[tuple[int, int]] = field(default_factory=list)
+
+    def add(self, native: tuple[int, int], stored: tuple[int, int]) -> None:
+        self.native.append((int(native[0]), int(native[1])))
+        self.stored.append((int(stored[0]), int(stored[1])))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Manifest entry ``image_sizes``: the image count and, for ``native`` and ``stored``, the min,
+        median and max of the widths and heights (the training CLI compares them with the model's size)."""
+
+        def stats(values: list[int]) -> dict[str, float]:
+            ordered = sorted(values)
+            mid = len(ordered) // 2
+            median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+            return {"min": ordered[0], "median": median, "max": ordered[-1]}
+
+        return {"images": len(self.native), **{
+            name: {"width": stats([w for w, _ in sizes]), "height": stats([h for _, h in sizes])}
+            for name, sizes in (("native", self.native), ("stored", self.stored)) if sizes}}
+
+
 @dataclass(frozen=True)
 class Entry:
     """One input image and its captions: ``captions`` is ``((sample_key, caption), ...)``."""
@@ -372,11 +399,16 @@ def _load_entry(opts: ImageOptions, entry: Entry) -> LoadedImage | ImageFailure:
 
 
 def image_samples(
-    entries: Sequence[Entry], opts: ImageOptions, skips: SkipCounter, workers: int = 1
+    entries: Sequence[Entry],
+    opts: ImageOptions,
+    skips: SkipCounter,
+    workers: int = 1,
+    sizes: ImageSizes | None = None,
 ) -> Iterator[Sample]:
     """Decode ``entries`` (in order, on ``workers`` processes) into samples, one per caption.
 
-    Images that fail to decode are counted in ``skips`` (reason ``unreadable image``) and left out.
+    Images that fail to decode are counted in ``skips`` (reason ``unreadable image``) and left out;
+    the sizes of the others are added to ``sizes`` when given.
     """
     from functools import partial
 
@@ -384,6 +416,8 @@ def image_samples(
         if isinstance(result, ImageFailure):
             skips.add(result.reason, entry.source_id, result.detail)
             continue
+        if sizes is not None:
+            sizes.add(result.original_size, result.size)
         meta = {
             "source_id": entry.source_id,
             "original_size": list(result.original_size),
@@ -402,8 +436,10 @@ def write_entries(
     *,
     workers: int = 1,
     max_per_shard: int = 1000,
+    sizes: ImageSizes | None = None,
 ) -> list[SplitManifest]:
-    """:func:`write_shards` for each split's entries (splits without entries are skipped)."""
+    """:func:`write_shards` for each split's entries (splits without entries are skipped); the sizes of
+    the images written are added to ``sizes`` when given."""
     if workers < 1:
         raise RecipeError(f"--workers must be >= 1, got {workers}")
     if max_per_shard < 1:
@@ -414,7 +450,7 @@ def write_entries(
             continue
         n = sum(len(e.captions) for e in entries)
         log.info("%s: %d images, %d captions", split, len(entries), n)
-        samples = image_samples(entries, opts, skips, workers)
+        samples = image_samples(entries, opts, skips, workers, sizes)
         manifests.append(
             write_shards(samples, out, split, max_per_shard=max_per_shard, image_format=opts.image_format)
         )

@@ -18,7 +18,9 @@ The train/val split hashes each image's path (relative to its root), so it is st
 and an image's captions stay in one split; the sample order is shuffled with --seed.
 
 Output:  train-*.tar (and val-*.tar with --val-fraction > 0), RGB JPEG (or --image-format png),
-         txt caption, json {source_id, original_size, size}; manifest.json.
+         txt caption, json {source_id, original_size, size}; manifest.json, with the images' native
+         and stored sizes (min / median / max width and height, ``image_sizes``): the training CLI
+         warns when the model's image_size is far above them.
 
 Examples:
   python -m data_recipes folder --images photos/ --out data/photos --val-fraction 0.05
@@ -40,6 +42,7 @@ from data_recipes.common import (
     IMAGE_EXTENSIONS,
     Entry,
     ImageOptions,
+    ImageSizes,
     RecipeError,
     SkipCounter,
     add_image_args,
@@ -212,13 +215,15 @@ def build(
         by_split[hash_split(e.source_id, val_fraction)].append(e)
     prepare_out_dir(out, overwrite)
     opts = ImageOptions(image_format=image_format, max_size=max_size, reencode=reencode)
-    splits = write_entries(out, by_split, opts, skips, workers=workers, max_per_shard=max_per_shard)
+    sizes = ImageSizes()
+    splits = write_entries(out, by_split, opts, skips, workers=workers, max_per_shard=max_per_shard, sizes=sizes)
     args = {
         "out": out, "images": images, "csv": csv, "image_col": image_col, "caption_col": caption_col,
         "jsonl": jsonl, "image_key": image_key, "caption_key": caption_key, "val_fraction": val_fraction,
         "seed": seed, "max_per_shard": max_per_shard, "workers": workers,
     }  # fmt: skip
-    return finish(out, NAME, args, splits, skips, {"preprocessing": opts.to_dict(), "caption_source": source})
+    extra = {"preprocessing": opts.to_dict(), "caption_source": source, "image_sizes": sizes.to_dict()}
+    return finish(out, NAME, args, splits, skips, extra)
 
 
 def run(args: argparse.Namespace) -> Manifest:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -20,6 +20,7 @@ from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.diffusion.timesteps import TimestepSamplerName, build_timestep_sampler
 from glide_lightning.models import ModelConfig, build_model
+from glide_lightning.optim import OptimizerConfig, build_optimizer, sync_lr
 from glide_lightning.sampling import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -28,31 +29,14 @@ TERMS = ("loss", "mse", "vb")
 QUARTILES = 4
 
 
-@dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW and its learning-rate warm-up."""
-
-    lr: float = 1e-4
-    """Peak learning rate (miniGLIDE: 1e-4)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW's (β1, β2)."""
-    weight_decay: float = 0.0
-    """AdamW's decoupled weight decay."""
-    warmup_steps: int = 0
-    """Optimizer steps of linear warm-up from 0 to ``lr`` (constant afterwards)."""
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError(f"bad optimizer settings {self}: lr > 0, weight_decay >= 0, warmup_steps >= 0")
-
-
 class GlideModule(L.LightningModule):
     """Trains a text-conditional diffusion model with classifier-free guidance dropout.
 
     Args:
         model: the network's architecture.
-        diffusion: the diffusion process and the loss (``simple`` / ``hybrid`` / ``p2``).
-        optimizer: AdamW settings and the LR warm-up.
+        diffusion: the diffusion process, the loss (``simple`` / ``hybrid`` / ``p2``), its weighting
+            (``min_snr_gamma``) and the prediction target (``eps`` / ``v``).
+        optimizer: AdamW settings and the LR schedule (warm-up, then constant or cosine decay).
         tokenizer: the caption tokenizer (``clip`` for new models; ``gpt2`` for glide-text2im's
             checkpoints). The data module uses the same one; the module needs it for the empty
             caption and for sampling from prompts.
@@ -214,12 +198,8 @@ class GlideModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        cfg = self.optimizer_config
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                      weight_decay=cfg.weight_decay)
-        warmup = max(cfg.warmup_steps, 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        max_steps = self.trainer.max_steps if self._trainer is not None else None
+        return build_optimizer(self.model.parameters(), self.optimizer_config, max_steps)
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -236,6 +216,8 @@ class GlideModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._session_start = time.monotonic()
+        for config in self.trainer.lr_scheduler_configs:  # restored: the LR of the step reached, this run's end
+            sync_lr(config.scheduler)
         if getattr(self, "_pending_rng_state", None) is not None:
             restore_rng_state(self._pending_rng_state)
             self._pending_rng_state = None

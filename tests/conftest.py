@@ -86,3 +86,38 @@ def glide_placeholder(tmp_path_factory):
         return path
 
     return make
+
+
+def captioned_folder(root: Path, size: int, n: int = 24) -> Path:
+    """``n`` images of ``size`` x ``size`` px with sidecar captions (a coloured square on grey, the
+    colour named in the caption): the input of the ``folder`` recipe. Returns ``root``."""
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        name, rgb = list(colours.items())[i % len(colours)]
+        image = Image.new("RGB", (size, size), (128, 128, 128))
+        offset = (i // len(colours)) % max(1, size // 2)
+        image.paste(rgb, (offset, offset, offset + size // 2, offset + size // 2))
+        image.save(root / f"img{i:03d}.png")
+        (root / f"img{i:03d}.txt").write_text(f"a {name} square")
+    return root
+
+
+@pytest.fixture(scope="session")
+def folder_shards(tmp_path_factory):
+    """``folder_shards(size) -> Path``: the ``folder`` recipe's shards (train and val, with its
+    manifest) of :func:`captioned_folder` images of ``size`` px, made once per size and session."""
+    from data_recipes.folder import build
+
+    made: dict[int, Path] = {}
+
+    def make(size: int) -> Path:
+        if size not in made:
+            base = tmp_path_factory.mktemp(f"folder{size}")
+            made[size] = base / "shards"
+            build(made[size], images=captioned_folder(base / "images", size), val_fraction=0.2, image_format="png")
+        return made[size]
+
+    return make

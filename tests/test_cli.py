@@ -20,7 +20,7 @@ import yaml
 
 from glide_lightning.diffusion import DiffusionConfig
 from glide_lightning.models import ModelConfig
-from glide_lightning.module import OptimizerConfig
+from glide_lightning.optim import OptimizerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
@@ -349,6 +349,30 @@ def test_every_experiment_parses_against_the_code(name, tmp_path):
     OptimizerConfig(**{k: tuple(v) if k == "betas" else v for k, v in model["optimizer"].items()})
     assert config["run"]["name"] == name
     assert config["data"]["train_shards"]
+
+
+def test_laptop_folder_trains_on_a_folder_dataset_through_the_cli(folder_shards, tmp_path):
+    """The laptop experiment as the README runs it (with its 32 px variant), on folder-recipe shards of 8 px
+    images: it warns that a 32 px model is far above them, trains with v, min-SNR, the cosine LR and
+    WarmupEMA, and its checkpoint says so."""
+    shards = folder_shards(8)
+    run = subprocess.run([sys.executable, "-m", "glide_lightning", "fit", "--config",
+                          str(REPO / "experiments/laptop_folder.yaml"), "--data.train_shards", f"{shards}/train-*.tar",
+                          "--data.num_workers", "0", "--data.batch_size", "4", "--run.root", str(tmp_path),
+                          "--model.model.image_size", "32", "--trainer.max_steps", "2",
+                          "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false"],
+                         env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "model.model.image_size 32 is 4.0x the median size of the training images (8 px" in run.stderr
+    last = torch.load(tmp_path / "laptop_folder/checkpoints/last.ckpt", weights_only=True)
+    assert last["global_step"] == 2
+    hp = last["hyper_parameters"]
+    assert hp["diffusion"]["prediction"] == "v" and hp["diffusion"]["min_snr_gamma"] == 5.0
+    assert hp["optimizer"]["lr_schedule"] == "cosine" and hp["model"]["image_size"] == 32
+    assert int(last["averaging_state"]["n_averaged"]) == 2  # WarmupEMA averaged after each step
+    assert [k for k in last["callbacks"] if "WarmupEMA" in k]
+    lrs = [float(r["lr-AdamW"]) for r in read_csv_metrics(tmp_path / "laptop_folder") if r.get("lr-AdamW")]
+    assert lrs[:2] == pytest.approx([1e-5, 2e-5])  # warm-up: lr·(s + 1)/100
 
 
 def test_minig_arms_differ_only_in_loss_and_variance():

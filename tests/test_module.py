@@ -117,6 +117,22 @@ def test_hparams_round_trip_through_a_weights_only_checkpoint(tmp_path):
     assert loaded.model_config == TINY and loaded.diffusion_config.loss_type == "p2"
 
 
+def test_a_v_prediction_run_checkpoints_its_target_for_sampling(synthetic_shards, tmp_path):
+    """Trained 2 steps with v (and min-SNR) through the real Trainer, saved, read back by the one
+    checkpoint reader: the diffusion config says v, so every sampler reads the outputs as v."""
+    from glide_lightning.sampling import SamplingConfig, generate, load_checkpoint
+
+    diffusion = DiffusionConfig(steps=50, loss_type="hybrid", prediction="v", min_snr_gamma=5.0)
+    trainer, _ = fit(GlideModule(model=TINY, diffusion=diffusion), f"{synthetic_shards}/train-*.tar", 2)
+    assert trainer.global_step == 2
+    path = tmp_path / "v.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = load_checkpoint(path)
+    assert loaded.diffusion_config == diffusion and loaded.diffusion_config.prediction == "v"
+    images = generate(loaded, ["a red circle"], [0], SamplingConfig(steps="5", guidance_scale=3.0))
+    assert images.shape == (1, 3, 32, 32)
+
+
 def test_inconsistent_model_and_variance_are_rejected():
     with pytest.raises(ValueError, match="learn_sigma"):
         GlideModule(model=ModelConfig(**{**TINY.to_dict(), "learn_sigma": False}), diffusion=DiffusionConfig(steps=10))

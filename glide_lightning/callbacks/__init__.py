@@ -1,7 +1,8 @@
 """Lightning callbacks: the run's checkpoints, graceful interruption, the non-finite guard, sample grids
-and generation metrics during training."""
+and generation metrics during training, EMA with a warm-up of its decay."""
 
 from glide_lightning.callbacks.checkpoint import RunCheckpoint
+from glide_lightning.callbacks.ema import WarmupEMA
 from glide_lightning.callbacks.interrupt import GracefulInterrupt
 from glide_lightning.callbacks.metrics import GenerationMetrics
 from glide_lightning.callbacks.nonfinite import NonFiniteGuard, NonFiniteLossError
@@ -9,4 +10,4 @@ from glide_lightning.callbacks.samples import SampleGrid
 from glide_lightning.callbacks.steps import OptimizerStepCallback
 
 __all__ = ["GenerationMetrics", "GracefulInterrupt", "NonFiniteGuard", "NonFiniteLossError", "OptimizerStepCallback",
-           "RunCheckpoint", "SampleGrid"]
+           "RunCheckpoint", "SampleGrid", "WarmupEMA"]

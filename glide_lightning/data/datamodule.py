@@ -63,6 +63,7 @@ from glide_lightning.data.pipeline import (
     check_choice,
     parse_caption_keys,
 )
+from glide_lightning.data.shards import upscale_warning
 from glide_lightning.data.tokenizers import TOKENIZERS, Tokenizer, TokenizerName, build_tokenizer
 from glide_lightning.data.workers import leave_stop_signals_to_the_main_process
 
@@ -363,12 +364,15 @@ class GlideDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------ Lightning
     def setup(self, stage: str) -> None:
-        """Expand the shard specs (clear error if nothing matches) and load the tokenizer's BPE
-        in the main process (forked workers inherit it)."""
+        """Expand the shard specs (clear error if nothing matches), warn when ``image_size`` is far above
+        the training images' size (:func:`~glide_lightning.data.shards.upscale_warning`) and load the
+        tokenizer's BPE in the main process (forked workers inherit it)."""
         if stage == "fit":
             if self.train_shards is None:
                 raise ValueError("GlideDataModule: train_shards is required to fit")
             self.train_urls = expand_shards(self.train_shards)
+            if (warning := upscale_warning(self.train_urls, self.image_size)) is not None:
+                log.warning("%s", warning)
         if stage in ("fit", "validate") and self.val_shards is not None:
             self.val_urls = expand_shards(self.val_shards)
         if stage == "validate" and self.val_shards is None:

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -409,3 +410,36 @@ def verify_manifest(dataset_dir: str | os.PathLike[str]) -> list[str]:
             elif sha256_file(path) != shard.sha256:
                 problems.append(f"{shard.name}: sha256 differs from the manifest")
     return problems
+
+
+UPSCALE_WARNING_FACTOR = 2.0
+"""The model's ``image_size`` is warned about above this multiple of the training images' median size."""
+
+
+def upscale_warning(shard_urls: Iterable[str], image_size: int, factor: float = UPSCALE_WARNING_FACTOR) -> str | None:
+    """A warning when ``image_size`` (px) is more than ``factor`` times the median size of the images in
+    local shards, read from the ``image_sizes`` entry of the ``manifest.json`` beside them (the
+    ``folder`` recipe writes it: the sizes stored in the shards, i.e. native or after ``--max-size``);
+    None when it is not, or when no manifest says. The median size is the larger of the median width
+    and height over every manifest found."""
+    found: list[tuple[Path, float]] = []
+    for directory in sorted({Path(url.removeprefix("file:")).parent for url in shard_urls if "://" not in url
+                             and not url.startswith("pipe:")}):
+        try:
+            sizes = load_manifest(directory).extra.get("image_sizes") or {}
+        except (FileNotFoundError, ValueError):
+            continue
+        stored = sizes.get("stored") or sizes.get("native")
+        if stored:
+            found.append((directory / MANIFEST_NAME, max(stored["width"]["median"], stored["height"]["median"])))
+    if not found:
+        return None
+    median = max(size for _, size in found)
+    if image_size <= factor * median:
+        return None
+    smaller = max(8, 1 << math.floor(math.log2(factor * median)))  # the largest power of 2 not warned about
+    where = ", ".join(str(path) for path, _ in found)
+    return (f"model.model.image_size {image_size} is {image_size / median:.1f}x the median size of the training "
+            f"images ({median:g} px, from {where}): the model would learn upsampled pixels that carry no "
+            f"information. A smaller model.model.image_size learns several times faster: e.g. "
+            f"--model.model.image_size {smaller} (with a model whose channel_mult / attention_resolutions suit it)")

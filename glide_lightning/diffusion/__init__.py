@@ -3,22 +3,33 @@
 No learnable weights and no Lightning here: the network is always an argument.
 """
 
-from glide_lightning.diffusion.config import LOSS_TYPES, VARIANCE_TYPES, DiffusionConfig, LossType, VarianceType
+from glide_lightning.diffusion.config import (
+    LOSS_TYPES,
+    PREDICTIONS,
+    VARIANCE_TYPES,
+    DiffusionConfig,
+    LossType,
+    Prediction,
+    VarianceType,
+)
 from glide_lightning.diffusion.gaussian import GaussianDiffusion, learned_range_log_variance
 from glide_lightning.diffusion.guidance import classifier_free_guidance
 from glide_lightning.diffusion.losses import (
     LOSSES,
     discretized_gaussian_log_likelihood,
     mean_flat,
+    min_snr_weight,
     normal_kl,
     training_losses,
+    training_target,
 )
 from glide_lightning.diffusion.samplers import SAMPLERS, SamplerName, ddim_sample, ddpm_sample, get_sampler
 from glide_lightning.diffusion.schedules import SCHEDULES, ScheduleName, get_named_beta_schedule, space_timesteps
 
 __all__ = [
-    "DiffusionConfig", "GaussianDiffusion", "LOSSES", "LOSS_TYPES", "LossType", "SAMPLERS", "SCHEDULES",
-    "SamplerName", "ScheduleName", "VARIANCE_TYPES", "VarianceType", "classifier_free_guidance", "ddim_sample",
-    "ddpm_sample", "discretized_gaussian_log_likelihood", "get_named_beta_schedule", "get_sampler",
-    "learned_range_log_variance", "mean_flat", "normal_kl", "space_timesteps", "training_losses",
+    "DiffusionConfig", "GaussianDiffusion", "LOSSES", "LOSS_TYPES", "LossType", "PREDICTIONS", "Prediction",
+    "SAMPLERS", "SCHEDULES", "SamplerName", "ScheduleName", "VARIANCE_TYPES", "VarianceType",
+    "classifier_free_guidance", "ddim_sample", "ddpm_sample", "discretized_gaussian_log_likelihood",
+    "get_named_beta_schedule", "get_sampler", "learned_range_log_variance", "mean_flat", "min_snr_weight",
+    "normal_kl", "space_timesteps", "training_losses", "training_target",
 ]

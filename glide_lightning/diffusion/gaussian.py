@@ -2,7 +2,10 @@
 
 Shapes: images ``x_start``, ``x_t``, ``noise`` are [B, C, H, W]; ``t`` is a LongTensor [B] of
 indices into *this* process's steps. The model is any callable ``model(x_t, timesteps, **kw)``
-returning ε (C channels) or ε and the learned-range value v (2C channels); it always receives the
+returning its prediction (C channels: ε, or the velocity v = α_t·ε − σ_t·x_0 when the config's
+``prediction`` is ``v``), followed by the learned-range interpolation value (C more channels) when
+the variance is learned. :meth:`GaussianDiffusion.mean_variance_from_output` is the one place that
+reads a model output as ``pred_xstart``, ``eps``, mean and variance. The model always receives the
 *original* step indices (``timestep_map[t]``), so a respaced process drives a network trained on
 the full schedule unchanged. The training losses, which use this process, live in
 :mod:`glide_lightning.diffusion.losses`.
@@ -114,6 +117,21 @@ class GaussianDiffusion:
         return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart)
                 / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t))
 
+    def predict_xstart_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """x_0 = α_t·x_t − σ_t·v (α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t); Salimans & Ho 2022, §4)."""
+        return (self._extract("sqrt_alphas_cumprod", t, x_t) * x_t
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * v)
+
+    def predict_eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """ε = σ_t·x_t + α_t·v (the inverse of :meth:`v_target` given x_t)."""
+        return (self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t
+                + self._extract("sqrt_alphas_cumprod", t, x_t) * v)
+
+    def v_target(self, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """The velocity v = α_t·ε − σ_t·x_0 of x_t = α_t·x_0 + σ_t·ε (Salimans & Ho 2022, §4), [B, C, H, W]."""
+        return (self._extract("sqrt_alphas_cumprod", t, x_start) * noise
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * x_start)
+
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) at ``t``, shape [B]."""
         return self._tables["snr"].to(t.device)[t].float()
@@ -134,10 +152,18 @@ class GaussianDiffusion:
     def mean_variance_from_output(self, model_output: Tensor, x_t: Tensor, t: Tensor, *, clip_denoised: bool = True,
                                   denoised_fn: DenoisedFn | None = None) -> dict[str, Tensor]:
         """p(x_{t-1} | x_t) from a model output: ``mean``, ``variance``, ``log_variance``,
-        ``pred_xstart`` and the predicted ``eps``. With a fixed variance, channels after ε are ignored
-        (an untrained variance head is never used)."""
+        ``pred_xstart`` (clipped to [-1, 1] when ``clip_denoised``) and the predicted ``eps`` (never
+        clipped), both read from the first C channels as ``config.prediction`` says (ε itself, or v).
+        With a fixed variance, channels after the first C are ignored (an untrained variance head is
+        never used)."""
         channels = x_t.shape[1]
-        eps = model_output[:, :channels]
+        prediction = model_output[:, :channels]
+        if self.config.prediction == "v":
+            eps = self.predict_eps_from_v(x_t, t, prediction)
+            pred_xstart = self.predict_xstart_from_v(x_t, t, prediction)
+        else:
+            eps = prediction
+            pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
         vtype = self.config.variance_type
         if vtype == "learned_range":
             min_log = self._extract("posterior_log_variance_clipped", t, x_t)
@@ -147,7 +173,6 @@ class GaussianDiffusion:
             log_var = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         else:
             log_var = self._extract("fixed_large_log_variance", t, x_t).expand_as(x_t)
-        pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
         if denoised_fn is not None:
             pred_xstart = denoised_fn(pred_xstart)
         if clip_denoised:

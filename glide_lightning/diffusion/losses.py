@@ -4,6 +4,10 @@ Each loss returns per-sample terms ([B] tensors); the caller reduces them. One s
 family: ``loss(diffusion, model_output, x_start, x_t, t, noise) -> terms``. ``loss_type`` travels
 from the YAML to :class:`~glide_lightning.diffusion.config.DiffusionConfig` (a typed choice,
 checked when parsed) to :data:`LOSSES` here.
+
+Every loss's ``mse`` is the MSE of the model's first C channels against the config's prediction
+target (:func:`training_target`: ε, or v), unweighted; ``loss`` applies the weighting: min-SNR-γ
+(:func:`min_snr_weight`, a knob of its own that composes with ``simple`` and ``hybrid``) or P2.
 """
 
 from __future__ import annotations
@@ -63,8 +67,37 @@ def vb_terms_bpd(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Te
     return torch.where(t == 0, nll, kl)
 
 
-def _eps_mse(model_output: Tensor, noise: Tensor) -> Tensor:
-    return mean_flat((noise - model_output[:, : noise.shape[1]]) ** 2)
+def training_target(diffusion: GaussianDiffusion, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """What the model's first C channels learn, [B, C, H, W]: the noise ε (``prediction: eps``) or
+    v = α_t·ε − σ_t·x_0 (``prediction: v``; Salimans & Ho 2022, §4)."""
+    return diffusion.v_target(x_start, t, noise) if diffusion.config.prediction == "v" else noise
+
+
+def min_snr_weight(diffusion: GaussianDiffusion, t: Tensor) -> Tensor:
+    """Min-SNR-γ weights of the MSE term, [B] (Hang et al. 2023, written for each target):
+    min(SNR(t), γ)/SNR(t) for ε, min(SNR(t), γ)/(SNR(t) + 1) for v; both are min(SNR(t), γ) times
+    the x_0 MSE, since ‖x_0 − x̂_0‖² = ‖ε − ε̂‖²/SNR = ‖v − v̂‖²/(SNR + 1). Ones without
+    ``min_snr_gamma``. The ε form is computed as min(1, γ/SNR), finite where SNR(t) → 0."""
+    snr = diffusion.snr(t)
+    gamma = diffusion.config.min_snr_gamma
+    if gamma is None:
+        return torch.ones_like(snr)
+    if diffusion.config.prediction == "v":
+        return snr.clamp(max=gamma) / (snr + 1)
+    return (gamma / snr).clamp(max=1.0)
+
+
+def _target_mse(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor, t: Tensor,
+                noise: Tensor) -> Tensor:
+    target = training_target(diffusion, x_start, t, noise)
+    return mean_flat((target - model_output[:, : target.shape[1]]) ** 2)
+
+
+def _weighted_mse(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor, t: Tensor,
+                  noise: Tensor) -> tuple[Tensor, Tensor]:
+    """The unweighted target MSE and its min-SNR-weighted form (the same without ``min_snr_gamma``), [B] each."""
+    mse = _target_mse(diffusion, model_output, x_start, t, noise)
+    return mse, min_snr_weight(diffusion, t).to(mse.dtype) * mse
 
 
 def _frozen_mean_vb(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
@@ -77,19 +110,20 @@ def _frozen_mean_vb(diffusion: GaussianDiffusion, model_output: Tensor, x_start:
 
 def simple_loss(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor,
                 noise: Tensor) -> dict[str, Tensor]:
-    """L_simple: ‖ε - ε_θ(x_t, t)‖² averaged over pixels."""
-    mse = _eps_mse(model_output, noise)
-    return {"loss": mse, "mse": mse}
+    """L_simple: ‖ε - ε_θ(x_t, t)‖² (or the v MSE) averaged over pixels, min-SNR weighted when set."""
+    mse, weighted = _weighted_mse(diffusion, model_output, x_start, t, noise)
+    return {"loss": weighted, "mse": mse}
 
 
 def hybrid_loss(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor,
                 noise: Tensor) -> dict[str, Tensor]:
     """L_hybrid = L_simple + λ·L_vlb. L_vlb = Σ_t L_t is estimated from one uniformly drawn t as
-    T·L_t, so the per-sample loss is mse + λ·T·vb (λ = ``vlb_weight``)."""
-    mse = _eps_mse(model_output, noise)
+    T·L_t, so the per-sample loss is mse + λ·T·vb (λ = ``vlb_weight``); with ``min_snr_gamma`` the
+    MSE is min-SNR weighted and the VLB term, which trains only the variance, is not."""
+    mse, weighted = _weighted_mse(diffusion, model_output, x_start, t, noise)
     vb = _frozen_mean_vb(diffusion, model_output, x_start, x_t, t)
     weight = diffusion.config.vlb_weight * diffusion.num_timesteps
-    return {"loss": mse + weight * vb, "mse": mse, "vb": vb}
+    return {"loss": weighted + weight * vb, "mse": mse, "vb": vb}
 
 
 def p2_loss(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor,
@@ -97,7 +131,7 @@ def p2_loss(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor,
     """P2 weighting (Choi et al. 2022): ε MSE weighted by 1/(k + SNR(t))^γ; where the variance is
     learned, the hybrid VLB term is added as in the paper's learned-Σ models."""
     cfg = diffusion.config
-    mse = _eps_mse(model_output, noise)
+    mse = _target_mse(diffusion, model_output, x_start, t, noise)  # the ε MSE: p2 requires prediction eps
     weight = (cfg.p2_k + diffusion.snr(t)) ** -cfg.p2_gamma
     terms = {"loss": weight.to(mse.dtype) * mse, "mse": mse}
     if cfg.variance_type == "learned_range":

@@ -183,3 +183,41 @@ def test_cli_wiring(tmp_path):
     assert main(argv) == 0
     (sample,) = read_split(tmp_path / "o", "train")
     assert sample["txt"] == "hello there" and min(sample["png"].size) == 10
+
+
+def test_manifest_records_native_and_stored_image_sizes(tmp_path):
+    root = tmp_path / "p"
+    root.mkdir()
+    for i, (w, h) in enumerate([(8, 8), (10, 6), (12, 20), (40, 30)]):
+        Image.new("RGB", (w, h), (i * 50, 0, 0)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(f"image {i}")
+    corrupt_file(root / "bad.png")
+    (root / "bad.txt").write_text("never read")
+    build(tmp_path / "out", images=root, max_size=16)
+    sizes = json.loads((tmp_path / "out/manifest.json").read_text())["image_sizes"]
+    assert sizes["images"] == 4  # the unreadable image is not counted
+    assert sizes["native"] == {"width": {"min": 8, "median": 11, "max": 40},
+                               "height": {"min": 6, "median": 14, "max": 30}}
+    # --max-size 16 shrinks the one image whose shorter side exceeds 16: 40x30 → 21x16
+    assert sizes["stored"] == {"width": {"min": 8, "median": 11, "max": 21},
+                               "height": {"min": 6, "median": 12, "max": 20}}
+
+
+@pytest.mark.parametrize("source_size,warned", [(8, True), (32, False)])
+def test_a_model_far_above_the_images_size_is_warned_about_when_the_data_is_set_up(
+        folder_shards, source_size, warned, caplog):
+    """8 px sources and a 32 px model: a warning naming the manifest and a smaller image_size; 32 px
+    sources: none."""
+    from glide_lightning.data import GlideDataModule
+
+    shards = folder_shards(source_size)
+    dm = GlideDataModule(train_shards=f"{shards}/train-*.tar", image_size=32, text_ctx=16, tokenizer="clip",
+                         bpe_dir=None, num_workers=0)
+    with caplog.at_level("WARNING"):
+        dm.setup("fit")
+    messages = [r.getMessage() for r in caplog.records if "model.model.image_size" in r.getMessage()]
+    assert bool(messages) == warned
+    if warned:
+        assert "4.0x the median size of the training images (8 px" in messages[0]
+        assert str(shards / "manifest.json") in messages[0] and "--model.model.image_size 16" in messages[0]
+        assert "several times faster" in messages[0]

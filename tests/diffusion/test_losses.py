@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, discretized_gaussian_log_likelihood, mean_flat
-from glide_lightning.diffusion.losses import training_losses
+from glide_lightning.diffusion.losses import min_snr_weight, training_losses, training_target
 
 
 def make(loss, variance, **kw):
@@ -92,12 +92,15 @@ def test_p2_weighting():
     assert "vb" in learned
 
 
-@pytest.mark.parametrize("loss,variance,channels", [("simple", "fixed_small", 3), ("hybrid", "learned_range", 6),
-                                                    ("p2", "fixed_small", 3)])
-def test_losses_fall_when_fitting_a_linear_model(loss, variance, channels):
+@pytest.mark.parametrize("loss,variance,channels,kw", [("simple", "fixed_small", 3, {}),
+                                                       ("hybrid", "learned_range", 6, {}),
+                                                    ("p2", "fixed_small", 3, {}),
+                                                    ("simple", "fixed_small", 3, {"min_snr_gamma": 5.0}),
+                                                    ("hybrid", "learned_range", 6, {"prediction": "v"})])
+def test_losses_fall_when_fitting_a_linear_model(loss, variance, channels, kw):
     """A sanity check of the gradients' sign: optimising the loss on one batch lowers it."""
     torch.manual_seed(0)
-    diffusion = make(loss, variance)
+    diffusion = make(loss, variance, **kw)
     model = Linear1x1(channels)
     opt = torch.optim.Adam(model.parameters(), lr=3e-2)
     x_start, noise = torch.rand(8, 3, 4, 4) * 2 - 1, torch.randn(8, 3, 4, 4)
@@ -110,3 +113,78 @@ def test_losses_fall_when_fitting_a_linear_model(loss, variance, channels):
         opt.step()
         losses.append(loss_value.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+# ------------------------------------------------------------------------------------- min-SNR-γ, v-prediction
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weights_equal_the_closed_form(prediction):
+    """Hang et al. 2023: min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v, from ᾱ_t directly."""
+    diffusion = make("simple", "fixed_small", min_snr_gamma=5.0, prediction=prediction)
+    t = torch.tensor([0, 5, 12, 25, 40, 49])
+    abar = diffusion.table("alphas_cumprod")[t]
+    snr = abar / (1 - abar)
+    expected = torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr if prediction == "eps" else snr + 1)
+    torch.testing.assert_close(min_snr_weight(diffusion, t), expected.float())
+    assert (expected[:2] < 1).all() and expected[0] < 0.1  # low noise (SNR ≫ γ) is down-weighted
+    if prediction == "eps":
+        assert (expected[-2:] == 1).all()  # SNR < γ: ε MSE unweighted
+    # without the knob, every weight is 1
+    assert torch.equal(min_snr_weight(make("simple", "fixed_small"), t), torch.ones(6))
+
+
+def test_min_snr_simple_loss_is_the_weighted_eps_mse_by_hand():
+    diffusion = make("simple", "fixed_small", min_snr_gamma=5.0)
+    model = Linear1x1(3)
+    x_start, noise = torch.rand(4, 3, 4, 4) * 2 - 1, torch.randn(4, 3, 4, 4)
+    t = torch.tensor([0, 10, 30, 49])
+    terms = training_losses(diffusion, model, x_start, t, noise=noise)
+    abar = diffusion.table("alphas_cumprod")[t].float()
+    x_t = abar.sqrt()[:, None, None, None] * x_start + (1 - abar).sqrt()[:, None, None, None] * noise
+    mse = ((model(x_t, t) - noise) ** 2).mean(dim=(1, 2, 3))
+    snr = abar / (1 - abar)
+    torch.testing.assert_close(terms["mse"], mse)
+    torch.testing.assert_close(terms["loss"], torch.clamp(snr, max=5.0) / snr * mse)
+
+
+def test_min_snr_hybrid_weights_the_mse_and_leaves_the_vlb_term_alone():
+    diffusion = make("hybrid", "learned_range", min_snr_gamma=2.0)
+    x_start, noise = torch.rand(3, 3, 4, 4) * 2 - 1, torch.randn(3, 3, 4, 4)
+    t = torch.tensor([1, 20, 45])
+    output = torch.randn(3, 6, 4, 4)
+    terms = training_losses(diffusion, lambda x, ts: output, x_start, t, noise=noise)
+    plain = training_losses(make("hybrid", "learned_range"), lambda x, ts: output, x_start, t, noise=noise)
+    torch.testing.assert_close(terms["vb"], plain["vb"])
+    torch.testing.assert_close(terms["mse"], plain["mse"])
+    snr = diffusion.table("snr")[t].float()
+    expected = torch.clamp(2.0 / snr, max=1.0) * terms["mse"] + 1e-3 * 50 * terms["vb"]
+    torch.testing.assert_close(terms["loss"], expected)
+
+
+def test_v_prediction_loss_targets_v_and_the_true_v_scores_zero():
+    diffusion = make("hybrid", "learned_range", prediction="v", min_snr_gamma=5.0)
+    x_start, noise = torch.rand(3, 3, 4, 4) * 2 - 1, torch.randn(3, 3, 4, 4)
+    t = torch.tensor([0, 25, 49])
+    abar = diffusion.table("alphas_cumprod")[t].float()[:, None, None, None]
+    v = abar.sqrt() * noise - (1 - abar).sqrt() * x_start  # Salimans & Ho 2022, §4
+    torch.testing.assert_close(training_target(diffusion, x_start, t, noise), v)
+    exact = torch.cat([v, -torch.ones_like(v)], 1)  # and β̃, the true posterior variance
+    terms = training_losses(diffusion, lambda x, ts: exact, x_start, t, noise=noise)
+    assert terms["mse"].abs().max() < 1e-10
+    assert terms["vb"][1:].abs().max() < 1e-3  # the VLB reads the mean through v: KL ~ 0 for t > 0
+    eps_output = torch.cat([noise, -torch.ones_like(v)], 1)
+    wrong = training_losses(diffusion, lambda x, ts: eps_output, x_start, t, noise=noise)
+    torch.testing.assert_close(wrong["mse"], ((noise - v) ** 2).mean(dim=(1, 2, 3)))
+    snr = abar.flatten() / (1 - abar.flatten())
+    torch.testing.assert_close(wrong["loss"] - 1e-3 * 50 * wrong["vb"],
+                               torch.clamp(snr, max=5.0) / (snr + 1) * wrong["mse"])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(loss_type="p2", variance_type="fixed_small", min_snr_gamma=5.0), "both weight the MSE"),
+    (dict(loss_type="simple", variance_type="fixed_small", min_snr_gamma=0.0), "min_snr_gamma must be > 0"),
+    (dict(loss_type="p2", variance_type="fixed_small", prediction="v"), "prediction 'eps'"),
+    (dict(loss_type="simple", variance_type="fixed_small", prediction="x0"), "prediction 'x0'; choose one of eps"),
+])
+def test_contradictory_weighting_and_target_fail_when_the_config_is_made(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DiffusionConfig(**kwargs)
