@@ -163,6 +163,11 @@ class AttentionBlock(nn.Module):
     output projection is zero-initialised and added to the input.
     """
 
+    contiguous_query: bool = True
+    """Hand SDPA a contiguous query (its fused kernel). False reproduces the layout of earlier versions
+    (the unfused math kernel on CPU, equal within float rounding): kept only so that the benchmark can
+    time today's path against the old one in one run (see :mod:`glide_lightning.bench`)."""
+
     def __init__(
         self,
         channels: int,
@@ -201,6 +206,11 @@ class AttentionBlock(nn.Module):
             ek, ev = rearrange(ekv, "b (h two c) s -> two b h s c", h=self.num_heads, two=2)
             k = torch.cat([ek, k], dim=2)  # [B, heads, S + T, c]
             v = torch.cat([ev, v], dim=2)  # [B, heads, S + T, c]
+        if self.contiguous_query:
+            # SDPA's fused CPU kernel needs a query laid out [B, heads, T, c]; the view above is
+            # strided along c and sends SDPA to its unfused math kernel (3-4x slower at 64 px, and it
+            # materialises the [T, S + T] attention matrix)
+            q = q.contiguous()
         a = F.scaled_dot_product_attention(q, k, v)  # [B, heads, T, c]
         a = rearrange(a, "b h t c -> b (h c) t")  # [B, C, T]
         h = self.proj_out(a)
