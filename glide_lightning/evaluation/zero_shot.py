@@ -64,6 +64,12 @@ class FIDJob:
     """open_clip pretrained tag or local file (None: random weights, labelled as such)."""
 
 
+_LATER_SAMPLING_DEFAULTS: dict[str, Any] = {"guidance_interval": None, "compile": False, "precision": "fp32",
+                                            "channels_last": False}
+"""Sampling fields added after image caches existed, with their defaults: left out of the identity at
+these values, so the folders of images made before them are found again."""
+
+
 def _model_identity(loaded: SamplingModel) -> dict[str, Any]:
     return {"weights_sha256": sha256_state_dict(loaded.model), "model": loaded.model_config.to_dict(),
             "diffusion": asdict(loaded.diffusion_config), "tokenizer": type(loaded.tokenizer).__name__,
@@ -74,6 +80,9 @@ def generation_identity(job: FIDJob, base: SamplingModel, upsampler: SamplingMod
     """Everything that determines the generated images, but the guidance scale (a folder of its own)."""
     sampling = asdict(job.sampling)
     del sampling["guidance_scale"]
+    for name, default in _LATER_SAMPLING_DEFAULTS.items():  # absent at their defaults: earlier keys still hold
+        if sampling[name] == default:
+            del sampling[name]
     if upsampler is None:
         del sampling["upsample_steps"], sampling["upsample_temp"]
     return {"base": _model_identity(base), "upsampler": None if upsampler is None else _model_identity(upsampler),

@@ -90,7 +90,9 @@ def test_images_are_cached_under_everything_that_determines_them(tiny_checkpoint
     variants = {"other checkpoint": (other, job), "seed": (base, replace(job, seed=123)),
                 "captions": (base, replace(job, captions=captions[3:6])),
                 "sampler": (base, replace(job, sampling=SamplingConfig(steps="2", sampler="ddim"))),
-                "batch size": (base, replace(job, sampling=SamplingConfig(steps="2", batch_size=2)))}
+                "batch size": (base, replace(job, sampling=SamplingConfig(steps="2", batch_size=2))),
+                "guidance interval": (base, replace(job, sampling=SamplingConfig(steps="2",
+                                                                                 guidance_interval=(0.5, 5.0))))}
     assert generate_missing(base, job, 3.0) == 3
     assert generate_missing(base, job, 3.0) == 0  # the same model and settings: reused
     folders = {images_dir(job, base)}
