@@ -4,7 +4,9 @@ For each model preset (the smoke experiment's tiny model and miniGLIDE, read fro
 ``experiments/parts``) it times, per image: the forward pass (contiguous and channels-last), a full
 training step (hybrid loss, forward + backward + AdamW step, reported as training images/second)
 and 25-step guided sampling with :func:`glide_lightning.sampling.generate` (classifier-free guidance at
-the sampling default scale: a doubled batch per step, tokenization included); and it
+the sampling default scale: a doubled batch per step, tokenization included), both as it is now and as
+it was before issue 12 (:func:`sample_batch_before_issue_12`, same weights, same run), with their
+ratio; and it
 measures the data pipeline alone (read + decode + RGB + resize + tokenize) on generated shards.
 Figures are medians of several runs after a warm-up, written with the machine's description to a
 JSON file. Timings on a shared machine are noisy: compare figures from one run of this script.
@@ -12,6 +14,7 @@ JSON file. Timings on a shared machine are noisy: compare figures from one run o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import statistics
@@ -19,16 +22,18 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 import yaml
+from torch import Tensor, nn
 
 from glide_lightning.data.tokenizers import build_tokenizer
-from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
+from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, classifier_free_guidance, get_sampler
 from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.models import ModelConfig, build_model
-from glide_lightning.sampling import SamplingConfig, SamplingModel, generate
+from glide_lightning.models.unet import AttentionBlock
+from glide_lightning.sampling import SamplingConfig, SamplingModel, generate, sample_batch, sample_generators
 
 PARTS = Path(__file__).resolve().parents[1] / "experiments" / "parts"
 # name: (model part of the experiments, batch size used for timing)
@@ -54,10 +59,50 @@ def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device
     return statistics.median(runs), runs
 
 
+@contextlib.contextmanager
+def strided_attention_query(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``model``'s attention hands SDPA the strided query of earlier versions (its
+    unfused math kernel on CPU; see :attr:`AttentionBlock.contiguous_query`)."""
+    blocks = [m for m in model.modules() if isinstance(m, AttentionBlock)]
+    for block in blocks:
+        block.contiguous_query = False
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.contiguous_query  # back to the class default
+
+
+@torch.no_grad()
+def sample_batch_before_issue_12(loaded: SamplingModel, prompts: list[str], seeds: list[int], config: SamplingConfig,
+                                 device: torch.device) -> Tensor:
+    """The base sampling path as it was before issue 12, on the same weights, float in [-1, 1]
+    ``[B, 3, H, W]``: the caption tokens (and the empty caption's, batch 1, expanded to B) are
+    model inputs at every step, so the text encoder runs on both halves of the guided batch at every
+    step, and attention takes SDPA's math kernel. Kept only to time the current
+    :func:`~glide_lightning.sampling.sample_batch` against it in one run (and for the test that their
+    outputs agree); the sampler loop and guidance wrapper are today's (their per-step costs were a
+    few index tensors and a token concatenation)."""
+    size = loaded.image_size
+    tokens, mask = (x.to(device) for x in loaded.tokenizer(prompts))
+    empty_tokens, empty_mask = (x.to(device) for x in loaded.tokenizer.empty(1))
+    model = classifier_free_guidance(loaded.model, config.guidance_scale, dict(tokens=empty_tokens, mask=empty_mask))
+    diffusion = GaussianDiffusion.from_config(loaded.diffusion_config, config.steps)
+    options = {"eta": config.eta} if config.sampler == "ddim" else {}
+    with strided_attention_query(loaded.model):
+        return get_sampler(config.sampler, **options)(diffusion, model, (len(prompts), 3, size, size),
+                                                      model_kwargs=dict(tokens=tokens, mask=mask),
+                                                      generator=sample_generators(seeds), device=device)
+
+
 def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int = 25) -> dict[str, object]:
     config, batch = preset_config(name), PRESETS[name][1]
     torch.manual_seed(0)
     model = build_model(config).to(device)
+    with torch.no_grad():  # ADM zero-initialises residual outputs: random values, so outputs can be compared
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.02)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(steps=1000))
     size = config.image_size
     x = torch.randn(batch, 3, size, size, device=device)
@@ -98,7 +143,17 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
     sampling = SamplingConfig(steps=str(sample_steps), batch_size=batch)  # the default guidance scale
     prompts = ["a small red circle above a large blue square"] * batch
     result["sample_guidance_scale"] = sampling.guidance_scale
-    record(f"sample_{sample_steps}_steps_cfg", lambda: generate(loaded, prompts, list(range(batch)), sampling), batch)
+    key = f"sample_{sample_steps}_steps_cfg"
+    record(key, lambda: generate(loaded, prompts, list(range(batch)), sampling), batch)
+    seeds = list(range(batch))
+    record(f"{key}_before_issue_12", lambda: sample_batch_before_issue_12(loaded, prompts, seeds, sampling, device),
+           batch)
+    result[f"{key}_speedup_vs_before_issue_12"] = (result[f"{key}_before_issue_12_s_per_image"]
+                                                   / result[f"{key}_s_per_image"])
+    with torch.no_grad():  # how far the two paths' outputs are apart (float rounding, amplified by the chain)
+        now = sample_batch(loaded, prompts, seeds, sampling, device)
+        before = sample_batch_before_issue_12(loaded, prompts, seeds, sampling, device)
+    result[f"{key}_max_abs_diff_vs_before_issue_12"] = (now - before).abs().max().item()
     result["forward_channels_last_speedup"] = result["forward_s_per_image"] / result["forward_channels_last_s_per_image"]
     # sampling cost is linear in the number of steps: the 100-step rate (GLIDE's setting) from the measured one
     result["guided_generation_images_per_s_100_steps"] = sample_steps / (100 * result[f"sample_{sample_steps}_steps_cfg_s_per_image"])
