@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from glide_lightning.data.images import to_uint8
 from glide_lightning.data.tokenizers import Tokenizer, TokenizerName, build_tokenizer
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, SamplerName, classifier_free_guidance, get_sampler
+from glide_lightning.diffusion.guidance import edm_sigma
 from glide_lightning.diffusion.samplers import SAMPLER_NAMES
 from glide_lightning.diffusion.solvers import diffusers_available
 from glide_lightning.diffusion.schedules import parse_respacing
@@ -45,7 +46,8 @@ from glide_lightning.models import (
 from glide_lightning.models.glide_text2im import detect_glide_kind
 
 __all__ = ["DEFAULT_GUIDANCE_SWEEP", "RELEASED_MODELS", "ReleasedModel", "SamplingConfig", "SamplingModel", "Weights",
-           "generate", "load_checkpoint", "released_model", "sample_batch", "sample_generators"]
+           "generate", "load_checkpoint", "model_evaluations", "released_model", "sample_batch",
+           "sample_generators"]
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +275,21 @@ def _read_released(path: Path, state: dict[str, Any], kind: ModelKind | None) ->
 
 
 # ------------------------------------------------------------------------------------- generation
+def model_evaluations(config: SamplingConfig, diffusion_config: DiffusionConfig) -> int:
+    """Network evaluations per image (NFE) of base sampling with ``config`` on a model trained with
+    ``diffusion_config``: one per step, two per guided step (the guided batch doubles; outside
+    ``guidance_interval`` the conditional half runs alone)."""
+    diffusion = GaussianDiffusion.from_config(diffusion_config, config.steps)
+    steps = diffusion.num_timesteps
+    if config.guidance_scale == 1.0:
+        return steps
+    if config.guidance_interval is None:
+        return 2 * steps
+    low, high = config.guidance_interval
+    sigma = edm_sigma(diffusion.base_alphas_cumprod[diffusion.timestep_map])
+    return steps + int(((sigma > low) & (sigma <= high)).sum())
+
+
 def sample_generators(seeds: list[int], offset: int = 0) -> list[torch.Generator]:
     """One CPU generator per image: image i's noise (initial and at every step) depends on seeds[i]
     alone, not on the batch it is drawn in, the device or the rank: a resumed or sharded FID run

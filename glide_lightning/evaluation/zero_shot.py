@@ -41,7 +41,7 @@ from glide_lightning.evaluation.features import (
 )
 from glide_lightning.evaluation.fid import ReferenceStatsCache, feature_stats, fid_from_stats
 from glide_lightning.evaluation.results import ScaleResult, write_results
-from glide_lightning.sampling import SamplingConfig, SamplingModel, generate
+from glide_lightning.sampling import SamplingConfig, SamplingModel, generate, model_evaluations
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +216,9 @@ def build_extractor(name: str, inception_weights: str | None = None, device: str
 
 
 def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache: ReferenceStatsCache,
-                   checkpoint: str, images: Path, clip: Any = None) -> ScaleResult:
-    """FID, CLIP score and (synthetic captions) adherence of the images of one scale in ``images``."""
+                   checkpoint: str, images: Path, clip: Any = None, nfe: int | None = None) -> ScaleResult:
+    """FID, CLIP score and (synthetic captions) adherence of the images of one scale in ``images``
+    (``nfe``: the model evaluations per image that made them, recorded beside)."""
     folder = scale_dir(images, scale)
     n = len(job.captions)
     resolution = Image.open(folder / "000000.png").size[0]
@@ -240,7 +241,7 @@ def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache
             yield batch
 
     generated = feature_stats(extractor, batches())
-    return ScaleResult(guidance_scale=scale, n=n, resolution=resolution, sampler=job.sampling.sampler,
+    return ScaleResult(guidance_scale=scale, n=n, resolution=resolution, sampler=job.sampling.sampler, nfe=nfe,
                        steps=job.sampling.steps, checkpoint=checkpoint, reference=str(job.reference),
                        fid=fid_from_stats(generated, reference),
                        clip_score=clip.summarize(clip_scores) if clip is not None else None,
@@ -305,7 +306,8 @@ def run(job: FIDJob, base: SamplingModel, extractor: FeatureExtractor, cache: Re
     results = []
     for scale in job.scales:
         wait_for_images(scale_dir(images, scale), len(job.captions))
-        results.append(evaluate_scale(job, scale, extractor, cache, base.source, images, clip))
+        nfe = model_evaluations(replace(job.sampling, guidance_scale=scale), base.diffusion_config)
+        results.append(evaluate_scale(job, scale, extractor, cache, base.source, images, clip, nfe))
         log.info("guidance %g: %s", scale, results[-1].fid.label)
     path = write_results(job.out_dir / "results.json", results,
                          {**asdict(job.sampling), "seed": job.seed, "images": str(images)})
