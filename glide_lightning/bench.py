@@ -3,8 +3,9 @@
 For each model preset (the smoke experiment's tiny model and miniGLIDE, read from
 ``experiments/parts``) it times, per image: the forward pass (contiguous and channels-last), a full
 training step (hybrid loss, forward + backward + AdamW step, reported as training images/second)
-and 25-step guided sampling with :func:`glide_lightning.sampling.generate` (classifier-free guidance at
-the sampling default scale: a doubled batch per step, tokenization included), both as it is now and as
+and 25-step guided sampling with :func:`glide_lightning.sampling.sample_batch` (the per-batch body of
+``generate``; classifier-free guidance at the sampling default scale: a doubled batch per step,
+tokenization included), both as it is now and as
 it was before issue 12 (:func:`sample_batch_before_issue_12`, same weights, same run), with their
 ratio; and it
 measures the data pipeline alone (read + decode + RGB + resize + tokenize) on generated shards.
@@ -33,7 +34,7 @@ from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, classi
 from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.models import ModelConfig, build_model
 from glide_lightning.models.unet import AttentionBlock
-from glide_lightning.sampling import SamplingConfig, SamplingModel, generate, sample_batch, sample_generators
+from glide_lightning.sampling import SamplingConfig, SamplingModel, sample_batch, sample_generators
 
 PARTS = Path(__file__).resolve().parents[1] / "experiments" / "parts"
 # name: (model part of the experiments, batch size used for timing)
@@ -137,23 +138,27 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
     result["train_images_per_s"] = 1.0 / result["train_step_s_per_image"]
 
     model.eval()
-    # guided sampling through the one generate() that the sample command and the FID harness use
+    # guided sampling through sample_batch, the body of the one generate() the sample command and FID harness use
     loaded = SamplingModel(model, diffusion.config, build_tokenizer("clip", text_ctx=config.text_ctx), config,
                            f"bench preset {name} (random weights)")
     sampling = SamplingConfig(steps=str(sample_steps), batch_size=batch)  # the default guidance scale
     prompts = ["a small red circle above a large blue square"] * batch
     result["sample_guidance_scale"] = sampling.guidance_scale
     key = f"sample_{sample_steps}_steps_cfg"
-    record(key, lambda: generate(loaded, prompts, list(range(batch)), sampling), batch)
-    seeds = list(range(batch))
-    record(f"{key}_before_issue_12", lambda: sample_batch_before_issue_12(loaded, prompts, seeds, sampling, device),
-           batch)
+    seeds, cpu_outputs = list(range(batch)), {}
+
+    def keep(name: str, fn: Callable[[], Tensor]) -> Callable[[], None]:
+        """Time ``fn`` and keep its last output, so that the two paths' images can be compared for free."""
+        return lambda: cpu_outputs.__setitem__(name, fn())
+
+    with torch.no_grad():  # sample_batch: the per-batch body of generate (tokenization included)
+        record(key, keep("now", lambda: sample_batch(loaded, prompts, seeds, sampling, device)), batch)
+        record(f"{key}_before_issue_12",
+               keep("before", lambda: sample_batch_before_issue_12(loaded, prompts, seeds, sampling, device)), batch)
     result[f"{key}_speedup_vs_before_issue_12"] = (result[f"{key}_before_issue_12_s_per_image"]
                                                    / result[f"{key}_s_per_image"])
-    with torch.no_grad():  # how far the two paths' outputs are apart (float rounding, amplified by the chain)
-        now = sample_batch(loaded, prompts, seeds, sampling, device)
-        before = sample_batch_before_issue_12(loaded, prompts, seeds, sampling, device)
-    result[f"{key}_max_abs_diff_vs_before_issue_12"] = (now - before).abs().max().item()
+    # how far the two paths' images are apart (float rounding, amplified along the chain), in [-1, 1] units
+    result[f"{key}_max_abs_diff_vs_before_issue_12"] = (cpu_outputs["now"] - cpu_outputs["before"]).abs().max().item()
     result["forward_channels_last_speedup"] = result["forward_s_per_image"] / result["forward_channels_last_s_per_image"]
     # sampling cost is linear in the number of steps: the 100-step rate (GLIDE's setting) from the measured one
     result["guided_generation_images_per_s_100_steps"] = sample_steps / (100 * result[f"sample_{sample_steps}_steps_cfg_s_per_image"])
