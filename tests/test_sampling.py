@@ -280,3 +280,40 @@ def test_solvers_sample_a_learned_variance_checkpoint(tiny_checkpoint, sampler):
     assert loaded.diffusion_config.variance_type == "learned_range"
     images = generate(loaded, ["a large red circle"] * 2, [0, 1], SamplingConfig(sampler=sampler, steps="8"))
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8 and not torch.equal(images[0], images[1])
+
+
+@pytest.mark.parametrize("options, mean_atol", [({"channels_last": True}, 1e-4), ({"precision": "bf16"}, 0.05)])
+def test_memory_format_and_bf16_autocast_reach_the_network_and_sample_close_images(tiny_checkpoint, options,
+                                                                                     mean_atol):
+    """Probed on the UNet's first convolution: channels_last inputs, bf16 outputs under autocast. The
+    images stay close on average (this random model's chain amplifies rounding where pixels sit at
+    the clipping bound), and the model's own memory format is restored."""
+    loaded = load_checkpoint(tiny_checkpoint)
+    prompts, seeds, cpu = ["a large red circle", "a small blue square"], [0, 1], torch.device("cpu")
+    config = SamplingConfig(steps="10")
+    plain = sample_batch(loaded, prompts, seeds, config, cpu)
+    seen = []
+    conv = loaded.model.input_blocks[0][0]
+    hook = conv.register_forward_hook(lambda module, args, out: seen.append(
+        (args[0].is_contiguous(memory_format=torch.channels_last), out.dtype)))
+    try:
+        other = sample_batch(loaded, prompts, seeds, replace(config, **options), cpu)
+    finally:
+        hook.remove()
+    expected = (True, torch.float32) if "channels_last" in options else (False, torch.bfloat16)
+    assert set(seen) == {expected}
+    assert other.dtype == torch.float32 and 0 < (other - plain).abs().mean() < mean_atol
+    assert all(p.is_contiguous() for p in loaded.model.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_denoiser_samples_within_its_documented_tolerance(tiny_checkpoint):
+    """torch.compile (inductor on CPU: a C++ compiler is needed; about a minute to compile the tiny
+    model) gives the eager images to about 1e-4 (SamplingConfig.compile)."""
+    loaded = load_checkpoint(tiny_checkpoint)
+    prompts, seeds, cpu = ["a large red circle", "a small blue square"], [0, 1], torch.device("cpu")
+    config = SamplingConfig(steps="4")
+    eager = sample_batch(loaded, prompts, seeds, config, cpu)
+    compiled = sample_batch(loaded, prompts, seeds, replace(config, compile=True), cpu)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+    assert not isinstance(loaded.model, torch._dynamo.eval_frame.OptimizedModule)  # nothing kept on the module

@@ -205,22 +205,38 @@ def log_to_wandb(run_dir: Path, results: list[ScaleResult], suffix: str = "") ->
     run.finish()
 
 
-def write_sweep(out: Path, results: list[ScaleResult]) -> None:
-    """``sweep.md`` (table) and ``sweep.png`` (FID vs CLIP score, annotated with the scales)."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _table_head(title: str, first: ScaleResult, settings: str, columns: list[str]) -> list[str]:
+    """A sweep table's title, settings, FID label and header row (``columns`` right-aligned)."""
+    return [f"# {title}: {first.checkpoint}", "", f"N = {first.n}, {first.resolution} px, {settings}features: "
+            f"{first.fid.extractor_name}", "", f"> {first.fid.label}", "", "| " + " | ".join(columns) + " |",
+            "|" + "---:|" * len(columns)]
+
+
+def _score_cells(r: ScaleResult) -> str:
+    """A row's FID, CLIP score and adherence cells ('–' where not measured)."""
+    clip = f"{r.clip_score.mean:.2f}" if r.clip_score is not None else "–"
+    adherence = f"{r.adherence:.3f}" if r.adherence is not None else "–"
+    return f"{r.fid.fid:.2f} | {clip} | {adherence}"
+
+
+def write_sweep(out: Path, results: list[ScaleResult]) -> None:
+    """``sweep.md`` (table) and ``sweep.png`` (FID vs CLIP score, annotated with the scales)."""
+    plt = _pyplot()
     first = results[0]
-    lines = [f"# Guidance sweep: {first.checkpoint}", "",
-             f"N = {first.n}, {first.resolution} px, {first.sampler} {first.steps} steps, "
-             f"features: {first.fid.extractor_name}", "", f"> {first.fid.label}", "",
-             "| guidance | FID | CLIP score | adherence |", "|---:|---:|---:|---:|"]
+    lines = _table_head("Guidance sweep", first, f"{first.sampler} {first.steps} steps, ",
+                        ["guidance", "FID", "CLIP score", "adherence"])
     for r in results:
-        clip = f"{r.clip_score.mean:.2f}" if r.clip_score is not None else "–"
-        adherence = f"{r.adherence:.3f}" if r.adherence is not None else "–"
-        lines.append(f"| {r.guidance_scale:g} | {r.fid.fid:.2f} | {clip} | {adherence} |")
+        lines.append(f"| {r.guidance_scale:g} | {_score_cells(r)} |")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(5, 4))
     fids = [r.fid.fid for r in results]
@@ -241,22 +257,14 @@ def write_sweep(out: Path, results: list[ScaleResult]) -> None:
 def write_nfe_sweep(out: Path, results: list[ScaleResult]) -> None:
     """``nfe_sweep.md`` (table), ``nfe_sweep.png`` (FID, and adherence where scored, against the model
     evaluations per image: one line per sampler and guidance scale) and ``nfe_sweep.json``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     first = results[0]
     rows = sorted(results, key=lambda r: (r.sampler, r.guidance_scale, r.nfe or 0))
-    lines = [f"# Quality against model evaluations: {first.checkpoint}", "",
-             f"N = {first.n}, {first.resolution} px, features: {first.fid.extractor_name}; NFE = network "
-             f"evaluations per image (a guided step counts two)", "", f"> {first.fid.label}", "",
-             "| sampler | steps | guidance | NFE | FID | CLIP score | adherence |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = _table_head("Quality against model evaluations", first,
+                        "NFE = network evaluations per image (a guided step counts two), ",
+                        ["sampler", "steps", "guidance", "NFE", "FID", "CLIP score", "adherence"])
     for r in rows:
-        clip = f"{r.clip_score.mean:.2f}" if r.clip_score is not None else "–"
-        adherence = f"{r.adherence:.3f}" if r.adherence is not None else "–"
-        lines.append(f"| {r.sampler} | {r.steps} | {r.guidance_scale:g} | {r.nfe} | {r.fid.fid:.2f} | {clip} | "
-                     f"{adherence} |")
+        lines.append(f"| {r.sampler} | {r.steps} | {r.guidance_scale:g} | {r.nfe} | {_score_cells(r)} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "nfe_sweep.md").write_text("\n".join(lines) + "\n")
     panels = [("FID" + (" (NOT a real FID: random features)" if first.fid.random_weights else ""),
