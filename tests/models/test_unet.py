@@ -85,6 +85,17 @@ def test_attention_takes_sdpas_fused_kernel_on_cpu(randomize: Callable[..., nn.M
     assert "aten::_softmax" in ops()  # the probe sees the math kernel when it runs
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 64, 16, 16), (3, 8, 1, 1)])
+def test_nearest_upsample_is_the_interpolation_bit_for_bit(shape: tuple[int, ...]) -> None:
+    from glide_lightning.models.unet import nearest_upsample_2x
+
+    x = torch.randn(*shape)
+    reference = F.interpolate(x, scale_factor=2, mode="nearest")
+    assert torch.equal(nearest_upsample_2x(x), reference)
+    channels_last = nearest_upsample_2x(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(channels_last, reference)
+
+
 def test_attention_block_channels_last(randomize: Callable[..., nn.Module]) -> None:
     torch.manual_seed(0)
     block = randomize(AttentionBlock(64, 2, encoder_channels=8))
