@@ -202,6 +202,7 @@ def test_unknown_checkpoint_is_explained(tmp_path):
     ({"upsample_temp": 0.0}, "upsample_temp must be > 0"),
     ({"guidance_interval": (2.0, 1.0)}, "guidance_interval (low, high] needs 0 <= low < high"),
     ({"precision": "fp16"}, "precision 'fp16' is unknown"),
+    ({"memory_format": "nhwc"}, "memory_format 'nhwc' is unknown"),
 ])
 def test_contradicting_sampling_options_fail_when_the_config_is_made(options, rule):
     with pytest.raises(ValueError, match="bad sampling options") as error:
@@ -218,9 +219,9 @@ def test_every_broken_rule_is_named_once():
 
 # ----------------------------------------------------------------------------------- the fast path
 def test_fast_path_equals_the_path_before_issue_12(tiny_checkpoint):
-    """Captions encoded once, guided encodings paired once, SDPA's fused kernel: the same images as the
-    path before (tokens at every step), bit for bit with the same attention kernel and within float
-    rounding with the fused one."""
+    """Captions encoded once, guided encodings paired once, SDPA's fused kernel, channels-last on the
+    CPU: the same images as the path before (tokens at every step), to 1e-6 with the same attention
+    kernel and memory format (bit for bit on this CPU), within float rounding otherwise."""
     from glide_lightning.bench import sample_batch_before_issue_12, strided_attention_query
 
     loaded = load_checkpoint(tiny_checkpoint)
@@ -230,9 +231,10 @@ def test_fast_path_equals_the_path_before_issue_12(tiny_checkpoint):
     now = sample_batch(loaded, prompts, seeds, config, cpu)
     # the kernels differ by ~1e-6 per forward; 25 steps of the chain carry that to ~2e-5 at most
     torch.testing.assert_close(now, before, atol=1e-4, rtol=0)
-    assert (now - before).abs().mean() < 1e-6
+    assert (now - before).abs().mean() < 1e-5
     with strided_attention_query(loaded.model):
-        torch.testing.assert_close(sample_batch(loaded, prompts, seeds, config, cpu), before, atol=1e-6, rtol=0)
+        same_kernels = sample_batch(loaded, prompts, seeds, replace(config, memory_format="contiguous"), cpu)
+    torch.testing.assert_close(same_kernels, before, atol=1e-6, rtol=0)
 
 
 def test_text_encoder_runs_once_per_batch_with_the_empty_caption(tiny_checkpoint):
@@ -282,7 +284,8 @@ def test_solvers_sample_a_learned_variance_checkpoint(tiny_checkpoint, sampler):
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8 and not torch.equal(images[0], images[1])
 
 
-@pytest.mark.parametrize("options, mean_atol", [({"channels_last": True}, 1e-4), ({"precision": "bf16"}, 0.05)])
+@pytest.mark.parametrize("options, mean_atol", [({"memory_format": "channels_last"}, 1e-4),
+                                                ({"precision": "bf16"}, 0.05)])
 def test_memory_format_and_bf16_autocast_reach_the_network_and_sample_close_images(tiny_checkpoint, options,
                                                                                      mean_atol):
     """Probed on the UNet's first convolution: channels_last inputs, bf16 outputs under autocast. The
@@ -290,7 +293,7 @@ def test_memory_format_and_bf16_autocast_reach_the_network_and_sample_close_imag
     the clipping bound), and the model's own memory format is restored."""
     loaded = load_checkpoint(tiny_checkpoint)
     prompts, seeds, cpu = ["a large red circle", "a small blue square"], [0, 1], torch.device("cpu")
-    config = SamplingConfig(steps="10")
+    config = SamplingConfig(steps="10", memory_format="contiguous")
     plain = sample_batch(loaded, prompts, seeds, config, cpu)
     seen = []
     conv = loaded.model.input_blocks[0][0]
@@ -300,7 +303,7 @@ def test_memory_format_and_bf16_autocast_reach_the_network_and_sample_close_imag
         other = sample_batch(loaded, prompts, seeds, replace(config, **options), cpu)
     finally:
         hook.remove()
-    expected = (True, torch.float32) if "channels_last" in options else (False, torch.bfloat16)
+    expected = (True, torch.float32) if "memory_format" in options else (False, torch.bfloat16)
     assert set(seen) == {expected}
     assert other.dtype == torch.float32 and 0 < (other - plain).abs().mean() < mean_atol
     assert all(p.is_contiguous() for p in loaded.model.parameters())

@@ -65,7 +65,7 @@ class FIDJob:
 
 
 _LATER_SAMPLING_DEFAULTS: dict[str, Any] = {"guidance_interval": None, "compile": False, "precision": "fp32",
-                                            "channels_last": False}
+                                            "memory_format": "auto"}
 """Sampling fields added after image caches existed, with their defaults: left out of the identity at
 these values, so the folders of images made before them are found again."""
 
