@@ -6,8 +6,8 @@ training step (hybrid loss, forward + backward + AdamW step, reported as trainin
 and 25-step guided sampling with :func:`glide_lightning.sampling.sample_batch` (the per-batch body of
 ``generate``; classifier-free guidance at the sampling default scale: a doubled batch per step,
 tokenization included), both as it is now and as
-it was before issue 12 (:func:`sample_batch_before_issue_12`, same weights, same run), with their
-ratio; and it
+it was before issue 12 (:func:`sample_batch_before_issue_12`, same weights, same run, runs taken in
+turns; wall-clock and CPU time), with their ratios; and it
 measures the data pipeline alone (read + decode + RGB + resize + tokenize) on generated shards.
 Figures are medians of several runs after a warm-up, written with the machine's description to a
 JSON file. Timings on a shared machine are noisy: compare figures from one run of this script.
@@ -96,6 +96,29 @@ def sample_batch_before_issue_12(loaded: SamplingModel, prompts: list[str], seed
                                                       generator=sample_generators(seeds), device=device)
 
 
+def _interleaved(fns: dict[str, Callable[[], Tensor]], repeats: int,
+                 device: torch.device) -> dict[str, tuple[list[float], list[float], Tensor]]:
+    """Wall-clock and process CPU seconds of ``repeats`` runs of each function, taken in turns (A B A
+    B …, after one warm-up each) so that a load that comes and goes on a shared machine weighs on
+    all of them alike, and each function's last output. CPU time (all threads of this process) is
+    the steadier figure where other processes compete for the cores."""
+    out: dict[str, tuple[list[float], list[float], Tensor]] = {}
+    for name, fn in fns.items():
+        out[name] = ([], [], fn())  # warm-up
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            wall, cpu = time.perf_counter(), time.process_time()
+            output = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            out[name][0].append(time.perf_counter() - wall)
+            out[name][1].append(time.process_time() - cpu)
+            out[name] = (out[name][0], out[name][1], output)
+    return out
+
+
 def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int = 25) -> dict[str, object]:
     config, batch = preset_config(name), PRESETS[name][1]
     torch.manual_seed(0)
@@ -145,20 +168,22 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
     prompts = ["a small red circle above a large blue square"] * batch
     result["sample_guidance_scale"] = sampling.guidance_scale
     key = f"sample_{sample_steps}_steps_cfg"
-    seeds, cpu_outputs = list(range(batch)), {}
-
-    def keep(name: str, fn: Callable[[], Tensor]) -> Callable[[], None]:
-        """Time ``fn`` and keep its last output, so that the two paths' images can be compared for free."""
-        return lambda: cpu_outputs.__setitem__(name, fn())
-
+    seeds = list(range(batch))
+    paths = {key: lambda: sample_batch(loaded, prompts, seeds, sampling, device),
+             f"{key}_before_issue_12": lambda: sample_batch_before_issue_12(loaded, prompts, seeds, sampling, device)}
     with torch.no_grad():  # sample_batch: the per-batch body of generate (tokenization included)
-        record(key, keep("now", lambda: sample_batch(loaded, prompts, seeds, sampling, device)), batch)
-        record(f"{key}_before_issue_12",
-               keep("before", lambda: sample_batch_before_issue_12(loaded, prompts, seeds, sampling, device)), batch)
-    result[f"{key}_speedup_vs_before_issue_12"] = (result[f"{key}_before_issue_12_s_per_image"]
-                                                   / result[f"{key}_s_per_image"])
+        timed = _interleaved(paths, repeats, device)
+    for name, (wall, cpu, _) in timed.items():
+        result[f"{name}_s_per_image"] = statistics.median(wall) / batch
+        result[f"{name}_runs_s"] = wall
+        result[f"{name}_cpu_s_per_image"] = statistics.median(cpu) / batch
+        result[f"{name}_cpu_runs_s"] = cpu
+    before = f"{key}_before_issue_12"
+    result[f"{key}_speedup_vs_before_issue_12"] = (result[f"{before}_s_per_image"] / result[f"{key}_s_per_image"])
+    result[f"{key}_cpu_speedup_vs_before_issue_12"] = (result[f"{before}_cpu_s_per_image"]
+                                                       / result[f"{key}_cpu_s_per_image"])
     # how far the two paths' images are apart (float rounding, amplified along the chain), in [-1, 1] units
-    result[f"{key}_max_abs_diff_vs_before_issue_12"] = (cpu_outputs["now"] - cpu_outputs["before"]).abs().max().item()
+    result[f"{key}_max_abs_diff_vs_before_issue_12"] = (timed[key][2] - timed[before][2]).abs().max().item()
     result["forward_channels_last_speedup"] = result["forward_s_per_image"] / result["forward_channels_last_s_per_image"]
     # sampling cost is linear in the number of steps: the 100-step rate (GLIDE's setting) from the measured one
     result["guided_generation_images_per_s_100_steps"] = sample_steps / (100 * result[f"sample_{sample_steps}_steps_cfg_s_per_image"])
@@ -257,7 +282,7 @@ class BenchCommand:
             print(f"benchmarking {name} …", flush=True)
             report["models"][name] = bench_model(name, self.repeats, device, self.sample_steps)  # type: ignore[index]
             summary = {k: v for k, v in report["models"][name].items()  # type: ignore[index]
-                       if k.endswith(("_per_image", "speedup", "per_s", "steps"))}
+                       if k.endswith(("_per_image", "per_s", "steps")) or "speedup" in k}
             print(json.dumps({name: summary}, indent=1), flush=True)
         if not self.skip_features:
             print("benchmarking the feature extractors …", flush=True)
