@@ -123,8 +123,10 @@ class SamplingConfig:
     compile: bool = False
     """``torch.compile`` the denoiser (not the once-per-call text encoder); on CUDA with
     ``mode="reduce-overhead"`` (CUDA graphs: small batches stop paying per-kernel launch costs).
-    The first call compiles (tens of seconds); outputs equal eager ones to about 1e-4 (fused kernels
-    round differently)."""
+    The first call compiles (tens of seconds to minutes on a CPU). Tolerance: fused kernels round
+    differently, ~1e-6 relative per forward; a sampling chain carries that to ~1e-5 on average (a
+    few pixels near the clipping bound further), as any change of kernels does. On this project's
+    CPU it was no faster than eager with channels-last (tiny preset)."""
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """The denoiser's arithmetic: ``fp32``; ``bf16`` autocast (the sampler's own math stays fp32);
     ``auto``: bf16 on GPUs that support it, fp32 elsewhere."""
