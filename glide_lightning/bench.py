@@ -33,7 +33,7 @@ from glide_lightning.data.tokenizers import build_tokenizer
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, classifier_free_guidance, get_sampler
 from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.models import ModelConfig, build_model
-from glide_lightning.models.unet import AttentionBlock
+from glide_lightning.models.unet import AttentionBlock, Upsample
 from glide_lightning.sampling import SamplingConfig, SamplingModel, sample_batch, sample_generators
 
 PARTS = Path(__file__).resolve().parents[1] / "experiments" / "parts"
@@ -61,17 +61,19 @@ def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device
 
 
 @contextlib.contextmanager
-def strided_attention_query(model: nn.Module) -> Iterator[None]:
+def modules_as_before_issue_12(model: nn.Module) -> Iterator[None]:
     """Within the block, ``model``'s attention hands SDPA the strided query of earlier versions (its
-    unfused math kernel on CPU; see :attr:`AttentionBlock.contiguous_query`)."""
-    blocks = [m for m in model.modules() if isinstance(m, AttentionBlock)]
-    for block in blocks:
-        block.contiguous_query = False
+    unfused math kernel on CPU; :attr:`AttentionBlock.contiguous_query`) and its nearest upsampling
+    goes through ``F.interpolate`` (:attr:`Upsample.broadcast_copy`): today's main, to the bit."""
+    changed = [(m, "contiguous_query") for m in model.modules() if isinstance(m, AttentionBlock)]
+    changed += [(m, "broadcast_copy") for m in model.modules() if isinstance(m, Upsample)]
+    for module, name in changed:
+        setattr(module, name, False)
     try:
         yield
     finally:
-        for block in blocks:
-            del block.contiguous_query  # back to the class default
+        for module, name in changed:
+            delattr(module, name)  # back to the class default
 
 
 @torch.no_grad()
@@ -80,7 +82,7 @@ def sample_batch_before_issue_12(loaded: SamplingModel, prompts: list[str], seed
     """The base sampling path as it was before issue 12, on the same weights, float in [-1, 1]
     ``[B, 3, H, W]``: the caption tokens (and the empty caption's, batch 1, expanded to B) are
     model inputs at every step, so the text encoder runs on both halves of the guided batch at every
-    step, and attention takes SDPA's math kernel. Kept only to time the current
+    step, attention takes SDPA's math kernel and upsampling ``F.interpolate``. Kept only to time the current
     :func:`~glide_lightning.sampling.sample_batch` against it in one run (and for the test that their
     outputs agree); the sampler loop and guidance wrapper are today's (their per-step costs were a
     few index tensors and a token concatenation)."""
@@ -90,7 +92,7 @@ def sample_batch_before_issue_12(loaded: SamplingModel, prompts: list[str], seed
     model = classifier_free_guidance(loaded.model, config.guidance_scale, dict(tokens=empty_tokens, mask=empty_mask))
     diffusion = GaussianDiffusion.from_config(loaded.diffusion_config, config.steps)
     options = {"eta": config.eta} if config.sampler == "ddim" else {}
-    with strided_attention_query(loaded.model):
+    with modules_as_before_issue_12(loaded.model):
         return get_sampler(config.sampler, **options)(diffusion, model, (len(prompts), 3, size, size),
                                                       model_kwargs=dict(tokens=tokens, mask=mask),
                                                       generator=sample_generators(seeds), device=device)

@@ -222,7 +222,7 @@ def test_fast_path_equals_the_path_before_issue_12(tiny_checkpoint):
     """Captions encoded once, guided encodings paired once, SDPA's fused kernel, channels-last on the
     CPU: the same images as the path before (tokens at every step), to 1e-6 with the same attention
     kernel and memory format (bit for bit on this CPU), within float rounding otherwise."""
-    from glide_lightning.bench import sample_batch_before_issue_12, strided_attention_query
+    from glide_lightning.bench import modules_as_before_issue_12, sample_batch_before_issue_12
 
     loaded = load_checkpoint(tiny_checkpoint)
     prompts, seeds, cpu = ["a large red circle", "a small blue square", ""], [0, 1, 2], torch.device("cpu")
@@ -232,7 +232,7 @@ def test_fast_path_equals_the_path_before_issue_12(tiny_checkpoint):
     # the kernels differ by ~1e-6 per forward; 25 steps of the chain carry that to ~2e-5 at most
     torch.testing.assert_close(now, before, atol=1e-4, rtol=0)
     assert (now - before).abs().mean() < 1e-5
-    with strided_attention_query(loaded.model):
+    with modules_as_before_issue_12(loaded.model):
         same_kernels = sample_batch(loaded, prompts, seeds, replace(config, memory_format="contiguous"), cpu)
     torch.testing.assert_close(same_kernels, before, atol=1e-6, rtol=0)
 

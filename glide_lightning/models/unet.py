@@ -63,8 +63,13 @@ class Upsample(nn.Module):
         if use_conv:
             self.conv = nn.Conv2d(channels, self.out_channels, 3, padding=1)
 
+    broadcast_copy: bool = True
+    """Upsample by one broadcast copy (:func:`nearest_upsample_2x`). False: ``F.interpolate``, as
+    earlier versions (bit-identical, slower on CPU): kept only so that the benchmark can time
+    today's path against the old one in one run (see :mod:`glide_lightning.bench`)."""
+
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        x = nearest_upsample_2x(x)
+        x = nearest_upsample_2x(x) if self.broadcast_copy else F.interpolate(x, scale_factor=2, mode="nearest")
         return self.conv(x) if self.use_conv else x
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glide_lightning.models import AttentionBlock, ResBlock, UNetModel
+from glide_lightning.models.unet import Upsample
 
 
 def reference_attention(block: AttentionBlock, x: torch.Tensor, enc: torch.Tensor | None) -> torch.Tensor:
@@ -94,6 +95,10 @@ def test_nearest_upsample_is_the_interpolation_bit_for_bit(shape: tuple[int, ...
     assert torch.equal(nearest_upsample_2x(x), reference)
     channels_last = nearest_upsample_2x(x.contiguous(memory_format=torch.channels_last))
     assert torch.equal(channels_last, reference)
+    layer = Upsample(shape[1], use_conv=False)
+    assert torch.equal(layer(x), reference)
+    layer.broadcast_copy = False  # the old kernel, kept for the benchmark
+    assert torch.equal(layer(x), reference)
 
 
 def test_attention_block_channels_last(randomize: Callable[..., nn.Module]) -> None:
