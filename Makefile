@@ -18,6 +18,10 @@ RES    ?=
 # guidance scales, e.g. SCALES="1.5 3"; empty: the command's default (fid: the sampling default scale,
 # sweep: DEFAULT_GUIDANCE_SWEEP in glide_lightning/sampling.py; the one list of it)
 SCALES ?=
+# sweep only: samplers and step counts to sweep as well, e.g. SAMPLERS="ddpm ddim dpmpp_2m unipc" STEPS="10 25 50"
+# (quality against model evaluations per image: <out>/nfe_sweep.png); empty: the sampling config's own
+SAMPLERS ?=
+STEPS  ?=
 ifeq ($(EXP),smoke)  # held-out synthetic shapes; random features (no weights to download), labelled as such
 # CPU-sized: 64 images x 4 scales x 25 steps of the tiny model take ~2 min on a laptop CPU
 N         ?= 64
@@ -33,6 +37,9 @@ space := $(empty) $(empty)
 comma := ,
 RUN_DIR = runs/$(or $(RUN),$(EXP))
 yaml_list = '[$(subst $(space),$(comma),$(strip $(1)))]'
+yaml_str_list = '[$(subst $(space),$(comma),$(patsubst %,"%",$(strip $(1))))]'
+SWEEP_ARGS = $(if $(strip $(SAMPLERS)),--samplers $(call yaml_list,$(SAMPLERS))) \
+             $(if $(strip $(STEPS)),--step_counts $(call yaml_str_list,$(STEPS)))
 EVAL_ARGS = --run_dir $(RUN_DIR) $(if $(CKPT),--ckpt $(CKPT)) --n $(N) $(if $(RES),--res $(RES)) \
             --captions $(CAPTIONS) --reference $(REFERENCE) $(EVAL_EXTRA) \
             $(if $(strip $(SCALES)),--scales $(call yaml_list,$(SCALES)))
@@ -77,8 +84,8 @@ sample: setup  ## images from prompts: ARGS='--ckpt runs/smoke/checkpoints/last.
 fid: check-run setup  ## zero-shot FID + CLIP score: EXP=<experiment> or RUN=<run name> [CKPT=] [N=5000] [SCALES="1.5 3"] [RES=64|256] [ARGS="--upsampler upsample.pt"]
 	$(PY) -m glide_lightning fid $(EVAL_ARGS) $(ARGS)
 
-sweep: check-run setup  ## FID and CLIP score per guidance scale, table and trade-off plot: EXP=<experiment> or RUN=<run name> [SCALES=...]
-	$(PY) -m glide_lightning sweep $(EVAL_ARGS) $(ARGS)
+sweep: check-run setup  ## FID and CLIP score per guidance scale, table and trade-off plot: EXP=<experiment> or RUN=<run name> [SCALES=...] [SAMPLERS="ddim dpmpp_2m" STEPS="10 25": quality vs model evaluations]
+	$(PY) -m glide_lightning sweep $(EVAL_ARGS) $(SWEEP_ARGS) $(ARGS)
 
 compare: setup  ## ablation report from the runs' own files: RUNS="minig_simple minig_hybrid"
 	@if [ -z "$(RUNS)" ]; then echo 'use RUNS="<run> <run> ..." (directories under runs/)' >&2; exit 2; fi

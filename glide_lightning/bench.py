@@ -3,8 +3,11 @@
 For each model preset (the smoke experiment's tiny model and miniGLIDE, read from
 ``experiments/parts``) it times, per image: the forward pass (contiguous and channels-last), a full
 training step (hybrid loss, forward + backward + AdamW step, reported as training images/second)
-and 25-step guided sampling with :func:`glide_lightning.sampling.generate` (classifier-free guidance at
-the sampling default scale: a doubled batch per step, tokenization included); and it
+and 25-step guided sampling with :func:`glide_lightning.sampling.sample_batch` (the per-batch body of
+``generate``; classifier-free guidance at the sampling default scale: a doubled batch per step,
+tokenization included), both as it is now and as
+it was before issue 12 (:func:`sample_batch_before_issue_12`, same weights, same run, runs taken in
+turns; wall-clock and CPU time), with their ratios; and it
 measures the data pipeline alone (read + decode + RGB + resize + tokenize) on generated shards.
 Figures are medians of several runs after a warm-up, written with the machine's description to a
 JSON file. Timings on a shared machine are noisy: compare figures from one run of this script.
@@ -12,6 +15,7 @@ JSON file. Timings on a shared machine are noisy: compare figures from one run o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import statistics
@@ -19,16 +23,18 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 import yaml
+from torch import Tensor, nn
 
 from glide_lightning.data.tokenizers import build_tokenizer
-from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
+from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, classifier_free_guidance, get_sampler
 from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.models import ModelConfig, build_model
-from glide_lightning.sampling import SamplingConfig, SamplingModel, generate
+from glide_lightning.models.unet import AttentionBlock, Upsample
+from glide_lightning.sampling import SamplingConfig, SamplingModel, sample_batch, sample_generators
 
 PARTS = Path(__file__).resolve().parents[1] / "experiments" / "parts"
 # name: (model part of the experiments, batch size used for timing)
@@ -54,10 +60,75 @@ def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device
     return statistics.median(runs), runs
 
 
+@contextlib.contextmanager
+def modules_as_before_issue_12(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``model``'s attention hands SDPA the strided query of earlier versions (its
+    unfused math kernel on CPU; :attr:`AttentionBlock.contiguous_query`) and its nearest upsampling
+    goes through ``F.interpolate`` (:attr:`Upsample.broadcast_copy`): today's main, to the bit."""
+    changed = [(m, "contiguous_query") for m in model.modules() if isinstance(m, AttentionBlock)]
+    changed += [(m, "broadcast_copy") for m in model.modules() if isinstance(m, Upsample)]
+    for module, name in changed:
+        setattr(module, name, False)
+    try:
+        yield
+    finally:
+        for module, name in changed:
+            delattr(module, name)  # back to the class default
+
+
+@torch.no_grad()
+def sample_batch_before_issue_12(loaded: SamplingModel, prompts: list[str], seeds: list[int], config: SamplingConfig,
+                                 device: torch.device) -> Tensor:
+    """The base sampling path as it was before issue 12, on the same weights, float in [-1, 1]
+    ``[B, 3, H, W]``: the caption tokens (and the empty caption's, batch 1, expanded to B) are
+    model inputs at every step, so the text encoder runs on both halves of the guided batch at every
+    step, attention takes SDPA's math kernel and upsampling ``F.interpolate``. Kept only to time the current
+    :func:`~glide_lightning.sampling.sample_batch` against it in one run (and for the test that their
+    outputs agree); the sampler loop and guidance wrapper are today's (their per-step costs were a
+    few index tensors and a token concatenation)."""
+    size = loaded.image_size
+    tokens, mask = (x.to(device) for x in loaded.tokenizer(prompts))
+    empty_tokens, empty_mask = (x.to(device) for x in loaded.tokenizer.empty(1))
+    model = classifier_free_guidance(loaded.model, config.guidance_scale, dict(tokens=empty_tokens, mask=empty_mask))
+    diffusion = GaussianDiffusion.from_config(loaded.diffusion_config, config.steps)
+    options = {"eta": config.eta} if config.sampler == "ddim" else {}
+    with modules_as_before_issue_12(loaded.model):
+        return get_sampler(config.sampler, **options)(diffusion, model, (len(prompts), 3, size, size),
+                                                      model_kwargs=dict(tokens=tokens, mask=mask),
+                                                      generator=sample_generators(seeds), device=device)
+
+
+def _interleaved(fns: dict[str, Callable[[], Tensor]], repeats: int,
+                 device: torch.device) -> dict[str, tuple[list[float], list[float], Tensor]]:
+    """Wall-clock and process CPU seconds of ``repeats`` runs of each function, taken in turns (A B A
+    B …, after one warm-up each) so that a load that comes and goes on a shared machine weighs on
+    all of them alike, and each function's last output. CPU time (all threads of this process) is
+    the steadier figure where other processes compete for the cores."""
+    out: dict[str, tuple[list[float], list[float], Tensor]] = {}
+    for name, fn in fns.items():
+        out[name] = ([], [], fn())  # warm-up
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            wall, cpu = time.perf_counter(), time.process_time()
+            output = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            out[name][0].append(time.perf_counter() - wall)
+            out[name][1].append(time.process_time() - cpu)
+            out[name] = (out[name][0], out[name][1], output)
+    return out
+
+
 def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int = 25) -> dict[str, object]:
     config, batch = preset_config(name), PRESETS[name][1]
     torch.manual_seed(0)
     model = build_model(config).to(device)
+    with torch.no_grad():  # ADM zero-initialises residual outputs: random values, so outputs can be compared
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.02)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(steps=1000))
     size = config.image_size
     x = torch.randn(batch, 3, size, size, device=device)
@@ -92,13 +163,29 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
     result["train_images_per_s"] = 1.0 / result["train_step_s_per_image"]
 
     model.eval()
-    # guided sampling through the one generate() that the sample command and the FID harness use
+    # guided sampling through sample_batch, the body of the one generate() the sample command and FID harness use
     loaded = SamplingModel(model, diffusion.config, build_tokenizer("clip", text_ctx=config.text_ctx), config,
                            f"bench preset {name} (random weights)")
     sampling = SamplingConfig(steps=str(sample_steps), batch_size=batch)  # the default guidance scale
     prompts = ["a small red circle above a large blue square"] * batch
     result["sample_guidance_scale"] = sampling.guidance_scale
-    record(f"sample_{sample_steps}_steps_cfg", lambda: generate(loaded, prompts, list(range(batch)), sampling), batch)
+    key = f"sample_{sample_steps}_steps_cfg"
+    seeds = list(range(batch))
+    paths = {key: lambda: sample_batch(loaded, prompts, seeds, sampling, device),
+             f"{key}_before_issue_12": lambda: sample_batch_before_issue_12(loaded, prompts, seeds, sampling, device)}
+    with torch.no_grad():  # sample_batch: the per-batch body of generate (tokenization included)
+        timed = _interleaved(paths, repeats, device)
+    for name, (wall, cpu, _) in timed.items():
+        result[f"{name}_s_per_image"] = statistics.median(wall) / batch
+        result[f"{name}_runs_s"] = wall
+        result[f"{name}_cpu_s_per_image"] = statistics.median(cpu) / batch
+        result[f"{name}_cpu_runs_s"] = cpu
+    before = f"{key}_before_issue_12"
+    result[f"{key}_speedup_vs_before_issue_12"] = (result[f"{before}_s_per_image"] / result[f"{key}_s_per_image"])
+    result[f"{key}_cpu_speedup_vs_before_issue_12"] = (result[f"{before}_cpu_s_per_image"]
+                                                       / result[f"{key}_cpu_s_per_image"])
+    # how far the two paths' images are apart (float rounding, amplified along the chain), in [-1, 1] units
+    result[f"{key}_max_abs_diff_vs_before_issue_12"] = (timed[key][2] - timed[before][2]).abs().max().item()
     result["forward_channels_last_speedup"] = result["forward_s_per_image"] / result["forward_channels_last_s_per_image"]
     # sampling cost is linear in the number of steps: the 100-step rate (GLIDE's setting) from the measured one
     result["guided_generation_images_per_s_100_steps"] = sample_steps / (100 * result[f"sample_{sample_steps}_steps_cfg_s_per_image"])
@@ -197,7 +284,7 @@ class BenchCommand:
             print(f"benchmarking {name} …", flush=True)
             report["models"][name] = bench_model(name, self.repeats, device, self.sample_steps)  # type: ignore[index]
             summary = {k: v for k, v in report["models"][name].items()  # type: ignore[index]
-                       if k.endswith(("_per_image", "speedup", "per_s", "steps"))}
+                       if k.endswith(("_per_image", "per_s", "steps")) or "speedup" in k}
             print(json.dumps({name: summary}, indent=1), flush=True)
         if not self.skip_features:
             print("benchmarking the feature extractors …", flush=True)

@@ -23,6 +23,11 @@ def test_bench_writes_per_image_medians(tmp_path):
     assert tiny["guided_generation_images_per_s_100_steps"] == pytest.approx(
         4 / (100 * tiny["sample_4_steps_cfg_s_per_image"]))
     assert tiny["guided_generation_100_steps_extrapolated_from"] == 4
+    before = tiny["sample_4_steps_cfg_before_issue_12_s_per_image"]  # the old path, timed in the same run
+    assert before > 0 and tiny["sample_4_steps_cfg_speedup_vs_before_issue_12"] == pytest.approx(
+        before / tiny["sample_4_steps_cfg_s_per_image"])
+    assert tiny["sample_4_steps_cfg_max_abs_diff_vs_before_issue_12"] < 1e-3
+    assert len(tiny["sample_4_steps_cfg_cpu_runs_s"]) == 1 and tiny["sample_4_steps_cfg_cpu_speedup_vs_before_issue_12"] > 0
     data = report["data_pipeline"]
     assert data["images_per_s_workers0"] > 0 and data["images_per_s_workers2"] > 0
 

@@ -50,6 +50,10 @@ def test_sweep_scales_default_to_the_one_sweep_list_and_fid_to_the_sampling_scal
     fid = parse(["fid", "--ckpt", "m.ckpt"])
     assert isinstance(fid, FIDCommand) and not isinstance(fid, SweepCommand) and fid.scales is None
     assert parse(["sweep", "--ckpt", "m.ckpt", "--scales", "[1.5, 3]"]).scales == [1.5, 3.0]
+    sweep = parse(["sweep", "--ckpt", "m.ckpt", "--samplers", "[ddim, unipc]", "--step_counts", '["10", "25"]',
+                   "--sampling.guidance_interval", "[0.3, 5]"])
+    assert [(s.sampler, s.steps, s.guidance_interval) for s in sweep.samplings()] == [
+        (sampler, steps, (0.3, 5.0)) for sampler in ("ddim", "unipc") for steps in ("10", "25")]
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -59,6 +63,10 @@ def test_sweep_scales_default_to_the_one_sweep_list_and_fid_to_the_sampling_scal
     (["fid", "--ckpt", "m.ckpt", "--n", "0"], "n must be >= 1"),
     (["bench", "--presets", "[huge]"], "presets"),
     (["sample", "--ckpt", "m.ckpt", "--prompt", "a", "--prompt", "b"], "--prompt is given more than once"),
+    (["sample", "--ckpt", "m.ckpt", "--sampling.precision", "fp16"], "sampling.precision"),
+    (["fid", "--ckpt", "m.ckpt", "--sampling.guidance_interval", "[5, 1]"], "guidance_interval (low, high]"),
+    (["sweep", "--ckpt", "m.ckpt", "--samplers", "[euler]"], "samplers"),
+    (["sweep", "--ckpt", "m.ckpt", "--step_counts", '["ddim10"]'], "steps 'ddim10' is DDIM's stride spacing"),
 ])
 def test_contradicting_or_unknown_values_fail_at_parse_time_naming_the_field(argv, expected, capsys):
     with pytest.raises(SystemExit) as done:

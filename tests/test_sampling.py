@@ -2,6 +2,7 @@
 released files), the released-model registry and guided generation, and the ``sample`` command."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +15,8 @@ from glide_lightning.data.images import read_png_metadata
 from glide_lightning.commands import main as glide_main
 from glide_lightning.models import CheckpointMismatchError
 from glide_lightning.models.glide_text2im import glide_config
-from glide_lightning.sampling import RELEASED_MODELS, SamplingConfig, generate, load_checkpoint, released_model
+from glide_lightning.sampling import (RELEASED_MODELS, SamplingConfig, generate, load_checkpoint, released_model,
+                                     sample_batch)
 
 FAST = SamplingConfig(steps="5", batch_size=2)
 SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -198,6 +200,9 @@ def test_unknown_checkpoint_is_explained(tmp_path):
     ({"guidance_scale": -1.0}, "guidance_scale must be >= 0"),
     ({"batch_size": 0}, "batch_size must be >= 1"),
     ({"upsample_temp": 0.0}, "upsample_temp must be > 0"),
+    ({"guidance_interval": (2.0, 1.0)}, "guidance_interval (low, high] needs 0 <= low < high"),
+    ({"precision": "fp16"}, "precision 'fp16' is unknown"),
+    ({"memory_format": "nhwc"}, "memory_format 'nhwc' is unknown"),
 ])
 def test_contradicting_sampling_options_fail_when_the_config_is_made(options, rule):
     with pytest.raises(ValueError, match="bad sampling options") as error:
@@ -210,3 +215,114 @@ def test_every_broken_rule_is_named_once():
         SamplingConfig(steps="ddim25", eta=0.3, batch_size=0)
     assert str(error.value).count("\n  - ") == 3
     SamplingConfig(sampler="ddim", steps="ddim25", eta=0.3)  # consistent: accepted
+
+
+# ----------------------------------------------------------------------------------- the fast path
+def test_fast_path_equals_the_path_before_issue_12(tiny_checkpoint):
+    """Captions encoded once, guided encodings paired once, SDPA's fused kernel, channels-last on the
+    CPU: the same images as the path before (tokens at every step), to 1e-6 with the same attention
+    kernel and memory format (bit for bit on this CPU), within float rounding otherwise."""
+    from glide_lightning.bench import modules_as_before_issue_12, sample_batch_before_issue_12
+
+    loaded = load_checkpoint(tiny_checkpoint)
+    prompts, seeds, cpu = ["a large red circle", "a small blue square", ""], [0, 1, 2], torch.device("cpu")
+    config = SamplingConfig(steps="25", batch_size=3)
+    before = sample_batch_before_issue_12(loaded, prompts, seeds, config, cpu)
+    now = sample_batch(loaded, prompts, seeds, config, cpu)
+    # the kernels differ by ~1e-6 per forward; 25 steps of the chain carry that to ~2e-5 at most
+    torch.testing.assert_close(now, before, atol=1e-4, rtol=0)
+    assert (now - before).abs().mean() < 1e-5
+    with modules_as_before_issue_12(loaded.model):
+        same_kernels = sample_batch(loaded, prompts, seeds, replace(config, memory_format="contiguous"), cpu)
+    torch.testing.assert_close(same_kernels, before, atol=1e-6, rtol=0)
+
+
+def test_text_encoder_runs_once_per_batch_with_the_empty_caption(tiny_checkpoint):
+    """A probe on the real text transformer: one call per batch of captions, whatever the number of
+    steps, holding the batch's captions and (guided) the empty caption once."""
+    loaded = load_checkpoint(tiny_checkpoint)
+    rows: list[int] = []
+    hook = loaded.model.transformer.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    try:
+        prompts = ["a large red circle", "a small blue square", "a red square", "a blue circle", "a square"]
+        generate(loaded, prompts, list(range(5)), SamplingConfig(steps="6", batch_size=2))
+        assert rows == [3, 3, 2]  # batches of 2, 2, 1 captions + the empty caption each
+        rows.clear()
+        generate(loaded, prompts, list(range(5)), SamplingConfig(steps="6", batch_size=2, guidance_scale=1.0))
+        assert rows == [2, 2, 1]  # unguided: no empty caption
+    finally:
+        hook.remove()
+
+
+def test_guidance_interval_through_generate(tiny_checkpoint):
+    """An interval holding every step is plain guidance, one holding none the conditional model alone;
+    a middle one saves the unconditional half's forwards outside it (counted on the real model)."""
+    loaded = load_checkpoint(tiny_checkpoint)
+    prompts, seeds = ["a large red circle", "a small blue square"], [3, 4]
+    cpu = torch.device("cpu")
+    config = SamplingConfig(steps="10", sampler="ddim", guidance_scale=4.0)
+    guided = sample_batch(loaded, prompts, seeds, config, cpu)
+    unguided = sample_batch(loaded, prompts, seeds, replace(config, guidance_scale=1.0), cpu)
+    assert torch.equal(sample_batch(loaded, prompts, seeds, replace(config, guidance_interval=(0.0, 1e9)), cpu), guided)
+    assert torch.equal(sample_batch(loaded, prompts, seeds, replace(config, guidance_interval=(1e8, 1e9)), cpu),
+                       unguided)
+    rows: list[int] = []
+    hook = loaded.model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        middle = sample_batch(loaded, prompts, seeds, replace(config, guidance_interval=(0.5, 5.0)), cpu)
+    finally:
+        hook.remove()
+    assert len(rows) == 10 and 0 < rows.count(4) < 10 and rows.count(4) + rows.count(2) == 10
+    assert not torch.equal(middle, guided) and not torch.equal(middle, unguided)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "unipc"])
+def test_solvers_sample_a_learned_variance_checkpoint(tiny_checkpoint, sampler):
+    loaded = load_checkpoint(tiny_checkpoint)
+    assert loaded.diffusion_config.variance_type == "learned_range"
+    images = generate(loaded, ["a large red circle"] * 2, [0, 1], SamplingConfig(sampler=sampler, steps="8"))
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8 and not torch.equal(images[0], images[1])
+
+
+@pytest.mark.parametrize("options, mean_atol", [({"memory_format": "channels_last"}, 1e-4),
+                                                ({"precision": "bf16"}, 0.05)])
+def test_memory_format_and_bf16_autocast_reach_the_network_and_sample_close_images(tiny_checkpoint, options,
+                                                                                     mean_atol):
+    """Probed on the UNet's first convolution: channels_last inputs, bf16 outputs under autocast. The
+    images stay close on average (this random model's chain amplifies rounding where pixels sit at
+    the clipping bound), and the model's own memory format is restored."""
+    loaded = load_checkpoint(tiny_checkpoint)
+    prompts, seeds, cpu = ["a large red circle", "a small blue square"], [0, 1], torch.device("cpu")
+    config = SamplingConfig(steps="10", memory_format="contiguous")
+    plain = sample_batch(loaded, prompts, seeds, config, cpu)
+    seen = []
+    conv = loaded.model.input_blocks[0][0]
+    hook = conv.register_forward_hook(lambda module, args, out: seen.append(
+        (args[0].is_contiguous(memory_format=torch.channels_last), out.dtype)))
+    try:
+        other = sample_batch(loaded, prompts, seeds, replace(config, **options), cpu)
+    finally:
+        hook.remove()
+    expected = (True, torch.float32) if "memory_format" in options else (False, torch.bfloat16)
+    assert set(seen) == {expected}
+    assert other.dtype == torch.float32 and 0 < (other - plain).abs().mean() < mean_atol
+    assert all(p.is_contiguous() for p in loaded.model.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_denoiser_samples_within_its_documented_tolerance(tiny_checkpoint):
+    """torch.compile (inductor on CPU: a C++ compiler is needed; about a minute to compile the tiny
+    model) compiles the denoiser once and gives the eager images within its documented tolerance:
+    float rounding per forward, which this random model's chain amplifies at a few pixels."""
+    from torch._dynamo.utils import counters
+
+    loaded = load_checkpoint(tiny_checkpoint)
+    prompts, seeds, cpu = ["a large red circle", "a small blue square"], [0, 1], torch.device("cpu")
+    config = SamplingConfig(steps="4")
+    eager = sample_batch(loaded, prompts, seeds, config, cpu)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = sample_batch(loaded, prompts, seeds, replace(config, compile=True), cpu)
+    assert counters["stats"]["unique_graphs"] > graphs  # the compiled path ran
+    difference = (compiled - eager).abs()
+    assert difference.mean() < 1e-4 and difference.max() < 1e-2
+    assert not isinstance(loaded.model, torch._dynamo.eval_frame.OptimizedModule)  # nothing kept on the module

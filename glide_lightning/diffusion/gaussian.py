@@ -139,7 +139,10 @@ class GaussianDiffusion:
     # ----------------------------------------------------------------------------- reverse process
     def call_model(self, model: ModelFn, x_t: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None) -> Tensor:
         """Run the network on original step indices and check its channel count."""
-        out = model(x_t, self.timestep_map.to(t.device)[t], **(model_kwargs or {}))
+        key = ("timestep_map", t.device)
+        if key not in self._on_device:  # one copy per device, not one per step
+            self._on_device[key] = self.timestep_map.to(t.device)
+        out = model(x_t, self._on_device[key][t], **(model_kwargs or {}))
         channels = x_t.shape[1]
         needed = 2 * channels if self.config.variance_type == "learned_range" else channels
         if out.shape[:1] + out.shape[2:] != x_t.shape[:1] + x_t.shape[2:] or out.shape[1] < needed:

@@ -4,6 +4,18 @@
 progress, generator, device) -> x_0`` for every entry of :data:`SAMPLERS`; options particular to one
 sampler (DDIM's ``eta``) are bound with :func:`get_sampler`. Guidance is not a sampler's business:
 pass a guided model (see :mod:`glide_lightning.diffusion.guidance`).
+
+- ``ddpm``: ancestral sampling with the model's variance (Ho et al. 2020; Nichol & Dhariwal 2021).
+- ``ddim``: DDIM (Song et al. 2021), deterministic at η = 0.
+- ``dpmpp_2m``: DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
+  Diffusion Probabilistic Models", multistep second order in the data prediction).
+- ``unipc``: UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling
+  of Diffusion Models", B(h) = e^h - 1 ("bh2"), second order, data prediction).
+
+The two multistep solvers integrate the probability-flow ODE from the model's x_0 prediction alone
+(so a learned variance is simply not used) and take Hugging Face diffusers' schedulers as their
+backend (:mod:`glide_lightning.diffusion.solvers`); their papers report near-converged samples in 10-25
+steps, where ancestral sampling needs 100 or more.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ from torch import Tensor
 
 from glide_lightning.diffusion.gaussian import DenoisedFn, GaussianDiffusion, ModelFn
 
-SamplerName = Literal["ddpm", "ddim"]
+SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "unipc"]
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
 StepFn = Callable[[Tensor, Tensor], Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -71,7 +83,32 @@ def ddim_sample(diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[int, 
     return _loop(diffusion, step, shape, noise, noise_scale, progress, generator, device)
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm_sample, "ddim": ddim_sample}
+def dpmpp_2m_sample(diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[int, ...], *,
+                    model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None, noise_scale: float = 1.0,
+                    clip_denoised: bool = True, denoised_fn: DenoisedFn | None = None, progress: bool = False,
+                    generator: Generators = None, device: torch.device | str | None = None) -> Tensor:
+    """DPM-Solver++(2M): deterministic given x_T, one model evaluation per step of ``diffusion``
+    (run it on a respaced process: ``diffusion.respace("20")``); see :mod:`~glide_lightning.diffusion.solvers`."""
+    from glide_lightning.diffusion.solvers import multistep_step_fn
+
+    step = multistep_step_fn("dpmpp_2m", diffusion, model, model_kwargs, clip_denoised, denoised_fn)
+    return _loop(diffusion, step, shape, noise, noise_scale, progress, generator, device)
+
+
+def unipc_sample(diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[int, ...], *,
+                 model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None, noise_scale: float = 1.0,
+                 clip_denoised: bool = True, denoised_fn: DenoisedFn | None = None, progress: bool = False,
+                 generator: Generators = None, device: torch.device | str | None = None) -> Tensor:
+    """UniPC (bh2, order 2): the predictor of each step is corrected with the next model evaluation,
+    so it costs one evaluation per step of ``diffusion``, as DPM-Solver++; deterministic given x_T."""
+    from glide_lightning.diffusion.solvers import multistep_step_fn
+
+    step = multistep_step_fn("unipc", diffusion, model, model_kwargs, clip_denoised, denoised_fn)
+    return _loop(diffusion, step, shape, noise, noise_scale, progress, generator, device)
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp_2m": dpmpp_2m_sample,
+                                              "unipc": unipc_sample}
 
 
 def get_sampler(name: SamplerName, **options: Any) -> Sampler:
@@ -95,9 +132,11 @@ def _loop(diffusion: GaussianDiffusion, step: StepFn, shape: tuple[int, ...], no
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="sampling", leave=False)
+    # every step's t made once, before the loop: the loop itself allocates no index tensors
+    all_t = torch.arange(diffusion.num_timesteps, device=x.device).unsqueeze(1).expand(-1, shape[0])  # [T, B]
     with torch.no_grad():
         for i in steps:
-            x = step(x, torch.full((shape[0],), i, device=x.device, dtype=torch.long))
+            x = step(x, all_t[i])
     return x
 
 

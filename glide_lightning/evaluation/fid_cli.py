@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -23,6 +23,7 @@ from glide_lightning.evaluation.fid import ReferenceStatsCache
 from glide_lightning.evaluation.results import ScaleResult
 from glide_lightning.evaluation.sample_cli import resolve_device
 from glide_lightning.evaluation.zero_shot import FIDJob, build_extractor, run
+from glide_lightning.diffusion import SamplerName
 from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, SamplingConfig, Weights, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,10 @@ class FIDCommand:
         if self.scales is not None and (not self.scales or min(self.scales) < 0):
             raise ValueError(f"scales must be a non-empty list of guidance scales >= 0, got {self.scales}")
 
+    def samplings(self) -> list[SamplingConfig]:
+        """The sampling settings evaluated, one output folder each (``fid``: ``sampling`` alone)."""
+        return [self.sampling]
+
     def run(self) -> list[ScaleResult] | None:
         """Generate, score and write the results (None on ranks other than 0 under torchrun)."""
         run_dir = Path(self.run_dir) if self.run_dir else None
@@ -104,7 +109,6 @@ class FIDCommand:
         if checkpoint is None:
             raise SystemExit("pass --ckpt CKPT or --run_dir runs/<name>")
         device = resolve_device(self.device)
-        sampling = self.sampling
         base = load_checkpoint(checkpoint, device, weights=self.weights, kind="base")
         upsampler = load_checkpoint(self.upsampler, device, kind="upsample") if self.upsampler else None
         res = (upsampler or base).image_size
@@ -112,37 +116,69 @@ class FIDCommand:
             hint = " (256 px needs --upsampler, e.g. glide-text2im's upsample.pt)" if self.res > res else ""
             raise SystemExit(f"--res {self.res}, but {'the upsampler' if upsampler else 'the model'} makes "
                              f"{res} px images{hint}")
-        out = Path(self.out) if self.out else (run_dir / "fid" if run_dir else Path("fid"))
-        out = out / f"res{res}_{sampling.sampler}{sampling.steps}_n{self.n}"
-        job = FIDJob(captions=read_captions(self.captions, self.n), reference=self.reference, out_dir=out,
-                     scales=list(self.scales or [sampling.guidance_scale]), sampling=sampling, seed=self.seed,
-                     clip_model=None if self.clip_model in _NONE else self.clip_model,
-                     clip_pretrained=None if self.clip_pretrained in _NONE else self.clip_pretrained)
+        root = Path(self.out) if self.out else (run_dir / "fid" if run_dir else Path("fid"))
+        captions = read_captions(self.captions, self.n)
         extractor = build_extractor(self.extractor, self.inception_weights, device=str(device))
-        results = run(job, base, extractor, ReferenceStatsCache(self.cache_dir), upsampler=upsampler)
-        if results is None:
+        samplings = self.samplings()
+        everything: list[ScaleResult] = []
+        for sampling in samplings:
+            out = root / f"res{res}_{sampling.sampler}{sampling.steps}_n{self.n}"
+            job = FIDJob(captions=captions, reference=self.reference, out_dir=out,
+                         scales=list(self.scales or [sampling.guidance_scale]), sampling=sampling, seed=self.seed,
+                         clip_model=None if self.clip_model in _NONE else self.clip_model,
+                         clip_pretrained=None if self.clip_pretrained in _NONE else self.clip_pretrained)
+            results = run(job, base, extractor, ReferenceStatsCache(self.cache_dir), upsampler=upsampler)
+            if results is None:  # another rank: it generated its share, rank 0 scores
+                continue
+            if run_dir is not None:
+                log_to_wandb(run_dir, results, suffix="" if len(samplings) == 1 else
+                             f"-{sampling.sampler}{sampling.steps}")
+            if self.writes_sweep:
+                write_sweep(out, results)
+            for r in results:
+                print(f"{r.sampler} {r.steps} steps, {r.nfe} NFE, {r.summary_line()}")
+            everything.extend(results)
+        if not everything:
             return None
-        if run_dir is not None:
-            log_to_wandb(run_dir, results)
-        if self.writes_sweep:
-            write_sweep(out, results)
-        for r in results:
-            print(r.summary_line())
-        return results
+        if self.writes_sweep and len(samplings) > 1:
+            write_nfe_sweep(root, everything)
+        return everything
 
 
 @dataclass
 class SweepCommand(FIDCommand):
-    """A guidance sweep: FID, CLIP score and adherence per scale, as ``fid`` does, plus ``sweep.md`` (a
-    table) and ``sweep.png`` (FID against CLIP score, one point per scale)."""
+    """A sweep over guidance scales, and optionally samplers and step counts: FID, CLIP score and
+    adherence per setting, as ``fid`` does, plus per sampler and step count ``sweep.md`` (a table) and
+    ``sweep.png`` (FID against CLIP score, one point per scale), and, when several samplers or step
+    counts are swept, ``nfe_sweep.md`` / ``.png`` / ``.json`` in the output folder: quality against the
+    number of model evaluations per image (NFE)."""
 
     scales: list[float] | None = field(default_factory=lambda: list(DEFAULT_GUIDANCE_SWEEP))
     """Guidance scales (default: the sampling module's ``DEFAULT_GUIDANCE_SWEEP``)."""
+    samplers: list[SamplerName] | None = None
+    """Samplers to sweep (default: ``sampling.sampler`` alone); DDIM's ``eta`` applies to ``ddim`` only."""
+    step_counts: list[str] | None = None
+    """Step counts (respacings: ``"10"``, ``"25"``, ``"ddim50"``…) to sweep for every sampler (default:
+    ``sampling.steps`` alone)."""
 
     writes_sweep: ClassVar[bool] = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.samplers is not None and not self.samplers or self.step_counts is not None and not self.step_counts:
+            raise ValueError("samplers and step_counts must be non-empty lists when given")
+        self.samplings()  # every combination is a valid SamplingConfig: fails at parse time otherwise
 
-def log_to_wandb(run_dir: Path, results: list[ScaleResult]) -> None:
+    def samplings(self) -> list[SamplingConfig]:  # noqa: D102
+        configs = []
+        for sampler in self.samplers or [self.sampling.sampler]:
+            for steps in self.step_counts or [self.sampling.steps]:
+                eta = self.sampling.eta if sampler == "ddim" else 0.0
+                configs.append(replace(self.sampling, sampler=sampler, steps=str(steps), eta=eta))
+        return configs
+
+
+def log_to_wandb(run_dir: Path, results: list[ScaleResult], suffix: str = "") -> None:
     """Put the figures in the summary of a wandb run beside the training run (same project and group)."""
     import wandb
 
@@ -162,29 +198,45 @@ def log_to_wandb(run_dir: Path, results: list[ScaleResult]) -> None:
                     "eval/steps": first.steps, "eval/extractor": first.fid.extractor_name,
                     "eval/fid_label": first.fid.label})
     run = wandb.init(project=run_cfg.get("project", "glide_lightning"), group=run_cfg.get("group"),
-                     name=f"{name}-eval", job_type="eval", dir=str(run_dir), tags=run_cfg.get("tags"),
+                     name=f"{name}-eval{suffix}", job_type="eval", dir=str(run_dir), tags=run_cfg.get("tags"),
                      mode=resolve_wandb_mode(run_cfg.get("wandb_mode", "auto")),
                      config={"results": [r.to_dict() for r in results]})
     run.summary.update(summary)
     run.finish()
 
 
-def write_sweep(out: Path, results: list[ScaleResult]) -> None:
-    """``sweep.md`` (table) and ``sweep.png`` (FID vs CLIP score, annotated with the scales)."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _table_head(title: str, first: ScaleResult, settings: str, columns: list[str]) -> list[str]:
+    """A sweep table's title, settings, FID label and header row (``columns`` right-aligned)."""
+    return [f"# {title}: {first.checkpoint}", "", f"N = {first.n}, {first.resolution} px, {settings}features: "
+            f"{first.fid.extractor_name}", "", f"> {first.fid.label}", "", "| " + " | ".join(columns) + " |",
+            "|" + "---:|" * len(columns)]
+
+
+def _score_cells(r: ScaleResult) -> str:
+    """A row's FID, CLIP score and adherence cells ('–' where not measured)."""
+    clip = f"{r.clip_score.mean:.2f}" if r.clip_score is not None else "–"
+    adherence = f"{r.adherence:.3f}" if r.adherence is not None else "–"
+    return f"{r.fid.fid:.2f} | {clip} | {adherence}"
+
+
+def write_sweep(out: Path, results: list[ScaleResult]) -> None:
+    """``sweep.md`` (table) and ``sweep.png`` (FID vs CLIP score, annotated with the scales)."""
+    plt = _pyplot()
     first = results[0]
-    lines = [f"# Guidance sweep: {first.checkpoint}", "",
-             f"N = {first.n}, {first.resolution} px, {first.sampler} {first.steps} steps, "
-             f"features: {first.fid.extractor_name}", "", f"> {first.fid.label}", "",
-             "| guidance | FID | CLIP score | adherence |", "|---:|---:|---:|---:|"]
+    lines = _table_head("Guidance sweep", first, f"{first.sampler} {first.steps} steps, ",
+                        ["guidance", "FID", "CLIP score", "adherence"])
     for r in results:
-        clip = f"{r.clip_score.mean:.2f}" if r.clip_score is not None else "–"
-        adherence = f"{r.adherence:.3f}" if r.adherence is not None else "–"
-        lines.append(f"| {r.guidance_scale:g} | {r.fid.fid:.2f} | {clip} | {adherence} |")
+        lines.append(f"| {r.guidance_scale:g} | {_score_cells(r)} |")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(5, 4))
     fids = [r.fid.fid for r in results]
@@ -200,3 +252,36 @@ def write_sweep(out: Path, results: list[ScaleResult]) -> None:
     fig.savefig(out / "sweep.png", dpi=120)
     plt.close(fig)
     (out / "sweep.json").write_text(json.dumps([r.to_dict() for r in results], indent=1))
+
+
+def write_nfe_sweep(out: Path, results: list[ScaleResult]) -> None:
+    """``nfe_sweep.md`` (table), ``nfe_sweep.png`` (FID, and adherence where scored, against the model
+    evaluations per image: one line per sampler and guidance scale) and ``nfe_sweep.json``."""
+    plt = _pyplot()
+    first = results[0]
+    rows = sorted(results, key=lambda r: (r.sampler, r.guidance_scale, r.nfe or 0))
+    lines = _table_head("Quality against model evaluations", first,
+                        "NFE = network evaluations per image (a guided step counts two), ",
+                        ["sampler", "steps", "guidance", "NFE", "FID", "CLIP score", "adherence"])
+    for r in rows:
+        lines.append(f"| {r.sampler} | {r.steps} | {r.guidance_scale:g} | {r.nfe} | {_score_cells(r)} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "nfe_sweep.md").write_text("\n".join(lines) + "\n")
+    panels = [("FID" + (" (NOT a real FID: random features)" if first.fid.random_weights else ""),
+               lambda r: r.fid.fid)]
+    if all(r.adherence is not None for r in results):
+        panels.append(("adherence", lambda r: r.adherence))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (label, value) in zip(axes[0], panels):
+        for sampler, scale in dict.fromkeys((r.sampler, r.guidance_scale) for r in rows):
+            line = [r for r in rows if r.sampler == sampler and r.guidance_scale == scale]
+            ax.plot([r.nfe for r in line], [value(r) for r in line], "o-", label=f"{sampler}, s={scale:g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("model evaluations per image (NFE)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} vs NFE", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "nfe_sweep.png", dpi=120)
+    plt.close(fig)
+    (out / "nfe_sweep.json").write_text(json.dumps([r.to_dict() for r in rows], indent=1))

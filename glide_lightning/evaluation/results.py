@@ -34,7 +34,7 @@ class ScaleResult:
     resolution: int
     """Side in pixels at which generated and reference images were compared."""
     sampler: str
-    """``ddpm`` or ``ddim``."""
+    """``ddpm``, ``ddim``, ``dpmpp_2m`` or ``unipc``."""
     steps: str
     """Sampling steps as a respacing (``"100"``, ``"ddim50"``…)."""
     checkpoint: str
@@ -47,10 +47,17 @@ class ScaleResult:
     """Mean CLIP score of (image, caption) pairs (None: not measured)."""
     adherence: float | None = None
     """Fraction of caption attributes visible in the images (synthetic captions only; None otherwise)."""
+    nfe: int | None = None
+    """Network evaluations per image of the base model (a guided step counts two; None: results written
+    before it was recorded)."""
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, nested as in ``results.json``."""
-        return dataclasses.asdict(self)
+        """JSON-ready, nested as in ``results.json`` (``nfe`` only when known: an older record
+        written again stays the same record)."""
+        data = dataclasses.asdict(self)
+        if data["nfe"] is None:
+            del data["nfe"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScaleResult:
@@ -60,7 +67,7 @@ class ScaleResult:
                    sampler=data["sampler"], steps=str(data["steps"]), checkpoint=data["checkpoint"],
                    fid=_record(FIDResult, data["fid"], "fid"), reference=data.get("reference", ""),
                    clip_score=None if clip is None else _record(CLIPScoreResult, clip, "clip_score"),
-                   adherence=data.get("adherence"))
+                   adherence=data.get("adherence"), nfe=data.get("nfe"))
 
     def summary_line(self) -> str:
         """One line: the scale, FID, CLIP score and adherence, and the FID's label."""

@@ -41,7 +41,7 @@ from glide_lightning.evaluation.features import (
 )
 from glide_lightning.evaluation.fid import ReferenceStatsCache, feature_stats, fid_from_stats
 from glide_lightning.evaluation.results import ScaleResult, write_results
-from glide_lightning.sampling import SamplingConfig, SamplingModel, generate
+from glide_lightning.sampling import SamplingConfig, SamplingModel, generate, model_evaluations
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,12 @@ class FIDJob:
     """open_clip pretrained tag or local file (None: random weights, labelled as such)."""
 
 
+_LATER_SAMPLING_DEFAULTS: dict[str, Any] = {"guidance_interval": None, "compile": False, "precision": "fp32",
+                                            "memory_format": "auto"}
+"""Sampling fields added after image caches existed, with their defaults: left out of the identity at
+these values, so the folders of images made before them are found again."""
+
+
 def _model_identity(loaded: SamplingModel) -> dict[str, Any]:
     return {"weights_sha256": sha256_state_dict(loaded.model), "model": loaded.model_config.to_dict(),
             "diffusion": asdict(loaded.diffusion_config), "tokenizer": type(loaded.tokenizer).__name__,
@@ -74,6 +80,9 @@ def generation_identity(job: FIDJob, base: SamplingModel, upsampler: SamplingMod
     """Everything that determines the generated images, but the guidance scale (a folder of its own)."""
     sampling = asdict(job.sampling)
     del sampling["guidance_scale"]
+    for name, default in _LATER_SAMPLING_DEFAULTS.items():  # absent at their defaults: earlier keys still hold
+        if sampling[name] == default:
+            del sampling[name]
     if upsampler is None:
         del sampling["upsample_steps"], sampling["upsample_temp"]
     return {"base": _model_identity(base), "upsampler": None if upsampler is None else _model_identity(upsampler),
@@ -207,8 +216,9 @@ def build_extractor(name: str, inception_weights: str | None = None, device: str
 
 
 def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache: ReferenceStatsCache,
-                   checkpoint: str, images: Path, clip: Any = None) -> ScaleResult:
-    """FID, CLIP score and (synthetic captions) adherence of the images of one scale in ``images``."""
+                   checkpoint: str, images: Path, clip: Any = None, nfe: int | None = None) -> ScaleResult:
+    """FID, CLIP score and (synthetic captions) adherence of the images of one scale in ``images``
+    (``nfe``: the model evaluations per image that made them, recorded beside)."""
     folder = scale_dir(images, scale)
     n = len(job.captions)
     resolution = Image.open(folder / "000000.png").size[0]
@@ -231,7 +241,7 @@ def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache
             yield batch
 
     generated = feature_stats(extractor, batches())
-    return ScaleResult(guidance_scale=scale, n=n, resolution=resolution, sampler=job.sampling.sampler,
+    return ScaleResult(guidance_scale=scale, n=n, resolution=resolution, sampler=job.sampling.sampler, nfe=nfe,
                        steps=job.sampling.steps, checkpoint=checkpoint, reference=str(job.reference),
                        fid=fid_from_stats(generated, reference),
                        clip_score=clip.summarize(clip_scores) if clip is not None else None,
@@ -296,7 +306,8 @@ def run(job: FIDJob, base: SamplingModel, extractor: FeatureExtractor, cache: Re
     results = []
     for scale in job.scales:
         wait_for_images(scale_dir(images, scale), len(job.captions))
-        results.append(evaluate_scale(job, scale, extractor, cache, base.source, images, clip))
+        nfe = model_evaluations(replace(job.sampling, guidance_scale=scale), base.diffusion_config)
+        results.append(evaluate_scale(job, scale, extractor, cache, base.source, images, clip, nfe))
         log.info("guidance %g: %s", scale, results[-1].fid.label)
     path = write_results(job.out_dir / "results.json", results,
                          {**asdict(job.sampling), "seed": job.seed, "images": str(images)})

@@ -8,6 +8,10 @@ All four models share one call convention (glide-text2im's): ``model(x_t, t, tok
 plus ``low_res=`` (super-resolution) and ``inpaint_image=``, ``inpaint_mask=`` (inpainting); ``t``
 holds raw integer timesteps; the output has ``out_channels`` channels (6: ε and the learned-variance
 interpolation value).
+
+The caption's encoding does not depend on the noisy image or the timestep: a sampler encodes each
+caption batch once with :meth:`Text2ImUNet.encode_text` and passes ``xf_proj=``, ``xf_out=`` in
+place of ``tokens=``, ``mask=`` at every step (stateless: nothing is cached on the module).
 """
 
 from __future__ import annotations
@@ -123,22 +127,30 @@ class Text2ImUNet(UNetModel):
         if x.ndim != 4 or x.shape[1] != self.image_channels:
             raise ValueError(f"x must have shape [B, {self.image_channels}, H, W], got {tuple(x.shape)}")
 
-    def _denoise(self, h: Tensor, timesteps: Tensor, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
-        """Run the text encoder (unless ``tokens`` is None) and the UNet on the full input ``h``."""
-        xf_proj = xf_out = None
+    def _denoise(self, h: Tensor, timesteps: Tensor, tokens: Tensor | None, mask: Tensor | None,
+                 xf_proj: Tensor | None, xf_out: Tensor | None) -> Tensor:
+        """Run the text encoder on ``tokens`` (or take its precomputed ``xf_proj``/``xf_out``; neither:
+        no text) and the UNet on the full input ``h``."""
         if tokens is not None:
+            if xf_proj is not None or xf_out is not None:
+                raise ValueError("pass tokens/mask or their encoding xf_proj/xf_out, not both")
             xf_proj, xf_out = self.encode_text(tokens, mask)
+        elif (xf_proj is None) != (xf_out is None):
+            raise ValueError("a precomputed caption encoding needs both xf_proj and xf_out (see encode_text)")
         return UNetModel.forward(self, h, timesteps, encoder_out=xf_out, extra_emb=xf_proj)
 
     def forward(  # type: ignore[override]
-        self, x: Tensor, timesteps: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None
+        self, x: Tensor, timesteps: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None,
+        xf_proj: Tensor | None = None, xf_out: Tensor | None = None,
     ) -> Tensor:
         """``x`` ``[B, C, H, W]``, ``timesteps`` ``[B]`` → ``[B, out_channels, H, W]``.
 
-        ``tokens``/``mask`` as in :meth:`encode_text`; ``tokens=None`` skips the text path.
+        ``tokens``/``mask`` as in :meth:`encode_text`, or instead their encoding ``xf_proj``
+        ``[B, 4 * model_channels]`` and ``xf_out`` ``[B, xf_width, text_ctx]`` (what
+        :meth:`encode_text` returns, computed once per sampling call); none of them: no text path.
         """
         self._check_input(x)
-        return self._denoise(x, timesteps, tokens, mask)
+        return self._denoise(x, timesteps, tokens, mask, xf_proj, xf_out)
 
 
 def _upsampled(low_res: Tensor | None, x: Tensor) -> Tensor:
@@ -172,11 +184,13 @@ class SuperResText2ImUNet(Text2ImUNet):
         low_res: Tensor | None = None,
         tokens: Tensor | None = None,
         mask: Tensor | None = None,
+        xf_proj: Tensor | None = None,
+        xf_out: Tensor | None = None,
     ) -> Tensor:
         """As :meth:`Text2ImUNet.forward`, conditioned on ``low_res`` ``[B, C, h, w]`` (required)."""
         self._check_input(x)
         h = torch.cat([x, _upsampled(low_res, x)], dim=1)  # [B, 2C, H, W]
-        return self._denoise(h, timesteps, tokens, mask)
+        return self._denoise(h, timesteps, tokens, mask, xf_proj, xf_out)
 
 
 class InpaintText2ImUNet(Text2ImUNet):
@@ -194,12 +208,14 @@ class InpaintText2ImUNet(Text2ImUNet):
         inpaint_mask: Tensor | None = None,
         tokens: Tensor | None = None,
         mask: Tensor | None = None,
+        xf_proj: Tensor | None = None,
+        xf_out: Tensor | None = None,
     ) -> Tensor:
         """As :meth:`Text2ImUNet.forward`, conditioned on ``inpaint_image`` ``[B, C, H, W]`` and
         ``inpaint_mask`` ``[B, 1, H, W]`` (1 where the pixel is known); missing ones are zeros."""
         self._check_input(x)
         h = torch.cat([x, *_inpaint_inputs(x, inpaint_image, inpaint_mask)], dim=1)  # [B, 2C+1, H, W]
-        return self._denoise(h, timesteps, tokens, mask)
+        return self._denoise(h, timesteps, tokens, mask, xf_proj, xf_out)
 
 
 class SuperResInpaintText2ImUNet(Text2ImUNet):
@@ -218,9 +234,11 @@ class SuperResInpaintText2ImUNet(Text2ImUNet):
         inpaint_mask: Tensor | None = None,
         tokens: Tensor | None = None,
         mask: Tensor | None = None,
+        xf_proj: Tensor | None = None,
+        xf_out: Tensor | None = None,
     ) -> Tensor:
         """Combines :class:`SuperResText2ImUNet` and :class:`InpaintText2ImUNet` (in that order)."""
         self._check_input(x)
         cond = [_upsampled(low_res, x), *_inpaint_inputs(x, inpaint_image, inpaint_mask)]
         h = torch.cat([x, *cond], dim=1)  # [B, 3C+1, H, W]
-        return self._denoise(h, timesteps, tokens, mask)
+        return self._denoise(h, timesteps, tokens, mask, xf_proj, xf_out)

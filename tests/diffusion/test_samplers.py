@@ -25,7 +25,8 @@ def test_samplers_recover_a_point_mass(spec):
     diffusion = full.respace(spec) if spec else full
     target = torch.tensor([0.5, -0.25, 0.75]).reshape(1, 3, 1, 1).expand(2, 3, 4, 4)
     model = oracle(full, target)
-    for sample in (ddpm_sample, ddim_sample, get_sampler("ddim", eta=1.0)):
+    for sample in (ddpm_sample, ddim_sample, get_sampler("ddim", eta=1.0), get_sampler("dpmpp_2m"),
+                   get_sampler("unipc")):
         out = sample(diffusion, model, (2, 3, 4, 4), generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(out, target, atol=2e-3, rtol=0)
 
@@ -84,7 +85,8 @@ def test_noise_of_wrong_shape_is_rejected():
         ddpm_sample(make(), lambda x, t: x, (2, 3, 4, 4), noise=torch.zeros(1, 3, 4, 4))
 
 
-@pytest.mark.parametrize("sampler", [ddpm_sample, get_sampler("ddim", eta=0.5)])
+@pytest.mark.parametrize("sampler", [ddpm_sample, get_sampler("ddim", eta=0.5), get_sampler("dpmpp_2m"),
+                                     get_sampler("unipc")])
 def test_per_sample_generators_make_each_sample_independent_of_its_batch(sampler):
     diffusion = make().respace("10")
     net = torch.nn.Conv2d(3, 3, 3, padding=1)

@@ -90,7 +90,9 @@ def test_images_are_cached_under_everything_that_determines_them(tiny_checkpoint
     variants = {"other checkpoint": (other, job), "seed": (base, replace(job, seed=123)),
                 "captions": (base, replace(job, captions=captions[3:6])),
                 "sampler": (base, replace(job, sampling=SamplingConfig(steps="2", sampler="ddim"))),
-                "batch size": (base, replace(job, sampling=SamplingConfig(steps="2", batch_size=2)))}
+                "batch size": (base, replace(job, sampling=SamplingConfig(steps="2", batch_size=2))),
+                "guidance interval": (base, replace(job, sampling=SamplingConfig(steps="2",
+                                                                                 guidance_interval=(0.5, 5.0))))}
     assert generate_missing(base, job, 3.0) == 3
     assert generate_missing(base, job, 3.0) == 0  # the same model and settings: reused
     folders = {images_dir(job, base)}
@@ -147,6 +149,26 @@ def test_sweep_command_writes_table_plot_and_wandb_summary(tiny_checkpoint, held
     assert json.loads((out / "sweep.json").read_text()) == [r.to_dict() for r in results]
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline, "the figures go to a wandb run beside the training run"
+
+
+def test_sweep_over_samplers_and_steps_plots_quality_against_model_evaluations(tiny_checkpoint, held_out, tmp_path):
+    root, _ = held_out
+    results = glide_main(["sweep", "--ckpt", str(tiny_checkpoint), "--captions", str(root / "captions.txt"),
+                          "--reference", str(root / "reference"), "--n", "4", "--scales", "[1, 3]",
+                          "--extractor", "random-conv", "--clip_model", "none", "--samplers", "[ddim, dpmpp_2m]",
+                          "--step_counts", '["2", "3"]', "--sampling.batch_size", "4", "--device", "cpu",
+                          "--out", str(tmp_path / "sweep"), "--cache_dir", str(tmp_path / "cache")])
+    settings = {(r.sampler, r.steps, r.guidance_scale): r.nfe for r in results}
+    assert settings == {(sampler, steps, scale): int(steps) * (1 if scale == 1 else 2)
+                        for sampler in ("ddim", "dpmpp_2m") for steps in ("2", "3") for scale in (1.0, 3.0)}
+    for folder in ("res32_ddim2_n4", "res32_ddim3_n4", "res32_dpmpp_2m2_n4", "res32_dpmpp_2m3_n4"):
+        assert (tmp_path / "sweep" / folder / "sweep.md").is_file()
+    table = (tmp_path / "sweep" / "nfe_sweep.md").read_text()
+    assert "NOT a real FID" in table and "| dpmpp_2m | 3 | 3 | 6 |" in table
+    assert (tmp_path / "sweep" / "nfe_sweep.png").stat().st_size > 1000
+    assert [r["nfe"] for r in json.loads((tmp_path / "sweep" / "nfe_sweep.json").read_text())] == [2, 3, 4, 6] * 2
+    with pytest.raises(SystemExit):  # DDIM's stride spacing with another sampler: refused when parsed
+        glide_main(["sweep", "--ckpt", str(tiny_checkpoint), "--samplers", "[ddpm]", "--step_counts", '["ddim2"]'])
 
 
 def test_fid_command_needs_enough_captions(tiny_checkpoint, held_out, tmp_path):

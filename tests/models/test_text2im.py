@@ -134,6 +134,23 @@ def test_text_encoder_matches_reference(tiny_model: Any, tiny_inputs: Any) -> No
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_precomputed_caption_encoding_equals_tokens(kind: str, tiny_model: Any, tiny_inputs: Any) -> None:
+    """``xf_proj``/``xf_out`` from :meth:`encode_text` stand in for ``tokens``/``mask`` exactly."""
+    model = tiny_model(kind)
+    inp = tiny_inputs()
+    extra = cond_inputs(kind, inp["x"])
+    with torch.no_grad():
+        xf_proj, xf_out = model.encode_text(inp["tokens"], inp["mask"])
+        from_tokens = model(**inp, **extra)
+        from_encoding = model(inp["x"], inp["timesteps"], xf_proj=xf_proj, xf_out=xf_out, **extra)
+    assert torch.equal(from_tokens, from_encoding)
+    with pytest.raises(ValueError, match="not both"):
+        model(**inp, xf_proj=xf_proj, xf_out=xf_out, **extra)
+    with pytest.raises(ValueError, match="both xf_proj and xf_out"):
+        model(inp["x"], inp["timesteps"], xf_proj=xf_proj, **extra)
+
+
 def test_super_res_input_and_sensitivity(tiny_model: Any, tiny_inputs: Any) -> None:
     model, inp = tiny_model("upsample"), tiny_inputs()
     low_res = cond_inputs("upsample", inp["x"])["low_res"]

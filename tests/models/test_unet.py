@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glide_lightning.models import AttentionBlock, ResBlock, UNetModel
+from glide_lightning.models.unet import Upsample
 
 
 def reference_attention(block: AttentionBlock, x: torch.Tensor, enc: torch.Tensor | None) -> torch.Tensor:
@@ -54,6 +55,50 @@ def test_attention_block_matches_reference(
     x = torch.randn(2, 64, 3, 5)
     enc = torch.randn(2, 24, 7) if with_encoder else None
     torch.testing.assert_close(block(x, enc), reference_attention(block, x, enc), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("contiguous_query", [True, False])
+def test_both_query_layouts_match_the_reference(contiguous_query: bool, randomize: Callable[..., nn.Module]) -> None:
+    """The fused-kernel layout (default) and the old strided one (kept for the benchmark) agree."""
+    torch.manual_seed(0)
+    block = randomize(AttentionBlock(64, 2, encoder_channels=24), std=0.2)
+    block.contiguous_query = contiguous_query
+    x, enc = torch.randn(2, 64, 8, 8), torch.randn(2, 24, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, enc), reference_attention(block, x, enc), atol=1e-5, rtol=1e-4)
+
+
+def test_attention_takes_sdpas_fused_kernel_on_cpu(randomize: Callable[..., nn.Module]) -> None:
+    """The unfused math kernel materialises softmax([T, S + T]) (``aten::_softmax``); the layout the
+    block hands SDPA must avoid it (it made sampling 2x slower on CPU), while the old layout hits it."""
+    from torch.profiler import profile
+
+    block = randomize(AttentionBlock(64, 2, encoder_channels=24))
+    x, enc = torch.randn(2, 64, 8, 8), torch.randn(2, 24, 7)
+
+    def ops() -> set[str]:
+        with torch.no_grad(), profile() as prof:
+            block(x, enc)
+        return {event.name for event in prof.events()}
+
+    assert "aten::_softmax" not in ops()
+    block.contiguous_query = False
+    assert "aten::_softmax" in ops()  # the probe sees the math kernel when it runs
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 64, 16, 16), (3, 8, 1, 1)])
+def test_nearest_upsample_is_the_interpolation_bit_for_bit(shape: tuple[int, ...]) -> None:
+    from glide_lightning.models.unet import nearest_upsample_2x
+
+    x = torch.randn(*shape)
+    reference = F.interpolate(x, scale_factor=2, mode="nearest")
+    assert torch.equal(nearest_upsample_2x(x), reference)
+    channels_last = nearest_upsample_2x(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(channels_last, reference)
+    layer = Upsample(shape[1], use_conv=False)
+    assert torch.equal(layer(x), reference)
+    layer.broadcast_copy = False  # the old kernel, kept for the benchmark
+    assert torch.equal(layer(x), reference)
 
 
 def test_attention_block_channels_last(randomize: Callable[..., nn.Module]) -> None:

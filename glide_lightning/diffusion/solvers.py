@@ -1,0 +1,86 @@
+"""Multistep ODE solvers (DPM-Solver++(2M), UniPC) on our processes, with Hugging Face diffusers'
+schedulers as the backend (``pip install 'glide_lightning[solvers]'``).
+
+How our process maps onto theirs: a diffusers scheduler is built on *this* process's β (for a
+respaced process, :func:`~glide_lightning.diffusion.schedules.respaced_betas`, which keep ᾱ at the
+kept steps exactly) with ``num_train_timesteps`` = its K steps and ``timestep_spacing="trailing"``,
+so that its inference timesteps are exactly K - 1, …, 0: the indices of our own sampler loop. The
+network is called by :meth:`GaussianDiffusion.call_model` with the *original* step
+``timestep_map[t]``, as every sampler does, and the scheduler receives our x_0 prediction
+(``prediction_type="sample"``) from :meth:`GaussianDiffusion.p_mean_variance`: ε (and whatever the
+model's output means, clipped to [-1, 1] with ``clip_denoised``, then ``denoised_fn``) is
+interpreted there alone; a learned variance is not used. The last step goes to σ = 0
+(``final_sigmas_type="zero"``): the result is a clean x_0 estimate, as DDIM's last step.
+
+Sources: Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
+Models" (Algorithm 2, 2M); Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast
+Sampling of Diffusion Models" (UniPC-2 with B(h) = e^h - 1); diffusers' ``DPMSolverMultistepScheduler``
+and ``UniPCMultistepScheduler`` documentation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+from torch import Tensor
+
+from glide_lightning.diffusion.gaussian import DenoisedFn, GaussianDiffusion, ModelFn
+
+__all__ = ["SolverName", "diffusers_available", "diffusers_scheduler", "multistep_step_fn"]
+
+SolverName = Literal["dpmpp_2m", "unipc"]
+
+
+def diffusers_available() -> bool:
+    """Whether the solvers' backend (diffusers) can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("diffusers") is not None
+
+
+def diffusers_scheduler(name: SolverName, diffusion: GaussianDiffusion) -> Any:
+    """A fresh diffusers scheduler for ``name`` whose inference timesteps are K - 1, …, 0, the steps of
+    ``diffusion`` (K = ``diffusion.num_timesteps``), with ᾱ taken from ``diffusion``'s own β.
+
+    Raises:
+        ImportError: diffusers is not installed (the message says how to install it).
+    """
+    try:
+        from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(f"sampler {name!r} uses Hugging Face diffusers' schedulers: pip install "
+                          f"'glide_lightning[solvers]' (or diffusers)") from error
+    steps = diffusion.num_timesteps
+    common = dict(num_train_timesteps=steps, trained_betas=diffusion.table("betas").tolist(), solver_order=2,
+                  prediction_type="sample", timestep_spacing="trailing", final_sigmas_type="zero",
+                  lower_order_final=True)
+    if name == "dpmpp_2m":
+        scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_type="midpoint", **common)
+    elif name == "unipc":
+        scheduler = UniPCMultistepScheduler(predict_x0=True, solver_type="bh2", **common)
+    else:
+        raise ValueError(f"unknown solver {name!r}; choose dpmpp_2m or unipc")
+    scheduler.set_timesteps(steps)
+    if scheduler.timesteps.tolist() != list(range(steps - 1, -1, -1)):  # pragma: no cover - a diffusers change
+        raise RuntimeError(f"diffusers' {type(scheduler).__name__} no longer visits every step of a {steps}-step "
+                           f"process with trailing spacing: got {scheduler.timesteps.tolist()}")
+    scheduler.set_begin_index(0)  # no search for the first step's index (a device sync on GPUs)
+    return scheduler
+
+
+def multistep_step_fn(name: SolverName, diffusion: GaussianDiffusion, model: ModelFn,
+                      model_kwargs: dict[str, Any] | None, clip_denoised: bool,
+                      denoised_fn: DenoisedFn | None) -> Callable[[Tensor, Tensor], Tensor]:
+    """The step ``(x_t [B, C, H, W], t [B]) -> x_{t-1}`` of solver ``name`` for the samplers' loop,
+    which visits t = K - 1, …, 0 once each; the solver keeps its history (the previous x_0
+    predictions) for one sampling call."""
+    scheduler = diffusers_scheduler(name, diffusion)
+
+    def step(x: Tensor, t: Tensor) -> Tensor:
+        out = diffusion.p_mean_variance(model, x, t, model_kwargs, clip_denoised=clip_denoised,
+                                        denoised_fn=denoised_fn)
+        # the scheduler counts its own steps (set_begin_index): the timestep argument is not read
+        return scheduler.step(out["pred_xstart"], 0, x).prev_sample
+
+    return step
+
