@@ -76,6 +76,8 @@ def test_smoke_fit_through_the_cli(synthetic_shards, tmp_path):
     rows = read_csv_metrics(run_dir)
     logged = {k for row in rows for k, v in row.items() if v}
     assert {"train/loss", "train/mse", "train/vb", "train/loss_q0", "val/loss", "val/vb_q3", "data/skipped"} <= logged
+    # Lightning's ThroughputMonitor: images per second, and FLOPs per second from the module's count
+    assert {"train/samples_per_sec", "train/device/flops_per_sec"} <= logged
     assert len([r for r in rows if r.get("val/loss")]) == 1  # validation at step 6
     # the experiment's GenerationMetrics: offline adherence and a labelled random-feature FID
     assert {"val/fid@1", "val/fid@3", "val/adherence@3", "val/fid_random_weights"} <= logged
