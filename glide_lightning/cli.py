@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
@@ -99,7 +99,7 @@ class GlideCLI(LightningCLI):
         trainer = self._get(self.config_init, "trainer", default={})
         # the interrupt first, so that callbacks after it see `trainer.should_stop` at the stopping step
         own = [GracefulInterrupt(), *(trainer.get("callbacks") or [])]
-        callbacks = [LearningRateMonitor(logging_interval="step"),
+        callbacks = [LearningRateMonitor(logging_interval="step"), images_per_second(),
                      RunCheckpoint(run.dir / "checkpoints", every_n_train_steps=run.checkpoint_every_n_steps)]
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         config = {**trainer, **kwargs, "callbacks": own, "default_root_dir": str(run.dir), "logger": [wandb, csv]}
@@ -142,3 +142,16 @@ def main(args: list[str] | None = None) -> None:
     except NonFiniteLossError as error:
         log.error("%s", error)
         sys.exit(1)
+
+
+def count_images(batch: dict[str, Any]) -> int:
+    """The number of images in a training or validation batch (``ThroughputMonitor``'s batch size)."""
+    return int(batch["image"].shape[0])
+
+
+def images_per_second() -> ThroughputMonitor:
+    """Lightning's throughput monitor: ``train/samples_per_sec`` (images per second, all ranks),
+    ``train/device/samples_per_sec`` and ``train/device/flops_per_sec`` per device, and
+    ``train/device/mfu`` on GPUs in Lightning's peak-FLOPs table (the module's ``flops_per_batch``,
+    counted by torch's FLOP counter), each over a window of the last 5 batches."""
+    return ThroughputMonitor(batch_size_fn=count_images, window_size=5)

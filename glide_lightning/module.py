@@ -20,6 +20,8 @@ from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.diffusion.timesteps import TimestepSamplerName, build_timestep_sampler
 from glide_lightning.models import ModelConfig, build_model
+from glide_lightning.models.flops import training_step_flops
+from glide_lightning.models.unet import set_gradient_checkpointing
 from glide_lightning.optim import OptimizerConfig, build_optimizer, sync_lr
 from glide_lightning.sampling import load_checkpoint
 
@@ -56,6 +58,13 @@ class GlideModule(L.LightningModule):
             naming the steps, loss terms and timesteps, before anything non-finite is saved. 5: one
             bad batch is survivable, but skipped steps leave the weights unchanged, so a run whose
             weights make every batch non-finite (e.g. a far too high LR) stops within seconds.
+        channels_last: train with weights and images in channels-last memory format (faster
+            convolutions on most GPUs and on CPUs with oneDNN; the same math).
+        compile: train through ``torch.compile`` of the network (the first steps compile; outputs
+            equal up to float rounding). The checkpoint holds the uncompiled module's weights.
+        gradient_checkpointing: recompute each UNet block's activations in the backward pass instead
+            of keeping them (GLIDE's ``use_checkpoint``): much less activation memory for about a
+            third more compute, for presets that do not fit otherwise.
     """
 
     def __init__(
@@ -70,6 +79,9 @@ class GlideModule(L.LightningModule):
         init_from: str | None = None,
         val_seed: int = 0,
         max_nonfinite_steps: int = 5,
+        channels_last: bool = False,
+        compile: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         # hyper-parameters as plain data, so checkpoints load with torch.load(weights_only=True)
@@ -84,9 +96,16 @@ class GlideModule(L.LightningModule):
                                    "optimizer": asdict(optimizer), "tokenizer": tokenizer,
                                    "cond_drop_prob": cond_drop_prob, "timestep_sampler": timestep_sampler,
                                    "init_from": init_from, "val_seed": val_seed,
-                                   "max_nonfinite_steps": max_nonfinite_steps})
+                                   "max_nonfinite_steps": max_nonfinite_steps, "channels_last": channels_last,
+                                   "compile": compile, "gradient_checkpointing": gradient_checkpointing})
         self.model_config, self.diffusion_config, self.optimizer_config = model, diffusion, optimizer
         self.model = build_model(model)
+        set_gradient_checkpointing(self.model, gradient_checkpointing)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
+        # compiled lazily, and kept out of the module tree (its state dict is self.model's)
+        self._compiled: list[Any] = [] if compile else [self.model]
+        self.flops_per_batch: int | None = None  # for Lightning's ThroughputMonitor (MFU); set per batch size
         self.diffusion = GaussianDiffusion.from_config(diffusion)
         self.timesteps = build_timestep_sampler(timestep_sampler, self.diffusion.num_timesteps)
         self.cond_drop_prob = cond_drop_prob
@@ -145,11 +164,22 @@ class GlideModule(L.LightningModule):
         mask = torch.where(drop[:, None], empty_mask, mask)
         return tokens, mask, drop
 
+    def training_model(self) -> Any:
+        """The network the training step calls: ``self.model``, or its ``torch.compile`` (made once)."""
+        if not self._compiled:
+            self._compiled.append(torch.compile(self.model))
+        return self._compiled[0]
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        # (images stay contiguous: the noise drawn like them keeps its layout; channels-last weights make
+        # the first convolution's output channels-last)
         images = batch["image"]
+        if self.flops_per_batch is None or self._flops_batch != images.shape[0]:
+            self._flops_batch = images.shape[0]
+            self.flops_per_batch = training_step_flops(self.model_config, images.shape[0])
         tokens, mask, drop = self.drop_captions(batch["tokens"], batch["mask"])
         t, weights = self.timesteps.sample(images.shape[0], images.device)
-        terms = training_losses(self.diffusion, self.model, images, t, dict(tokens=tokens, mask=mask))
+        terms = training_losses(self.diffusion, self.training_model(), images, t, dict(tokens=tokens, mask=mask))
         self.step_terms = {**{k: v.detach() for k, v in terms.items()}, "t": t}
         if self.hparams["timestep_sampler"] != "uniform":
             # every rank updates the sampler with every rank's losses, so they sample alike

@@ -76,6 +76,8 @@ def test_smoke_fit_through_the_cli(synthetic_shards, tmp_path):
     rows = read_csv_metrics(run_dir)
     logged = {k for row in rows for k, v in row.items() if v}
     assert {"train/loss", "train/mse", "train/vb", "train/loss_q0", "val/loss", "val/vb_q3", "data/skipped"} <= logged
+    # Lightning's ThroughputMonitor: images per second, and FLOPs per second from the module's count
+    assert {"train/samples_per_sec", "train/device/flops_per_sec"} <= logged
     assert len([r for r in rows if r.get("val/loss")]) == 1  # validation at step 6
     # the experiment's GenerationMetrics: offline adherence and a labelled random-feature FID
     assert {"val/fid@1", "val/fid@3", "val/adherence@3", "val/fid_random_weights"} <= logged
@@ -167,12 +169,12 @@ def assert_resumed_state(probe_file: Path, checkpoint: dict) -> None:
     assert torch.equal(probe["torch_rng"], checkpoint["rng"]["torch"])
 
 
-def start_long_run(shards: Path, tmp_path: Path, checkpoint_every: int, *extra: str,
-                   new_session: bool = False) -> tuple[list[str], dict, subprocess.Popen]:
+def start_long_run(shards: Path, tmp_path: Path, checkpoint_every: int, *extra: str, new_session: bool = False,
+                   env_extra: dict[str, str] | None = None) -> tuple[list[str], dict, subprocess.Popen]:
     """A smoke run of 1000 slowed-down steps (0.3 s each) with a StateProbe; returns its command (to
     resume it), environment and process (``new_session``: in a process group of its own, as a
     terminal's foreground job is)."""
-    env = cli_env(tmp_path)
+    env = {**cli_env(tmp_path), **(env_extra or {})}
     probes = {"class_path": "glide_test_probes.StateProbe",
               "init_args": {"out_dir": str(tmp_path / "probes"), "sleep_per_step": 0.3}}
     command = smoke_command(shards, tmp_path, "--config", probe_config(tmp_path, probes),
@@ -287,11 +289,27 @@ def test_a_second_writer_is_refused_and_a_killed_run_resumes_at_its_saved_step(s
     assert final["global_step"] == saved["global_step"] + 2
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def slurm_job(tmp_path: Path) -> dict[str, str]:
+    """The environment of a one-task SLURM job (Lightning then uses its SLURMEnvironment) with a stand-in
+    ``scontrol`` on PATH that records its arguments (no SLURM controller on this machine)."""
+    bin_dir = tmp_path / "slurm_bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol_calls.txt"}\n')
+    scontrol.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1",
+            "SLURM_JOB_NAME": "glide", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+            "SLURM_NODELIST": "localhost"}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
 def test_interrupt_saves_a_resumable_checkpoint(synthetic_shards, tmp_path, signum):
     # 2 DataLoader workers; the signal goes to the whole process group, as Ctrl-C in a terminal, SLURM's
-    # scancel or docker stop send it: the workers must leave it to the main process, not die of it
-    command, env, first = start_long_run(synthetic_shards, tmp_path, 3, "--data.num_workers", "2", new_session=True)
+    # scancel or docker stop send it: the workers must leave it to the main process, not die of it.
+    # SIGUSR1 is SLURM's requeue signal (sbatch --signal=USR1@N): save, then requeue the job.
+    slurm = slurm_job(tmp_path) if signum == signal.SIGUSR1 else None
+    command, env, first = start_long_run(synthetic_shards, tmp_path, 3, "--data.num_workers", "2", new_session=True,
+                                         env_extra=slurm)
     checkpoints = tmp_path / "smoke/checkpoints"
     wait_for(checkpoints / "step00000003.ckpt", first)
     time.sleep(0.45)  # somewhere inside a later step
@@ -304,6 +322,9 @@ def test_interrupt_saves_a_resumable_checkpoint(synthetic_shards, tmp_path, sign
     assert last["global_step"] > 3, "the interrupt must save the step it stopped at, not an older one"
     assert f"stopped at step {last['global_step']}" in stderr
     assert not [r for r in read_csv_metrics(tmp_path / "smoke") if r.get("val/loss")], "no validation on the way out"
+    requeued = (tmp_path / "scontrol_calls.txt").read_text().splitlines() if slurm else []
+    assert requeued == (["requeue 4242"] if slurm else [])
+    assert not list(tmp_path.rglob("hpc_ckpt*")), "last.ckpt is the one checkpoint, not Lightning's hpc_ckpt"
     resume(command, env, tmp_path, last["global_step"] + 1)
     assert_resumed_state(tmp_path / f"probes/start_{last['global_step']}.pt", last)
     # one last.ckpt, the newest: never a last-v1.ckpt beside a stale last.ckpt

@@ -30,10 +30,10 @@ class Logged(L.Callback):
         self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
-def fit(module: GlideModule, shards: str, steps: int, **data) -> tuple[L.Trainer, Logged]:
+def fit(module: GlideModule, shards: str, steps: int, callbacks: tuple = (), **data) -> tuple[L.Trainer, Logged]:
     logged = Logged()
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[logged],
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[logged, *callbacks],
                         limit_val_batches=0, log_every_n_steps=1)
     dm = GlideDataModule(train_shards=shards, image_size=32, text_ctx=16, batch_size=4,
                          tokenizer="clip", bpe_dir=None, num_workers=0,
@@ -266,3 +266,47 @@ def test_gpt2_with_its_vocabulary_constructs():
     module = GlideModule(model=ModelConfig(**{**TINY.to_dict(), "n_vocab": 50257}), diffusion=DiffusionConfig(steps=10),
                          tokenizer="gpt2")
     assert module.tokenizer.n_vocab == module.model_config.n_vocab == 50257
+
+
+@pytest.mark.parametrize("speed", [{"channels_last": True}, {"gradient_checkpointing": True}])
+def test_speed_options_train_alike(synthetic_shards, speed):
+    """channels_last and gradient checkpointing change memory, not the math: the first step's gradients
+    equal the default run's and 3 steps log the same losses (up to float rounding; the weights after
+    AdamW are not compared element-wise: its g/sqrt(v) turns rounding in near-zero gradients into
+    full-size updates)."""
+    runs, grads = [], []
+    for kwargs in ({}, speed):
+        L.seed_everything(0)
+        module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50), **kwargs)
+        first = FirstGradients()
+        trainer, logged = fit(module, f"{synthetic_shards}/train-*.tar", 3, callbacks=[first])
+        runs.append([step["train/loss"] for step in logged.steps])
+        grads.append(first.grads)
+    assert runs[1] == pytest.approx(runs[0], rel=1e-4)
+    for key, value in grads[0].items():
+        torch.testing.assert_close(grads[1][key], value, rtol=1e-3, atol=1e-6, msg=key)
+
+
+class FirstGradients(L.Callback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 0:
+            self.grads = {k: p.grad.detach().clone() for k, p in pl_module.model.named_parameters()
+                          if p.grad is not None}
+
+
+def test_compile_trains_through_a_compiled_network_and_saves_the_plain_one():
+    module = GlideModule(model=TINY, compile=True)
+    compiled = module.training_model()
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is module.model
+    assert module.training_model() is compiled  # compiled once
+    assert all(not k.startswith("_compiled") and "_orig_mod" not in k for k in module.state_dict())
+    assert GlideModule(model=TINY).training_model() is not None
+    assert module.hparams["compile"] is True
+
+
+def test_flops_per_batch_follows_the_batch_size(synthetic_shards):
+    from glide_lightning.models.flops import training_step_flops
+
+    module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50))
+    fit(module, f"{synthetic_shards}/train-*.tar", 1)
+    assert module.flops_per_batch == training_step_flops(TINY, 4) > 0

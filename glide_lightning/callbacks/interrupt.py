@@ -1,4 +1,4 @@
-"""Stop cleanly on SIGINT / SIGTERM: finish the optimizer step, skip validation, save, exit.
+"""Stop cleanly on SIGINT / SIGTERM / SIGUSR1: finish the optimizer step, skip validation, save, exit.
 
 Ctrl-C would otherwise raise KeyboardInterrupt wherever the program is, possibly half-way through
 an optimizer step, and Lightning's own SIGTERM handling stops after any micro-batch, possibly
@@ -9,13 +9,23 @@ step), without the validation Lightning runs when a run stops early and without 
 :class:`~glide_lightning.callbacks.checkpoint.RunCheckpoint`). A second signal interrupts at once.
 Only the main process of rank 0 speaks: DataLoader workers forked from it inherit the handler and
 ignore the signal (the main process ends them).
+
+**SLURM.** ``sbatch --signal=USR1@180`` sends the *requeue signal* (SIGUSR1) to every process of the
+job some time before its time limit: the run stops and saves as above, then rank 0 requeues the job
+(``scontrol requeue $SLURM_JOB_ID``, as Lightning's own SLURM handler does), and the requeued job's
+``fit`` resumes from ``last.ckpt``. Taking the signal over keeps ``last.ckpt`` the one checkpoint a
+run resumes from: Lightning's handler would save a separate ``hpc_ckpt_N.ckpt`` mid-step, which an
+explicit resume path overrides. SIGTERM (preemption; ``scancel``) saves without requeueing: SLURM
+requeues preempted jobs itself where the partition says so. See ``scripts/slurm/train.sbatch``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
+import subprocess
 import threading
 from types import FrameType
 from typing import Any
@@ -29,7 +39,10 @@ log = logging.getLogger(__name__)
 
 
 class GracefulInterrupt(OptimizerStepCallback):
-    """On the first SIGINT or SIGTERM, stop after the current optimizer step; a second one aborts."""
+    """On the first SIGINT, SIGTERM or SIGUSR1, stop after the current optimizer step; a second one
+    aborts. After a SIGUSR1 (the requeue signal) under SLURM, rank 0 requeues the job once saved."""
+
+    REQUEUE_SIGNAL = signal.SIGUSR1
 
     def __init__(self) -> None:
         self.requested: int | None = None
@@ -45,7 +58,8 @@ class GracefulInterrupt(OptimizerStepCallback):
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
         self._pid, self._speaks, self._active = os.getpid(), trainer.is_global_zero, True
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        # (installed before Lightning registers its SLURM requeue handler, which then leaves SIGUSR1 to us)
+        for signum in (signal.SIGINT, signal.SIGTERM, self.REQUEUE_SIGNAL):
             self._original[signum] = signal.signal(signum, self._handle)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -80,6 +94,8 @@ class GracefulInterrupt(OptimizerStepCallback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()  # after on_train_end, so that the final save is covered too
+        if self.requested == self.REQUEUE_SIGNAL and trainer.is_global_zero:
+            requeue_slurm_job()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
@@ -89,3 +105,25 @@ class GracefulInterrupt(OptimizerStepCallback):
         self._active = False
         for signum, handler in self._original.items():
             signal.signal(signum, handler)
+
+
+def requeue_slurm_job() -> bool:
+    """Puts this SLURM job back in the queue (``scontrol requeue``; an array task by its
+    ``<array job>_<task>`` id). Returns whether it was requeued; outside SLURM, or if ``scontrol``
+    fails, it says so in the log and returns False (the run has saved ``last.ckpt`` either way)."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ.get("SLURM_JOB_ID")
+    if not job or not re.fullmatch(r"[0-9_]+", job):
+        log.warning("received the requeue signal outside a SLURM job: stopped and saved last.ckpt, nothing to requeue")
+        return False
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log.warning("could not requeue SLURM job %s (%s): resubmit it to resume from last.ckpt", job, error)
+        return False
+    if result.returncode != 0:
+        log.warning("`scontrol requeue %s` failed (%s): resubmit the job to resume from last.ckpt", job,
+                    result.stderr.strip() or f"exit {result.returncode}")
+        return False
+    log.warning("requeued SLURM job %s: it resumes from last.ckpt when it starts again", job)
+    return True

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -28,6 +29,7 @@ __all__ = [
     "UNetModel",
     "Upsample",
     "nearest_upsample_2x",
+    "set_gradient_checkpointing",
 ]
 
 
@@ -39,9 +41,21 @@ class TimestepBlock(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """A Sequential that hands ``emb`` to timestep blocks and ``encoder_out`` to attention blocks."""
+    """A Sequential that hands ``emb`` to timestep blocks and ``encoder_out`` to attention blocks.
+
+    With ``gradient_checkpointing`` set (see :func:`set_gradient_checkpointing`), a training forward
+    keeps only the block's inputs and recomputes its activations in the backward pass (torch's
+    non-reentrant ``checkpoint``; GLIDE's ``use_checkpoint``): less memory, about a third more compute.
+    """
+
+    gradient_checkpointing = False
 
     def forward(self, x: Tensor, emb: Tensor, encoder_out: Tensor | None = None) -> Tensor:  # noqa: D102
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, emb, encoder_out, use_reentrant=False)
+        return self._forward(x, emb, encoder_out)
+
+    def _forward(self, x: Tensor, emb: Tensor, encoder_out: Tensor | None) -> Tensor:
         for layer in self:
             if isinstance(layer, TimestepBlock):
                 x = layer(x, emb)
@@ -50,6 +64,15 @@ class TimestepEmbedSequential(nn.Sequential):
             else:
                 x = layer(x)
         return x
+
+
+def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn gradient checkpointing of every UNet block of ``model`` on or off (weights unchanged,
+    gradients equal up to float rounding; dropout draws the same masks again in the recomputation,
+    as torch's checkpoint restores the RNG state)."""
+    for module in model.modules():
+        if isinstance(module, TimestepEmbedSequential):
+            module.gradient_checkpointing = enabled
 
 
 class Upsample(nn.Module):

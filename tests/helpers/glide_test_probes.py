@@ -62,14 +62,16 @@ class StateProbe(L.Callback):
 
 class StepKeys(L.Callback):
     """Appends ``{"step": <optimizer step about to run>, "keys": [...]}`` for every training batch to
-    ``<out_file>`` (a JSON line each, flushed at once, so a killed run leaves what it trained on)."""
+    ``<out_file>`` (a JSON line each, flushed at once, so a killed run leaves what it trained on);
+    ``{rank}`` in ``out_file`` becomes the global rank."""
 
     def __init__(self, out_file: str) -> None:
-        self.out_file = Path(out_file)
+        self.out_file = out_file
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self.out_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.out_file.open("a") as f:
+        out_file = Path(self.out_file.format(rank=trainer.global_rank))
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        with out_file.open("a") as f:
             f.write(json.dumps({"step": trainer.global_step + 1, "keys": list(batch["key"])}) + "\n")
 
 

@@ -1,0 +1,35 @@
+"""FLOPs of a training step, counted by torch's FLOP counter on the meta device (no memory, no time).
+
+Used for MFU (model FLOPs utilisation): Lightning's ``ThroughputMonitor`` divides the counted FLOPs per
+second by the device's peak (its own table of GPUs) and logs ``train/device/mfu``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from glide_lightning.models.config import ModelConfig, build_model
+
+
+def training_step_flops(config: ModelConfig, batch_size: int) -> int:
+    """FLOPs of one forward and backward pass of ``config``'s network on ``batch_size`` images of
+    ``image_size`` pixels with ``text_ctx`` caption tokens (matmuls and convolutions, as torch's
+    ``FlopCounterMode`` counts them: 2 per multiply-add; the backward pass about twice the forward).
+    The diffusion loss, the optimizer and normalisations are not counted (a few per cent at most).
+    The upsampler and inpainting kinds are counted with their extra inputs."""
+    with torch.device("meta"):
+        model = build_model(config)
+        size = config.image_size
+        x = torch.empty(batch_size, 3, size, size)
+        t = torch.zeros(batch_size, dtype=torch.long)
+        kwargs: dict[str, torch.Tensor] = {"tokens": torch.zeros(batch_size, config.text_ctx, dtype=torch.long),
+                                           "mask": torch.ones(batch_size, config.text_ctx, dtype=torch.bool)}
+        if config.kind in ("upsample", "upsample_inpaint"):
+            kwargs["low_res"] = torch.empty(batch_size, 3, size // 4, size // 4)
+        if config.kind in ("inpaint", "upsample_inpaint"):
+            kwargs["inpaint_image"] = torch.empty(batch_size, 3, size, size)
+            kwargs["inpaint_mask"] = torch.empty(batch_size, 1, size, size)
+        with FlopCounterMode(display=False) as counter:
+            model(x, t, **kwargs).sum().backward()
+    return int(counter.get_total_flops())
