@@ -22,7 +22,7 @@ from glide_lightning.diffusion.timesteps import TimestepSamplerName, build_times
 from glide_lightning.models import ModelConfig, build_model
 from glide_lightning.models.flops import training_step_flops
 from glide_lightning.models.unet import set_gradient_checkpointing
-from glide_lightning.optim import OptimizerConfig, build_optimizer, sync_lr
+from glide_lightning.optim import OptimizerConfig, build_optimizer, regroup_optimizer_state, sync_lr
 from glide_lightning.sampling import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ class GlideModule(L.LightningModule):
     # ----------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         max_steps = self.trainer.max_steps if self._trainer is not None else None
-        return build_optimizer(self.model.parameters(), self.optimizer_config, max_steps)
+        return build_optimizer(self.model, self.optimizer_config, max_steps)
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -243,6 +243,9 @@ class GlideModule(L.LightningModule):
         # applied when training starts: restoring here would be undone by what runs in between
         self._pending_rng_state = checkpoint.get("rng")
         self.wall_time_s = float(checkpoint.get("wall_time_s", 0.0))
+        if "optimizer_states" in checkpoint:  # checkpoints from before the decay / no-decay groups
+            checkpoint["optimizer_states"] = [regroup_optimizer_state(state, self.model, self.optimizer_config)
+                                              for state in checkpoint["optimizer_states"]]
 
     def on_train_start(self) -> None:
         self._session_start = time.monotonic()

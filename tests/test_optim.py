@@ -26,13 +26,14 @@ def closed_form(step: int, lr: float, warmup: int, schedule: str, decay: int | N
 
 
 def lrs_through_adamw(config: OptimizerConfig, steps: int, max_steps: int | None = None) -> list[float]:
-    param = torch.nn.Parameter(torch.zeros(2))
-    built = build_optimizer([param], config, max_steps)
+    holder = torch.nn.Linear(2, 1, bias=False)
+    param = holder.weight
+    built = build_optimizer(holder, config, max_steps)
     optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
     seen = []
     for _ in range(steps):
         seen.append(optimizer.param_groups[0]["lr"])
-        param.grad = torch.ones(2)
+        param.grad = torch.ones_like(param)
         optimizer.step()
         scheduler.step()
     return seen
@@ -72,7 +73,7 @@ def test_bad_schedules_fail_when_the_config_is_made(kwargs, match):
 @pytest.mark.parametrize("max_steps", [None, -1])
 def test_cosine_without_an_end_is_refused(max_steps):
     with pytest.raises(ValueError, match="needs optimizer.decay_steps or trainer.max_steps"):
-        build_optimizer([torch.nn.Parameter(torch.zeros(1))], OptimizerConfig(lr_schedule="cosine", warmup_steps=5),
+        build_optimizer(torch.nn.Linear(1, 1), OptimizerConfig(lr_schedule="cosine", warmup_steps=5),
                         max_steps)
 
 
@@ -82,6 +83,69 @@ def test_a_run_shorter_than_the_warmup_warms_up_and_says_so(caplog):
         seen = lrs_through_adamw(config, 7, max_steps=3)
     assert "ends within the LR warm-up" in caplog.text
     assert seen == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3, 1e-4, 1e-4])
+
+
+def test_weight_decay_skips_biases_norms_and_embeddings_of_the_glide_model():
+    from glide_lightning.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig(**TINY))
+    decayed, kept = (group["params"] for group in
+                     build_optimizer(model, OptimizerConfig(weight_decay=0.05))["optimizer"].param_groups)
+    names = {id(p): n for n, p in model.named_parameters()}
+    kept_names = {names[id(p)] for p in kept}
+    assert {"token_embedding.weight", "positional_embedding", "padding_embedding", "final_ln.weight",
+            "final_ln.bias", "out.0.weight", "input_blocks.0.0.bias"} <= kept_names
+    assert all(p.ndim >= 2 for p in decayed) and "input_blocks.0.0.weight" in {names[id(p)] for p in decayed}
+    assert "time_embed.0.weight" in {names[id(p)] for p in decayed}  # a Linear layer, not an embedding table
+    assert len(decayed) + len(kept) == len(list(model.parameters()))  # every parameter once
+
+
+@pytest.mark.parametrize("implementation", ["foreach", "for_loop", "fused"])
+def test_adamw_kernels_and_groups_give_the_closed_form_update(implementation):
+    """One AdamW step from zero moments moves each parameter by lr·sign(g) (m̂/√v̂ = g/|g|), plus the
+    decoupled decay lr·wd·p for the decayed group only (Loshchilov & Hutter 2019, Algorithm 2)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    lr, wd = 1e-2, 0.1
+    optimizer = build_optimizer(layer, OptimizerConfig(lr=lr, weight_decay=wd, implementation=implementation))
+    optimizer = optimizer["optimizer"]
+    assert optimizer.defaults["foreach" if implementation != "fused" else "fused"] is (implementation != "for_loop")
+    for p in layer.parameters():
+        p.grad = torch.randn_like(p)
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    optimizer.step()
+    for name, p in layer.named_parameters():
+        decay = wd if name == "weight" else 0.0
+        expected = before[name] * (1 - lr * decay) - lr * grads[name].sign()
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
+
+
+def test_a_one_group_optimizer_state_is_regrouped_with_its_moments():
+    """A checkpoint from before the decay groups (every parameter in one group, indexed in
+    model.parameters() order) resumes: its moments land on the same parameters in the two groups."""
+    from glide_lightning.models import ModelConfig, build_model
+    from glide_lightning.optim import regroup_optimizer_state
+
+    torch.manual_seed(0)
+    model, config = build_model(ModelConfig(**TINY)), OptimizerConfig(weight_decay=0.01)
+    optimizer = build_optimizer(model, config)["optimizer"]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    grouped = optimizer.state_dict()
+    by_param = {id(p): grouped["state"][i] for i, p in
+                enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    params = list(model.parameters())
+    one_group = {"state": {i: by_param[id(p)] for i, p in enumerate(params)},
+                 "param_groups": [{**grouped["param_groups"][0], "params": list(range(len(params)))}]}
+    regrouped = regroup_optimizer_state(one_group, model, config)
+    assert [g["params"] for g in regrouped["param_groups"]] == [g["params"] for g in grouped["param_groups"]]
+    assert [g["weight_decay"] for g in regrouped["param_groups"]] == [0.01, 0.0]
+    for index, state in grouped["state"].items():
+        torch.testing.assert_close(regrouped["state"][index]["exp_avg"], state["exp_avg"], rtol=0, atol=0)
+    optimizer.load_state_dict(regrouped)  # accepted by torch: the shapes match parameter for parameter
+    assert regroup_optimizer_state(grouped, model, config) is grouped  # already grouped: unchanged
 
 
 TINY = {"image_size": 32, "model_channels": 32, "num_res_blocks": 1, "channel_mult": (1, 2),

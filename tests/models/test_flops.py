@@ -28,9 +28,10 @@ def test_training_flops_are_linear_in_the_batch_and_about_three_forward_passes()
     config = ModelConfig(**TINY)
     one, four = training_step_flops(config, 1), training_step_flops(config, 4)
     assert four == 4 * one
-    # backward = 2x forward for every matmul/conv except the input gradient of the first layers
+    # backward = 2x forward for every matmul/conv except the input gradient of the first layers; fused
+    # attention's backward recomputes the scores (torch counts 5 batched matmuls against the forward's 2)
     forward = forward_flops(config, 4)
-    assert 2.5 * forward < four <= 3 * forward
+    assert 2.5 * forward < four <= 3.5 * forward
 
 
 def test_the_first_convolution_alone_matches_its_closed_form() -> None:
