@@ -150,7 +150,7 @@ def count_images(batch: dict[str, Any]) -> int:
 
 
 def images_per_second() -> ThroughputMonitor:
-    """Lightning's throughput monitor: ``train/samples_per_sec`` (images per second, all ranks),
+    """Lightning's throughput monitor: ``train/samples_per_sec`` (images per second, all ranks; logged under DDP),
     ``train/device/samples_per_sec`` and ``train/device/flops_per_sec`` per device, and
     ``train/device/mfu`` on GPUs in Lightning's peak-FLOPs table (the module's ``flops_per_batch``,
     counted by torch's FLOP counter), each over a window of the last 5 batches."""

@@ -123,9 +123,9 @@ def no_decay(name: str, parameter: torch.nn.Parameter, owner: torch.nn.Module) -
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW's parameter groups of ``model``: ``[{"params": decayed, "weight_decay": weight_decay},
-    {"params": not decayed (:func:`no_decay`), "weight_decay": 0.0}]``, each in the model's own order.
-    Shared parameters are listed once."""
+    """AdamW's parameter groups of ``model``: ``decay`` (``weight_decay``) and ``no_decay`` (0; see
+    :func:`no_decay`), each in the model's own order; shared parameters are listed once. Lightning's
+    LearningRateMonitor logs their LR as ``lr-AdamW/decay`` and ``lr-AdamW/no_decay``."""
     groups: tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]] = ([], [])
     seen: set[int] = set()
     for module_name, module in model.named_modules():
@@ -133,7 +133,8 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
             if parameter.requires_grad and id(parameter) not in seen:
                 seen.add(id(parameter))
                 groups[no_decay(name, parameter, module)].append(parameter)
-    return [{"params": groups[0], "weight_decay": weight_decay}, {"params": groups[1], "weight_decay": 0.0}]
+    return [{"params": groups[0], "weight_decay": weight_decay, "name": "decay"},
+            {"params": groups[1], "weight_decay": 0.0, "name": "no_decay"}]
 
 
 def adamw_kernel(config: OptimizerConfig, params: list[torch.nn.Parameter]) -> dict[str, bool]:
@@ -186,7 +187,7 @@ def regroup_optimizer_state(state: dict[str, Any], model: torch.nn.Module, confi
                 new_state[new_index] = state["state"][old_index[id(p)]]
             indices.append(new_index)
             new_index += 1
-        groups.append({**saved_group, "weight_decay": group["weight_decay"], "params": indices})
+        groups.append({**saved_group, "weight_decay": group["weight_decay"], "name": group["name"], "params": indices})
     log.warning("the checkpoint's optimizer has one parameter group: its AdamW state is regrouped into decay and "
                 "no-decay groups (weight decay %g on weights only from now on)", config.weight_decay)
     return {"state": new_state, "param_groups": groups}
