@@ -99,66 +99,99 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def write_report(runs: list[RunSummary], out: Path) -> Path:
-    """The markdown report and its plots (``<out stem>_losses.png``, ``<out stem>_fid.png``)."""
+def _plot_curves(runs: list[RunSummary], keys: tuple[str, ...], out: Path) -> Path | None:
+    """One panel per key with a curve per run (log scale for losses); None when no run logged any key."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    settings = sorted({(setting, r.guidance_scale) for run in runs for setting, results in run.evals.items()
-                       for r in results})
-    lines = [f"# Ablation: {' vs '.join(run.name for run in runs)}", "",
-             "Built from each run's `csv/`, `config.yaml` and `fid/*/results.json`. Final train loss: mean of the "
-             f"last {SMOOTH:.0%} of logged steps; validation loss: the last validation (fixed timesteps and noise).",
-             "", "| run | loss | variance | steps | images seen | wall time | train loss | val loss | "
-             + " | ".join(f"FID@{s:g} | CLIP@{s:g}" for _, s in settings) + " |",
-             "|---|---|---|---:|---:|---:|---:|---:|" + "---:|---:|" * len(settings)]
-    labels = set()
-    for run in runs:
-        diffusion = run.config.get("model", {}).get("diffusion", {})
-        cells = [run.name, diffusion.get("loss_type", "?"), diffusion.get("variance_type", "?"), str(run.steps),
-                 _fmt(run.images_seen, 12), _duration(run.final("train/wall_time_s")),
-                 _fmt(run.final("train/loss", SMOOTH)), _fmt(run.final("val/loss"))]
-        for setting, scale in settings:
-            match = [r for r in run.evals.get(setting, []) if r.guidance_scale == scale]
-            if match:
-                labels.add(match[0].fid.label.split(":")[0])
-                clip = match[0].clip_score
-                cells += [f"{match[0].fid.fid:.2f}", f"{clip.mean:.2f}" if clip is not None else "–"]
-            else:
-                cells += ["–", "–"]
-        lines.append("| " + " | ".join(cells) + " |")
-    if settings:
-        lines += ["", "Evaluation settings: " + ", ".join(sorted({s for s, _ in settings})) + "."]
-        lines += [f"> {label}" for label in sorted(labels)]
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for run in runs:
-        for ax, key in zip(axes, ("train/loss", "val/loss")):
+    keys = tuple(k for k in keys if any(run.curves.get(k) for run in runs))
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for run in runs:
             points = run.curves.get(key, [])
             if points:
-                ax.plot([s for s, _ in points], [v for _, v in points], label=run.name, marker="o" if key == "val/loss" else None)
-    for ax, title in zip(axes, ("train/loss", "val/loss")):
-        ax.set_title(title), ax.set_xlabel("step"), ax.set_yscale("log"), ax.legend()
+                ax.plot([s for s, _ in points], [v for _, v in points], label=run.name,
+                        marker="o" if len(points) < 20 else None)
+        ax.set_title(key), ax.set_xlabel("step"), ax.legend()
+        if "loss" in key or "vb" in key or "mse" in key:
+            ax.set_yscale("log")
     fig.tight_layout()
-    losses = out.with_name(f"{out.stem}_losses.png")
-    fig.savefig(losses, dpi=110)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
-    lines += ["", f"![losses]({losses.name})"]
-    if settings:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for run in runs:
-            points = sorted((r.guidance_scale, r.fid.fid) for results in run.evals.values() for r in results)
+    return out
+
+
+def _plot_evals(runs: list[RunSummary], out: Path) -> Path | None:
+    """FID (and adherence where scored) against the guidance scale, a line per run and setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [(run.name, setting, r) for run in runs for setting, rs in run.evals.items() for r in rs]
+    if not results:
+        return None
+    panels = [("FID", lambda r: r.fid.fid)]
+    if any(r.adherence is not None for _, _, r in results):
+        panels.append(("adherence", lambda r: r.adherence))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, value) in zip(axes[0], panels):
+        for name, setting in sorted({(n, s) for n, s, _ in results}):
+            points = sorted((r.guidance_scale, value(r)) for n, s, r in results
+                            if (n, s) == (name, setting) and value(r) is not None)
             if points:
-                ax.plot(*zip(*points), marker="o", label=run.name)
-        ax.set_xlabel("guidance scale"), ax.set_ylabel("FID"), ax.legend()
-        fig.tight_layout()
-        fid = out.with_name(f"{out.stem}_fid.png")
-        fig.savefig(fid, dpi=110)
-        plt.close(fig)
-        lines += ["", f"![FID vs guidance]({fid.name})"]
+                ax.plot(*zip(*points), marker="o", label=f"{name} · {setting}")
+        ax.set_xlabel("guidance scale"), ax.set_ylabel(title), ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(runs: list[RunSummary], out: Path) -> Path:
+    """The markdown report and its plots beside it (``<out stem>_losses.png``: train/val loss and the
+    vb term; ``<out stem>_fid.png``: FID and adherence against the guidance scale; ``<out
+    stem>_training_metrics.png``: metrics logged during training by ``GenerationMetrics``, if any).
+
+    Tables: one row per run (loss, variance, steps, images seen, wall time, final losses and vb term,
+    in bits per dimension), then one row per run, evaluation setting (sampler and steps, the folder
+    name under ``fid/``) and guidance scale (FID with its label, CLIP score, adherence)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Ablation: {' vs '.join(run.name for run in runs)}", "",
+             "Built from each run's `csv/`, `config.yaml` and `fid/*/results.json`. Final train terms: mean of the "
+             f"last {SMOOTH:.0%} of logged steps; validation terms: the last validation (fixed timesteps and "
+             "noise). vb: the variational bound term in bits per dimension (learned-variance runs only).",
+             "", "| run | loss | variance | prediction | steps | images seen | wall time | train loss | train vb | "
+             "val loss | val vb |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in runs:
+        diffusion = run.config.get("model", {}).get("diffusion", {})
+        cells = [run.name, diffusion.get("loss_type", "?"), diffusion.get("variance_type", "?"),
+                 diffusion.get("prediction", "eps"), str(run.steps), _fmt(run.images_seen, 12),
+                 _duration(run.final("train/wall_time_s")), _fmt(run.final("train/loss", SMOOTH)),
+                 _fmt(run.final("train/vb", SMOOTH)), _fmt(run.final("val/loss")), _fmt(run.final("val/vb"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    labels = set()
+    evals = [(run.name, setting, r) for run in runs for setting, results in sorted(run.evals.items())
+             for r in sorted(results, key=lambda r: r.guidance_scale)]
+    if evals:
+        lines += ["", "| run | setting | guidance | NFE | FID | CLIP score | adherence |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for name, setting, r in evals:
+            labels.add(r.fid.label.split(":")[0])
+            lines.append(f"| {name} | {setting} | {r.guidance_scale:g} | {r.nfe if r.nfe is not None else '–'} | "
+                         f"{r.fid.fid:.2f} | {_fmt(r.clip_score.mean if r.clip_score else None, 3)} | "
+                         f"{_fmt(r.adherence, 3)} |")
+        lines += ["", f"Images per setting and scale: {', '.join(sorted({str(r.n) for _, _, r in evals}))}."]
+        lines += [f"> {label}" for label in sorted(labels)]
+    plots = [("losses", _plot_curves(runs, ("train/loss", "val/loss", "train/vb"), out.with_name(f"{out.stem}_losses.png"))),
+             ("FID and adherence vs guidance", _plot_evals(runs, out.with_name(f"{out.stem}_fid.png")))]
+    during = tuple(sorted({k for run in runs for k in run.curves if k.startswith(("val/adherence@", "val/fid@"))}))
+    plots.append(("during training", _plot_curves(runs, during, out.with_name(f"{out.stem}_training_metrics.png"))))
+    lines += [f"\n![{title}]({path.name})" for title, path in plots if path is not None]
     out.write_text("\n".join(lines) + "\n")
     return out
 

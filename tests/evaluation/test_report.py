@@ -39,13 +39,22 @@ def test_report_on_two_tiny_runs(synthetic_shards, tmp_path, monkeypatch):
     out = glide_main(["compare", "--runs", f"[{tmp_path / 'runs/tiny_simple'}, {tmp_path / 'runs/tiny_hybrid'}]",
                       "--out", str(tmp_path / "reports/ablation.md")])
     text = out.read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| tiny_")]
+    rows = [line for line in text.splitlines() if line.startswith("| tiny_") and "_n6 |" not in line]
     assert len(rows) == 2
     simple, hybrid = rows
-    assert "| simple | fixed_small | 4 | 16 |" in simple and "| hybrid | learned_range | 4 | 16 |" in hybrid
-    assert "FID@1 | CLIP@1 | FID@3 | CLIP@3" in text and "NOT a real FID" in text
+    assert "| simple | fixed_small | eps | 4 | 16 |" in simple and "| hybrid | learned_range | eps | 4 | 16 |" in hybrid
+    assert "NOT a real FID" in text
     run = load_run(tmp_path / "runs/tiny_hybrid")
     assert f"{run.final('val/loss'):.4g}" in hybrid and len(run.curves["val/loss"]) == 2
     assert run.final("train/wall_time_s") > 0
+    # the vb term (bits/dim): the hybrid arm's, none for the simple arm
+    assert f"{run.final('train/vb', 0.1):.4g}" in hybrid and simple.split(" | ")[8] == "–"
+    # one evaluation row per run and guidance scale, with its FID and adherence
+    evals = {(cells[0], cells[2]): cells for cells in (line.rstrip(" |").split(" | ") for line in text.splitlines()
+                                                       if line.startswith("| tiny_") and "_n6 |" in line)}
+    assert sorted(evals) == [("| tiny_hybrid", "1"), ("| tiny_hybrid", "3"), ("| tiny_simple", "1"),
+                             ("| tiny_simple", "3")]
+    result = {r.guidance_scale: r for r in next(iter(run.evals.values()))}[3.0]
+    assert evals[("| tiny_hybrid", "3")][4:7] == [f"{result.fid.fid:.2f}", "–", f"{result.adherence:.3g}"]
     for plot in ("ablation_losses.png", "ablation_fid.png"):
         assert (tmp_path / "reports" / plot).stat().st_size > 1000 and plot in text
