@@ -46,7 +46,7 @@ EVAL_ARGS = --run_dir $(RUN_DIR) $(if $(CKPT),--ckpt $(CKPT)) --n $(N) $(if $(RE
 EXPERIMENTS := $(sort $(basename $(notdir $(wildcard experiments/*.yaml))))
 RECIPES     := synthetic folder mscoco stanford_dogs sbucaptions
 
-.PHONY: help setup test bench train data sample fid sweep compare check-exp check-run check-recipe clean
+.PHONY: help setup test bench bench-learning train data sample fid sweep compare ablation-smoke check-exp check-run check-recipe clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -67,10 +67,16 @@ test: setup  ## run the test suite (offline, CPU; GPU-only tests are skipped)
 bench: setup  ## time models, training, sampling, data pipeline and FID/CLIP features; writes bench/results.json [ARGS="--repeats 3"]
 	$(PY) -m glide_lightning bench --out $(BENCH_OUT) $(ARGS)
 
-train: check-exp setup  ## train EXP=<experiment> [ARGS="--trainer.max_steps 100 ..."]; resumes its run if it has a checkpoint
-	@if [ "$(EXP)" = smoke ] && ! ls data/synthetic/train-*.tar >/dev/null 2>&1; then \
+# the synthetic shards of the smoke experiment and the toy ablation, built when missing
+SYNTHETIC_DATA = @if ! ls data/synthetic/train-*.tar >/dev/null 2>&1; then \
 		echo "data/synthetic is empty: building the synthetic shards first"; \
 		$(PY) -m data_recipes synthetic --out data/synthetic $(SMOKE_DATA_ARGS); fi
+
+bench-learning: setup  ## how fast the presets learn (smoke adherence within its budget, grayscale samples of grayscale data): bench/learning.json, ~35 min on 2 cores [ARGS="--skip grayscale"]
+	$(PY) scripts/bench_learning.py --out bench/learning.json $(ARGS)
+
+train: check-exp setup  ## train EXP=<experiment> [ARGS="--trainer.max_steps 100 ..."]; resumes its run if it has a checkpoint
+	$(if $(filter smoke,$(EXP)),$(SYNTHETIC_DATA))
 	@if [ "$(EXP)" = laptop_folder ] && [ -z "$(findstring train_shards,$(ARGS))" ] \
 		&& ! ls data/folder/train-*.tar >/dev/null 2>&1; then \
 		echo "data/folder has no shards: build them from your images first, e.g." >&2; \
@@ -91,6 +97,22 @@ compare: setup  ## ablation report from the runs' own files: RUNS="minig_simple 
 	@if [ -z "$(RUNS)" ]; then echo 'use RUNS="<run> <run> ..." (directories under runs/)' >&2; exit 2; fi
 	$(PY) -m glide_lightning compare --runs $(call yaml_list,$(addprefix runs/,$(RUNS))) \
 		--out reports/$(subst $(space),_vs_,$(strip $(RUNS))).md $(ARGS)
+
+# toy-scale miniGLIDE ablation: arms in experiments/ablation_smoke/, evaluated on ABLATION_N held-out captions
+ABLATION_ARMS := hybrid simple
+ABLATION_N    ?= 64
+ablation-smoke: setup  ## hybrid vs simple arm of the smoke model (same budget, seed, data): train both, evaluate at 100 and 25 DDPM steps over guidance 1/3/6, write reports/ablation_smoke.md [ARGS= to both fits]
+	$(SYNTHETIC_DATA)
+	@for arm in $(ABLATION_ARMS); do \
+		$(PY) -m glide_lightning fit --config experiments/smoke.yaml --config experiments/ablation_smoke/$$arm.yaml \
+			$(ARGS) || exit 1; \
+		$(PY) -m glide_lightning sweep --run_dir runs/ablation_smoke_$$arm --n $(ABLATION_N) \
+			--captions data/synthetic/fid_captions.txt --reference data/synthetic/fid_reference \
+			--extractor random-conv --clip_model none --samplers '[ddpm]' --step_counts '[100, 25]' \
+			--scales '[1, 3, 6]' || exit 1; \
+	done
+	$(PY) -m glide_lightning compare --runs $(call yaml_list,$(addprefix runs/ablation_smoke_,$(ABLATION_ARMS))) \
+		--out reports/ablation_smoke.md
 
 data: check-recipe setup  ## build shards: RECIPE=<recipe> [ARGS="..."] (python -m data_recipes RECIPE --help)
 	$(PY) -m data_recipes $(RECIPE) $(if $(filter synthetic,$(RECIPE)),$(or $(ARGS),--out data/synthetic),$(ARGS))

@@ -405,6 +405,35 @@ def test_minig_arms_differ_only_in_loss_and_variance():
     assert arms[0] == arms[1]
 
 
+def test_smoke_is_the_laptop_preset_at_32_px():
+    smoke = yaml.safe_load((REPO / "experiments/smoke.yaml").read_text())["model"]
+    laptop = yaml.safe_load((REPO / "experiments/parts/laptop_model.yaml").read_text())
+    assert smoke["model"] == {**laptop["model"], "image_size": 32}
+    assert {k: v for k, v in smoke.items() if k != "model"} == {k: v for k, v in laptop.items() if k != "model"}
+
+
+def test_the_toy_ablation_arms_are_smoke_with_another_loss_and_variance(tmp_path):
+    """`make ablation-smoke` gives each arm's file after smoke.yaml: the resolved configs differ in the
+    run's name and tags and in the loss and variance only."""
+    configs = {}
+    for arm in ("hybrid", "simple"):
+        run = subprocess.run([sys.executable, "-m", "glide_lightning", "fit", "--config",
+                              str(REPO / "experiments/smoke.yaml"), "--config",
+                              str(REPO / f"experiments/ablation_smoke/{arm}.yaml"), "--print_config"],
+                             env=cli_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-3000:]
+        configs[arm] = yaml.safe_load(run.stdout)
+    hybrid, simple = configs["hybrid"], configs["simple"]
+    assert (hybrid["run"]["name"], simple["run"]["name"]) == ("ablation_smoke_hybrid", "ablation_smoke_simple")
+    assert [c["model"]["diffusion"]["loss_type"] for c in (hybrid, simple)] == ["hybrid", "simple"]
+    assert [c["model"]["diffusion"]["variance_type"] for c in (hybrid, simple)] == ["learned_range", "fixed_small"]
+    assert hybrid["model"]["diffusion"]["prediction"] == "v" and hybrid["trainer"]["max_steps"] == 1800
+    for config in (hybrid, simple):
+        config["run"].pop("name"), config["run"].pop("tags")
+        config["model"]["diffusion"].pop("loss_type"), config["model"]["diffusion"].pop("variance_type")
+    assert hybrid == simple
+
+
 def test_bad_config_value_fails_at_parse_time_with_the_choices(tmp_path):
     run = subprocess.run([sys.executable, "-m", "glide_lightning", "fit", "--config",
                           str(REPO / "experiments/smoke.yaml"), "--model.diffusion.loss_type", "hybird",
@@ -496,7 +525,8 @@ def test_readme_quick_start_runs_as_written_on_a_fresh_checkout(tmp_path):
     sweep = (checkout / "runs/smoke/fid/res32_ddpm2_n8/sweep.md").read_text()
     assert all(f"| {s} |" in sweep for s in (1, 3, 6, 12)) and "NOT a real FID" in sweep
     report = (checkout / "reports/smoke.md").read_text()
-    assert "| smoke | hybrid | learned_range | 3 |" in report and "FID@12" in report
+    assert "| smoke | hybrid | learned_range | v | 3 |" in report
+    assert all(f"| smoke | res32_ddpm2_n8 | {s} |" in report for s in (1, 3, 6, 12))
     # RUN= evaluates a run by its directory name (one started with --run.name), EXP= picks the settings
     shutil.copytree(checkout / "runs/smoke/checkpoints", checkout / "runs/renamed/checkpoints")
     run = subprocess.run(["make", "-s", "fid", "RUN=renamed", "EXP=smoke", f"VENV={venv}", f"PY={sys.executable}",
