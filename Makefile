@@ -108,7 +108,7 @@ ablation-smoke: setup  ## hybrid vs simple arm of the smoke model (same budget, 
 			$(ARGS) || exit 1; \
 		$(PY) -m glide_lightning sweep --run_dir runs/ablation_smoke_$$arm --n $(ABLATION_N) \
 			--captions data/synthetic/fid_captions.txt --reference data/synthetic/fid_reference \
-			--extractor random-conv --clip_model none --samplers '[ddpm]' --step_counts '[100, 25]' \
+			--extractor random-conv --clip_model none --samplers '[ddpm]' --step_counts '["100", "25"]' \
 			--scales '[1, 3, 6]' || exit 1; \
 	done
 	$(PY) -m glide_lightning compare --runs $(call yaml_list,$(addprefix runs/ablation_smoke_,$(ABLATION_ARMS))) \

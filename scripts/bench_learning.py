@@ -139,7 +139,7 @@ def grayscale(work: Path, count: int, n: int, extra: list[str]) -> dict[str, obj
               "--out", str(out), "--sampling.steps", "25", "--prompts_file", str(work / "gray_prompts.txt")]
     (work / "gray_prompts.txt").write_text("\n".join(captions) + "\n")
     run(sample, work / "gray_sample.log")
-    samples = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(out.rglob("*.png"))])
+    samples = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(out.glob("[0-9]*.png"))])  # not grid.png
     size = samples.shape[1]
     data_spread = channel_spread(shard_images(shards, size))
     sample_spread = channel_spread(samples)
