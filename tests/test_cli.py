@@ -108,7 +108,7 @@ def test_resume_refuses_architecture_drift_and_records_optimisation_drift(synthe
     assert (run_dir / "checkpoints/last.ckpt").read_bytes() == last
     warned = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--trainer.max_steps", "3",
                                           "--trainer.val_check_interval", "1000", "--trainer.num_sanity_val_steps",
-                                          "0", "--data.batch_size", "6", "--model.optimizer.lr", "1e-3"),
+                                          "0", "--data.batch_size", "6", "--model.optimizer.lr", "5e-4"),
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert warned.returncode == 0, warned.stderr[-3000:]
     assert "with changed settings" in warned.stderr and "data.batch_size: 4 → 6" in warned.stderr

@@ -164,15 +164,18 @@ def write_report(runs: list[RunSummary], out: Path) -> Path:
     lines = [f"# Ablation: {' vs '.join(run.name for run in runs)}", "",
              "Built from each run's `csv/`, `config.yaml` and `fid/*/results.json`. Final train terms: mean of the "
              f"last {SMOOTH:.0%} of logged steps; validation terms: the last validation (fixed timesteps and "
-             "noise). vb: the variational bound term in bits per dimension (learned-variance runs only).",
+             "noise). loss: the objective trained (the MSE term with its weighting, e.g. min-SNR, plus λ·vb for "
+             "hybrid); mse: the unweighted MSE term, comparable across arms; vb: the variational bound term in bits "
+             "per dimension (learned-variance runs only).",
              "", "| run | loss | variance | prediction | steps | images seen | wall time | train loss | train vb | "
-             "val loss | val vb |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "val loss | val mse | val vb |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         diffusion = run.config.get("model", {}).get("diffusion", {})
         cells = [run.name, diffusion.get("loss_type", "?"), diffusion.get("variance_type", "?"),
                  diffusion.get("prediction", "eps"), str(run.steps), _fmt(run.images_seen, 12),
                  _duration(run.final("train/wall_time_s")), _fmt(run.final("train/loss", SMOOTH)),
-                 _fmt(run.final("train/vb", SMOOTH)), _fmt(run.final("val/loss")), _fmt(run.final("val/vb"))]
+                 _fmt(run.final("train/vb", SMOOTH)), _fmt(run.final("val/loss")), _fmt(run.final("val/mse")),
+                 _fmt(run.final("val/vb"))]
         lines.append("| " + " | ".join(cells) + " |")
     labels = set()
     evals = [(run.name, setting, r) for run in runs for setting, results in sorted(run.evals.items())

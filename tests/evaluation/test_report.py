@@ -42,7 +42,7 @@ def test_report_on_two_tiny_runs(synthetic_shards, tmp_path, monkeypatch):
     rows = [line for line in text.splitlines() if line.startswith("| tiny_") and "_n6 |" not in line]
     assert len(rows) == 2
     simple, hybrid = rows
-    assert "| simple | fixed_small | eps | 4 | 16 |" in simple and "| hybrid | learned_range | eps | 4 | 16 |" in hybrid
+    assert "| simple | fixed_small | v | 4 | 16 |" in simple and "| hybrid | learned_range | v | 4 | 16 |" in hybrid
     assert "NOT a real FID" in text
     run = load_run(tmp_path / "runs/tiny_hybrid")
     assert f"{run.final('val/loss'):.4g}" in hybrid and len(run.curves["val/loss"]) == 2
