@@ -128,7 +128,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     LearningRateMonitor logs their LR as ``lr-AdamW/decay`` and ``lr-AdamW/no_decay``."""
     groups: tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]] = ([], [])
     seen: set[int] = set()
-    for module_name, module in model.named_modules():
+    for _, module in model.named_modules():
         for name, parameter in module.named_parameters(recurse=False):
             if parameter.requires_grad and id(parameter) not in seen:
                 seen.add(id(parameter))
