@@ -291,17 +291,18 @@ class NoisedCLIP(nn.Module):
 
 
 def save_noised_clip(clip: NoisedCLIP, directory: str | os.PathLike[str], process: dict[str, Any] | None = None,
-                     tokenizer: str = "clip") -> Path:
+                     tokenizer: str = "clip", logit_scale: float | None = None) -> Path:
     """Write ``image_enc.pt`` and ``text_enc.pt`` (glide-text2im's format: bare state dicts) and
-    ``clip_config.json`` (the architecture, ``process``: the training process's settings, and the
-    ``tokenizer``'s name) to ``directory``; returns it."""
+    ``clip_config.json`` (the architecture with ``logit_scale`` when given, e.g. a learned one;
+    ``process``: the training process's settings; the ``tokenizer``'s name) to ``directory``; returns it."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     for part, encoder in (("image", clip.image_encoder), ("text", clip.text_encoder)):
         state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
         torch.save(state, out / CLIP_FILES[part])
-    (out / CLIP_CONFIG_FILE).write_text(json.dumps({"model": asdict(clip.config), "process": process,
-                                                        "tokenizer": tokenizer}, indent=1))
+    config = asdict(clip.config) if logit_scale is None else {**asdict(clip.config), "logit_scale": logit_scale}
+    meta = {"model": config, "process": process, "tokenizer": tokenizer}
+    (out / CLIP_CONFIG_FILE).write_text(json.dumps(meta, indent=1))
     return out
 
 
