@@ -362,8 +362,9 @@ def sample_batch(loaded: SamplingModel, prompts: list[str], seeds: list[int], co
     concatenated once, at the first step (see :func:`classifier_free_guidance`). With
     ``config.clip_guidance_scale`` > 0, ``clip`` guides the ancestral steps (its ``cond_fn``)."""
     if config.clip_guidance_scale > 0 and clip is None:
-        raise ValueError(f"clip_guidance_scale {config.clip_guidance_scale} needs a noised CLIP: pass --clip_dir DIR "
-                         f"(glide-text2im's clip/ or a noised_clip run's runs/<name>/clip)")
+        raise ValueError(f"clip_guidance_scale {config.clip_guidance_scale} needs a noised CLIP (clip=, which "
+                         f"`sample --clip_dir DIR` passes; the fid / sweep commands and the training callbacks take "
+                         f"none): set clip_guidance_scale 0 here")
     size = loaded.image_size
     tokens, mask = (x.to(device) for x in loaded.tokenizer(prompts))
     guided = config.guidance_scale != 1.0

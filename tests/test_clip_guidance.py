@@ -84,3 +84,10 @@ def test_sample_command_guides_with_a_clip_dir(tiny_checkpoint, clip_dir, tmp_pa
 
     meta = read_png_metadata(out / "0000.png")
     assert meta["clip_guidance_scale"] == "30.0" and str(clip_dir) in meta["clip"]
+
+
+def test_the_issue_spelling_of_the_options_is_accepted():
+    command = parse(["sample", "--ckpt", "m.ckpt", "--prompt", "a", "--clip-dir", "d", "--clip-guidance-scale", "3",
+                     "--guidance-scale=1", "--num-per-prompt", "2"])
+    assert command.clip_dir == "d" and command.num_per_prompt == 2
+    assert command.sampling == SamplingConfig(clip_guidance_scale=3.0, guidance_scale=1.0)
