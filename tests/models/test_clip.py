@@ -16,9 +16,7 @@ from glide_lightning.models.clip import (
     save_noised_clip,
 )
 
-FIXTURE = Path(__file__).resolve().parents[3] / "shared/fixtures/glide_text2im_state_dicts.json"
-if not FIXTURE.is_file():  # a worktree beside the main checkout: shared/ is the project's
-    FIXTURE = Path("/work/shared/fixtures/glide_text2im_state_dicts.json")
+FIXTURE = Path(__file__).resolve().parents[3] / "shared/fixtures/glide_text2im_state_dicts.json"  # beside the repo
 
 TINY = NoisedCLIPConfig(image_size=16, patch_size=4, image_width=32, image_layers=2, text_width=32, text_layers=2,
                         head_channels=16, embed_dim=24, n_vocab=49408, text_ctx=16, n_timesteps=50, logit_scale=10.0)
