@@ -29,6 +29,7 @@ from torchmetrics import MeanMetric
 from glide_lightning.data.tokenizers import TokenizerName, build_tokenizer
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.models.clip import NoisedCLIP, NoisedCLIPConfig, load_noised_clip, save_noised_clip
+from glide_lightning.module import capture_rng_state, restore_rng_state
 from glide_lightning.optim import OptimizerConfig, build_optimizer
 
 __all__ = ["MAX_LOGIT_SCALE", "NoisedCLIPModule", "contrastive_loss"]
@@ -165,8 +166,17 @@ class NoisedCLIPModule(L.LightningModule):
         return Path(self.trainer.default_root_dir) / "clip"
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng"] = capture_rng_state()  # a resumed run draws the timesteps and noise it would have
         if self.trainer.is_global_zero:
             self.export(self.export_dir())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_rng_state = checkpoint.get("rng")  # applied when training starts, as GlideModule does
+
+    def on_train_start(self) -> None:
+        if getattr(self, "_pending_rng_state", None) is not None:
+            restore_rng_state(self._pending_rng_state)
+            self._pending_rng_state = None
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
