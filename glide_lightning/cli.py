@@ -6,6 +6,10 @@ live, checkpoint cadence): every run gets ``<root>/<name>/`` holding its checkpo
 process trains a run at a time (a lock). A run directory that already holds a checkpoint is resumed
 (``--run.resume false`` starts over; ``--ckpt_path`` picks one explicitly), unless the new config
 changes the model, diffusion or tokenizer settings the checkpoint was trained with.
+
+One CLI trains every task: an experiment's top-level ``task`` (or ``--task``) picks the LightningModule,
+``diffusion`` (:class:`GlideModule`, the default) or ``noised_clip``
+(:class:`~glide_lightning.clip_module.NoisedCLIPModule`); both take the same data module and ``run`` group.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import yaml
@@ -42,6 +46,39 @@ from glide_lightning.runs import (  # RunConfig, resolve_wandb_mode, …: still 
 )
 
 log = logging.getLogger("glide_lightning")
+
+Task = Literal["diffusion", "noised_clip"]
+"""What ``fit`` trains: a text-to-image diffusion model or a noised CLIP for CLIP guidance."""
+TASKS: tuple[str, ...] = get_args(Task)
+
+
+def module_class(task: str) -> type:
+    """The LightningModule of a :data:`Task` (the noised CLIP's imported only when asked for)."""
+    if task == "noised_clip":
+        from glide_lightning.clip_module import NoisedCLIPModule
+
+        return NoisedCLIPModule
+    if task != "diffusion":
+        raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    return GlideModule
+
+
+def task_of(args: list[str]) -> str:
+    """The task that ``args`` ask for, read before LightningCLI builds its parser (which needs the module
+    class): the last ``--task``, else the last ``task:`` of the ``--config`` files, else ``diffusion``.
+    The parser then checks it like any field (:meth:`GlideCLI.before_instantiate_classes`)."""
+    task, from_flag = "diffusion", False
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if name == "--task":
+            task, from_flag = value, True
+        elif name == "--config" and not from_flag and Path(value).is_file():
+            found = yaml.safe_load(Path(value).read_text())
+            if isinstance(found, dict) and "task" in found:
+                task = found["task"]
+    return task
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config fields' docstrings in --help
 
 
@@ -63,14 +100,22 @@ class SaveRunConfig(SaveConfigCallback):
 
 
 class GlideCLI(LightningCLI):
-    """LightningCLI for :class:`GlideModule` and :class:`GlideDataModule` with a ``run`` group."""
+    """LightningCLI for the module of the ``task`` (:class:`GlideModule` by default) and
+    :class:`GlideDataModule`, with a ``run`` group."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         self.lock: Any = None  # the run directory's lock, held until the process ends
-        super().__init__(GlideModule, GlideDataModule, args=args, run=run, save_config_callback=SaveRunConfig,
+        self.task = task_of(list(sys.argv[1:] if args is None else args))
+        try:
+            model_class = module_class(self.task)
+        except ValueError as error:
+            sys.exit(f"error: {error}")
+        super().__init__(model_class, GlideDataModule, args=args, run=run, save_config_callback=SaveRunConfig,
                          **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--task", type=Task, default="diffusion",
+                            help="what to train: diffusion (text-to-image) or noised_clip (CLIP guidance's CLIP)")
         parser.add_class_arguments(RunConfig, "run")
         # the model owns these knobs; the data module follows
         parser.link_arguments("model.tokenizer", "data.tokenizer")
@@ -80,6 +125,12 @@ class GlideCLI(LightningCLI):
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         # bf16 on GPUs that have it; fp32 elsewhere (bf16 is several times slower on CPUs without it)
         parser.set_defaults({"trainer.precision": "bf16-mixed" if bf16 else "32-true"})
+
+    def before_instantiate_classes(self) -> None:
+        task = self._get(self.config, "task")
+        if task != self.task:  # e.g. a task set where task_of cannot see it (a --config given as a YAML string)
+            sys.exit(f"error: task {task!r} was parsed but the module of {self.task!r} was built: set task in an "
+                     f"experiment file or with --task {task}")
 
     def _run_config(self) -> RunConfig:
         value = self._get(self.config_init, "run")

@@ -6,7 +6,9 @@ training machinery, so it is loaded only for them). ``sample``, ``fid``, ``sweep
 defaults, so each takes ``--help``, ``--config some.yaml`` and ``--print_config`` as ``fit`` does, and
 the sampling knobs are the fields of :class:`~glide_lightning.sampling.SamplingConfig` itself
 (``--sampling.steps``, ``--sampling.guidance_scale``, …), defined and checked there alone. Values that
-contradict each other fail when the command line is parsed, naming the field.
+contradict each other fail when the command line is parsed, naming the field. Option names may be
+spelled with hyphens (``--clip-dir`` for ``--clip_dir``), and a sampling field without its group where the
+command has no field of that name (``--clip-guidance-scale 3`` for ``--sampling.clip_guidance_scale 3``).
 """
 
 from __future__ import annotations
@@ -64,9 +66,10 @@ def parse(argv: list[str]) -> Any:
     """The command object (a :data:`COMMANDS` dataclass) that ``argv`` describes; parse errors, and
     values the dataclasses refuse (one line per broken rule), exit with status 2 naming the field."""
     parser = build_parser()
+    argv = spelled(argv)
     config = parser.parse_args(argv)
     name = config.command
-    repeated = _repeated_list_options(COMMANDS[name], argv)
+    repeated = _repeated_list_options(COMMANDS[name], argv)  # (argv already canonical)
     if repeated:
         command_parser(name).error("; ".join(f"--{o} is given more than once, and a later one would replace the "
                                              f"earlier: add the others with --{o}+ VALUE (or --{o} '[a, b]')"
@@ -78,6 +81,25 @@ def parse(argv: list[str]) -> Any:
         return command(**{f.name: made[f.name] for f in dataclasses.fields(command) if f.init})
     except ValueError as error:
         command_parser(name).error(f"{name}: {error}")  # the command's own usage, then the broken rules
+
+
+def spelled(argv: list[str]) -> list[str]:
+    """``argv`` with the accepted spellings of option names made canonical (see the module docstring)."""
+    if not argv or argv[0] not in COMMANDS:
+        return argv
+    fields = {f.name: f for f in dataclasses.fields(COMMANDS[argv[0]])}
+    grouped = {f.name for f in dataclasses.fields(fields["sampling"].default_factory())} if "sampling" in fields else set()
+    out = [argv[0]]
+    for arg in argv[1:]:
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            plus = "+" if name.endswith("+") else ""
+            name = name.removesuffix("+").replace("-", "_")
+            if name not in fields and name in grouped:
+                name = f"sampling.{name}"
+            arg = f"--{name}{plus}{eq}{value}"
+        out.append(arg)
+    return out
 
 
 def _repeated_list_options(command: type, argv: list[str]) -> list[str]:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from glide_lightning.clip_guidance import GuidanceCLIP
 from glide_lightning.data.images import to_uint8
 from glide_lightning.data.tokenizers import Tokenizer, TokenizerName, build_tokenizer
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, SamplerName, classifier_free_guidance, get_sampler
@@ -137,9 +138,20 @@ class SamplingConfig:
     (not measured here). Outputs equal within float rounding; the network's own memory format is
     restored after each call."""
 
+    clip_guidance_scale: float = 0.0
+    """CLIP guidance scale s (GLIDE §2.3): each ancestral step's mean moves by s·Σ·∇_{x_t} of a noised
+    CLIP's ``logit_scale · cos(f(x_t, t), g(caption))`` (the CLIP comes from ``sample --clip_dir``).
+    0: off. Needs sampler ``ddpm``; adds one CLIP forward and backward per step. GLIDE's CLIP-guided
+    samples use no classifier-free guidance: set ``guidance_scale`` 1 for CLIP guidance alone."""
+
     def __post_init__(self) -> None:
         """Options that contradict each other are errors when the config is made (parse time)."""
         problems = []
+        if self.clip_guidance_scale < 0:
+            problems.append(f"clip_guidance_scale must be >= 0 (0: off), got {self.clip_guidance_scale}")
+        elif self.clip_guidance_scale > 0 and self.sampler != "ddpm":
+            problems.append(f"clip_guidance_scale {self.clip_guidance_scale} shifts the ancestral step's mean, but "
+                            f"sampler is {self.sampler!r}: use sampler 'ddpm' or clip_guidance_scale 0")
         if self.sampler not in SAMPLER_NAMES:
             problems.append(f"sampler {self.sampler!r} is unknown: choose one of {', '.join(SAMPLER_NAMES)}")
         elif self.sampler in ("dpmpp_2m", "unipc") and not diffusers_available():
@@ -306,14 +318,17 @@ def sample_generators(seeds: list[int], offset: int = 0) -> list[torch.Generator
 
 @torch.no_grad()
 def generate(base: SamplingModel, prompts: list[str], seeds: list[int], config: SamplingConfig = SamplingConfig(), *,
-             upsampler: SamplingModel | None = None, progress: bool = False) -> Tensor:
+             upsampler: SamplingModel | None = None, clip: GuidanceCLIP | None = None,
+             progress: bool = False) -> Tensor:
     """Images for ``prompts`` (one per prompt, uint8 [N, 3, H, W]), guided at ``config.guidance_scale``.
 
     Image i depends on ``prompts[i]`` and ``seeds[i]`` only (see :func:`sample_generators`), up to
     floating-point differences between batch sizes (a pixel level here and there). With
     ``upsampler``, the base samples are upsampled (conditioned on the prompt, unguided, GLIDE's
-    ``fast27`` and temperature by default). Raises ``ValueError`` for mismatched lengths or models
-    of the wrong kind (inpainting models need images to fill, which this does not take).
+    ``fast27`` and temperature by default). ``clip``: the noised CLIP of CLIP guidance at
+    ``config.clip_guidance_scale`` (base stage only). Raises ``ValueError`` for mismatched lengths or models
+    of the wrong kind (inpainting models need images to fill, which this does not take), or a CLIP
+    guidance scale without a CLIP.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -327,7 +342,7 @@ def generate(base: SamplingModel, prompts: list[str], seeds: list[int], config: 
     out = []
     for start in range(0, len(prompts), config.batch_size):
         batch_prompts, batch_seeds = prompts[start:start + config.batch_size], seeds[start:start + config.batch_size]
-        images = sample_batch(base, batch_prompts, batch_seeds, config, device, progress)
+        images = sample_batch(base, batch_prompts, batch_seeds, config, device, progress, clip=clip)
         if upsampler is not None:
             images = _upsample(upsampler, images, batch_prompts, batch_seeds, config, progress)
         out.append(to_uint8(images))
@@ -337,14 +352,19 @@ def generate(base: SamplingModel, prompts: list[str], seeds: list[int], config: 
 
 @torch.no_grad()
 def sample_batch(loaded: SamplingModel, prompts: list[str], seeds: list[int], config: SamplingConfig,
-                 device: torch.device, progress: bool = False) -> Tensor:
+                 device: torch.device, progress: bool = False, *, clip: GuidanceCLIP | None = None) -> Tensor:
     """One batch of base samples for ``prompts``, float in [-1, 1], ``[B, 3, H, W]`` (what
     :func:`generate` converts to uint8).
 
     The captions and the empty caption (batch 1) go through the text encoder once, in one call,
     before the step loop; every step reuses the encodings (``xf_proj``, ``xf_out`` in the model's
     keyword arguments), and the guided batch's [conditional; unconditional] encodings are
-    concatenated once, at the first step (see :func:`classifier_free_guidance`)."""
+    concatenated once, at the first step (see :func:`classifier_free_guidance`). With
+    ``config.clip_guidance_scale`` > 0, ``clip`` guides the ancestral steps (its ``cond_fn``)."""
+    if config.clip_guidance_scale > 0 and clip is None:
+        raise ValueError(f"clip_guidance_scale {config.clip_guidance_scale} needs a noised CLIP (clip=, which "
+                         f"`sample --clip_dir DIR` passes; the fid / sweep commands and the training callbacks take "
+                         f"none): set clip_guidance_scale 0 here")
     size = loaded.image_size
     tokens, mask = (x.to(device) for x in loaded.tokenizer(prompts))
     guided = config.guidance_scale != 1.0
@@ -356,15 +376,21 @@ def sample_batch(loaded: SamplingModel, prompts: list[str], seeds: list[int], co
     cond = dict(xf_proj=xf_proj[:batch], xf_out=xf_out[:batch])
     uncond = dict(xf_proj=xf_proj[batch:], xf_out=xf_out[batch:])
     diffusion = GaussianDiffusion.from_config(loaded.diffusion_config, config.steps)
+    cond_fn = None
+    if clip is not None and config.clip_guidance_scale > 0:
+        cond_fn = clip.cond_fn(prompts, diffusion.base_alphas_cumprod, config.clip_guidance_scale, device)
     with _denoiser(loaded.model, config, device) as denoiser:
         model = classifier_free_guidance(denoiser, config.guidance_scale, uncond, interval=config.guidance_interval,
                                          alphas_cumprod=diffusion.base_alphas_cumprod)
-        return _run_sampler(config, diffusion, model, (batch, 3, size, size), cond, seeds, progress, device)
+        return _run_sampler(config, diffusion, model, (batch, 3, size, size), cond, seeds, progress, device, cond_fn)
 
 
 def _run_sampler(config: SamplingConfig, diffusion: GaussianDiffusion, model: Any, shape: tuple[int, ...],
-                 model_kwargs: dict[str, Any], seeds: list[int], progress: bool, device: torch.device) -> Tensor:
+                 model_kwargs: dict[str, Any], seeds: list[int], progress: bool, device: torch.device,
+                 cond_fn: Any = None) -> Tensor:
     options = {"eta": config.eta} if config.sampler == "ddim" else {}
+    if cond_fn is not None:
+        options["cond_fn"] = cond_fn
     sampler = get_sampler(config.sampler, **options)
     return sampler(diffusion, model, shape, model_kwargs=model_kwargs, generator=sample_generators(seeds),
                    progress=progress, device=device)

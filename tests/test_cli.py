@@ -20,6 +20,7 @@ import yaml
 
 from glide_lightning.diffusion import DiffusionConfig
 from glide_lightning.models import ModelConfig
+from glide_lightning.models.clip import NoisedCLIPConfig
 from glide_lightning.optim import OptimizerConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -366,7 +367,8 @@ def test_every_experiment_parses_against_the_code(name, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     config = yaml.safe_load(run.stdout)
     model = config["model"]
-    ModelConfig(**model["model"])  # the dataclasses validate their values (choices, shapes, heads)
+    architecture = NoisedCLIPConfig if config["task"] == "noised_clip" else ModelConfig
+    architecture(**model["model"])  # the dataclasses validate their values (choices, shapes, heads)
     DiffusionConfig(**model["diffusion"])
     OptimizerConfig(**{k: tuple(v) if k == "betas" else v for k, v in model["optimizer"].items()})
     assert config["run"]["name"] == name

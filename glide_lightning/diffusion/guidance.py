@@ -1,6 +1,13 @@
-"""Classifier-free guidance (Ho & Salimans 2021; GLIDE): the only place it lives.
+"""Guidance: classifier-free guidance (Ho & Salimans 2021; GLIDE) and classifier / CLIP gradient
+guidance (Dhariwal & Nichol 2021; GLIDE §2.3): the only place each lives.
 
-Optionally limited to an interval of noise levels (Kynkäänniemi et al. 2024, "Applying Guidance in a
+Classifier-free guidance wraps the model (:func:`classifier_free_guidance`), so every sampler honours
+it. Gradient guidance shifts the ancestral step's mean (:func:`condition_mean`) by Σ times the gradient
+that a ``cond_fn`` returns (:func:`classifier_guidance` makes one from a differentiable score, e.g. a
+noised CLIP's image-caption similarity); the samplers that take no such step refuse a ``cond_fn``.
+
+Classifier-free guidance is optionally
+limited to an interval of noise levels (Kynkäänniemi et al. 2024, "Applying Guidance in a
 Limited Interval Improves Sample and Distribution Quality in Diffusion Models"): outside it the
 conditional model runs alone, which both saves its unconditional forward passes and, reportedly,
 improves FID (guidance at the noisiest steps collapses diversity, at the cleanest it does little).
@@ -8,7 +15,7 @@ improves FID (guidance at the noisiest steps collapses diversity, at the cleanes
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from einops import rearrange
@@ -16,7 +23,14 @@ from torch import Tensor
 
 from glide_lightning.diffusion.gaussian import ModelFn
 
-__all__ = ["classifier_free_guidance", "edm_sigma"]
+__all__ = ["CondFn", "ScoreFn", "classifier_free_guidance", "classifier_guidance", "condition_mean", "edm_sigma"]
+
+CondFn = Callable[[Tensor, Tensor], Tensor]
+"""``cond_fn(x_t [B, C, H, W], timesteps [B])`` → the guidance gradient, shaped like ``x_t``; ``timesteps``
+are the *original* process's step indices (as the model receives them)."""
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+"""``score_fn(x_t, timesteps)`` → a differentiable score per sample ``[B]`` (a log-probability of the
+condition, or CLIP's scaled image-caption similarity)."""
 
 
 def edm_sigma(alphas_cumprod: Tensor) -> Tensor:
@@ -98,3 +112,39 @@ def _batched(value: Tensor, batch: int, key: str) -> Tensor:
     if value.shape[0] == 1:
         return value.expand(batch, *value.shape[1:])
     raise ValueError(f"uncond_kwargs[{key!r}] has batch {value.shape[0]}, expected 1 or {batch}")
+
+
+def classifier_guidance(score_fn: ScoreFn, scale: float) -> CondFn:
+    """The ``cond_fn`` of gradient guidance: ``s · ∇_{x_t} score_fn(x_t, t)`` per sample.
+
+    Dhariwal & Nichol 2021 (Algorithm 1) ascend ``s · ∇ log p_φ(y | x_t)``; GLIDE §2.3 replaces the
+    classifier by a noised CLIP's ``f(x_t, t) · g(c)``. The samples are independent, so the gradient of
+    the batch's summed score is each sample's own gradient. Gradients are taken with autograd enabled
+    even inside the samplers' ``no_grad`` loop, on a detached copy of ``x_t``; the result is detached.
+
+    Args:
+        score_fn: a score per sample ``[B]`` of ``(x_t, timesteps)``.
+        scale: the guidance scale s (0 turns guidance off: the gradient is then zero).
+    """
+
+    def cond_fn(x_t: Tensor, timesteps: Tensor) -> Tensor:
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_(True)
+            score = score_fn(x, timesteps)
+            if score.shape != x_t.shape[:1]:
+                raise ValueError(f"score_fn must return one score per sample [{x_t.shape[0]}], got {tuple(score.shape)}")
+            (grad,) = torch.autograd.grad(score.sum(), x)
+        return scale * grad.detach()
+
+    return cond_fn
+
+
+def condition_mean(out: dict[str, Tensor], cond_fn: CondFn, x_t: Tensor, timesteps: Tensor) -> Tensor:
+    """The guided mean of p(x_{t-1} | x_t): ``μ + Σ · cond_fn(x_t, t)`` (Dhariwal & Nichol 2021, Algorithm 1:
+    μ + sΣ∇_{x_t} log p_φ(y | x_t), the scale s inside ``cond_fn``); ``out`` is
+    :meth:`~glide_lightning.diffusion.gaussian.GaussianDiffusion.p_mean_variance`'s, ``timesteps`` the original
+    step indices of ``x_t`` ``[B]``. Returns ``[B, C, H, W]``."""
+    gradient = cond_fn(x_t, timesteps)
+    if gradient.shape != x_t.shape:
+        raise ValueError(f"cond_fn returned {tuple(gradient.shape)}, expected x_t's shape {tuple(x_t.shape)}")
+    return out["mean"] + out["variance"] * gradient.to(out["mean"].dtype)

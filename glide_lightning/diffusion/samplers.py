@@ -1,9 +1,12 @@
 """Samplers of the reverse process, with one signature and a registry by name.
 
 ``sampler(diffusion, model, shape, *, model_kwargs, noise, noise_scale, clip_denoised, denoised_fn,
-progress, generator, device) -> x_0`` for every entry of :data:`SAMPLERS`; options particular to one
+progress, generator, device, cond_fn) -> x_0`` for every entry of :data:`SAMPLERS`; options particular to one
 sampler (DDIM's ``eta``) are bound with :func:`get_sampler`. Guidance is not a sampler's business:
-pass a guided model (see :mod:`glide_lightning.diffusion.guidance`).
+pass a guided model (see :mod:`glide_lightning.diffusion.guidance`). Gradient (classifier / CLIP)
+guidance comes as ``cond_fn``, which the ancestral sampler hands to
+:func:`~glide_lightning.diffusion.guidance.condition_mean` at every step; the others refuse it (their
+steps have no Σ to scale a gradient by).
 
 - ``ddpm``: ancestral sampling with the model's variance (Ho et al. 2020; Nichol & Dhariwal 2021).
 - ``ddim``: DDIM (Song et al. 2021), deterministic at η = 0.
@@ -28,6 +31,7 @@ import torch
 from torch import Tensor
 
 from glide_lightning.diffusion.gaussian import DenoisedFn, GaussianDiffusion, ModelFn
+from glide_lightning.diffusion.guidance import CondFn, condition_mean
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "unipc"]
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
@@ -41,22 +45,27 @@ class Sampler(Protocol):
     def __call__(self, diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[int, ...], *,
                  model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None, noise_scale: float = 1.0,
                  clip_denoised: bool = True, denoised_fn: DenoisedFn | None = None, progress: bool = False,
-                 generator: Generators = None, device: torch.device | str | None = None) -> Tensor: ...
+                 generator: Generators = None, device: torch.device | str | None = None,
+                 cond_fn: CondFn | None = None) -> Tensor: ...
 
 
 def ddpm_sample(diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[int, ...], *,
                 model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None, noise_scale: float = 1.0,
                 clip_denoised: bool = True, denoised_fn: DenoisedFn | None = None, progress: bool = False,
-                generator: Generators = None, device: torch.device | str | None = None) -> Tensor:
+                generator: Generators = None, device: torch.device | str | None = None,
+                cond_fn: CondFn | None = None) -> Tensor:
     """Ancestral sampling: x_{t-1} ~ N(μ_θ(x_t, t), Σ_θ(x_t, t)), no noise added at t = 0.
 
     ``noise`` is the initial x_T (drawn from ``generator`` if absent); ``noise_scale`` multiplies it
-    (GLIDE's ``upsample_temp``)."""
+    (GLIDE's ``upsample_temp``). ``cond_fn`` (gradient guidance) shifts each step's mean by Σ times its
+    gradient at x_t (:func:`~glide_lightning.diffusion.guidance.condition_mean`), called with the
+    original step indices."""
 
     def step(x: Tensor, t: Tensor) -> Tensor:
         out = diffusion.p_mean_variance(model, x, t, model_kwargs, clip_denoised=clip_denoised, denoised_fn=denoised_fn)
+        mean = out["mean"] if cond_fn is None else condition_mean(out, cond_fn, x, diffusion.timestep_map.to(t.device)[t])
         z = _randn_like(x, generator)
-        return out["mean"] + _nonzero(t, x) * torch.exp(0.5 * out["log_variance"]) * z
+        return mean + _nonzero(t, x) * torch.exp(0.5 * out["log_variance"]) * z
 
     return _loop(diffusion, step, shape, noise, noise_scale, progress, generator, device)
 
@@ -65,9 +74,10 @@ def ddim_sample(diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[int, 
                 model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None, noise_scale: float = 1.0,
                 clip_denoised: bool = True, denoised_fn: DenoisedFn | None = None, progress: bool = False,
                 generator: Generators = None, device: torch.device | str | None = None,
-                eta: float = 0.0) -> Tensor:
+                eta: float = 0.0, cond_fn: CondFn | None = None) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12): deterministic at ``eta=0``; ``eta=1`` has DDPM's posterior
     variance. Usually run on a respaced process (``diffusion.respace("ddim50")``)."""
+    _refuse_cond_fn("ddim", cond_fn)
 
     def step(x: Tensor, t: Tensor) -> Tensor:
         out = diffusion.p_mean_variance(model, x, t, model_kwargs, clip_denoised=clip_denoised, denoised_fn=denoised_fn)
@@ -86,9 +96,11 @@ def ddim_sample(diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[int, 
 def dpmpp_2m_sample(diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[int, ...], *,
                     model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None, noise_scale: float = 1.0,
                     clip_denoised: bool = True, denoised_fn: DenoisedFn | None = None, progress: bool = False,
-                    generator: Generators = None, device: torch.device | str | None = None) -> Tensor:
+                    generator: Generators = None, device: torch.device | str | None = None,
+                    cond_fn: CondFn | None = None) -> Tensor:
     """DPM-Solver++(2M): deterministic given x_T, one model evaluation per step of ``diffusion``
     (run it on a respaced process: ``diffusion.respace("20")``); see :mod:`~glide_lightning.diffusion.solvers`."""
+    _refuse_cond_fn("dpmpp_2m", cond_fn)
     from glide_lightning.diffusion.solvers import multistep_step_fn
 
     step = multistep_step_fn("dpmpp_2m", diffusion, model, model_kwargs, clip_denoised, denoised_fn)
@@ -98,9 +110,11 @@ def dpmpp_2m_sample(diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[i
 def unipc_sample(diffusion: GaussianDiffusion, model: ModelFn, shape: tuple[int, ...], *,
                  model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None, noise_scale: float = 1.0,
                  clip_denoised: bool = True, denoised_fn: DenoisedFn | None = None, progress: bool = False,
-                 generator: Generators = None, device: torch.device | str | None = None) -> Tensor:
+                 generator: Generators = None, device: torch.device | str | None = None,
+                 cond_fn: CondFn | None = None) -> Tensor:
     """UniPC (bh2, order 2): the predictor of each step is corrected with the next model evaluation,
     so it costs one evaluation per step of ``diffusion``, as DPM-Solver++; deterministic given x_T."""
+    _refuse_cond_fn("unipc", cond_fn)
     from glide_lightning.diffusion.solvers import multistep_step_fn
 
     step = multistep_step_fn("unipc", diffusion, model, model_kwargs, clip_denoised, denoised_fn)
@@ -116,6 +130,12 @@ def get_sampler(name: SamplerName, **options: Any) -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
     return functools.partial(SAMPLERS[name], **options) if options else SAMPLERS[name]
+
+
+def _refuse_cond_fn(name: str, cond_fn: CondFn | None) -> None:
+    if cond_fn is not None:
+        raise ValueError(f"sampler {name!r} cannot apply gradient (classifier / CLIP) guidance: it shifts the "
+                         f"ancestral step's mean by Σ·∇; sample with sampler 'ddpm'")
 
 
 def _loop(diffusion: GaussianDiffusion, step: StepFn, shape: tuple[int, ...], noise: Tensor | None, noise_scale: float,

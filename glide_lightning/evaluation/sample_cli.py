@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from glide_lightning.data.images import image_grid, save_png
+from glide_lightning.clip_guidance import load_guidance_clip
 from glide_lightning.sampling import SamplingConfig, Weights, generate, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ class SampleCommand:
     """Output directory."""
     upsampler: str | None = None
     """An upsampler checkpoint (glide-text2im's ``upsample.pt``) for 256 px images."""
+    clip_dir: str | None = None
+    """A noised CLIP for CLIP guidance at ``--sampling.clip_guidance_scale``: a directory with
+    ``image_enc.pt`` and ``text_enc.pt`` (glide-text2im's ``clip/``, or a noised_clip run's ``runs/<name>/clip``)."""
     weights: Weights = "ema"
     """Of a glide_lightning ``.ckpt``: its EMA weights (when the run kept them) or the ``raw`` ones."""
     device: str = "auto"
@@ -69,6 +73,12 @@ class SampleCommand:
     def __post_init__(self) -> None:
         if self.num_per_prompt < 1:
             raise ValueError(f"num_per_prompt must be >= 1, got {self.num_per_prompt}")
+        if self.sampling.clip_guidance_scale > 0 and not self.clip_dir:
+            raise ValueError(f"sampling.clip_guidance_scale {self.sampling.clip_guidance_scale} needs a noised CLIP: "
+                             f"pass --clip_dir DIR (image_enc.pt and text_enc.pt)")
+        if self.clip_dir and self.sampling.clip_guidance_scale == 0:
+            raise ValueError("clip_dir is given but sampling.clip_guidance_scale is 0, so it would not be used: "
+                             "pass --sampling.clip_guidance_scale S (> 0) or drop --clip_dir")
 
     def run(self) -> Path:
         """Sample and write the images; returns the output directory."""
@@ -77,17 +87,19 @@ class SampleCommand:
         device = resolve_device(self.device)
         base = load_checkpoint(self.ckpt, device, weights=self.weights, kind="base")
         upsampler = load_checkpoint(self.upsampler, device, kind="upsample") if self.upsampler else None
+        clip = load_guidance_clip(self.clip_dir, base.image_size, device) if self.clip_dir else None
         all_prompts = [p for p in prompts for _ in range(self.num_per_prompt)]
         seeds = [self.seed + i for i in range(len(all_prompts))]
         log.info("sampling %d images from %s at guidance %.2f (%s, %s steps)", len(all_prompts), base.source,
                  config.guidance_scale, config.sampler, config.steps)
-        images = generate(base, all_prompts, seeds, config, upsampler=upsampler, progress=True)
+        images = generate(base, all_prompts, seeds, config, upsampler=upsampler, clip=clip, progress=True)
         out = Path(self.out)
         common = {"guidance_scale": config.guidance_scale, "sampler": config.sampler, "steps": config.steps,
                   "eta": config.eta, "checkpoint": base.source,
                   "upsampler": upsampler.source if upsampler else None,
                   "upsample_steps": config.upsample_steps if upsampler else None,
-                  "upsample_temp": config.upsample_temp if upsampler else None}
+                  "upsample_temp": config.upsample_temp if upsampler else None,
+                  "clip_guidance_scale": config.clip_guidance_scale, "clip": clip.source if clip else None}
         records = []
         for i, (image, prompt, seed) in enumerate(zip(images, all_prompts, seeds)):
             record = {"file": f"{i:04d}.png", "prompt": prompt, "seed": seed, **common}

@@ -92,6 +92,8 @@ class CheckpointMismatchError(ValueError):
         missing: keys the model has and the checkpoint lacks.
         unexpected: keys the checkpoint has and the model lacks.
         mismatched: ``(key, checkpoint shape, model shape)`` for keys whose shapes differ.
+
+    ``file`` names the file expected (default: the released file of ``kind``).
     """
 
     def __init__(
@@ -101,12 +103,13 @@ class CheckpointMismatchError(ValueError):
         unexpected: Sequence[str],
         mismatched: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]],
         looks_like: str | None = None,
+        file: str | None = None,
     ) -> None:
         self.kind = kind
         self.missing = list(missing)
         self.unexpected = list(unexpected)
         self.mismatched = list(mismatched)
-        file = GLIDE_CHECKPOINT_FILES.get(kind, "?")
+        file = file or GLIDE_CHECKPOINT_FILES.get(kind, "?")
         lines = [f"checkpoint does not match glide-text2im's {kind!r} model (expected {file}):"]
         if self.missing:
             lines.append(_listing("missing key", self.missing))
