@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import lightning as L
@@ -15,11 +15,12 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from glide_lightning.data.tokenizers import TokenizerName, build_tokenizer
+from glide_lightning.data.tokenizers import TokenizerName, build_tokenizer, tokenizer_files
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.diffusion.timesteps import TimestepSamplerName, build_timestep_sampler
 from glide_lightning.models import ModelConfig, build_model
+from glide_lightning.models.encoders import FrozenTextEncoder, load_text_encoder
 from glide_lightning.models.flops import training_step_flops
 from glide_lightning.models.unet import set_gradient_checkpointing
 from glide_lightning.optim import OptimizerConfig, build_optimizer, regroup_optimizer_state, sync_lr
@@ -40,8 +41,9 @@ class GlideModule(L.LightningModule):
             (``min_snr_gamma``) and the prediction target (``eps`` / ``v``).
         optimizer: AdamW settings and the LR schedule (warm-up, then constant or cosine decay).
         tokenizer: the caption tokenizer (``clip`` for new models; ``gpt2`` for glide-text2im's
-            checkpoints). The data module uses the same one; the module needs it for the empty
-            caption and for sampling from prompts.
+            checkpoints; ``t5`` with ``model.text_encoder: t5``, whose files it reads from
+            ``model.text_encoder_name``). The data module uses the same one; the module needs it for
+            the empty caption and for sampling from prompts. A frozen ``clip`` encoder takes ``clip``.
         bpe_dir: directory with GPT-2's ``encoder.json`` and ``vocab.bpe`` (``gpt2`` only; None:
             ``$GLIDE_GPT2_BPE_DIR``, else tiktoken's download). The data module gets the same one. A
             path on this machine, so it is not part of the checkpoint's hyper-parameters.
@@ -92,6 +94,18 @@ class GlideModule(L.LightningModule):
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         self.tokenizer = check_trainable(model, diffusion, tokenizer, bpe_dir)
+        # a frozen encoder is attached to the network outside the module tree: not trained, not saved
+        encoder: FrozenTextEncoder | None = None
+        if model.frozen_text_encoder:
+            encoder = load_text_encoder(model.text_encoder, str(model.text_encoder_name),
+                                        pretrained=model.text_encoder_pretrained,
+                                        revision=model.text_encoder_revision)
+            if model.text_encoder_dim not in (None, encoder.dim):
+                raise ValueError(f"model.model.text_encoder_dim is {model.text_encoder_dim} but {encoder.source} gives "
+                                 f"{encoder.dim}-wide embeddings: set it to {encoder.dim} or leave it out")
+            model = replace(model, text_encoder_dim=encoder.dim)  # recorded: sampling builds without the encoder
+            log.info("frozen text encoder: %s (%d-wide embeddings; not trained, not saved)", encoder.source,
+                     encoder.dim)
         self.save_hyperparameters({"model": model.to_dict(), "diffusion": asdict(diffusion),
                                    "optimizer": asdict(optimizer), "tokenizer": tokenizer,
                                    "cond_drop_prob": cond_drop_prob, "timestep_sampler": timestep_sampler,
@@ -100,6 +114,8 @@ class GlideModule(L.LightningModule):
                                    "compile": compile, "gradient_checkpointing": gradient_checkpointing})
         self.model_config, self.diffusion_config, self.optimizer_config = model, diffusion, optimizer
         self.model = build_model(model)
+        if encoder is not None:
+            self.model.attach_text_encoder(encoder)
         set_gradient_checkpointing(self.model, gradient_checkpointing)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
@@ -271,13 +287,21 @@ def check_trainable(model: ModelConfig, diffusion: DiffusionConfig, tokenizer: T
     if diffusion.variance_type == "learned_range" and not model.learn_sigma:
         raise ValueError("model.diffusion.variance_type 'learned_range' needs model.model.learn_sigma: true "
                          "(6 output channels), or a fixed variance_type with loss_type simple or p2")
+    wanted = {"t5": "t5", "clip": "clip"}.get(model.text_encoder)
+    if wanted is not None and tokenizer != wanted:
+        raise ValueError(f"model.model.text_encoder {model.text_encoder!r} reads the {wanted!r} tokenizer's ids: set "
+                         f"model.tokenizer: {wanted}")
+    if tokenizer == "t5" and wanted is None:
+        raise ValueError("model.tokenizer 't5' is a frozen T5 encoder's: set model.model.text_encoder: t5 (and its "
+                         "text_encoder_name)")
     try:
-        files = {"bpe_dir": bpe_dir} if tokenizer == "gpt2" else {}
+        files = tokenizer_files(tokenizer, bpe_dir=bpe_dir, path=model.text_encoder_name,
+                                revision=model.text_encoder_revision)
         built = build_tokenizer(tokenizer, text_ctx=model.text_ctx, **files)
     except ValueError as error:
         raise ValueError(f"model.model.text_ctx {model.text_ctx} does not suit tokenizer {tokenizer!r}: {error}") \
             from None
-    if model.xf_width and model.n_vocab != built.n_vocab:
+    if model.xf_width and not model.frozen_text_encoder and model.n_vocab != built.n_vocab:
         raise ValueError(f"model.model.n_vocab is {model.n_vocab} but tokenizer {tokenizer!r} has {built.n_vocab} "
                          f"tokens: set model.model.n_vocab: {built.n_vocab} (or another model.tokenizer)")
     return built

@@ -5,7 +5,8 @@ callbacks, ``init_from`` and the benchmark.
 Checkpoints (:func:`load_checkpoint`):
 
 - a glide_lightning ``.ckpt`` written by Lightning: the network's architecture, process and tokenizer
-  come from its ``hyper_parameters``. When the run used Lightning's ``EMAWeightAveraging``, its
+  come from its ``hyper_parameters``. A frozen text encoder (``text_encoder`` t5 / clip) is not in the
+  file: it is reloaded from the name, pretrained tag / file and revision the hyper-parameters record. When the run used Lightning's ``EMAWeightAveraging``, its
   ``state_dict`` holds the EMA weights and ``current_model_state`` the raw ones; ``weights="ema"``
   (the default) or ``"raw"`` picks one, and :attr:`SamplingModel.source` says which was loaded.
 - one of glide-text2im's released files (``base.pt``, ``upsample.pt``, ``base_inpaint.pt``,
@@ -16,6 +17,7 @@ Checkpoints (:func:`load_checkpoint`):
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import pickle
 from collections.abc import Iterator
@@ -27,8 +29,15 @@ import torch
 from torch import Tensor, nn
 
 from glide_lightning.data.images import to_uint8
-from glide_lightning.data.tokenizers import Tokenizer, TokenizerName, build_tokenizer
-from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, SamplerName, classifier_free_guidance, get_sampler
+from glide_lightning.data.tokenizers import Tokenizer, TokenizerName, build_tokenizer, tokenizer_files
+from glide_lightning.diffusion import (
+    DiffusionConfig,
+    GaussianDiffusion,
+    SamplerName,
+    classifier_free_guidance,
+    dynamic_threshold,
+    get_sampler,
+)
 from glide_lightning.diffusion.guidance import edm_sigma
 from glide_lightning.diffusion.samplers import SAMPLER_NAMES
 from glide_lightning.diffusion.solvers import diffusers_available
@@ -43,6 +52,7 @@ from glide_lightning.models import (
     build_model,
     from_glide_text2im,
 )
+from glide_lightning.models.encoders import load_text_encoder
 from glide_lightning.models.glide_text2im import detect_glide_kind
 
 __all__ = ["DEFAULT_GUIDANCE_SWEEP", "RELEASED_MODELS", "ReleasedModel", "SamplingConfig", "SamplingModel", "Weights",
@@ -130,6 +140,11 @@ class SamplingConfig:
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """The denoiser's arithmetic: ``fp32``; ``bf16`` autocast (the sampler's own math stays fp32);
     ``auto``: bf16 on GPUs that support it, fp32 elsewhere."""
+    dynamic_threshold: float | None = None
+    """Imagen's dynamic thresholding: the percentile p in (0, 1] (Imagen: 0.995) of ``|pred_xstart|`` per
+    sample that becomes the clipping bound s (at least 1), then ``pred_xstart / s``; keeps high guidance
+    scales from saturating. Every sampler gets it (it post-processes ``pred_xstart`` where the static
+    [-1, 1] clip does, see :func:`~glide_lightning.diffusion.dynamic_threshold`). None: the static clip only."""
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     """The UNet's activation layout while sampling: ``channels_last`` (NHWC) or ``contiguous`` (NCHW).
     ``auto``: channels_last on the CPU, where it measured faster in guided sampling (tiny preset about
@@ -167,6 +182,9 @@ class SamplingConfig:
         elif self.eta != 0 and self.sampler != "ddim":
             problems.append(f"eta {self.eta} is DDIM's noise level, but sampler is {self.sampler!r}: use sampler "
                             f"'ddim' or leave eta at 0")
+        if self.dynamic_threshold is not None and not 0 < self.dynamic_threshold <= 1:
+            problems.append(f"dynamic_threshold is a percentile p in (0, 1] (Imagen: 0.995), got "
+                            f"{self.dynamic_threshold}")
         if self.guidance_scale < 0:
             problems.append(f"guidance_scale must be >= 0 (1: no guidance), got {self.guidance_scale}")
         if self.batch_size < 1:
@@ -260,9 +278,16 @@ def _read_lightning(path: Path, state: dict[str, Any], weights: Weights) -> Samp
     model = build_model(config)
     model.load_state_dict({k.removeprefix("model."): v for k, v in source.items() if k.startswith("model.")},
                           strict=True)
+    encoder = ""
+    if config.frozen_text_encoder:  # not in the file: reloaded from what the checkpoint records
+        frozen = load_text_encoder(config.text_encoder, str(config.text_encoder_name),
+                                   pretrained=config.text_encoder_pretrained, revision=config.text_encoder_revision)
+        model.attach_text_encoder(frozen)
+        encoder = f", text encoder {frozen.source}"
+    files = tokenizer_files(hp["tokenizer"], path=config.text_encoder_name, revision=config.text_encoder_revision)
     return SamplingModel(model, DiffusionConfig(**hp["diffusion"]),
-                         build_tokenizer(hp["tokenizer"], text_ctx=config.text_ctx), config,
-                         f"{path} ({what}, step {state.get('global_step', '?')})")
+                         build_tokenizer(hp["tokenizer"], text_ctx=config.text_ctx, **files), config,
+                         f"{path} ({what}, step {state.get('global_step', '?')}{encoder})")
 
 
 def _read_released(path: Path, state: dict[str, Any], kind: ModelKind | None) -> SamplingModel:
@@ -342,8 +367,8 @@ def sample_batch(loaded: SamplingModel, prompts: list[str], seeds: list[int], co
     :func:`generate` converts to uint8).
 
     The captions and the empty caption (batch 1) go through the text encoder once, in one call,
-    before the step loop; every step reuses the encodings (``xf_proj``, ``xf_out`` in the model's
-    keyword arguments), and the guided batch's [conditional; unconditional] encodings are
+    before the step loop; every step reuses the encodings (``xf_proj``, ``xf_out``, with a frozen encoder
+    ``xf_mask``, in the model's keyword arguments), and the guided batch's [conditional; unconditional] encodings are
     concatenated once, at the first step (see :func:`classifier_free_guidance`)."""
     size = loaded.image_size
     tokens, mask = (x.to(device) for x in loaded.tokenizer(prompts))
@@ -351,10 +376,11 @@ def sample_batch(loaded: SamplingModel, prompts: list[str], seeds: list[int], co
     if guided:  # the empty caption, once per batch, in the same encoder call as the captions
         empty_tokens, empty_mask = (x.to(device) for x in loaded.tokenizer.empty(1))
         tokens, mask = torch.cat([tokens, empty_tokens]), torch.cat([mask, empty_mask])
-    xf_proj, xf_out = loaded.model.encode_text(tokens, mask)  # [B (+1), 4 * model_channels], [B (+1), W, L]
+    # xf_proj [B (+1), 4 * model_channels], xf_out [B (+1), W, L] (and a frozen encoder's xf_mask [B (+1), L])
+    encoded = loaded.model.encode_caption(tokens, mask)
     batch = len(prompts)
-    cond = dict(xf_proj=xf_proj[:batch], xf_out=xf_out[:batch])
-    uncond = dict(xf_proj=xf_proj[batch:], xf_out=xf_out[batch:])
+    cond = {k: v[:batch] for k, v in encoded.items()}
+    uncond = {k: v[batch:] for k, v in encoded.items()}
     diffusion = GaussianDiffusion.from_config(loaded.diffusion_config, config.steps)
     with _denoiser(loaded.model, config, device) as denoiser:
         model = classifier_free_guidance(denoiser, config.guidance_scale, uncond, interval=config.guidance_interval,
@@ -366,8 +392,11 @@ def _run_sampler(config: SamplingConfig, diffusion: GaussianDiffusion, model: An
                  model_kwargs: dict[str, Any], seeds: list[int], progress: bool, device: torch.device) -> Tensor:
     options = {"eta": config.eta} if config.sampler == "ddim" else {}
     sampler = get_sampler(config.sampler, **options)
+    denoised_fn = None
+    if config.dynamic_threshold is not None:
+        denoised_fn = functools.partial(dynamic_threshold, percentile=config.dynamic_threshold)
     return sampler(diffusion, model, shape, model_kwargs=model_kwargs, generator=sample_generators(seeds),
-                   progress=progress, device=device)
+                   progress=progress, device=device, denoised_fn=denoised_fn)
 
 
 @contextlib.contextmanager

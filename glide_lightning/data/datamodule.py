@@ -64,7 +64,7 @@ from glide_lightning.data.pipeline import (
     parse_caption_keys,
 )
 from glide_lightning.data.shards import upscale_warning
-from glide_lightning.data.tokenizers import TOKENIZERS, Tokenizer, TokenizerName, build_tokenizer
+from glide_lightning.data.tokenizers import TOKENIZERS, Tokenizer, TokenizerName, build_tokenizer, tokenizer_files
 from glide_lightning.data.workers import leave_stop_signals_to_the_main_process
 
 __all__ = ["GlideDataModule", "StreamLoader", "expand_shards", "measure_pipeline"]
@@ -297,12 +297,15 @@ class GlideDataModule(L.LightningDataModule):
             ``center_crop`` resizes the short side then crops the centre square.
         caption_key: Where the caption is: a sample extension (``txt``) or a JSON field
             (``json:caption``, dots for nested fields); a list is tried in order.
-        tokenizer: Caption tokenizer: ``clip`` (CLIP BPE, offline) or ``gpt2`` (GLIDE's): the
-            model's (linked from ``model.tokenizer``).
+        tokenizer: Caption tokenizer: ``clip`` (CLIP BPE, offline), ``gpt2`` (GLIDE's) or ``t5`` (a frozen
+            T5 encoder's): the model's (linked from ``model.tokenizer``).
         text_ctx: Tokens per caption (padded/truncated): the model's text context (linked from
             ``model.model.text_ctx``).
         bpe_dir: Directory with GPT-2's ``encoder.json`` and ``vocab.bpe`` (``gpt2`` only; None:
             ``$GLIDE_GPT2_BPE_DIR``): the model's (linked from ``model.bpe_dir``).
+        tokenizer_path: The ``t5`` tokenizer's hub name or directory: the frozen encoder's (linked from
+            ``model.model.text_encoder_name``); unused by the other tokenizers.
+        tokenizer_revision: Its hub revision (linked from ``model.model.text_encoder_revision``).
         batch_size: Training batch size per rank.
         val_batch_size: Validation batch size per rank (None: ``batch_size``).
         num_workers: DataLoader worker processes per rank (0: load in the main process).
@@ -324,6 +327,8 @@ class GlideDataModule(L.LightningDataModule):
         tokenizer: TokenizerName,
         text_ctx: int,
         bpe_dir: str | None,
+        tokenizer_path: str | None = None,
+        tokenizer_revision: str | None = None,
         resize_mode: ResizeMode = "squish",
         caption_key: str | list[str] = "txt",
         batch_size: int = 12,
@@ -348,8 +353,8 @@ class GlideDataModule(L.LightningDataModule):
         self.train_shards, self.val_shards = train_shards, val_shards
         self.image_size, self.resize_mode = image_size, resize_mode
         self.caption_keys = parse_caption_keys(caption_key)
-        tokenizer_kw = {"bpe_dir": bpe_dir} if tokenizer == "gpt2" else {}
-        self.tokenizer: Tokenizer = build_tokenizer(tokenizer, text_ctx, **tokenizer_kw)
+        files = tokenizer_files(tokenizer, bpe_dir=bpe_dir, path=tokenizer_path, revision=tokenizer_revision)
+        self.tokenizer: Tokenizer = build_tokenizer(tokenizer, text_ctx, **files)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
         self.samples_per_epoch, self.max_val_samples = samples_per_epoch, max_val_samples
