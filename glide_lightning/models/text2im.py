@@ -44,6 +44,14 @@ __all__ = [
 ]
 
 
+class _Shared(list):  # noqa: N801
+    """A list that ``copy.deepcopy`` shares instead of copying: an EMA average (a deep copy of the model)
+    uses the same frozen encoder rather than a second copy of its weights."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Shared:
+        return self
+
+
 class Text2ImUNet(UNetModel):
     """An ADM UNet conditioned on a caption encoded by its own Transformer (GLIDE).
 
@@ -90,7 +98,7 @@ class Text2ImUNet(UNetModel):
         self.xf_width = xf_width
         self.xf_padding = xf_padding
         self.text_encoder = text_encoder
-        self._frozen_encoder: list[nn.Module] = []  # a list keeps it out of the module tree
+        self._frozen_encoder: list[nn.Module] = _Shared()  # a list keeps it out of the module tree
         if not xf_width:
             return
         if text_encoder != "transformer":
