@@ -44,7 +44,7 @@ EVAL_ARGS = --run_dir $(RUN_DIR) $(if $(CKPT),--ckpt $(CKPT)) --n $(N) $(if $(RE
             --captions $(CAPTIONS) --reference $(REFERENCE) $(EVAL_EXTRA) \
             $(if $(strip $(SCALES)),--scales $(call yaml_list,$(SCALES)))
 EXPERIMENTS := $(sort $(basename $(notdir $(wildcard experiments/*.yaml))))
-RECIPES     := synthetic folder mscoco stanford_dogs sbucaptions
+RECIPES     := synthetic folder mscoco stanford_dogs sbucaptions embed
 
 .PHONY: help setup test bench bench-learning train data sample fid sweep compare ablation-smoke check-exp check-run check-recipe clean
 

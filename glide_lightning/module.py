@@ -180,6 +180,49 @@ class GlideModule(L.LightningModule):
         mask = torch.where(drop[:, None], empty_mask, mask)
         return tokens, mask, drop
 
+    def caption_kwargs(self, batch: dict[str, Any], drop: bool) -> tuple[dict[str, Tensor], Tensor]:
+        """The model's caption arguments for a batch and which captions were dropped (``drop``: with
+        probability ``cond_drop_prob``): ``tokens``/``mask``, or a frozen encoder's precomputed ``text_emb``/
+        ``text_mask`` when the batch has them (the ``embed`` recipe's shards; dropped captions get the empty
+        caption's embedding stored with the dataset, else the encoder's own, computed once).
+
+        Raises:
+            ValueError: the stored embeddings are another encoder's than ``model.model.text_encoder*``.
+        """
+        identity = self.model_config.text_encoder_identity
+        if "text_emb" not in batch or identity is None:
+            tokens, mask = batch["tokens"], batch["mask"]
+            dropped = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+            if drop:
+                tokens, mask, dropped = self.drop_captions(tokens, mask)
+            return dict(tokens=tokens, mask=mask), dropped
+        wrong = sorted(set(batch["text_encoder"]) - {identity})
+        if wrong:
+            raise ValueError(f"the shards' precomputed embeddings are {wrong[0]}'s, but the model conditions on "
+                             f"{identity}: embed the shards again with the model's encoder (python -m data_recipes "
+                             f"embed) or train on the shards without embeddings")
+        emb, mask = batch["text_emb"], batch["text_mask"]
+        dropped = torch.rand(emb.shape[0], device=emb.device) < self.cond_drop_prob if drop else \
+            torch.zeros(emb.shape[0], dtype=torch.bool, device=emb.device)
+        if dropped.any():
+            empty_emb, empty_mask = (x.to(emb.device) for x in self.empty_caption_embedding(identity))
+            emb = torch.where(dropped[:, None, None], empty_emb.to(emb.dtype), emb)  # [B, L, D]
+            mask = torch.where(dropped[:, None], empty_mask, mask)  # [B, L]
+        return dict(text_emb=emb, text_mask=mask), dropped
+
+    def empty_caption_embedding(self, identity: str) -> tuple[Tensor, Tensor]:
+        """The empty caption's ``(text_emb [1, L, D], text_mask [1, L])`` for precomputed batches: the one the
+        ``embed`` recipe stored next to the training shards, else the frozen encoder's (computed once)."""
+        if getattr(self, "_empty_embedding", None) is None:
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            stored = getattr(datamodule, "empty_caption_embedding", lambda: None)()
+            if stored is not None and stored[2] == identity:
+                self._empty_embedding = stored[:2]
+            else:
+                tokens, mask = self.tokenizer.empty(1)
+                self._empty_embedding = (self.model.attached_text_encoder(tokens, mask).to(torch.float16), mask)
+        return self._empty_embedding
+
     def training_model(self) -> Any:
         """The network the training step calls: ``self.model``, or its ``torch.compile`` (made once)."""
         if not self._compiled:
@@ -193,9 +236,9 @@ class GlideModule(L.LightningModule):
         if self.flops_per_batch is None or self._flops_batch != images.shape[0]:
             self._flops_batch = images.shape[0]
             self.flops_per_batch = training_step_flops(self.model_config, images.shape[0])
-        tokens, mask, drop = self.drop_captions(batch["tokens"], batch["mask"])
+        captions, drop = self.caption_kwargs(batch, drop=True)
         t, weights = self.timesteps.sample(images.shape[0], images.device)
-        terms = training_losses(self.diffusion, self.training_model(), images, t, dict(tokens=tokens, mask=mask))
+        terms = training_losses(self.diffusion, self.training_model(), images, t, captions)
         self.step_terms = {**{k: v.detach() for k, v in terms.items()}, "t": t}
         if self.hparams["timestep_sampler"] != "uniform":
             # every rank updates the sampler with every rank's losses, so they sample alike
@@ -230,7 +273,7 @@ class GlideModule(L.LightningModule):
         t = ((torch.arange(b) + torch.rand(b, generator=generator)) * self.diffusion.num_timesteps / b).long()
         noise = torch.randn(images.shape, generator=generator).to(images)
         terms = training_losses(self.diffusion, self.model, images, t.to(images.device),
-                                dict(tokens=batch["tokens"], mask=batch["mask"]), noise)
+                                self.caption_kwargs(batch, drop=False)[0], noise)
         quartiles = self.quartiles(t.to(images.device))
         for name, value in terms.items():
             self.val_metrics[name].update(value)

@@ -158,3 +158,72 @@ def test_imagen_experiments_fit_through_the_cli_and_sample_after_reload(experime
     for i in range(2):
         written = torch.from_numpy(np.array(Image.open(out / f"{i:04d}.png").convert("RGB"))).permute(2, 0, 1)
         assert torch.equal(written, expected[i])
+
+
+# ----------------------------------------------------------------------------- precomputed embeddings
+@pytest.fixture(scope="module")
+def embedded_shards(synthetic_shards, tiny_t5_dir, tmp_path_factory) -> Path:
+    """The synthetic shards with the tiny T5's embeddings added by the ``embed`` recipe (its CLI entry point)."""
+    from data_recipes.__main__ import main as recipes_main
+
+    out = tmp_path_factory.mktemp("embedded")
+    assert recipes_main(["embed", "--shards", str(synthetic_shards), "--out", str(out), "--text-encoder", "t5",
+                         "--text-encoder-name", str(tiny_t5_dir), "--text-ctx", "16", "--batch-size", "32"]) == 0
+    return out
+
+
+def test_the_embed_recipe_stores_fp16_embeddings_masks_and_the_empty_caption(embedded_shards, tiny_t5_dir):
+    from glide_lightning.data.embeddings import load_empty_caption, read_embedding
+    from glide_lightning.data.pipeline import iter_shard
+    from glide_lightning.data.tokenizers import T5Tokenizer
+    from glide_lightning.models.encoders import load_text_encoder
+
+    identity = f"t5:{tiny_t5_dir}"
+    manifest = json.loads((embedded_shards / "manifest.json").read_text())
+    assert manifest["text_encoder"]["identity"] == identity and manifest["text_encoder"]["dim"] == 32
+    assert sum(s["num_samples"] for s in manifest["splits"]["train"]["shards"]) == 200
+    encoder, tokenizer = load_text_encoder("t5", str(tiny_t5_dir)), T5Tokenizer(16, path=str(tiny_t5_dir))
+    samples = [s for s in iter_shard(str(embedded_shards / "train-000001.tar"))][:5]
+    stored = [read_embedding(s) for s in samples]
+    tokens, mask = tokenizer([s["txt"].decode() for s in samples])
+    live = encoder(tokens, mask)
+    for (emb, emb_mask, who), m, e in zip(stored, mask, live):
+        assert who == identity and emb.dtype == torch.float16 and torch.equal(emb_mask, m)
+        torch.testing.assert_close(emb[m].float(), e[m], rtol=1e-3, atol=1e-3)  # fp16 rounding
+        assert not emb[~m].any()  # padding stored as nothing, read back as zeros
+    empty_emb, empty_mask, who = load_empty_caption(embedded_shards)
+    tokens, mask = tokenizer.empty(1)
+    assert who == identity and torch.equal(empty_mask, mask)
+    torch.testing.assert_close(empty_emb.float(), encoder(tokens, mask), rtol=1e-3, atol=1e-3)
+
+
+class EncoderCalls(L.Callback):
+    """Counts the frozen encoder's forward calls during training steps, and the batches with embeddings."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        self.calls, self.precomputed = 0, 0
+        encoder.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.precomputed += "text_emb" in batch
+
+
+def test_training_on_embedded_shards_never_runs_the_encoder(embedded_shards, tiny_t5_dir):
+    torch.manual_seed(0)
+    module = GlideModule(model=ModelConfig(**TINY, text_encoder="t5", text_encoder_name=str(tiny_t5_dir)),
+                         diffusion=DiffusionConfig(steps=50, loss_type="p2", variance_type="fixed_small"),
+                         tokenizer="t5", cond_drop_prob=0.5)
+    probe = EncoderCalls(module.model.attached_text_encoder)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[probe])
+    dm = GlideDataModule(train_shards=f"{embedded_shards}/train-*.tar", image_size=32, text_ctx=16, batch_size=8,
+                         tokenizer="t5", bpe_dir=None, tokenizer_path=str(tiny_t5_dir), num_workers=0)
+    trainer.fit(module, datamodule=dm)
+    assert probe.precomputed == 3 and probe.calls == 0  # dropped captions took the stored empty embedding
+    stored_empty = dm.empty_caption_embedding()
+    assert torch.equal(module._empty_embedding[0], stored_empty[0])
+    # the embeddings of another encoder are refused, naming both
+    batch = {"text_emb": torch.zeros(1, 16, 32), "text_mask": torch.ones(1, 16, dtype=torch.bool),
+             "text_encoder": ["clip:ViT-B-32+openai"]}
+    with pytest.raises(ValueError, match="ViT-B-32.*embed the shards again"):
+        module.caption_kwargs(batch, drop=False)

@@ -5,6 +5,10 @@ Batches are dicts::
     {"image": float32 [B, 3, S, S] in [-1, 1], "tokens": int64 [B, text_ctx], "mask": bool [B, text_ctx],
      "caption": list[str], "key": list[str], "url": list[str], "skipped": int64 scalar}
 
+plus, from shards with precomputed frozen-encoder embeddings (the ``embed`` recipe, see
+:mod:`glide_lightning.data.embeddings`), ``"text_emb"`` float16 ``[B, text_ctx, D]``, ``"text_mask"`` bool
+``[B, text_ctx]`` and ``"text_encoder"`` (the encoder's identity per sample).
+
 Batching, decoding and tokenization happen in the DataLoader workers (``batch_size=None``
 loaders). See :mod:`glide_lightning.data.pipeline` for the stream itself.
 
@@ -54,6 +58,7 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from glide_lightning.data.embeddings import load_empty_caption
 from glide_lightning.data.pipeline import (
     RESIZE_MODES,
     ImageTextStream,
@@ -398,6 +403,15 @@ class GlideDataModule(L.LightningDataModule):
         if self.val_shards is None:
             return []
         return self._loader(self._stream("val"), epoch_fn=None)
+
+    def empty_caption_embedding(self) -> tuple[Tensor, Tensor, str] | None:
+        """The empty caption's precomputed embedding stored with the training shards (``empty_caption.npz``
+        beside the first local shard, written by the ``embed`` recipe): ``(text_emb [1, L, D] float16,
+        text_mask [1, L], encoder identity)``, or None."""
+        first = next(iter(self.train_urls or []), None)
+        if first is None or not Path(first).is_file():
+            return None
+        return load_empty_caption(Path(first).parent)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the stream position of the batch about to be trained on (Lightning calls this

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal, get_args
 
-from glide_lightning.models.encoders import FROZEN_TEXT_ENCODERS, TEXT_ENCODERS, TextEncoderName
+from glide_lightning.models.encoders import FROZEN_TEXT_ENCODERS, TEXT_ENCODERS, TextEncoderName, encoder_identity
 from glide_lightning.models.nn import GROUPNORM_GROUPS
 from glide_lightning.models.text2im import (
     InpaintText2ImUNet,
@@ -191,6 +191,15 @@ class ModelConfig:
     def frozen_text_encoder(self) -> bool:
         """True for a frozen pretrained text encoder (``t5``, ``clip``), False for GLIDE's ``transformer``."""
         return self.text_encoder in FROZEN_TEXT_ENCODERS
+
+    @property
+    def text_encoder_identity(self) -> str | None:
+        """The frozen encoder's identity (``t5:google/t5-v1_1-base``, see ``encoder_identity``), which
+        precomputed embeddings must carry; None for GLIDE's transformer."""
+        if not self.frozen_text_encoder:
+            return None
+        return encoder_identity(self.text_encoder, str(self.text_encoder_name), pretrained=self.text_encoder_pretrained,
+                                revision=self.text_encoder_revision)
 
     def _check_heads(self, mult: tuple[int, ...], sizes: list[int]) -> None:
         # The middle block (lowest resolution) always has attention.

@@ -19,13 +19,13 @@ its weights are in no ``state_dict``, no optimizer and no checkpoint; checkpoint
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["FROZEN_TEXT_ENCODERS", "TEXT_ENCODERS", "FrozenTextEncoder", "OpenCLIPTextEncoder", "T5TextEncoder",
-           "TextEncoderName", "load_text_encoder", "require_text_extra"]
+           "TextEncoderName", "encoder_identity", "load_text_encoder", "require_text_extra"]
 
 TextEncoderName = Literal["transformer", "t5", "clip"]
 TEXT_ENCODERS: tuple[str, ...] = get_args(TextEncoderName)
@@ -180,6 +180,7 @@ def load_text_encoder(kind: str, name: str, *, pretrained: str | None = None,
     raise ValueError(f"{kind!r} is not a frozen text encoder; choose one of {', '.join(FROZEN_TEXT_ENCODERS)}")
 
 
-def describe(encoder: FrozenTextEncoder | None) -> dict[str, Any]:
-    """What a checkpoint records about ``encoder`` besides the config: its width and provenance."""
-    return {} if encoder is None else {"dim": encoder.dim, "source": encoder.source}
+def encoder_identity(kind: str, name: str, *, pretrained: str | None = None, revision: str | None = None) -> str:
+    """One string naming a frozen encoder's weights, ``kind:name[@revision][+pretrained]``: stored with
+    precomputed embeddings and compared with the model's (``model.model.text_encoder*``) when training."""
+    return f"{kind}:{name}" + (f"@{revision}" if revision else "") + (f"+{pretrained}" if pretrained else "")
