@@ -15,6 +15,10 @@ RUNS   ?=
 RUN    ?=
 CKPT   ?=
 RES    ?=
+ifneq ($(filter imagen_p2 imagen_p2_clip,$(EXP)),)  # the Imagen-style arm: DDIM at the study's guidance 5 and 8
+SCALES     ?= 5 8
+EVAL_EXTRA ?= --sampling.sampler ddim --sampling.steps ddim50 --sampling.dynamic_threshold 0.995
+endif
 # guidance scales, e.g. SCALES="1.5 3"; empty: the command's default (fid: the sampling default scale,
 # sweep: DEFAULT_GUIDANCE_SWEEP in glide_lightning/sampling.py; the one list of it)
 SCALES ?=

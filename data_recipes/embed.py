@@ -17,13 +17,21 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from data_recipes.common import RecipeError, prepare_out_dir
+from glide_lightning.data.embeddings import EMPTY_CAPTION_FILE, embedding_members, save_empty_caption
+from glide_lightning.data.pipeline import BadSample, ShardError, get_caption, iter_shard
+from glide_lightning.data.shards import MANIFEST_NAME, _ShardFile
 from glide_lightning.locks import release_lock
+
+log = logging.getLogger(__name__)
 
 SUMMARY = "add a frozen text encoder's caption embeddings (fp16, mask, encoder name) to a recipe's shards"
 
@@ -50,7 +58,6 @@ def build(shards: Path, out: Path, *, text_encoder: str, text_encoder_name: str,
     Raises:
         RecipeError: no shards in ``shards``, ``out`` holds a dataset (without ``overwrite``) or is busy.
     """
-    from glide_lightning.data.embeddings import embed_shards
     from glide_lightning.data.tokenizers import build_tokenizer, tokenizer_files
     from glide_lightning.models.encoders import encoder_identity, load_text_encoder
 
@@ -71,6 +78,97 @@ def build(shards: Path, out: Path, *, text_encoder: str, text_encoder_name: str,
         return embed_shards(shards, out, encode, tokenizer, identity, batch_size=batch_size)
     finally:
         release_lock(out)
+
+
+def _batches(samples: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def embed_shards(source: str | Path, out: str | Path, encoder: Any, tokenizer: Any, identity: str, *,
+                 caption_keys: Sequence[str] = ("txt",), batch_size: int = 64) -> dict[str, Any]:
+    """Copy the shards of the recipe output ``source`` (its ``manifest.json``) to ``out`` with every sample's
+    caption embedding added (:mod:`glide_lightning.data.embeddings`), the empty caption's embedding and a
+    manifest with a ``text_encoder`` entry.
+
+    Args:
+        source, out: dataset directories (``out`` must differ from ``source``).
+        encoder: a frozen encoder: ``encoder(tokens, mask)`` → ``[B, L, D]``.
+        tokenizer: its tokenizer (``tokenizer(captions)`` → tokens, mask; ``tokenizer.empty(1)``).
+        identity: the encoder's identity string, stored with every sample and in the manifest.
+        caption_keys: where captions are (see :func:`~glide_lightning.data.pipeline.get_caption`).
+        batch_size: captions encoded per encoder call.
+
+    Returns:
+        The written manifest (a dict). Samples without a caption are copied without an embedding.
+
+    Raises:
+        FileNotFoundError: ``source`` has no manifest.json and no shards. ValueError: ``out`` is ``source``.
+    """
+    source, out = Path(source), Path(out)
+    if source.resolve() == out.resolve():
+        raise ValueError("write the embedded shards to another directory (--out) than the source")
+    manifest_path = source / MANIFEST_NAME
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+    else:  # shards written by write_shards alone: their splits from the names ({split}-{index:06d}.tar)
+        manifest = {"splits": {}}
+        for path in sorted(source.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar")):
+            split = path.name.rsplit("-", 1)[0]
+            manifest["splits"].setdefault(split, {"shards": []})["shards"].append({"name": path.name})
+        if not manifest["splits"]:
+            raise FileNotFoundError(f"{source} holds neither {MANIFEST_NAME} nor {{split}}-NNNNNN.tar shards")
+    out.mkdir(parents=True, exist_ok=True)
+    for split, entry in manifest["splits"].items():
+        for shard in entry["shards"]:
+            writer = _ShardFile(out, shard["name"])
+            try:
+                samples = _readable(iter_shard(str(source / shard["name"])))
+                for batch in _batches(samples, batch_size):
+                    captions: list[str | None] = []
+                    for sample in batch:
+                        try:
+                            captions.append(get_caption(sample, caption_keys))
+                        except BadSample:
+                            captions.append(None)
+                    real = [c for c in captions if c is not None]
+                    if real:
+                        tokens, mask = tokenizer(real)
+                        emb = encoder(tokens, mask)  # [b, L, D]
+                    encoded = iter(range(len(real)))
+                    for sample, caption in zip(batch, captions):
+                        record = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+                        if caption is not None:
+                            i = next(encoded)
+                            record.update(embedding_members(emb[i], mask[i], identity))
+                        writer.write(record)
+                shard.update(vars(writer.commit()))
+            except BaseException:
+                writer.abort()
+                raise
+    empty_tokens, empty_mask = tokenizer.empty(1)
+    empty = encoder(empty_tokens, empty_mask)[0]  # [L, D]
+    save_empty_caption(out, empty, empty_mask[0], identity)
+    manifest["text_encoder"] = {"identity": identity, "dim": int(empty.shape[1]), "text_ctx": int(empty.shape[0]),
+                                "dtype": "float16", "empty_caption": EMPTY_CAPTION_FILE, "source": str(source)}
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    log.info("wrote the embedded shards of %s to %s (%s)", source, out, identity)
+    return manifest
+
+
+def _readable(samples: Iterator[Any]) -> Iterator[dict[str, Any]]:
+    """The samples of a shard; a read failure is logged (the samples before it are kept)."""
+    for sample in samples:
+        if isinstance(sample, ShardError):
+            log.warning("shard %s: %s (samples after %s lost)", sample.url, sample.error, sample.key)
+        else:
+            yield sample
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

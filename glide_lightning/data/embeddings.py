@@ -1,7 +1,7 @@
-"""Precomputed frozen text-encoder embeddings in the shards (the frozen encoder's cost paid once).
+"""Precomputed frozen text-encoder embeddings in the shards (the frozen encoder's cost paid once): the format.
 
-:func:`embed_shards` (the ``embed`` data recipe: ``python -m data_recipes embed``) copies a recipe's shards
-and adds to every sample, next to its image and caption:
+The ``embed`` data recipe (``python -m data_recipes embed``, :mod:`data_recipes.embed`) copies a recipe's
+shards and adds to every sample, next to its image and caption (:func:`embedding_members`):
 
 - ``emb.npy``: float16 ``[n, D]``, the encoder's embeddings of the caption's ``n`` real tokens,
 - ``emb_mask.npy``: bool ``[text_ctx]``, the tokenizer's mask (True on the ``n`` real tokens),
@@ -16,9 +16,6 @@ padding) and ``text_mask``, and the training step then skips the encoder.
 from __future__ import annotations
 
 import io
-import json
-import logging
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["EMPTY_CAPTION_FILE", "embed_shards", "embedding_members", "load_empty_caption", "read_embedding"]
-
-log = logging.getLogger(__name__)
+__all__ = ["EMPTY_CAPTION_FILE", "embedding_members", "load_empty_caption", "read_embedding", "save_empty_caption"]
 
 EMPTY_CAPTION_FILE = "empty_caption.npz"
 EMB, EMB_MASK, EMB_ENCODER = "emb.npy", "emb_mask.npy", "emb_encoder.txt"
@@ -75,85 +70,9 @@ def load_empty_caption(directory: str | Path) -> tuple[Tensor, Tensor, str] | No
     return emb[None], mask[None], identity
 
 
-def _batches(samples: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    for sample in samples:
-        batch.append(sample)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def embed_shards(source: str | Path, out: str | Path, encoder: Any, tokenizer: Any, identity: str, *,
-                 caption_keys: Sequence[str] = ("txt",), batch_size: int = 64) -> dict[str, Any]:
-    """Copy the shards of the recipe output ``source`` (its ``manifest.json``) to ``out`` with every sample's
-    caption embedding added (see the module docstring), the empty caption's embedding and a manifest.
-
-    Args:
-        source, out: dataset directories (``out`` must differ from ``source``).
-        encoder: a frozen encoder: ``encoder(tokens, mask)`` → ``[B, L, D]``.
-        tokenizer: its tokenizer (``tokenizer(captions)`` → tokens, mask; ``tokenizer.empty(1)``).
-        identity: the encoder's identity string, stored with every sample and in the manifest.
-        caption_keys: where captions are (see :func:`~glide_lightning.data.pipeline.get_caption`).
-        batch_size: captions encoded per encoder call.
-
-    Returns:
-        The written manifest (a dict). Samples without a caption are copied without an embedding.
-
-    Raises:
-        FileNotFoundError: ``source`` has no manifest.json and no shards. ValueError: ``out`` is ``source``.
-    """
-    from glide_lightning.data.pipeline import BadSample, ShardError, get_caption, iter_shard
-    from glide_lightning.data.shards import MANIFEST_NAME, _ShardFile
-
-    source, out = Path(source), Path(out)
-    if source.resolve() == out.resolve():
-        raise ValueError("write the embedded shards to another directory (--out) than the source")
-    manifest_path = source / MANIFEST_NAME
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-    else:  # shards written by write_shards alone: their splits from the names ({split}-{index:06d}.tar)
-        manifest = {"splits": {}}
-        for path in sorted(source.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar")):
-            split = path.name.rsplit("-", 1)[0]
-            manifest["splits"].setdefault(split, {"shards": []})["shards"].append({"name": path.name})
-        if not manifest["splits"]:
-            raise FileNotFoundError(f"{source} holds neither {MANIFEST_NAME} nor {{split}}-NNNNNN.tar shards")
-    out.mkdir(parents=True, exist_ok=True)
-    for split, entry in manifest["splits"].items():
-        for shard in entry["shards"]:
-            writer = _ShardFile(out, shard["name"])
-            try:
-                samples = (s for s in iter_shard(str(source / shard["name"])) if not isinstance(s, ShardError))
-                for batch in _batches(samples, batch_size):
-                    captions: list[str | None] = []
-                    for sample in batch:
-                        try:
-                            captions.append(get_caption(sample, caption_keys))
-                        except BadSample:
-                            captions.append(None)
-                    real = [c for c in captions if c is not None]
-                    if real:
-                        tokens, mask = tokenizer(real)
-                        emb = encoder(tokens, mask)  # [b, L, D]
-                    encoded = iter(range(len(real)))
-                    for sample, caption in zip(batch, captions):
-                        record = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
-                        if caption is not None:
-                            i = next(encoded)
-                            record.update(embedding_members(emb[i], mask[i], identity))
-                        writer.write(record)
-                shard.update(vars(writer.commit()))
-            except BaseException:
-                writer.abort()
-                raise
-    empty_tokens, empty_mask = tokenizer.empty(1)
-    empty = encoder(empty_tokens, empty_mask)[0].to(torch.float16)  # [L, D]
-    np.savez(out / EMPTY_CAPTION_FILE, emb=empty.cpu().numpy(), mask=empty_mask[0].numpy(), encoder=np.array(identity))
-    manifest["text_encoder"] = {"identity": identity, "dim": int(empty.shape[1]), "text_ctx": int(empty.shape[0]),
-                                "dtype": "float16", "empty_caption": EMPTY_CAPTION_FILE, "source": str(source)}
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
-    log.info("wrote the embedded shards of %s to %s (%s)", source, out, identity)
-    return manifest
+def save_empty_caption(directory: str | Path, emb: Tensor, mask: Tensor, identity: str) -> Path:
+    """Store the empty caption's embedding ``emb`` ``[L, D]`` (as float16), its ``mask`` ``[L]`` and the encoder's
+    ``identity`` in ``directory/empty_caption.npz`` (read back by :func:`load_empty_caption`)."""
+    path = Path(directory) / EMPTY_CAPTION_FILE
+    np.savez(path, emb=emb.to(torch.float16).cpu().numpy(), mask=mask.bool().cpu().numpy(), encoder=np.array(identity))
+    return path
