@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -19,8 +19,7 @@ from glide_lightning.data.tokenizers import TokenizerName, build_tokenizer, toke
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.diffusion.timesteps import TimestepSamplerName, build_timestep_sampler
-from glide_lightning.models import ModelConfig, build_model
-from glide_lightning.models.encoders import FrozenTextEncoder, load_text_encoder
+from glide_lightning.models import ModelConfig, build_model, load_frozen_text_encoder
 from glide_lightning.models.flops import training_step_flops
 from glide_lightning.models.unet import set_gradient_checkpointing
 from glide_lightning.optim import OptimizerConfig, build_optimizer, regroup_optimizer_state, sync_lr
@@ -95,15 +94,8 @@ class GlideModule(L.LightningModule):
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         self.tokenizer = check_trainable(model, diffusion, tokenizer, bpe_dir)
         # a frozen encoder is attached to the network outside the module tree: not trained, not saved
-        encoder: FrozenTextEncoder | None = None
-        if model.frozen_text_encoder:
-            encoder = load_text_encoder(model.text_encoder, str(model.text_encoder_name),
-                                        pretrained=model.text_encoder_pretrained,
-                                        revision=model.text_encoder_revision)
-            if model.text_encoder_dim not in (None, encoder.dim):
-                raise ValueError(f"model.model.text_encoder_dim is {model.text_encoder_dim} but {encoder.source} gives "
-                                 f"{encoder.dim}-wide embeddings: set it to {encoder.dim} or leave it out")
-            model = replace(model, text_encoder_dim=encoder.dim)  # recorded: sampling builds without the encoder
+        encoder, model = load_frozen_text_encoder(model)  # model.text_encoder_dim recorded: sampling builds with it
+        if encoder is not None:
             log.info("frozen text encoder: %s (%d-wide embeddings; not trained, not saved)", encoder.source,
                      encoder.dim)
         self.save_hyperparameters({"model": model.to_dict(), "diffusion": asdict(diffusion),
@@ -292,6 +284,8 @@ class GlideModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.model.frozen_text_encoder:  # provenance of the weights it trained with (a hub commit when known)
+            checkpoint["text_encoder_source"] = self.model.attached_text_encoder.source
         checkpoint["timestep_sampler"] = self.timesteps.state_dict()
         checkpoint["rng"] = capture_rng_state()
         checkpoint["wall_time_s"] = self.elapsed_wall_time()

@@ -51,8 +51,8 @@ from glide_lightning.models import (
     ModelKind,
     build_model,
     from_glide_text2im,
+    load_frozen_text_encoder,
 )
-from glide_lightning.models.encoders import load_text_encoder
 from glide_lightning.models.glide_text2im import detect_glide_kind
 
 __all__ = ["DEFAULT_GUIDANCE_SWEEP", "RELEASED_MODELS", "ReleasedModel", "SamplingConfig", "SamplingModel", "Weights",
@@ -279,11 +279,14 @@ def _read_lightning(path: Path, state: dict[str, Any], weights: Weights) -> Samp
     model.load_state_dict({k.removeprefix("model."): v for k, v in source.items() if k.startswith("model.")},
                           strict=True)
     encoder = ""
-    if config.frozen_text_encoder:  # not in the file: reloaded from what the checkpoint records
-        frozen = load_text_encoder(config.text_encoder, str(config.text_encoder_name),
-                                   pretrained=config.text_encoder_pretrained, revision=config.text_encoder_revision)
+    frozen, _ = load_frozen_text_encoder(config)  # not in the file: reloaded from what the checkpoint records
+    if frozen is not None:
         model.attach_text_encoder(frozen)
         encoder = f", text encoder {frozen.source}"
+        trained_with = state.get("text_encoder_source")
+        if trained_with not in (None, frozen.source):
+            log.warning("%s was trained with the text encoder %s but %s was loaded now: pin "
+                        "model.text_encoder_revision to sample with the same weights", path, trained_with, frozen.source)
     files = tokenizer_files(hp["tokenizer"], path=config.text_encoder_name, revision=config.text_encoder_revision)
     return SamplingModel(model, DiffusionConfig(**hp["diffusion"]),
                          build_tokenizer(hp["tokenizer"], text_ctx=config.text_ctx, **files), config,

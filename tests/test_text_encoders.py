@@ -74,6 +74,7 @@ def test_a_frozen_t5_gets_no_gradient_stays_unchanged_and_is_not_optimized(synth
     saved = torch.load(tmp_path / "t5.ckpt", map_location="cpu", weights_only=True)
     assert set(saved["state_dict"]) == {f"model.{k}" for k in module.model.state_dict()}
     assert saved["hyper_parameters"]["model"]["text_encoder_name"] == str(tiny_t5_dir)
+    assert saved["text_encoder_source"] == f"t5 {tiny_t5_dir}"  # provenance, compared when sampling
     # sampling reloads the encoder from the recorded directory: the same images as the module in memory
     loaded = load_checkpoint(tmp_path / "t5.ckpt")
     assert "text encoder t5" in loaded.source

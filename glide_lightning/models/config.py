@@ -7,10 +7,17 @@ configurations are :data:`glide_lightning.models.glide_text2im.GLIDE_OPTIONS`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, get_args
 
-from glide_lightning.models.encoders import FROZEN_TEXT_ENCODERS, TEXT_ENCODERS, TextEncoderName, encoder_identity
+from glide_lightning.models.encoders import (
+    FROZEN_TEXT_ENCODERS,
+    TEXT_ENCODERS,
+    FrozenTextEncoder,
+    TextEncoderName,
+    encoder_identity,
+    load_text_encoder,
+)
 from glide_lightning.models.nn import GROUPNORM_GROUPS
 from glide_lightning.models.text2im import (
     InpaintText2ImUNet,
@@ -19,7 +26,7 @@ from glide_lightning.models.text2im import (
     Text2ImUNet,
 )
 
-__all__ = ["DEFAULT_CHANNEL_MULT", "MODEL_KINDS", "ModelConfig", "ModelKind", "build_model"]
+__all__ = ["DEFAULT_CHANNEL_MULT", "MODEL_KINDS", "ModelConfig", "ModelKind", "build_model", "load_frozen_text_encoder"]
 
 ModelKind = Literal["base", "upsample", "inpaint", "upsample_inpaint"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
@@ -294,3 +301,22 @@ def build_model(config: ModelConfig) -> Text2ImUNet:
         use_scale_shift_norm=config.use_scale_shift_norm,
         resblock_updown=config.resblock_updown,
     )
+
+
+def load_frozen_text_encoder(config: ModelConfig) -> tuple[FrozenTextEncoder | None, ModelConfig]:
+    """Load the frozen text encoder ``config`` names (``text_encoder_name``, ``_pretrained``, ``_revision``) and
+    return it with ``config`` whose ``text_encoder_dim`` is the encoder's; ``(None, config)`` for GLIDE's
+    transformer. Attach the encoder to the built network with ``attach_text_encoder``.
+
+    Raises:
+        ValueError: ``text_encoder_dim`` is set and is not the encoder's width.
+        ImportError, OSError: see :func:`~glide_lightning.models.encoders.load_text_encoder`.
+    """
+    if not config.frozen_text_encoder:
+        return None, config
+    encoder = load_text_encoder(config.text_encoder, str(config.text_encoder_name),
+                                pretrained=config.text_encoder_pretrained, revision=config.text_encoder_revision)
+    if config.text_encoder_dim not in (None, encoder.dim):
+        raise ValueError(f"model.model.text_encoder_dim is {config.text_encoder_dim} but {encoder.source} gives "
+                         f"{encoder.dim}-wide embeddings: set it to {encoder.dim} or leave it out")
+    return encoder, replace(config, text_encoder_dim=encoder.dim)
