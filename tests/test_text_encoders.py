@@ -145,6 +145,13 @@ def test_imagen_experiments_fit_through_the_cli_and_sample_after_reload(experime
     metrics = (run_dir / "csv").rglob("metrics.csv")
     logged = {k for path in metrics for k in path.read_text().splitlines()[0].split(",")}
     assert {"val/loss", "val/fid@5", "val/fid@8", "train/loss"} <= logged
+    if kind == "t5":  # the run resumes: the recorded encoder settings (text_encoder_dim filled in) are no drift
+        more = [a if a != "3" or fit[i - 1] != "--trainer.max_steps" else "4" for i, a in enumerate(fit)]
+        resumed = subprocess.run(more, env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
+                                 timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resuming imagen_p2" in resumed.stderr
+        assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
     # the sample command reloads the encoder from the path the checkpoint records
     out = tmp_path / "samples_cli"
     sample = subprocess.run([sys.executable, "-m", "glide_lightning", "sample", "--ckpt", str(last), "--prompt",
