@@ -2,12 +2,12 @@
 
 For each model preset (the smoke experiment's tiny model and miniGLIDE, read from
 ``experiments/parts``) it times, per image: the forward pass (contiguous and channels-last), a full
-training step (hybrid loss, forward + backward + AdamW step, reported as training images/second)
-and 25-step guided sampling with :func:`glide_lightning.sampling.sample_batch` (the per-batch body of
+training step (hybrid loss, forward + backward + AdamW step, reported as training images/second;
+also under bf16 autocast) and 25-step guided sampling with :func:`glide_lightning.sampling.sample_batch` (the per-batch body of
 ``generate``; classifier-free guidance at the sampling default scale: a doubled batch per step,
-tokenization included), both as it is now and as
-it was before issue 12 (:func:`sample_batch_before_issue_12`, same weights, same run, runs taken in
-turns; wall-clock and CPU time), with their ratios; and it
+tokenization included), the training step and the sampling each as they are now and as they were
+before issue 12 (:func:`sample_batch_before_issue_12`, :func:`_train_step`; same weights, same run,
+runs taken in turns; wall-clock and CPU time), with their ratios; and it
 measures the data pipeline alone (read + decode + RGB + resize + tokenize) on generated shards, and the
 training step of a UNet conditioned on a frozen T5 v1.1 base (random weights) with the encoder run per batch
 against precomputed embeddings (:func:`bench_precomputed_embeddings`).
@@ -18,6 +18,8 @@ JSON file. Timings on a shared machine are noisy: compare figures from one run o
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import json
 import platform
 import statistics
@@ -36,6 +38,7 @@ from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, classi
 from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.models import ModelConfig, build_model
 from glide_lightning.models.unet import AttentionBlock, Upsample
+from glide_lightning.optim import OptimizerConfig, build_optimizer
 from glide_lightning.sampling import SamplingConfig, SamplingModel, sample_batch, sample_generators
 
 PARTS = Path(__file__).resolve().parents[1] / "experiments" / "parts"
@@ -123,6 +126,46 @@ def _interleaved(fns: dict[str, Callable[[], Tensor]], repeats: int,
     return out
 
 
+def _record_interleaved(result: dict[str, object], timed: dict[str, tuple[list[float], list[float], Tensor]],
+                        images: int) -> None:
+    """Per-image medians (wall-clock and CPU seconds) and the runs of :func:`_interleaved`'s timings."""
+    for name, (wall, cpu, _) in timed.items():
+        result[f"{name}_s_per_image"] = statistics.median(wall) / images
+        result[f"{name}_runs_s"] = wall
+        result[f"{name}_cpu_s_per_image"] = statistics.median(cpu) / images
+        result[f"{name}_cpu_runs_s"] = cpu
+
+
+def _train_step(model: nn.Module, diffusion: GaussianDiffusion, x: Tensor, t: Tensor, tokens: Tensor, mask: Tensor,
+                path: Literal["now", "before", "bf16"]) -> Callable[[], Tensor]:
+    """One hybrid-loss training step (forward, backward, AdamW) on a copy of ``model``'s weights, as the
+    path trains: ``now`` as :class:`~glide_lightning.module.GlideModule` with ``channels_last`` and the
+    default optimizer (:func:`~glide_lightning.optim.build_optimizer`: decay / no-decay groups, the fused
+    AdamW kernel), ``bf16`` the same under bf16 autocast, ``before`` as before issue 12 (one parameter
+    group, for-loop AdamW, contiguous, :func:`modules_as_before_issue_12`). Returns the step, which
+    returns its loss (detached)."""
+    model = copy.deepcopy(model).train()
+    kwargs = dict(tokens=tokens, mask=mask)
+    if path == "before":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+        modules = functools.partial(modules_as_before_issue_12, model)
+    else:
+        optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4))["optimizer"]
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        modules = contextlib.nullcontext
+
+    def step() -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with modules(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=path == "bf16"):
+            loss = training_losses(diffusion, model, x, t, kwargs)["loss"].mean()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
 def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int = 25) -> dict[str, object]:
     config, batch = preset_config(name), PRESETS[name][1]
     torch.manual_seed(0)
@@ -153,16 +196,21 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
         record("forward_channels_last", lambda: model(x_cl, t, tokens=tokens, mask=mask), batch)
         model.to(memory_format=torch.contiguous_format)
 
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def train_step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        training_losses(diffusion, model, x, t, dict(tokens=tokens, mask=mask))["loss"].mean().backward()
-        optimizer.step()
-
-    record("train_step", train_step, batch)
+    # the training step now (AdamW with decay / no-decay groups on its fused kernel, channels-last) against
+    # the one before issue 12 (one group, for-loop AdamW, contiguous, the old attention and upsampling
+    # kernels), each on its own copy of the same weights and batch, taken in turns; bf16 autocast is timed
+    # as well (the same step under torch.autocast: bf16-mixed, on CPUs with AVX512-BF16 / AMX too)
+    training = {"train_step": _train_step(model, diffusion, x, t, tokens, mask, "now"),
+                "train_step_before_issue_12": _train_step(model, diffusion, x, t, tokens, mask, "before"),
+                "train_step_bf16_autocast": _train_step(model, diffusion, x, t, tokens, mask, "bf16")}
+    timed = _interleaved(training, repeats, device)
+    _record_interleaved(result, timed, batch)
     result["train_images_per_s"] = 1.0 / result["train_step_s_per_image"]
+    for key in ("train_step", "train_step_bf16_autocast"):
+        result[f"{key}_speedup_vs_before_issue_12"] = (result["train_step_before_issue_12_s_per_image"]
+                                                       / result[f"{key}_s_per_image"])
+        result[f"{key}_cpu_speedup_vs_before_issue_12"] = (result["train_step_before_issue_12_cpu_s_per_image"]
+                                                           / result[f"{key}_cpu_s_per_image"])
 
     model.eval()
     # guided sampling through sample_batch, the body of the one generate() the sample command and FID harness use
@@ -177,11 +225,7 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
              f"{key}_before_issue_12": lambda: sample_batch_before_issue_12(loaded, prompts, seeds, sampling, device)}
     with torch.no_grad():  # sample_batch: the per-batch body of generate (tokenization included)
         timed = _interleaved(paths, repeats, device)
-    for name, (wall, cpu, _) in timed.items():
-        result[f"{name}_s_per_image"] = statistics.median(wall) / batch
-        result[f"{name}_runs_s"] = wall
-        result[f"{name}_cpu_s_per_image"] = statistics.median(cpu) / batch
-        result[f"{name}_cpu_runs_s"] = cpu
+    _record_interleaved(result, timed, batch)
     before = f"{key}_before_issue_12"
     result[f"{key}_speedup_vs_before_issue_12"] = (result[f"{before}_s_per_image"] / result[f"{key}_s_per_image"])
     result[f"{key}_cpu_speedup_vs_before_issue_12"] = (result[f"{before}_cpu_s_per_image"]

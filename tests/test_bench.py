@@ -20,13 +20,18 @@ def test_bench_writes_per_image_medians(tmp_path):
         assert len(runs) == 1 and all(r > 0 for r in runs)
         assert tiny[f"{key}_s_per_image"] * tiny["batch"] <= max(runs)
     assert tiny["train_images_per_s"] == 1 / tiny["train_step_s_per_image"]
+    before = tiny["train_step_before_issue_12_s_per_image"]  # the old training step, timed in the same run
+    for key in ["train_step", "train_step_bf16_autocast"]:
+        assert tiny[f"{key}_speedup_vs_before_issue_12"] == pytest.approx(before / tiny[f"{key}_s_per_image"])
+        assert tiny[f"{key}_cpu_speedup_vs_before_issue_12"] > 0
     assert tiny["guided_generation_images_per_s_100_steps"] == pytest.approx(
         4 / (100 * tiny["sample_4_steps_cfg_s_per_image"]))
     assert tiny["guided_generation_100_steps_extrapolated_from"] == 4
     before = tiny["sample_4_steps_cfg_before_issue_12_s_per_image"]  # the old path, timed in the same run
     assert before > 0 and tiny["sample_4_steps_cfg_speedup_vs_before_issue_12"] == pytest.approx(
         before / tiny["sample_4_steps_cfg_s_per_image"])
-    assert tiny["sample_4_steps_cfg_max_abs_diff_vs_before_issue_12"] < 1e-3
+    # other kernels, the same images: apart by float rounding along the chain, under half an 8-bit level
+    assert tiny["sample_4_steps_cfg_max_abs_diff_vs_before_issue_12"] < 1 / 255
     assert len(tiny["sample_4_steps_cfg_cpu_runs_s"]) == 1 and tiny["sample_4_steps_cfg_cpu_speedup_vs_before_issue_12"] > 0
     data = report["data_pipeline"]
     assert data["images_per_s_workers0"] > 0 and data["images_per_s_workers2"] > 0

@@ -79,6 +79,12 @@ class ModelConfig:
     """Condition residual blocks by an adaptive GroupNorm scale and shift (ADM) instead of a sum."""
     resblock_updown: bool = True
     """Resample with residual blocks (BigGAN style) instead of strided / upsampling convolutions."""
+    groupnorm_min_channels: int = 1
+    """Fewest channels per GroupNorm group: each GroupNorm has min(32, channels // this) groups (1, 2, 4,
+    8, 16 or 32). 1: ADM / GLIDE's 32 groups everywhere (released checkpoints; at 32 channels a group is
+    one channel, i.e. InstanceNorm, which removes every channel's per-image mean, so the network
+    cannot pass the image's mean colour through: its x_0 then keeps x_t's colour noise). 4: EDM's
+    (Karras et al. 2022) choice, used by the laptop preset. Weights are the same shapes either way."""
     learn_sigma: bool = True
     """Also output the variance interpolation value v (6 output channels instead of 3); needed by
     ``variance_type: learned_range``."""
@@ -127,6 +133,9 @@ class ModelConfig:
                 f"model_channels must be a multiple of {GROUPNORM_GROUPS} (GroupNorm groups), "
                 f"got {self.model_channels}"
             )
+        if self.groupnorm_min_channels < 1 or GROUPNORM_GROUPS % self.groupnorm_min_channels:
+            raise ValueError(f"groupnorm_min_channels must divide {GROUPNORM_GROUPS} (1, 2, 4, 8, 16 or 32), "
+                             f"got {self.groupnorm_min_channels}")
         if self.channel_mult is not None:
             if isinstance(self.channel_mult, str):
                 raise ValueError(f"channel_mult must be a list of ints, not a string: {self.channel_mult!r}")
@@ -300,6 +309,7 @@ def build_model(config: ModelConfig) -> Text2ImUNet:
         num_heads_upsample=config.num_heads_upsample,
         use_scale_shift_norm=config.use_scale_shift_norm,
         resblock_updown=config.resblock_updown,
+        norm_min_channels=config.groupnorm_min_channels,
     )
 
 

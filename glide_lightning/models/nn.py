@@ -68,14 +68,25 @@ class LayerNorm(nn.LayerNorm):
         return y.to(x.dtype)
 
 
-def normalization(channels: int) -> GroupNorm32:
-    """The UNet's normalisation layer: :class:`GroupNorm32` with 32 groups over ``channels``."""
+def normalization(channels: int, min_channels_per_group: int = 1) -> GroupNorm32:
+    """The UNet's normalisation layer: :class:`GroupNorm32` over ``channels`` with
+    ``min(32, channels // min_channels_per_group)`` groups.
+
+    ``min_channels_per_group`` 1 gives ADM / GLIDE's 32 groups at every width. EDM (Karras et al.
+    2022, their UNet's ``GroupNorm(min_channels_per_group=4)``) keeps at least 4 channels per group,
+    so that narrow layers are not normalised per channel: a group of one channel is InstanceNorm, which
+    subtracts each channel's per-image spatial mean and so hides from the layers after it the image's
+    mean colour (the lowest-frequency content of x_t). Raises ``ValueError`` when ``channels`` is not a
+    multiple of 32 (ADM's widths always are)."""
     if channels % GROUPNORM_GROUPS:
         raise ValueError(
             f"GroupNorm uses {GROUPNORM_GROUPS} groups: channel count {channels} is not a multiple "
             f"of {GROUPNORM_GROUPS} (use a model_channels that is a multiple of {GROUPNORM_GROUPS})"
         )
-    return GroupNorm32(GROUPNORM_GROUPS, channels)
+    if min_channels_per_group < 1 or GROUPNORM_GROUPS % min_channels_per_group:
+        raise ValueError(f"min_channels_per_group must be a divisor of {GROUPNORM_GROUPS} (1, 2, 4, 8, 16 or 32), "
+                         f"got {min_channels_per_group}")
+    return GroupNorm32(min(GROUPNORM_GROUPS, channels // min_channels_per_group), channels)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

@@ -145,6 +145,7 @@ class ResBlock(TimestepBlock):
         use_scale_shift_norm: bool = True,
         up: bool = False,
         down: bool = False,
+        norm_min_channels: int = 1,
     ) -> None:
         super().__init__()
         if up and down:
@@ -152,7 +153,7 @@ class ResBlock(TimestepBlock):
         self.out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
+            normalization(channels, norm_min_channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
         )
         self.updown = up or down
         if up:
@@ -164,7 +165,7 @@ class ResBlock(TimestepBlock):
         emb_out = 2 * self.out_channels if use_scale_shift_norm else self.out_channels
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(
-            normalization(self.out_channels),
+            normalization(self.out_channels, norm_min_channels),
             nn.SiLU(),
             nn.Dropout(p=dropout),
             zero_module(nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)),
@@ -217,6 +218,7 @@ class AttentionBlock(nn.Module):
         num_heads: int = 1,
         num_head_channels: int = -1,
         encoder_channels: int | None = None,
+        norm_min_channels: int = 1,
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -230,7 +232,7 @@ class AttentionBlock(nn.Module):
                     f"{channels} attention channels are not a multiple of num_head_channels={num_head_channels}"
                 )
             self.num_heads = channels // num_head_channels
-        self.norm = normalization(channels)
+        self.norm = normalization(channels, norm_min_channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         if encoder_channels is not None:
             self.encoder_kv = nn.Conv1d(encoder_channels, 2 * channels, 1)
@@ -283,6 +285,8 @@ class UNetModel(nn.Module):
         use_scale_shift_norm: condition by adaptive GroupNorm scale/shift instead of addition.
         resblock_updown: resample with residual blocks (BigGAN) instead of plain (de)convolutions.
         encoder_channels: width of the encoder tokens attention blocks may attend to (None: none).
+        norm_min_channels: fewest channels per GroupNorm group (1: ADM's 32 groups everywhere; see
+            :func:`~glide_lightning.models.nn.normalization`).
     """
 
     def __init__(
@@ -300,6 +304,7 @@ class UNetModel(nn.Module):
         use_scale_shift_norm: bool = True,
         resblock_updown: bool = True,
         encoder_channels: int | None = None,
+        norm_min_channels: int = 1,
     ) -> None:
         super().__init__()
         if num_heads_upsample == -1:
@@ -317,10 +322,11 @@ class UNetModel(nn.Module):
         )
 
         def res(ch_in: int, ch_out: int, **kw: bool) -> ResBlock:
-            return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm, **kw)
+            return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm, norm_min_channels=norm_min_channels,
+                            **kw)
 
         def attn(ch: int, heads: int) -> AttentionBlock:
-            return AttentionBlock(ch, heads, num_head_channels, encoder_channels)
+            return AttentionBlock(ch, heads, num_head_channels, encoder_channels, norm_min_channels)
 
         ch = input_ch = int(channel_mult[0] * model_channels)
         self.input_blocks = nn.ModuleList(
@@ -358,7 +364,8 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(input_ch, out_channels, 3, padding=1))
+            normalization(ch, norm_min_channels), nn.SiLU(),
+            zero_module(nn.Conv2d(input_ch, out_channels, 3, padding=1)),
         )
 
     def forward(

@@ -49,6 +49,7 @@ def test_attention_resolutions_become_downsample_rates() -> None:
         ({"text_ctx": 0}, "text_ctx must be a positive integer"),
         ({"num_res_blocks": 0}, "num_res_blocks must be a positive integer"),
         ({"dropout": 1.0}, "dropout must be in"),
+        ({"groupnorm_min_channels": 3}, "groupnorm_min_channels must divide 32"),
     ],
 )
 def test_invalid_configs(overrides: dict[str, Any], message: str) -> None:
@@ -119,3 +120,15 @@ def test_config_in_jsonargparse() -> None:
     assert model_cfg.channel_mult == (1, 2, 2)
     with pytest.raises(jsonargparse.ArgumentError):
         parser.parse_args(["--model.kind=upsampler"])
+
+
+@pytest.mark.parametrize(("min_channels", "expected"), [(1, 32), (4, None)])
+def test_groupnorm_min_channels_sets_every_groupnorms_groups(min_channels: int, expected: int | None) -> None:
+    """1 keeps ADM / GLIDE's 32 groups at every width; 4 (EDM) gives each group >= 4 channels."""
+    cfg = ModelConfig(image_size=16, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                      attention_resolutions=[16, 8], xf_width=32, xf_layers=1, xf_heads=1, text_ctx=8,
+                      groupnorm_min_channels=min_channels)
+    norms = [m for m in build_model(cfg).modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert {m.num_channels for m in norms} == {32, 64, 96, 128}  # every width of the UNet is covered
+    for m in norms:
+        assert m.num_groups == (expected or min(32, m.num_channels // 4))

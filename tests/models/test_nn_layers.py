@@ -72,6 +72,26 @@ def test_normalization_needs_multiple_of_32_channels() -> None:
         normalization(48)
 
 
+def test_normalization_min_channels_per_group() -> None:
+    assert normalization(32, 4).num_groups == 8 and normalization(192, 4).num_groups == 32
+    assert normalization(32).num_groups == 32  # ADM: one channel per group at 32 channels
+    with pytest.raises(ValueError, match="divisor of 32"):
+        normalization(64, 3)
+
+
+def test_groups_of_one_channel_hide_a_channels_per_image_mean() -> None:
+    """Why ``min_channels_per_group`` exists: with a group per channel (InstanceNorm) an offset added
+    to one channel of one image leaves the output unchanged (the image's mean colour is lost); with
+    4 channels per group it changes the output."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 8, 8)
+    shifted = x.clone()
+    shifted[0, 0] += 0.5  # image 0, channel 0: a constant offset
+    per_channel, grouped = normalization(32, 1), normalization(32, 4)
+    torch.testing.assert_close(per_channel(shifted), per_channel(x), rtol=0, atol=1e-5)
+    assert (grouped(shifted)[0, :4] - grouped(x)[0, :4]).abs().mean() > 0.1
+
+
 def test_zero_module() -> None:
     conv = torch.nn.Conv2d(3, 4, 3)
     assert zero_module(conv) is conv
