@@ -15,6 +15,10 @@ RUNS   ?=
 RUN    ?=
 CKPT   ?=
 RES    ?=
+ifneq ($(filter imagen_p2 imagen_p2_clip,$(EXP)),)  # the Imagen-style arm: DDIM at the study's guidance 5 and 8
+SCALES     ?= 5 8
+EVAL_EXTRA ?= --sampling.sampler ddim --sampling.steps ddim50 --sampling.dynamic_threshold 0.995
+endif
 # guidance scales, e.g. SCALES="1.5 3"; empty: the command's default (fid: the sampling default scale,
 # sweep: DEFAULT_GUIDANCE_SWEEP in glide_lightning/sampling.py; the one list of it)
 SCALES ?=
@@ -44,7 +48,7 @@ EVAL_ARGS = --run_dir $(RUN_DIR) $(if $(CKPT),--ckpt $(CKPT)) --n $(N) $(if $(RE
             --captions $(CAPTIONS) --reference $(REFERENCE) $(EVAL_EXTRA) \
             $(if $(strip $(SCALES)),--scales $(call yaml_list,$(SCALES)))
 EXPERIMENTS := $(sort $(basename $(notdir $(wildcard experiments/*.yaml))))
-RECIPES     := synthetic folder mscoco stanford_dogs sbucaptions
+RECIPES     := synthetic folder mscoco stanford_dogs sbucaptions embed
 
 .PHONY: help setup test bench bench-learning train data sample fid sweep compare ablation-smoke check-exp check-run check-recipe clean
 

@@ -20,6 +20,7 @@ RECIPES: dict[str, str] = {
     "mscoco": "data_recipes.mscoco",
     "stanford_dogs": "data_recipes.stanford_dogs",
     "sbucaptions": "data_recipes.sbucaptions",
+    "embed": "data_recipes.embed",
 }
 
 

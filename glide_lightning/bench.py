@@ -8,7 +8,9 @@ also under bf16 autocast) and 25-step guided sampling with :func:`glide_lightnin
 tokenization included), the training step and the sampling each as they are now and as they were
 before issue 12 (:func:`sample_batch_before_issue_12`, :func:`_train_step`; same weights, same run,
 runs taken in turns; wall-clock and CPU time), with their ratios; and it
-measures the data pipeline alone (read + decode + RGB + resize + tokenize) on generated shards.
+measures the data pipeline alone (read + decode + RGB + resize + tokenize) on generated shards, and the
+training step of a UNet conditioned on a frozen T5 v1.1 base (random weights) with the encoder run per batch
+against precomputed embeddings (:func:`bench_precomputed_embeddings`).
 Figures are medians of several runs after a warm-up, written with the machine's description to a
 JSON file. Timings on a shared machine are noisy: compare figures from one run of this script.
 """
@@ -23,7 +25,7 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
@@ -288,6 +290,66 @@ def bench_features(repeats: int, batch: int = 32, image_size: int = 64) -> dict[
     return result
 
 
+T5_V1_1_BASE: dict[str, object] = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
+                                      feed_forward_proj="gated-gelu")
+"""``google/t5-v1_1-base``'s encoder architecture (its ``config.json``): timed randomly initialised (no download)."""
+
+
+def bench_precomputed_embeddings(repeats: int, device: torch.device, preset: str = "tiny",
+                                 t5: dict[str, object] = T5_V1_1_BASE, text_ctx: int = 128,
+                                 caption_tokens: int = 20) -> dict[str, object]:
+    """Training step of ``preset``'s UNet conditioned on a frozen T5 (imagen_p2), with the encoder run on every
+    batch (tokens) and with precomputed float16 embeddings (the ``embed`` recipe's shards), timed in turns.
+
+    Args:
+        t5: the T5 encoder's architecture (default: T5 v1.1 base, ~110M parameters, random weights).
+        text_ctx: caption tokens (imagen_p2: 128); ``caption_tokens`` of them are real (an MSCOCO
+            caption is about 15-20 T5 tokens), the rest padding.
+
+    Returns:
+        Seconds per step (wall and CPU, medians and runs) of both paths and ``speedup`` (encoder path /
+        precomputed path, wall) and ``cpu_speedup``.
+    """
+    from transformers import T5Config, T5EncoderModel
+
+    from glide_lightning.models.encoders import T5TextEncoder
+
+    batch = PRESETS[preset][1]
+    torch.manual_seed(0)
+    encoder = T5TextEncoder(T5EncoderModel(T5Config(**t5)), "T5 (random weights)").to(device)
+    config = replace(preset_config(preset), text_encoder="t5", text_encoder_name="bench", text_ctx=text_ctx,
+                     text_encoder_dim=encoder.dim)
+    model = build_model(config).to(device).train()
+    model.attach_text_encoder(encoder)
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(steps=1000, loss_type="p2"))
+    size = config.image_size
+    x = torch.randn(batch, 3, size, size, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    tokens = torch.randint(3, int(t5["vocab_size"]), (batch, text_ctx), device=device)  # type: ignore[call-overload]
+    mask = (torch.arange(text_ctx, device=device) < caption_tokens).expand(batch, -1)
+    emb = encoder(tokens, mask).half()  # what the shards hold
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(captions: dict[str, Tensor]) -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = training_losses(diffusion, model, x, t, captions)["loss"].mean()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    timed = _interleaved({"encoder": lambda: step(dict(tokens=tokens, mask=mask)),
+                          "precomputed": lambda: step(dict(text_emb=emb, text_mask=mask))}, repeats, device)
+    result: dict[str, object] = {"preset": preset, "batch": batch, "text_ctx": text_ctx,
+                                 "encoder_params": sum(p.numel() for p in encoder.parameters()),
+                                 "unet_params": sum(p.numel() for p in model.parameters())}
+    for name, (wall, cpu, _) in timed.items():
+        result[f"{name}_s_per_step"], result[f"{name}_runs_s"] = statistics.median(wall), wall
+        result[f"{name}_cpu_s_per_step"], result[f"{name}_cpu_runs_s"] = statistics.median(cpu), cpu
+    result["speedup"] = result["encoder_s_per_step"] / result["precomputed_s_per_step"]  # type: ignore[operator]
+    result["cpu_speedup"] = result["encoder_cpu_s_per_step"] / result["precomputed_cpu_s_per_step"]  # type: ignore[operator]
+    return result
+
+
 @dataclass
 class BenchCommand:
     """Time the model presets (forward, training step, guided sampling), the feature extractors and the
@@ -307,6 +369,9 @@ class BenchCommand:
     """Guided sampling steps timed (the 100-step rate is scaled from it; 100 measures it)."""
     skip_features: bool = False
     """Do not benchmark the FID / CLIP feature extractors."""
+    skip_precomputed: bool = False
+    """Do not time training with a frozen T5 v1.1 base run per batch against precomputed embeddings (needs
+    ``pip install 'glide_lightning[text]'``; skipped with a note without it)."""
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.sample_steps < 1 or not self.presets:
@@ -330,6 +395,20 @@ class BenchCommand:
             summary = {k: v for k, v in report["models"][name].items()  # type: ignore[index]
                        if k.endswith(("_per_image", "per_s", "steps")) or "speedup" in k}
             print(json.dumps({name: summary}, indent=1), flush=True)
+        if not self.skip_precomputed:
+            try:
+                from glide_lightning.models.encoders import require_text_extra
+
+                require_text_extra("the precomputed-embedding benchmark")
+                report["precomputed_embeddings"] = {}
+                for name in self.presets:
+                    print(f"benchmarking training with and without precomputed T5 embeddings ({name}) …", flush=True)
+                    timed = bench_precomputed_embeddings(self.repeats, device, name)
+                    report["precomputed_embeddings"][name] = timed  # type: ignore[index]
+                    print(json.dumps({k: v for k, v in timed.items() if not k.endswith("runs_s")}), flush=True)
+            except ImportError as error:
+                report["precomputed_embeddings"] = {"skipped": str(error)}
+                print(f"skipped: {error}", flush=True)
         if not self.skip_features:
             print("benchmarking the feature extractors …", flush=True)
             report["features"] = bench_features(self.repeats)

@@ -121,6 +121,8 @@ class GlideCLI(LightningCLI):
         parser.link_arguments("model.tokenizer", "data.tokenizer")
         parser.link_arguments("model.bpe_dir", "data.bpe_dir")
         parser.link_arguments("model.model.text_ctx", "data.text_ctx")
+        parser.link_arguments("model.model.text_encoder_name", "data.tokenizer_path")
+        parser.link_arguments("model.model.text_encoder_revision", "data.tokenizer_revision")
         parser.link_arguments("model.model.image_size", "data.image_size")
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         # bf16 on GPUs that have it; fp32 elsewhere (bf16 is several times slower on CPUs without it)

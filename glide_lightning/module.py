@@ -15,11 +15,11 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from glide_lightning.data.tokenizers import TokenizerName, build_tokenizer
+from glide_lightning.data.tokenizers import TokenizerName, build_tokenizer, tokenizer_files
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.diffusion.timesteps import TimestepSamplerName, build_timestep_sampler
-from glide_lightning.models import ModelConfig, build_model
+from glide_lightning.models import ModelConfig, build_model, load_frozen_text_encoder
 from glide_lightning.models.flops import training_step_flops
 from glide_lightning.models.unet import set_gradient_checkpointing
 from glide_lightning.optim import OptimizerConfig, build_optimizer, regroup_optimizer_state, sync_lr
@@ -40,8 +40,9 @@ class GlideModule(L.LightningModule):
             (``min_snr_gamma``) and the prediction target (``eps`` / ``v``).
         optimizer: AdamW settings and the LR schedule (warm-up, then constant or cosine decay).
         tokenizer: the caption tokenizer (``clip`` for new models; ``gpt2`` for glide-text2im's
-            checkpoints). The data module uses the same one; the module needs it for the empty
-            caption and for sampling from prompts.
+            checkpoints; ``t5`` with ``model.text_encoder: t5``, whose files it reads from
+            ``model.text_encoder_name``). The data module uses the same one; the module needs it for
+            the empty caption and for sampling from prompts. A frozen ``clip`` encoder takes ``clip``.
         bpe_dir: directory with GPT-2's ``encoder.json`` and ``vocab.bpe`` (``gpt2`` only; None:
             ``$GLIDE_GPT2_BPE_DIR``, else tiktoken's download). The data module gets the same one. A
             path on this machine, so it is not part of the checkpoint's hyper-parameters.
@@ -92,6 +93,11 @@ class GlideModule(L.LightningModule):
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         self.tokenizer = check_trainable(model, diffusion, tokenizer, bpe_dir)
+        # a frozen encoder is attached to the network outside the module tree: not trained, not saved
+        encoder, model = load_frozen_text_encoder(model)  # model.text_encoder_dim recorded: sampling builds with it
+        if encoder is not None:
+            log.info("frozen text encoder: %s (%d-wide embeddings; not trained, not saved)", encoder.source,
+                     encoder.dim)
         self.save_hyperparameters({"model": model.to_dict(), "diffusion": asdict(diffusion),
                                    "optimizer": asdict(optimizer), "tokenizer": tokenizer,
                                    "cond_drop_prob": cond_drop_prob, "timestep_sampler": timestep_sampler,
@@ -100,6 +106,8 @@ class GlideModule(L.LightningModule):
                                    "compile": compile, "gradient_checkpointing": gradient_checkpointing})
         self.model_config, self.diffusion_config, self.optimizer_config = model, diffusion, optimizer
         self.model = build_model(model)
+        if encoder is not None:
+            self.model.attach_text_encoder(encoder)
         set_gradient_checkpointing(self.model, gradient_checkpointing)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
@@ -164,6 +172,49 @@ class GlideModule(L.LightningModule):
         mask = torch.where(drop[:, None], empty_mask, mask)
         return tokens, mask, drop
 
+    def caption_kwargs(self, batch: dict[str, Any], drop: bool) -> tuple[dict[str, Tensor], Tensor]:
+        """The model's caption arguments for a batch and which captions were dropped (``drop``: with
+        probability ``cond_drop_prob``): ``tokens``/``mask``, or a frozen encoder's precomputed ``text_emb``/
+        ``text_mask`` when the batch has them (the ``embed`` recipe's shards; dropped captions get the empty
+        caption's embedding stored with the dataset, else the encoder's own, computed once).
+
+        Raises:
+            ValueError: the stored embeddings are another encoder's than ``model.model.text_encoder*``.
+        """
+        identity = self.model_config.text_encoder_identity
+        if "text_emb" not in batch or identity is None:
+            tokens, mask = batch["tokens"], batch["mask"]
+            dropped = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+            if drop:
+                tokens, mask, dropped = self.drop_captions(tokens, mask)
+            return dict(tokens=tokens, mask=mask), dropped
+        wrong = sorted(set(batch["text_encoder"]) - {identity})
+        if wrong:
+            raise ValueError(f"the shards' precomputed embeddings are {wrong[0]}'s, but the model conditions on "
+                             f"{identity}: embed the shards again with the model's encoder (python -m data_recipes "
+                             f"embed) or train on the shards without embeddings")
+        emb, mask = batch["text_emb"], batch["text_mask"]
+        dropped = torch.rand(emb.shape[0], device=emb.device) < self.cond_drop_prob if drop else \
+            torch.zeros(emb.shape[0], dtype=torch.bool, device=emb.device)
+        if dropped.any():
+            empty_emb, empty_mask = (x.to(emb.device) for x in self.empty_caption_embedding(identity))
+            emb = torch.where(dropped[:, None, None], empty_emb.to(emb.dtype), emb)  # [B, L, D]
+            mask = torch.where(dropped[:, None], empty_mask, mask)  # [B, L]
+        return dict(text_emb=emb, text_mask=mask), dropped
+
+    def empty_caption_embedding(self, identity: str) -> tuple[Tensor, Tensor]:
+        """The empty caption's ``(text_emb [1, L, D], text_mask [1, L])`` for precomputed batches: the one the
+        ``embed`` recipe stored next to the training shards, else the frozen encoder's (computed once)."""
+        if getattr(self, "_empty_embedding", None) is None:
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            stored = getattr(datamodule, "empty_caption_embedding", lambda: None)()
+            if stored is not None and stored[2] == identity:
+                self._empty_embedding = stored[:2]
+            else:
+                tokens, mask = self.tokenizer.empty(1)
+                self._empty_embedding = (self.model.attached_text_encoder(tokens, mask).to(torch.float16), mask)
+        return self._empty_embedding
+
     def training_model(self) -> Any:
         """The network the training step calls: ``self.model``, or its ``torch.compile`` (made once)."""
         if not self._compiled:
@@ -177,9 +228,9 @@ class GlideModule(L.LightningModule):
         if self.flops_per_batch is None or self._flops_batch != images.shape[0]:
             self._flops_batch = images.shape[0]
             self.flops_per_batch = training_step_flops(self.model_config, images.shape[0])
-        tokens, mask, drop = self.drop_captions(batch["tokens"], batch["mask"])
+        captions, drop = self.caption_kwargs(batch, drop=True)
         t, weights = self.timesteps.sample(images.shape[0], images.device)
-        terms = training_losses(self.diffusion, self.training_model(), images, t, dict(tokens=tokens, mask=mask))
+        terms = training_losses(self.diffusion, self.training_model(), images, t, captions)
         self.step_terms = {**{k: v.detach() for k, v in terms.items()}, "t": t}
         if self.hparams["timestep_sampler"] != "uniform":
             # every rank updates the sampler with every rank's losses, so they sample alike
@@ -214,7 +265,7 @@ class GlideModule(L.LightningModule):
         t = ((torch.arange(b) + torch.rand(b, generator=generator)) * self.diffusion.num_timesteps / b).long()
         noise = torch.randn(images.shape, generator=generator).to(images)
         terms = training_losses(self.diffusion, self.model, images, t.to(images.device),
-                                dict(tokens=batch["tokens"], mask=batch["mask"]), noise)
+                                self.caption_kwargs(batch, drop=False)[0], noise)
         quartiles = self.quartiles(t.to(images.device))
         for name, value in terms.items():
             self.val_metrics[name].update(value)
@@ -233,6 +284,8 @@ class GlideModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.model.frozen_text_encoder:  # provenance of the weights it trained with (a hub commit when known)
+            checkpoint["text_encoder_source"] = self.model.attached_text_encoder.source
         checkpoint["timestep_sampler"] = self.timesteps.state_dict()
         checkpoint["rng"] = capture_rng_state()
         checkpoint["wall_time_s"] = self.elapsed_wall_time()
@@ -271,13 +324,21 @@ def check_trainable(model: ModelConfig, diffusion: DiffusionConfig, tokenizer: T
     if diffusion.variance_type == "learned_range" and not model.learn_sigma:
         raise ValueError("model.diffusion.variance_type 'learned_range' needs model.model.learn_sigma: true "
                          "(6 output channels), or a fixed variance_type with loss_type simple or p2")
+    wanted = {"t5": "t5", "clip": "clip"}.get(model.text_encoder)
+    if wanted is not None and tokenizer != wanted:
+        raise ValueError(f"model.model.text_encoder {model.text_encoder!r} reads the {wanted!r} tokenizer's ids: set "
+                         f"model.tokenizer: {wanted}")
+    if tokenizer == "t5" and wanted is None:
+        raise ValueError("model.tokenizer 't5' is a frozen T5 encoder's: set model.model.text_encoder: t5 (and its "
+                         "text_encoder_name)")
     try:
-        files = {"bpe_dir": bpe_dir} if tokenizer == "gpt2" else {}
+        files = tokenizer_files(tokenizer, bpe_dir=bpe_dir, path=model.text_encoder_name,
+                                revision=model.text_encoder_revision)
         built = build_tokenizer(tokenizer, text_ctx=model.text_ctx, **files)
     except ValueError as error:
         raise ValueError(f"model.model.text_ctx {model.text_ctx} does not suit tokenizer {tokenizer!r}: {error}") \
             from None
-    if model.xf_width and model.n_vocab != built.n_vocab:
+    if model.xf_width and not model.frozen_text_encoder and model.n_vocab != built.n_vocab:
         raise ValueError(f"model.model.n_vocab is {model.n_vocab} but tokenizer {tokenizer!r} has {built.n_vocab} "
                          f"tokens: set model.model.n_vocab: {built.n_vocab} (or another model.tokenizer)")
     return built

@@ -5,7 +5,8 @@ callbacks, ``init_from`` and the benchmark.
 Checkpoints (:func:`load_checkpoint`):
 
 - a glide_lightning ``.ckpt`` written by Lightning: the network's architecture, process and tokenizer
-  come from its ``hyper_parameters``. When the run used Lightning's ``EMAWeightAveraging``, its
+  come from its ``hyper_parameters``. A frozen text encoder (``text_encoder`` t5 / clip) is not in the
+  file: it is reloaded from the name, pretrained tag / file and revision the hyper-parameters record. When the run used Lightning's ``EMAWeightAveraging``, its
   ``state_dict`` holds the EMA weights and ``current_model_state`` the raw ones; ``weights="ema"``
   (the default) or ``"raw"`` picks one, and :attr:`SamplingModel.source` says which was loaded.
 - one of glide-text2im's released files (``base.pt``, ``upsample.pt``, ``base_inpaint.pt``,
@@ -16,6 +17,7 @@ Checkpoints (:func:`load_checkpoint`):
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import pickle
 from collections.abc import Iterator
@@ -28,8 +30,15 @@ from torch import Tensor, nn
 
 from glide_lightning.clip_guidance import GuidanceCLIP
 from glide_lightning.data.images import to_uint8
-from glide_lightning.data.tokenizers import Tokenizer, TokenizerName, build_tokenizer
-from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, SamplerName, classifier_free_guidance, get_sampler
+from glide_lightning.data.tokenizers import Tokenizer, TokenizerName, build_tokenizer, tokenizer_files
+from glide_lightning.diffusion import (
+    DiffusionConfig,
+    GaussianDiffusion,
+    SamplerName,
+    classifier_free_guidance,
+    dynamic_threshold,
+    get_sampler,
+)
 from glide_lightning.diffusion.guidance import edm_sigma
 from glide_lightning.diffusion.samplers import SAMPLER_NAMES
 from glide_lightning.diffusion.solvers import diffusers_available
@@ -43,6 +52,7 @@ from glide_lightning.models import (
     ModelKind,
     build_model,
     from_glide_text2im,
+    load_frozen_text_encoder,
 )
 from glide_lightning.models.glide_text2im import detect_glide_kind
 
@@ -131,6 +141,11 @@ class SamplingConfig:
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """The denoiser's arithmetic: ``fp32``; ``bf16`` autocast (the sampler's own math stays fp32);
     ``auto``: bf16 on GPUs that support it, fp32 elsewhere."""
+    dynamic_threshold: float | None = None
+    """Imagen's dynamic thresholding: the percentile p in (0, 1] (Imagen: 0.995) of ``|pred_xstart|`` per
+    sample that becomes the clipping bound s (at least 1), then ``pred_xstart / s``; keeps high guidance
+    scales from saturating. Every sampler gets it (it post-processes ``pred_xstart`` where the static
+    [-1, 1] clip does, see :func:`~glide_lightning.diffusion.dynamic_threshold`). None: the static clip only."""
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     """The UNet's activation layout while sampling: ``channels_last`` (NHWC) or ``contiguous`` (NCHW).
     ``auto``: channels_last on the CPU, where it measured faster in guided sampling (tiny preset about
@@ -179,6 +194,9 @@ class SamplingConfig:
         elif self.eta != 0 and self.sampler != "ddim":
             problems.append(f"eta {self.eta} is DDIM's noise level, but sampler is {self.sampler!r}: use sampler "
                             f"'ddim' or leave eta at 0")
+        if self.dynamic_threshold is not None and not 0 < self.dynamic_threshold <= 1:
+            problems.append(f"dynamic_threshold is a percentile p in (0, 1] (Imagen: 0.995), got "
+                            f"{self.dynamic_threshold}")
         if self.guidance_scale < 0:
             problems.append(f"guidance_scale must be >= 0 (1: no guidance), got {self.guidance_scale}")
         if self.batch_size < 1:
@@ -272,9 +290,19 @@ def _read_lightning(path: Path, state: dict[str, Any], weights: Weights) -> Samp
     model = build_model(config)
     model.load_state_dict({k.removeprefix("model."): v for k, v in source.items() if k.startswith("model.")},
                           strict=True)
+    encoder = ""
+    frozen, _ = load_frozen_text_encoder(config)  # not in the file: reloaded from what the checkpoint records
+    if frozen is not None:
+        model.attach_text_encoder(frozen)
+        encoder = f", text encoder {frozen.source}"
+        trained_with = state.get("text_encoder_source")
+        if trained_with not in (None, frozen.source):
+            log.warning("%s was trained with the text encoder %s but %s was loaded now: pin "
+                        "model.text_encoder_revision to sample with the same weights", path, trained_with, frozen.source)
+    files = tokenizer_files(hp["tokenizer"], path=config.text_encoder_name, revision=config.text_encoder_revision)
     return SamplingModel(model, DiffusionConfig(**hp["diffusion"]),
-                         build_tokenizer(hp["tokenizer"], text_ctx=config.text_ctx), config,
-                         f"{path} ({what}, step {state.get('global_step', '?')})")
+                         build_tokenizer(hp["tokenizer"], text_ctx=config.text_ctx, **files), config,
+                         f"{path} ({what}, step {state.get('global_step', '?')}{encoder})")
 
 
 def _read_released(path: Path, state: dict[str, Any], kind: ModelKind | None) -> SamplingModel:
@@ -357,8 +385,8 @@ def sample_batch(loaded: SamplingModel, prompts: list[str], seeds: list[int], co
     :func:`generate` converts to uint8).
 
     The captions and the empty caption (batch 1) go through the text encoder once, in one call,
-    before the step loop; every step reuses the encodings (``xf_proj``, ``xf_out`` in the model's
-    keyword arguments), and the guided batch's [conditional; unconditional] encodings are
+    before the step loop; every step reuses the encodings (``xf_proj``, ``xf_out``, with a frozen encoder
+    ``xf_mask``, in the model's keyword arguments), and the guided batch's [conditional; unconditional] encodings are
     concatenated once, at the first step (see :func:`classifier_free_guidance`). With
     ``config.clip_guidance_scale`` > 0, ``clip`` guides the ancestral steps (its ``cond_fn``)."""
     if config.clip_guidance_scale > 0 and clip is None:
@@ -371,10 +399,11 @@ def sample_batch(loaded: SamplingModel, prompts: list[str], seeds: list[int], co
     if guided:  # the empty caption, once per batch, in the same encoder call as the captions
         empty_tokens, empty_mask = (x.to(device) for x in loaded.tokenizer.empty(1))
         tokens, mask = torch.cat([tokens, empty_tokens]), torch.cat([mask, empty_mask])
-    xf_proj, xf_out = loaded.model.encode_text(tokens, mask)  # [B (+1), 4 * model_channels], [B (+1), W, L]
+    # xf_proj [B (+1), 4 * model_channels], xf_out [B (+1), W, L] (and a frozen encoder's xf_mask [B (+1), L])
+    encoded = loaded.model.encode_caption(tokens, mask)
     batch = len(prompts)
-    cond = dict(xf_proj=xf_proj[:batch], xf_out=xf_out[:batch])
-    uncond = dict(xf_proj=xf_proj[batch:], xf_out=xf_out[batch:])
+    cond = {k: v[:batch] for k, v in encoded.items()}
+    uncond = {k: v[batch:] for k, v in encoded.items()}
     diffusion = GaussianDiffusion.from_config(loaded.diffusion_config, config.steps)
     cond_fn = None
     if clip is not None and config.clip_guidance_scale > 0:
@@ -392,8 +421,11 @@ def _run_sampler(config: SamplingConfig, diffusion: GaussianDiffusion, model: An
     if cond_fn is not None:
         options["cond_fn"] = cond_fn
     sampler = get_sampler(config.sampler, **options)
+    denoised_fn = None
+    if config.dynamic_threshold is not None:
+        denoised_fn = functools.partial(dynamic_threshold, percentile=config.dynamic_threshold)
     return sampler(diffusion, model, shape, model_kwargs=model_kwargs, generator=sample_generators(seeds),
-                   progress=progress, device=device)
+                   progress=progress, device=device, denoised_fn=denoised_fn)
 
 
 @contextlib.contextmanager

@@ -121,3 +121,67 @@ def folder_shards(tmp_path_factory):
         return made[size]
 
     return make
+
+
+# ----------------------------------------------------------------------------- frozen text encoders
+# Stand-ins for T5 v1.1 and an open_clip CLIP, same architectures randomly initialised (nothing downloads):
+# built once per session, in the formats the real ones are loaded from.
+def build_tiny_t5(out: Path, seed: int = 0) -> Path:
+    """A tiny ``T5EncoderModel`` (T5 v1.1's gated-GELU, dropout 0.1) and a SentencePiece tokenizer trained here
+    on synthetic captions, both written by ``save_pretrained`` into ``out``: what ``google/t5-v1_1-base`` is
+    on the hub, at 2 layers of width 32."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    from glide_lightning.data.synthetic import synthetic_samples
+
+    captions = [s.caption for s in synthetic_samples(seed, 300, split="train", image_size=16)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(captions), model_writer=model, vocab_size=64,
+                                   hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
+                                   bos_id=-1, minloglevel=2)
+    spiece = out / "spiece"
+    spiece.mkdir(parents=True, exist_ok=True)
+    (spiece / "spiece.model").write_bytes(model.getvalue())
+    tokenizer = T5Tokenizer.from_pretrained(str(spiece), extra_ids=0)  # wraps the .model file
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", dropout_rate=0.1)
+    encoder = T5EncoderModel(config)
+    encoder.save_pretrained(out / "t5")
+    tokenizer.save_pretrained(out / "t5")
+    return out / "t5"
+
+
+TINY_CLIP_CFG = dict(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=16, width=64, layers=1, head_width=32),
+                     text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=2))
+
+
+def build_tiny_clip(out: Path, seed: int = 0) -> Path:
+    """A tiny open_clip CLIP in open_clip's ``local-dir:`` format (``open_clip_config.json`` and
+    ``open_clip_pytorch_model.bin``), randomly initialised."""
+    import json
+
+    import open_clip
+
+    torch.manual_seed(seed)
+    clip = open_clip.CLIP(**TINY_CLIP_CFG)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG}))
+    torch.save(clip.state_dict(), out / "open_clip_pytorch_model.bin")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> Path:
+    """A directory a ``t5`` text encoder loads from (model and tokenizer), see :func:`build_tiny_t5`."""
+    pytest.importorskip("transformers", reason="the t5 encoder needs the 'text' extra")
+    return build_tiny_t5(tmp_path_factory.mktemp("tiny_t5"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_name(tmp_path_factory) -> str:
+    """``local-dir:PATH`` of a tiny open_clip CLIP, see :func:`build_tiny_clip`."""
+    return f"local-dir:{build_tiny_clip(tmp_path_factory.mktemp('tiny_clip'))}"

@@ -10,7 +10,7 @@ from glide_lightning.commands import main as glide_main
 def test_bench_writes_per_image_medians(tmp_path):
     out = tmp_path / "results.json"
     glide_main(["bench", "--out", str(out), "--presets", "[tiny]", "--repeats", "1", "--sample_steps", "4",
-                "--skip_features", "true"])
+                "--skip_features", "true", "--skip_precomputed", "true"])
     report = json.loads(out.read_text())
     tiny = report["models"]["tiny"]
     assert report["machine"]["torch"] == torch.__version__
@@ -57,3 +57,16 @@ def test_bf16_autocast_forward_matches_fp32_on_gpu():
             low = model(x, t, tokens=tokens)
     assert torch.isfinite(low).all()
     assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_precomputed_embedding_bench_times_both_paths():
+    """The two training steps of a frozen-T5 model (tiny T5 here) are timed in turns; speedup is their ratio."""
+    transformers = pytest.importorskip("transformers")
+    tiny_t5 = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu")
+    result = bench.bench_precomputed_embeddings(1, torch.device("cpu"), "tiny", t5=tiny_t5, text_ctx=16,
+                                                caption_tokens=5)
+    for path in ("encoder", "precomputed"):
+        assert len(result[f"{path}_runs_s"]) == 1 and result[f"{path}_s_per_step"] > 0
+    assert result["speedup"] == pytest.approx(result["encoder_s_per_step"] / result["precomputed_s_per_step"])
+    t5 = transformers.T5EncoderModel(transformers.T5Config(**tiny_t5))
+    assert result["encoder_params"] == sum(p.numel() for p in t5.parameters())

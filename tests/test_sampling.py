@@ -203,6 +203,7 @@ def test_unknown_checkpoint_is_explained(tmp_path):
     ({"guidance_interval": (2.0, 1.0)}, "guidance_interval (low, high] needs 0 <= low < high"),
     ({"precision": "fp16"}, "precision 'fp16' is unknown"),
     ({"memory_format": "nhwc"}, "memory_format 'nhwc' is unknown"),
+    ({"dynamic_threshold": 99.5}, "dynamic_threshold is a percentile p in (0, 1]"),
 ])
 def test_contradicting_sampling_options_fail_when_the_config_is_made(options, rule):
     with pytest.raises(ValueError, match="bad sampling options") as error:
@@ -334,3 +335,27 @@ def test_compiled_denoiser_samples_within_its_documented_tolerance(tiny_checkpoi
     difference = (compiled - eager).abs()
     assert difference.mean() < 1e-4 and difference.max() < 1e-2
     assert not isinstance(loaded.model, torch._dynamo.eval_frame.OptimizedModule)  # nothing kept on the module
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddpm", "6"), ("ddim", "ddim6"), ("dpmpp_2m", "6"), ("unipc", "6")])
+def test_dynamic_thresholding_reaches_every_sampler(tiny_checkpoint, monkeypatch, sampler, steps):
+    """Every sampler post-processes pred_xstart with it once per step (a probe around the real function);
+    off by default; at guidance 8 it changes the images, which stay finite."""
+    import glide_lightning.sampling as sampling_module
+    from glide_lightning.diffusion import dynamic_threshold
+
+    calls: list[float] = []
+
+    def probe(pred_xstart, percentile):
+        calls.append(percentile)
+        return dynamic_threshold(pred_xstart, percentile)
+
+    monkeypatch.setattr(sampling_module, "dynamic_threshold", probe)
+    loaded = load_checkpoint(tiny_checkpoint)
+    prompts, seeds, cpu = ["a large red circle", "a small blue square"], [0, 1], torch.device("cpu")
+    config = SamplingConfig(sampler=sampler, steps=steps, guidance_scale=8.0)
+    static = sample_batch(loaded, prompts, seeds, config, cpu)
+    assert calls == []  # off by default
+    dynamic = sample_batch(loaded, prompts, seeds, replace(config, dynamic_threshold=0.6), cpu)
+    assert calls == [0.6] * 6
+    assert torch.isfinite(dynamic).all() and not torch.equal(dynamic, static)

@@ -1,7 +1,7 @@
 """Lightning callbacks: the run's checkpoints, graceful interruption, the non-finite guard, sample grids
 and generation metrics during training, EMA with a warm-up of its decay."""
 
-from glide_lightning.callbacks.checkpoint import RunCheckpoint
+from glide_lightning.callbacks.checkpoint import BestCheckpoint, RunCheckpoint
 from glide_lightning.callbacks.ema import WarmupEMA
 from glide_lightning.callbacks.interrupt import GracefulInterrupt
 from glide_lightning.callbacks.metrics import GenerationMetrics
@@ -9,5 +9,5 @@ from glide_lightning.callbacks.nonfinite import NonFiniteGuard, NonFiniteLossErr
 from glide_lightning.callbacks.samples import SampleGrid
 from glide_lightning.callbacks.steps import OptimizerStepCallback
 
-__all__ = ["GenerationMetrics", "GracefulInterrupt", "NonFiniteGuard", "NonFiniteLossError", "OptimizerStepCallback",
+__all__ = ["BestCheckpoint", "GenerationMetrics", "GracefulInterrupt", "NonFiniteGuard", "NonFiniteLossError", "OptimizerStepCallback",
            "RunCheckpoint", "SampleGrid", "WarmupEMA"]

@@ -61,3 +61,21 @@ def fit_ends_after_this_epoch(trainer: L.Trainer) -> bool:
     max_steps, max_epochs = loop.max_steps, loop.max_epochs
     return (trainer.should_stop or (max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps)
             or (max_epochs is not None and max_epochs >= 0 and loop.epoch_progress.current.processed >= max_epochs))
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint keeping the ``save_top_k`` best checkpoints by ``monitor`` (e.g.
+    ``val/loss``, the validation P2 loss; ``val/fid@5``), in ``<run dir>/checkpoints/best/`` unless
+    ``dirpath`` says otherwise (the run's own directory, whatever ``run.root`` and ``run.name``; not
+    among the checkpoints a resume picks from). Other arguments are ModelCheckpoint's."""
+
+    def __init__(self, monitor: str = "val/loss", mode: str = "min", save_top_k: int = 1, dirpath: str | None = None,
+                 filename: str | None = None) -> None:
+        safe = monitor.replace("/", "_").replace("@", "_at_")
+        super().__init__(dirpath=dirpath, monitor=monitor, mode=mode, save_top_k=save_top_k,
+                         filename=filename or f"best_{safe}-step{{step:08d}}", auto_insert_metric_name=False)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        if self.dirpath is None:
+            self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints" / "best")
+        super().setup(trainer, pl_module, stage)

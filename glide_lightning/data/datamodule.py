@@ -5,6 +5,10 @@ Batches are dicts::
     {"image": float32 [B, 3, S, S] in [-1, 1], "tokens": int64 [B, text_ctx], "mask": bool [B, text_ctx],
      "caption": list[str], "key": list[str], "url": list[str], "skipped": int64 scalar}
 
+plus, from shards with precomputed frozen-encoder embeddings (the ``embed`` recipe, see
+:mod:`glide_lightning.data.embeddings`), ``"text_emb"`` float16 ``[B, text_ctx, D]``, ``"text_mask"`` bool
+``[B, text_ctx]`` and ``"text_encoder"`` (the encoder's identity per sample).
+
 Batching, decoding and tokenization happen in the DataLoader workers (``batch_size=None``
 loaders). See :mod:`glide_lightning.data.pipeline` for the stream itself.
 
@@ -54,6 +58,7 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from glide_lightning.data.embeddings import load_empty_caption
 from glide_lightning.data.pipeline import (
     RESIZE_MODES,
     ImageTextStream,
@@ -64,7 +69,7 @@ from glide_lightning.data.pipeline import (
     parse_caption_keys,
 )
 from glide_lightning.data.shards import upscale_warning
-from glide_lightning.data.tokenizers import TOKENIZERS, Tokenizer, TokenizerName, build_tokenizer
+from glide_lightning.data.tokenizers import TOKENIZERS, Tokenizer, TokenizerName, build_tokenizer, tokenizer_files
 from glide_lightning.data.workers import leave_stop_signals_to_the_main_process
 
 __all__ = ["GlideDataModule", "StreamLoader", "expand_shards", "measure_pipeline"]
@@ -297,12 +302,15 @@ class GlideDataModule(L.LightningDataModule):
             ``center_crop`` resizes the short side then crops the centre square.
         caption_key: Where the caption is: a sample extension (``txt``) or a JSON field
             (``json:caption``, dots for nested fields); a list is tried in order.
-        tokenizer: Caption tokenizer: ``clip`` (CLIP BPE, offline) or ``gpt2`` (GLIDE's): the
-            model's (linked from ``model.tokenizer``).
+        tokenizer: Caption tokenizer: ``clip`` (CLIP BPE, offline), ``gpt2`` (GLIDE's) or ``t5`` (a frozen
+            T5 encoder's): the model's (linked from ``model.tokenizer``).
         text_ctx: Tokens per caption (padded/truncated): the model's text context (linked from
             ``model.model.text_ctx``).
         bpe_dir: Directory with GPT-2's ``encoder.json`` and ``vocab.bpe`` (``gpt2`` only; None:
             ``$GLIDE_GPT2_BPE_DIR``): the model's (linked from ``model.bpe_dir``).
+        tokenizer_path: The ``t5`` tokenizer's hub name or directory: the frozen encoder's (linked from
+            ``model.model.text_encoder_name``); unused by the other tokenizers.
+        tokenizer_revision: Its hub revision (linked from ``model.model.text_encoder_revision``).
         batch_size: Training batch size per rank.
         val_batch_size: Validation batch size per rank (None: ``batch_size``).
         num_workers: DataLoader worker processes per rank (0: load in the main process).
@@ -324,6 +332,8 @@ class GlideDataModule(L.LightningDataModule):
         tokenizer: TokenizerName,
         text_ctx: int,
         bpe_dir: str | None,
+        tokenizer_path: str | None = None,
+        tokenizer_revision: str | None = None,
         resize_mode: ResizeMode = "squish",
         caption_key: str | list[str] = "txt",
         batch_size: int = 12,
@@ -348,8 +358,8 @@ class GlideDataModule(L.LightningDataModule):
         self.train_shards, self.val_shards = train_shards, val_shards
         self.image_size, self.resize_mode = image_size, resize_mode
         self.caption_keys = parse_caption_keys(caption_key)
-        tokenizer_kw = {"bpe_dir": bpe_dir} if tokenizer == "gpt2" else {}
-        self.tokenizer: Tokenizer = build_tokenizer(tokenizer, text_ctx, **tokenizer_kw)
+        files = tokenizer_files(tokenizer, bpe_dir=bpe_dir, path=tokenizer_path, revision=tokenizer_revision)
+        self.tokenizer: Tokenizer = build_tokenizer(tokenizer, text_ctx, **files)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
         self.samples_per_epoch, self.max_val_samples = samples_per_epoch, max_val_samples
@@ -393,6 +403,15 @@ class GlideDataModule(L.LightningDataModule):
         if self.val_shards is None:
             return []
         return self._loader(self._stream("val"), epoch_fn=None)
+
+    def empty_caption_embedding(self) -> tuple[Tensor, Tensor, str] | None:
+        """The empty caption's precomputed embedding stored with the training shards (``empty_caption.npz``
+        beside the first local shard, written by the ``embed`` recipe): ``(text_emb [1, L, D] float16,
+        text_mask [1, L], encoder identity)``, or None."""
+        first = next(iter(self.train_urls or []), None)
+        if first is None or not Path(first).is_file():
+            return None
+        return load_empty_caption(Path(first).parent)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the stream position of the batch about to be trained on (Lightning calls this

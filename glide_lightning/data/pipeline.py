@@ -8,7 +8,8 @@ Shards are webdataset tars; a sample is the run of consecutive members sharing a
                -> tar members -> samples -> [val: routed to (rank, worker) by sample index]
                -> decode, RGB, resize, uint8 [3, S, S] -> [train: seeded shuffle windows]
                -> batches (image float [-1, 1], tokens, mask, caption, key, url, skipped,
-                  train: stream_position)
+                  train: stream_position; with precomputed embeddings: text_emb, text_mask,
+                  text_encoder, see :mod:`glide_lightning.data.embeddings`)
 
 **Resumable training stream.** A (rank, worker) training stream is a sequence of *windows*: runs
 of consecutive shards of its resampled shard sequence holding at least ``shuffle_buffer`` valid
@@ -51,6 +52,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from glide_lightning.data.embeddings import read_embedding
 from glide_lightning.data.images import to_rgb
 from glide_lightning.data.tokenizers import Tokenizer
 
@@ -232,6 +234,7 @@ class _Item(NamedTuple):
     caption: str
     key: str
     url: str
+    embedding: tuple[Tensor, Tensor, str] | None = None  # precomputed: text_emb [L, D] fp16, text_mask [L], encoder
 
 
 @dataclass
@@ -434,7 +437,11 @@ class ImageTextStream(IterableDataset):
             raise BadSample(f"no image under {list(IMAGE_KEYS)} (sample has {found})")
         caption = get_caption(sample, self.caption_keys)
         image = load_image(sample[image_key], self.image_size, self.resize_mode)
-        return _Item(image, caption, sample["__key__"], sample["__url__"])
+        try:
+            embedding = read_embedding(sample)
+        except ValueError as error:
+            raise BadSample(f"bad precomputed embedding: {error}") from None
+        return _Item(image, caption, sample["__key__"], sample["__url__"], embedding)
 
     def _skip(self, event: Any, error: BaseException, progress: _Progress, slot: int) -> None:
         self.skip_counter[slot] += 1
@@ -456,9 +463,14 @@ class ImageTextStream(IterableDataset):
     def _collate(self, items: Sequence[_Item]) -> dict[str, Any]:
         tokens, mask = self.tokenizer([item.caption for item in items])
         image = torch.stack([item.image for item in items]).float().div_(127.5).sub_(1.0)
-        return {"image": image, "tokens": tokens, "mask": mask,
-                "caption": [item.caption for item in items], "key": [item.key for item in items],
-                "url": [item.url for item in items], "skipped": self.skip_counter.sum()}
+        batch = {"image": image, "tokens": tokens, "mask": mask,
+                 "caption": [item.caption for item in items], "key": [item.key for item in items],
+                 "url": [item.url for item in items], "skipped": self.skip_counter.sum()}
+        if all(item.embedding is not None for item in items):  # precomputed: the frozen encoder need not run
+            batch["text_emb"] = torch.stack([item.embedding[0] for item in items])  # [B, L, D] float16
+            batch["text_mask"] = torch.stack([item.embedding[1] for item in items])  # [B, L]
+            batch["text_encoder"] = [item.embedding[2] for item in items]
+        return batch
 
 
 def _group_by_chunk(items: Iterator[tuple[int, _T]]) -> Iterator[list[tuple[int, _T]]]:

@@ -1,9 +1,12 @@
-"""Caption tokenizers: one interface (:class:`Tokenizer`), two BPEs, a registry by name.
+"""Caption tokenizers: one interface (:class:`Tokenizer`), three vocabularies, a registry by name.
 
 - ``"gpt2"``: GLIDE's tokenizer (GPT-2 BPE via ``tiktoken``), needed by the released
   glide-text2im checkpoints: lower-cased text, no special tokens, padded with 50256.
 - ``"clip"``: the CLIP BPE that ships inside ``open_clip_torch`` (offline), the default for
   models trained from scratch: ``sot ids eot``, zero padding.
+- ``"t5"``: a frozen T5 encoder's own SentencePiece tokenizer (Hugging Face ``transformers``), loaded
+  from the encoder's hub name or directory: ``ids </s>``, padded with ``<pad>``; its empty caption is
+  ``</s>`` alone (the encoder's embedding of "", what classifier-free guidance drops captions to).
 
 Both return ``tokens`` (int64 ``[B, text_ctx]``) and ``mask`` (bool ``[B, text_ctx]``, True on real
 tokens). The empty caption (classifier-free guidance) is an empty token sequence: padding only and
@@ -28,9 +31,10 @@ if TYPE_CHECKING:
     import tiktoken
     from open_clip.tokenizer import SimpleTokenizer
 
-__all__ = ["TOKENIZERS", "CLIPTokenizer", "GPT2Tokenizer", "Tokenizer", "TokenizerName", "build_tokenizer"]
+__all__ = ["TOKENIZERS", "CLIPTokenizer", "GPT2Tokenizer", "T5Tokenizer", "Tokenizer", "TokenizerName",
+           "build_tokenizer", "tokenizer_files"]
 
-TokenizerName = Literal["clip", "gpt2"]
+TokenizerName = Literal["clip", "gpt2", "t5"]
 GPT2_BPE_DIR_ENV = "GLIDE_GPT2_BPE_DIR"
 _GPT2_FILES = ("encoder.json", "vocab.bpe")
 
@@ -219,15 +223,68 @@ class CLIPTokenizer:
         return _pad([[]] * batch_size, self.text_ctx, self.pad_token)
 
 
+class T5Tokenizer:
+    """A T5's SentencePiece tokenizer through ``transformers.AutoTokenizer``: ``ids </s>``, truncated to
+    ``text_ctx`` (``</s>`` kept last), padded with ``<pad>`` (mask False). :meth:`empty` is ``self([""])``:
+    ``</s>`` alone, a real token whose frozen embedding is the unconditional caption.
+
+    Args:
+        text_ctx: tokens per caption.
+        path: the encoder's hub name (``google/t5-v1_1-base``) or a directory with its tokenizer files
+            (``spiece.model`` or ``tokenizer.json``, as ``save_pretrained`` writes them).
+        revision: hub revision to pin (None: the default branch).
+
+    Raises:
+        ImportError: transformers / sentencepiece missing (names the extra to install).
+        ValueError: no ``path``.
+    """
+
+    def __init__(self, text_ctx: int = 128, path: str | None = None, revision: str | None = None) -> None:
+        if not path:
+            raise ValueError("the t5 tokenizer needs the encoder's hub name or directory: set "
+                             "model.model.text_encoder_name (e.g. google/t5-v1_1-base)")
+        from glide_lightning.models.encoders import require_text_extra  # the one place the extra is named
+
+        require_text_extra("tokenizer 't5'")
+        from transformers import AutoTokenizer
+
+        self.text_ctx = _check_ctx(text_ctx, 1)
+        self.path, self.revision = str(path), revision
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, revision=revision)
+        self.n_vocab = len(self.tokenizer)
+
+    def __call__(self, texts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Tokenize captions: see :class:`Tokenizer`."""
+        out = self.tokenizer(_as_list(texts), padding="max_length", truncation=True, max_length=self.text_ctx,
+                             return_tensors="pt")
+        return out["input_ids"].long(), out["attention_mask"].bool()
+
+    def empty(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """``batch_size`` empty captions: ``</s>`` then padding."""
+        return self([""] * batch_size)
+
+
 TOKENIZERS: dict[str, Callable[..., Tokenizer]] = {
     "clip": CLIPTokenizer,
     "gpt2": GPT2Tokenizer,
+    "t5": T5Tokenizer,
 }
 
 
 def build_tokenizer(name: TokenizerName, text_ctx: int, **kw: Any) -> Tokenizer:
-    """Build the tokenizer registered as ``name`` (``"clip"`` or ``"gpt2"``); ``kw`` goes to its
-    constructor (e.g. ``bpe_dir`` for ``"gpt2"``)."""
+    """Build the tokenizer registered as ``name`` (``"clip"``, ``"gpt2"`` or ``"t5"``); ``kw`` goes to its
+    constructor (``bpe_dir`` for ``"gpt2"``, ``path`` and ``revision`` for ``"t5"``)."""
     if name not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {name!r}; choices: {sorted(TOKENIZERS)}")
     return TOKENIZERS[name](text_ctx=text_ctx, **kw)
+
+
+def tokenizer_files(name: str, *, bpe_dir: str | None = None, path: str | None = None,
+                    revision: str | None = None) -> dict[str, Any]:
+    """The keyword arguments of :func:`build_tokenizer` that locate tokenizer ``name``'s files: ``bpe_dir``
+    for ``gpt2``, ``path`` and ``revision`` (the T5 encoder's) for ``t5``, none for ``clip``."""
+    if name == "gpt2":
+        return {"bpe_dir": bpe_dir}
+    if name == "t5":
+        return {"path": path, "revision": revision}
+    return {}

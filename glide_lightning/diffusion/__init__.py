@@ -12,7 +12,7 @@ from glide_lightning.diffusion.config import (
     Prediction,
     VarianceType,
 )
-from glide_lightning.diffusion.gaussian import GaussianDiffusion, learned_range_log_variance
+from glide_lightning.diffusion.gaussian import GaussianDiffusion, dynamic_threshold, learned_range_log_variance
 from glide_lightning.diffusion.guidance import classifier_free_guidance, classifier_guidance, condition_mean
 from glide_lightning.diffusion.losses import (
     LOSSES,
@@ -29,7 +29,8 @@ from glide_lightning.diffusion.schedules import SCHEDULES, ScheduleName, get_nam
 __all__ = [
     "DiffusionConfig", "GaussianDiffusion", "LOSSES", "LOSS_TYPES", "LossType", "PREDICTIONS", "Prediction",
     "SAMPLERS", "SCHEDULES", "SamplerName", "ScheduleName", "VARIANCE_TYPES", "VarianceType",
-    "classifier_free_guidance", "classifier_guidance", "condition_mean", "ddim_sample", "ddpm_sample", "discretized_gaussian_log_likelihood",
+    "classifier_free_guidance", "classifier_guidance", "condition_mean", "ddim_sample", "dynamic_threshold",
+    "ddpm_sample", "discretized_gaussian_log_likelihood",
     "get_named_beta_schedule", "get_sampler", "learned_range_log_variance", "mean_flat", "min_snr_weight",
     "normal_kl", "space_timesteps", "training_losses", "training_target",
 ]

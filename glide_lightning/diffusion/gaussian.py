@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from glide_lightning.diffusion.config import DiffusionConfig
@@ -196,3 +197,27 @@ def learned_range_log_variance(model_var_values: Tensor, min_log: Tensor, max_lo
     so a network output of -1 gives β̃ (``min_log``) and +1 gives β (``max_log``)."""
     frac = (model_var_values + 1) / 2
     return frac * max_log + (1 - frac) * min_log
+
+
+def dynamic_threshold(pred_xstart: Tensor, percentile: float) -> Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, §2.3): per sample, s is the ``percentile``-th
+    quantile of ``|pred_xstart|`` (linear interpolation between order statistics, as ``numpy.percentile``),
+    ``s = max(s, 1)``; ``pred_xstart`` is clipped to [-s, s] and divided by s. Pixels then lie in [-1, 1]
+    without the saturation a hard clip gives at high guidance scales; with s = 1 it is the static clip.
+
+    Args:
+        pred_xstart: ``[B, ...]`` predicted x_0.
+        percentile: p in (0, 1] (Imagen: 0.995; 1: s is the largest ``|pred_xstart|``).
+
+    Returns:
+        ``[B, ...]`` like ``pred_xstart``, in [-1, 1].
+
+    Raises:
+        ValueError: ``percentile`` outside (0, 1].
+    """
+    if not 0.0 < percentile <= 1.0:
+        raise ValueError(f"dynamic thresholding percentile must be in (0, 1], got {percentile}")
+    flat = rearrange(pred_xstart.abs(), "b ... -> b (...)").float()  # [B, N]
+    s = torch.quantile(flat, percentile, dim=1).clamp(min=1.0).to(pred_xstart.dtype)  # [B]
+    s = s.reshape(-1, *([1] * (pred_xstart.ndim - 1)))  # [B, 1, ..., 1]
+    return pred_xstart.clamp(-s, s) / s

@@ -65,13 +65,22 @@ class FIDJob:
 
 
 _LATER_SAMPLING_DEFAULTS: dict[str, Any] = {"guidance_interval": None, "compile": False, "precision": "fp32",
-                                            "memory_format": "auto"}
+                                            "memory_format": "auto", "dynamic_threshold": None}
 """Sampling fields added after image caches existed, with their defaults: left out of the identity at
 these values, so the folders of images made before them are found again."""
 
 
+_LATER_MODEL_DEFAULTS: dict[str, Any] = {"text_encoder": "transformer", "text_encoder_name": None,
+                                         "text_encoder_pretrained": None, "text_encoder_revision": None,
+                                         "text_encoder_dim": None}
+"""Model fields added after image caches existed (the frozen text encoders, which the identity names
+instead of hashing their weights), left out at these values like ``_LATER_SAMPLING_DEFAULTS``."""
+
+
 def _model_identity(loaded: SamplingModel) -> dict[str, Any]:
-    return {"weights_sha256": sha256_state_dict(loaded.model), "model": loaded.model_config.to_dict(),
+    model = {k: v for k, v in loaded.model_config.to_dict().items()
+             if not (k in _LATER_MODEL_DEFAULTS and v == _LATER_MODEL_DEFAULTS[k])}
+    return {"weights_sha256": sha256_state_dict(loaded.model), "model": model,
             "diffusion": asdict(loaded.diffusion_config), "tokenizer": type(loaded.tokenizer).__name__,
             "text_ctx": loaded.model_config.text_ctx}
 

@@ -1,7 +1,15 @@
-"""The networks: the ADM UNet, GLIDE's text transformer, the text-conditional UNet and its
-super-resolution and inpainting variants, and glide-text2im checkpoint import."""
+"""The networks: the ADM UNet, GLIDE's text transformer, the frozen T5 / open_clip text encoders, the
+text-conditional UNet and its super-resolution and inpainting variants, and glide-text2im checkpoint import."""
 
-from glide_lightning.models.config import DEFAULT_CHANNEL_MULT, MODEL_KINDS, ModelConfig, ModelKind, build_model
+from glide_lightning.models.config import (
+    DEFAULT_CHANNEL_MULT,
+    MODEL_KINDS,
+    ModelConfig,
+    ModelKind,
+    build_model,
+    load_frozen_text_encoder,
+)
+from glide_lightning.models.encoders import FrozenTextEncoder, load_text_encoder
 from glide_lightning.models.glide_text2im import (
     GLIDE_CHECKPOINT_FILES,
     GLIDE_KINDS,
@@ -29,6 +37,7 @@ __all__ = [
     "MODEL_KINDS",
     "AttentionBlock",
     "CheckpointMismatchError",
+    "FrozenTextEncoder",
     "GlideKind",
     "GroupNorm32",
     "InpaintText2ImUNet",
@@ -44,6 +53,8 @@ __all__ = [
     "build_model",
     "from_glide_text2im",
     "glide_config",
+    "load_frozen_text_encoder",
+    "load_text_encoder",
     "timestep_embedding",
     "zero_module",
 ]

@@ -7,9 +7,17 @@ configurations are :data:`glide_lightning.models.glide_text2im.GLIDE_OPTIONS`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, get_args
 
+from glide_lightning.models.encoders import (
+    FROZEN_TEXT_ENCODERS,
+    TEXT_ENCODERS,
+    FrozenTextEncoder,
+    TextEncoderName,
+    encoder_identity,
+    load_text_encoder,
+)
 from glide_lightning.models.nn import GROUPNORM_GROUPS
 from glide_lightning.models.text2im import (
     InpaintText2ImUNet,
@@ -18,7 +26,7 @@ from glide_lightning.models.text2im import (
     Text2ImUNet,
 )
 
-__all__ = ["DEFAULT_CHANNEL_MULT", "MODEL_KINDS", "ModelConfig", "ModelKind", "build_model"]
+__all__ = ["DEFAULT_CHANNEL_MULT", "MODEL_KINDS", "ModelConfig", "ModelKind", "build_model", "load_frozen_text_encoder"]
 
 ModelKind = Literal["base", "upsample", "inpaint", "upsample_inpaint"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
@@ -83,7 +91,8 @@ class ModelConfig:
     text_ctx: int = 77
     """Caption length in tokens: must equal the tokenizer's (CLIP BPE: 77; GLIDE's GPT-2 BPE: 128)."""
     xf_width: int = 512
-    """Width of the text Transformer (0: no text conditioning)."""
+    """Width of the text Transformer (0: no text conditioning); with a frozen ``text_encoder``, the width its
+    embeddings are projected to."""
     xf_layers: int = 16
     """Layers of the text Transformer."""
     xf_heads: int = 8
@@ -93,7 +102,26 @@ class ModelConfig:
     xf_padding: bool = True
     """Use a learned per-position embedding at padding positions (mask False) of the caption."""
     n_vocab: int = 49408
-    """Tokenizer vocabulary size (CLIP BPE: 49408; GLIDE's GPT-2 BPE: 50257)."""
+    """Tokenizer vocabulary size (CLIP BPE: 49408; GLIDE's GPT-2 BPE: 50257); GLIDE's transformer only."""
+    text_encoder: TextEncoderName = "transformer"
+    """Who encodes the caption: ``transformer`` (GLIDE's own, trained jointly: the ``xf_*`` fields), or a frozen
+    pretrained encoder (Imagen): ``t5`` (a ``transformers`` T5EncoderModel, tokenizer ``t5``) or ``clip`` (the
+    open_clip text tower, tokenizer ``clip``). A frozen encoder's token embeddings are LayerNorm-ed and
+    projected to ``xf_width``, attended to with their padding masked out, and their mean over real tokens joins
+    the timestep embedding; its weights are never trained nor saved: checkpoints record the fields below and
+    sampling reloads it from them. Needs ``pip install 'glide_lightning[text]'`` (t5)."""
+    text_encoder_name: str | None = None
+    """The frozen encoder to load: t5: a hub name (``google/t5-v1_1-base``) or a ``save_pretrained``
+    directory with its tokenizer; clip: an open_clip model name (``ViT-B-32``) or ``local-dir:PATH``
+    (open_clip's folder: ``open_clip_config.json`` and weights). Required for t5 / clip."""
+    text_encoder_pretrained: str | None = None
+    """clip only: the open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``, …) or a local weights file
+    (not needed with ``local-dir:``)."""
+    text_encoder_revision: str | None = None
+    """t5 only: the hub revision (branch, tag or commit) to pin; None: the default branch."""
+    text_encoder_dim: int | None = None
+    """Width D of the frozen encoder's embeddings (t5-v1_1-base: 768, ViT-B-32's text tower: 512); None: read
+    from the encoder when training starts (the checkpoint records the value)."""
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
@@ -138,12 +166,56 @@ class ModelConfig:
         self._check_heads(mult, sizes)
         if self.xf_width < 0:
             raise ValueError(f"xf_width must be >= 0 (0 disables the text encoder), got {self.xf_width}")
-        if self.xf_width:
+        self._check_text_encoder()
+        if self.xf_width and not self.frozen_text_encoder:
             _positive(text_ctx=self.text_ctx, xf_heads=self.xf_heads, n_vocab=self.n_vocab)
             if self.xf_layers < 0:
                 raise ValueError(f"xf_layers must be >= 0, got {self.xf_layers}")
             if self.xf_width % self.xf_heads:
                 raise ValueError(f"xf_width {self.xf_width} is not divisible by xf_heads {self.xf_heads}")
+
+    def _check_text_encoder(self) -> None:
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ValueError(f"unknown text_encoder {self.text_encoder!r}; choose one of {', '.join(TEXT_ENCODERS)}")
+        if not self.frozen_text_encoder:
+            extra = [f for f in ("text_encoder_name", "text_encoder_pretrained", "text_encoder_revision",
+                                 "text_encoder_dim") if getattr(self, f) is not None]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} set, but text_encoder is 'transformer' (GLIDE's own): set "
+                                 f"text_encoder: t5 or clip, or drop them")
+            return
+        if self.kind != "base":
+            raise ValueError(f"text_encoder {self.text_encoder!r} is implemented for kind 'base' only, not "
+                             f"{self.kind!r}")
+        if not self.text_encoder_name:
+            example = "google/t5-v1_1-base" if self.text_encoder == "t5" else "ViT-B-32"
+            raise ValueError(f"text_encoder {self.text_encoder!r} needs text_encoder_name (e.g. {example!r}, or a local "
+                             f"path)")
+        if self.text_encoder == "t5" and self.text_encoder_pretrained is not None:
+            raise ValueError("text_encoder_pretrained is open_clip's tag or weights file; a t5 loads from "
+                             "text_encoder_name and text_encoder_revision")
+        if self.text_encoder == "clip" and self.text_encoder_revision is not None:
+            raise ValueError("text_encoder_revision is a hub revision of a t5; for clip give text_encoder_pretrained")
+        if not self.xf_width:
+            raise ValueError(f"text_encoder {self.text_encoder!r} needs xf_width > 0: the width its embeddings are "
+                             f"projected to for the attention blocks")
+        if self.text_encoder_dim is not None:
+            _positive(text_encoder_dim=self.text_encoder_dim)
+        _positive(text_ctx=self.text_ctx)
+
+    @property
+    def frozen_text_encoder(self) -> bool:
+        """True for a frozen pretrained text encoder (``t5``, ``clip``), False for GLIDE's ``transformer``."""
+        return self.text_encoder in FROZEN_TEXT_ENCODERS
+
+    @property
+    def text_encoder_identity(self) -> str | None:
+        """The frozen encoder's identity (``t5:google/t5-v1_1-base``, see ``encoder_identity``), which
+        precomputed embeddings must carry; None for GLIDE's transformer."""
+        if not self.frozen_text_encoder:
+            return None
+        return encoder_identity(self.text_encoder, str(self.text_encoder_name), pretrained=self.text_encoder_pretrained,
+                                revision=self.text_encoder_revision)
 
     def _check_heads(self, mult: tuple[int, ...], sizes: list[int]) -> None:
         # The middle block (lowest resolution) always has attention.
@@ -205,10 +277,19 @@ def _positive(**values: int) -> None:
 def build_model(config: ModelConfig) -> Text2ImUNet:
     """Build the (randomly initialised) network described by ``config``.
 
-    Wrap in ``with torch.device("meta"):`` to build without allocating weights.
+    Wrap in ``with torch.device("meta"):`` to build without allocating weights. A frozen text encoder
+    (``text_encoder`` t5 / clip) is not part of the network: attach it with ``attach_text_encoder``.
+
+    Raises:
+        ValueError: a frozen text encoder whose ``text_encoder_dim`` is still None.
     """
     cls = _MODEL_CLASSES[config.kind]
+    if config.frozen_text_encoder and config.text_encoder_dim is None:
+        raise ValueError("a frozen text encoder's width is unknown: set model.text_encoder_dim (GlideModule and "
+                         "load_checkpoint fill it in from the loaded encoder)")
     return cls(
+        text_encoder=config.text_encoder,
+        text_encoder_dim=config.text_encoder_dim,
         text_ctx=config.text_ctx,
         xf_width=config.xf_width,
         xf_layers=config.xf_layers,
@@ -230,3 +311,22 @@ def build_model(config: ModelConfig) -> Text2ImUNet:
         resblock_updown=config.resblock_updown,
         norm_min_channels=config.groupnorm_min_channels,
     )
+
+
+def load_frozen_text_encoder(config: ModelConfig) -> tuple[FrozenTextEncoder | None, ModelConfig]:
+    """Load the frozen text encoder ``config`` names (``text_encoder_name``, ``_pretrained``, ``_revision``) and
+    return it with ``config`` whose ``text_encoder_dim`` is the encoder's; ``(None, config)`` for GLIDE's
+    transformer. Attach the encoder to the built network with ``attach_text_encoder``.
+
+    Raises:
+        ValueError: ``text_encoder_dim`` is set and is not the encoder's width.
+        ImportError, OSError: see :func:`~glide_lightning.models.encoders.load_text_encoder`.
+    """
+    if not config.frozen_text_encoder:
+        return None, config
+    encoder = load_text_encoder(config.text_encoder, str(config.text_encoder_name),
+                                pretrained=config.text_encoder_pretrained, revision=config.text_encoder_revision)
+    if config.text_encoder_dim not in (None, encoder.dim):
+        raise ValueError(f"model.model.text_encoder_dim is {config.text_encoder_dim} but {encoder.source} gives "
+                         f"{encoder.dim}-wide embeddings: set it to {encoder.dim} or leave it out")
+    return encoder, replace(config, text_encoder_dim=encoder.dim)

@@ -17,7 +17,8 @@ def training_step_flops(config: ModelConfig, batch_size: int) -> int:
     ``image_size`` pixels with ``text_ctx`` caption tokens (matmuls and convolutions, as torch's
     ``FlopCounterMode`` counts them: 2 per multiply-add; the backward pass about twice the forward).
     The diffusion loss, the optimizer and normalisations are not counted (a few per cent at most).
-    The upsampler and inpainting kinds are counted with their extra inputs."""
+    The upsampler and inpainting kinds are counted with their extra inputs; a frozen text encoder (no
+    backward pass, and run once per batch) is not counted."""
     with torch.device("meta"):
         model = build_model(config)
         size = config.image_size
@@ -25,6 +26,9 @@ def training_step_flops(config: ModelConfig, batch_size: int) -> int:
         t = torch.zeros(batch_size, dtype=torch.long)
         kwargs: dict[str, torch.Tensor] = {"tokens": torch.zeros(batch_size, config.text_ctx, dtype=torch.long),
                                            "mask": torch.ones(batch_size, config.text_ctx, dtype=torch.bool)}
+        if config.frozen_text_encoder:  # its embeddings: the frozen encoder's own forward is not counted
+            kwargs = {"text_emb": torch.empty(batch_size, config.text_ctx, int(config.text_encoder_dim or 0)),
+                      "text_mask": kwargs["mask"]}
         if config.kind in ("upsample", "upsample_inpaint"):
             kwargs["low_res"] = torch.empty(batch_size, 3, size // 4, size // 4)
         if config.kind in ("inpaint", "upsample_inpaint"):

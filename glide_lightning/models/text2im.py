@@ -10,8 +10,17 @@ holds raw integer timesteps; the output has ``out_channels`` channels (6: ε and
 interpolation value).
 
 The caption's encoding does not depend on the noisy image or the timestep: a sampler encodes each
-caption batch once with :meth:`Text2ImUNet.encode_text` and passes ``xf_proj=``, ``xf_out=`` in
-place of ``tokens=``, ``mask=`` at every step (stateless: nothing is cached on the module).
+caption batch once with :meth:`Text2ImUNet.encode_caption` and passes its ``xf_proj=``, ``xf_out=``
+(and ``xf_mask=``) in place of ``tokens=``, ``mask=`` at every step (stateless: nothing is cached on the
+module).
+
+With a frozen pretrained text encoder (``text_encoder`` ``t5`` / ``clip``, Imagen's arm) the GLIDE
+transformer is absent: the encoder's embeddings ``[B, L, D]`` are LayerNorm-ed and projected to
+``xf_width`` (Imagen finds LayerNorm on the text embeddings helps), the attention blocks attend to them
+with padding masked out (a key padding mask: a frozen encoder has no learned padding embedding), and
+their mean over real tokens, projected, is added to the timestep embedding (Imagen's pooled embedding).
+The encoder itself is kept outside the module tree (:meth:`Text2ImUNet.attach_text_encoder`): never in
+``state_dict``, ``parameters()`` or an optimizer.
 """
 
 from __future__ import annotations
@@ -35,6 +44,14 @@ __all__ = [
 ]
 
 
+class _Shared(list):  # noqa: N801
+    """A list that ``copy.deepcopy`` shares instead of copying: an EMA average (a deep copy of the model)
+    uses the same frozen encoder rather than a second copy of its weights."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Shared:
+        return self
+
+
 class Text2ImUNet(UNetModel):
     """An ADM UNet conditioned on a caption encoded by its own Transformer (GLIDE).
 
@@ -47,6 +64,9 @@ class Text2ImUNet(UNetModel):
         xf_padding: replace the input embedding at masked-out (padding) positions by a learned
             per-position padding embedding.
         n_vocab: vocabulary size of the tokenizer.
+        text_encoder: ``transformer`` (GLIDE's own, the ``xf_*`` arguments) or a frozen encoder's name
+            (``t5``, ``clip``): then ``xf_layers``, ``xf_heads``, ``xf_padding``, ``n_vocab`` are unused.
+        text_encoder_dim: width D of the frozen encoder's embeddings (frozen encoders only).
         in_channels: channels of the noisy image ``x`` (the UNet's own input may have more, see the
             variants).
         **unet_kwargs: the remaining :class:`~glide_lightning.models.unet.UNetModel` arguments
@@ -64,6 +84,8 @@ class Text2ImUNet(UNetModel):
         xf_padding: bool = True,
         n_vocab: int,
         in_channels: int = 3,
+        text_encoder: str = "transformer",
+        text_encoder_dim: int | None = None,
         **unet_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -75,7 +97,17 @@ class Text2ImUNet(UNetModel):
         self.text_ctx = text_ctx
         self.xf_width = xf_width
         self.xf_padding = xf_padding
+        self.text_encoder = text_encoder
+        self._frozen_encoder: list[nn.Module] = _Shared()  # a list keeps it out of the module tree
         if not xf_width:
+            return
+        if text_encoder != "transformer":
+            if not text_encoder_dim:
+                raise ValueError(f"text_encoder {text_encoder!r} needs text_encoder_dim (its embeddings' width)")
+            self.text_encoder_dim = text_encoder_dim
+            self.encoder_ln = LayerNorm(text_encoder_dim)
+            self.encoder_proj = nn.Linear(text_encoder_dim, xf_width)
+            self.pooled_proj = nn.Linear(xf_width, 4 * self.model_channels)
             return
         self.transformer = Transformer(xf_width, xf_layers, xf_heads)
         self.final_ln = LayerNorm(xf_width) if xf_final_ln else None
@@ -94,6 +126,65 @@ class Text2ImUNet(UNetModel):
         """Channels the UNet sees: the noisy image plus any concatenated conditioning images."""
         return image_channels
 
+    @property
+    def frozen_text_encoder(self) -> bool:
+        """True when the caption comes from a frozen pretrained encoder (``t5``, ``clip``)."""
+        return self.text_encoder != "transformer"
+
+    def attach_text_encoder(self, encoder: nn.Module) -> None:
+        """Give a frozen-encoder model its encoder (``forward(tokens, mask)`` → ``[B, L, D]`` with ``dim``
+        D, e.g. :class:`~glide_lightning.models.encoders.FrozenTextEncoder`), held outside the module tree.
+
+        Raises:
+            ValueError: this model uses GLIDE's transformer, or ``encoder.dim`` is not ``text_encoder_dim``.
+        """
+        if not self.frozen_text_encoder:
+            raise ValueError("this model encodes captions with its own transformer: it takes no frozen encoder")
+        if encoder.dim != self.text_encoder_dim:
+            raise ValueError(f"the text encoder gives {encoder.dim}-wide embeddings, the model was built for "
+                             f"{self.text_encoder_dim} (model.text_encoder_dim)")
+        self._frozen_encoder[:] = [encoder]
+
+    @property
+    def attached_text_encoder(self) -> nn.Module:
+        """The frozen encoder given to :meth:`attach_text_encoder`. Raises ``RuntimeError`` before that."""
+        if not self._frozen_encoder:
+            raise RuntimeError(f"no {self.text_encoder!r} text encoder attached: load the model with "
+                               f"glide_lightning.sampling.load_checkpoint (it reloads the encoder the checkpoint "
+                               f"names), or call attach_text_encoder")
+        return self._frozen_encoder[0]
+
+    def encode_embeddings(self, text_emb: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """A frozen encoder's embeddings, LayerNorm-ed and projected (Imagen's conditioning).
+
+        Args:
+            text_emb: ``[B, L, text_encoder_dim]`` embeddings (any float dtype).
+            text_mask: bool ``[B, L]``, True on real tokens.
+
+        Returns:
+            ``xf_proj`` ``[B, 4 * model_channels]`` (the projected tokens' mean over real tokens, zero where a
+            caption has none, through ``pooled_proj``) and ``xf_out`` ``[B, xf_width, L]``.
+        """
+        if text_emb.ndim != 3 or text_emb.shape[-1] != self.text_encoder_dim:
+            raise ValueError(f"text_emb must have shape [B, L, {self.text_encoder_dim}], got {tuple(text_emb.shape)}")
+        if text_mask.shape != text_emb.shape[:2]:
+            raise ValueError(f"text_mask shape {tuple(text_mask.shape)} != text_emb's [B, L] {tuple(text_emb.shape[:2])}")
+        dtype = self.encoder_proj.weight.dtype
+        h = self.encoder_proj(self.encoder_ln(text_emb.to(dtype)))  # [B, L, W]
+        keep = rearrange(text_mask.to(h.dtype), "b l -> b l 1")  # [B, L, 1]
+        pooled = (h * keep).sum(1) / keep.sum(1).clamp(min=1)  # [B, W]
+        return self.pooled_proj(pooled), rearrange(h, "b l w -> b w l")  # [B, 4 * model_channels], [B, W, L]
+
+    def encode_caption(self, tokens: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """A caption batch's encoding as the keyword arguments that stand in for ``tokens``/``mask`` in
+        :meth:`forward`: ``xf_proj`` and ``xf_out`` (:meth:`encode_text`), plus ``xf_mask`` (``mask``) with a
+        frozen encoder, whose padding is masked in attention."""
+        xf_proj, xf_out = self.encode_text(tokens, mask)
+        out = dict(xf_proj=xf_proj, xf_out=xf_out)
+        if self.frozen_text_encoder:
+            out["xf_mask"] = mask.bool()
+        return out
+
     def encode_text(self, tokens: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Encode a caption batch.
 
@@ -111,6 +202,10 @@ class Text2ImUNet(UNetModel):
             raise ValueError("this model has no text encoder (xf_width=0): pass tokens=None")
         if tokens.ndim != 2 or tokens.shape[1] != self.text_ctx:
             raise ValueError(f"tokens must have shape [B, {self.text_ctx}], got {tuple(tokens.shape)}")
+        if self.frozen_text_encoder:  # the frozen encoder runs without gradients; its mask is required
+            if mask is None or mask.shape != tokens.shape:
+                raise ValueError(f"a frozen text encoder needs mask [B, {self.text_ctx}] with the tokens")
+            return self.encode_embeddings(self.attached_text_encoder(tokens, mask), mask)
         xf_in = self.token_embedding(tokens.long()) + self.positional_embedding  # [B, L, W]
         if self.xf_padding and mask is not None:
             if mask.shape != tokens.shape:
@@ -128,29 +223,42 @@ class Text2ImUNet(UNetModel):
             raise ValueError(f"x must have shape [B, {self.image_channels}, H, W], got {tuple(x.shape)}")
 
     def _denoise(self, h: Tensor, timesteps: Tensor, tokens: Tensor | None, mask: Tensor | None,
-                 xf_proj: Tensor | None, xf_out: Tensor | None) -> Tensor:
-        """Run the text encoder on ``tokens`` (or take its precomputed ``xf_proj``/``xf_out``; neither:
-        no text) and the UNet on the full input ``h``."""
+                 xf_proj: Tensor | None, xf_out: Tensor | None, xf_mask: Tensor | None = None,
+                 text_emb: Tensor | None = None, text_mask: Tensor | None = None) -> Tensor:
+        """Run the text encoder on ``tokens`` (or the projection on a frozen encoder's ``text_emb``, or take
+        the precomputed ``xf_proj``/``xf_out``/``xf_mask``; none: no text) and the UNet on the full input ``h``."""
+        if sum(x is not None for x in (tokens, text_emb, xf_out if xf_out is not None else xf_proj)) > 1:
+            raise ValueError("pass one of tokens/mask, text_emb/text_mask or their encoding xf_proj/xf_out, "
+                             "not both")
         if tokens is not None:
-            if xf_proj is not None or xf_out is not None:
-                raise ValueError("pass tokens/mask or their encoding xf_proj/xf_out, not both")
             xf_proj, xf_out = self.encode_text(tokens, mask)
+            xf_mask = mask if self.frozen_text_encoder else None
+        elif text_emb is not None:
+            if not self.frozen_text_encoder or text_mask is None:
+                raise ValueError("text_emb/text_mask are a frozen text encoder's embeddings and mask (both needed)")
+            xf_proj, xf_out = self.encode_embeddings(text_emb, text_mask)
+            xf_mask = text_mask
         elif (xf_proj is None) != (xf_out is None):
             raise ValueError("a precomputed caption encoding needs both xf_proj and xf_out (see encode_text)")
-        return UNetModel.forward(self, h, timesteps, encoder_out=xf_out, extra_emb=xf_proj)
+        if self.frozen_text_encoder and xf_out is not None and xf_mask is None:
+            raise ValueError("a frozen text encoder's encoding needs its xf_mask (see encode_caption)")
+        return UNetModel.forward(self, h, timesteps, encoder_out=xf_out, extra_emb=xf_proj, encoder_mask=xf_mask)
 
     def forward(  # type: ignore[override]
         self, x: Tensor, timesteps: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None,
-        xf_proj: Tensor | None = None, xf_out: Tensor | None = None,
+        xf_proj: Tensor | None = None, xf_out: Tensor | None = None, xf_mask: Tensor | None = None,
+        text_emb: Tensor | None = None, text_mask: Tensor | None = None,
     ) -> Tensor:
         """``x`` ``[B, C, H, W]``, ``timesteps`` ``[B]`` → ``[B, out_channels, H, W]``.
 
         ``tokens``/``mask`` as in :meth:`encode_text`, or instead their encoding ``xf_proj``
-        ``[B, 4 * model_channels]`` and ``xf_out`` ``[B, xf_width, text_ctx]`` (what
-        :meth:`encode_text` returns, computed once per sampling call); none of them: no text path.
+        ``[B, 4 * model_channels]``, ``xf_out`` ``[B, xf_width, text_ctx]`` and, with a frozen encoder,
+        ``xf_mask`` ``[B, text_ctx]`` (what :meth:`encode_caption` returns, computed once per sampling call),
+        or a frozen encoder's precomputed ``text_emb`` ``[B, text_ctx, D]`` and ``text_mask``; none of them:
+        no text path.
         """
         self._check_input(x)
-        return self._denoise(x, timesteps, tokens, mask, xf_proj, xf_out)
+        return self._denoise(x, timesteps, tokens, mask, xf_proj, xf_out, xf_mask, text_emb, text_mask)
 
 
 def _upsampled(low_res: Tensor | None, x: Tensor) -> Tensor:

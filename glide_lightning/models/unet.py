@@ -50,17 +50,19 @@ class TimestepEmbedSequential(nn.Sequential):
 
     gradient_checkpointing = False
 
-    def forward(self, x: Tensor, emb: Tensor, encoder_out: Tensor | None = None) -> Tensor:  # noqa: D102
+    def forward(self, x: Tensor, emb: Tensor, encoder_out: Tensor | None = None,  # noqa: D102
+                encoder_mask: Tensor | None = None) -> Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, emb, encoder_out, use_reentrant=False)
-        return self._forward(x, emb, encoder_out)
+            return torch.utils.checkpoint.checkpoint(self._forward, x, emb, encoder_out, encoder_mask,
+                                                     use_reentrant=False)
+        return self._forward(x, emb, encoder_out, encoder_mask)
 
-    def _forward(self, x: Tensor, emb: Tensor, encoder_out: Tensor | None) -> Tensor:
+    def _forward(self, x: Tensor, emb: Tensor, encoder_out: Tensor | None, encoder_mask: Tensor | None) -> Tensor:
         for layer in self:
             if isinstance(layer, TimestepBlock):
                 x = layer(x, emb)
             elif isinstance(layer, AttentionBlock):
-                x = layer(x, encoder_out)
+                x = layer(x, encoder_out, encoder_mask)
             else:
                 x = layer(x)
         return x
@@ -199,8 +201,10 @@ class AttentionBlock(nn.Module):
     ``qkv`` holds each head's query, key and value channels together (layout ``(heads, 3, c)``);
     ``encoder_kv`` projects encoder tokens ``[B, encoder_channels, S]`` to per-head keys and values
     (layout ``(heads, 2, c)``) that are prepended to the image's keys and values. Attention is
-    :func:`torch.nn.functional.scaled_dot_product_attention` (scale ``1/sqrt(c)``, no mask); the
-    output projection is zero-initialised and added to the input.
+    :func:`torch.nn.functional.scaled_dot_product_attention` (scale ``1/sqrt(c)``); an ``encoder_mask``
+    (a frozen text encoder's padding, Imagen) removes the masked tokens' keys, without one (GLIDE, whose
+    padding positions carry a learned embedding) nothing is masked. The output projection is
+    zero-initialised and added to the input.
     """
 
     contiguous_query: bool = True
@@ -234,8 +238,9 @@ class AttentionBlock(nn.Module):
             self.encoder_kv = nn.Conv1d(encoder_channels, 2 * channels, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 
-    def forward(self, x: Tensor, encoder_out: Tensor | None = None) -> Tensor:
-        """``x`` ``[B, C, H, W]``; ``encoder_out`` ``[B, encoder_channels, S]`` or None."""
+    def forward(self, x: Tensor, encoder_out: Tensor | None = None, encoder_mask: Tensor | None = None) -> Tensor:
+        """``x`` ``[B, C, H, W]``; ``encoder_out`` ``[B, encoder_channels, S]`` or None; ``encoder_mask`` bool
+        ``[B, S]`` (True: attend to that token; the image's own keys are always attended to) or None."""
         b, c, height, width = x.shape
         x_flat = rearrange(x, "b c h w -> b c (h w)")  # [B, C, T]
         qkv = self.qkv(self.norm(x_flat))  # [B, 3C, T]
@@ -252,7 +257,11 @@ class AttentionBlock(nn.Module):
             # strided along c and sends SDPA to its unfused math kernel (3-4x slower at 64 px, and it
             # materialises the [T, S + T] attention matrix)
             q = q.contiguous()
-        a = F.scaled_dot_product_attention(q, k, v)  # [B, heads, T, c]
+        attn_mask = None
+        if encoder_out is not None and encoder_mask is not None:
+            keep = torch.cat([encoder_mask.bool(), encoder_mask.new_ones(b, height * width, dtype=torch.bool)], 1)
+            attn_mask = rearrange(keep, "b s -> b 1 1 s")  # [B, 1, 1, S + T]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, heads, T, c]
         a = rearrange(a, "b h t c -> b (h c) t")  # [B, C, T]
         h = self.proj_out(a)
         h = rearrange(h, "b c (h w) -> b c h w", h=height, w=width)  # [B, C, H, W]
@@ -365,6 +374,7 @@ class UNetModel(nn.Module):
         timesteps: Tensor,
         encoder_out: Tensor | None = None,
         extra_emb: Tensor | None = None,
+        encoder_mask: Tensor | None = None,
     ) -> Tensor:
         """Predict ``[B, out_channels, H, W]`` from ``x`` ``[B, in_channels, H, W]``.
 
@@ -373,6 +383,7 @@ class UNetModel(nn.Module):
             timesteps: ``[B]`` (or scalar) raw timesteps, embedded by :func:`timestep_embedding`.
             encoder_out: ``[B, encoder_channels, S]`` tokens every attention block attends to.
             extra_emb: ``[B, 4 * model_channels]`` added to the timestep embedding (e.g. pooled text).
+            encoder_mask: bool ``[B, S]``, True on the ``encoder_out`` tokens to attend to (None: all).
         """
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
@@ -383,10 +394,10 @@ class UNetModel(nn.Module):
         hs = []
         h = x
         for block in self.input_blocks:
-            h = block(h, emb, encoder_out)
+            h = block(h, emb, encoder_out, encoder_mask)
             hs.append(h)
-        h = self.middle_block(h, emb, encoder_out)
+        h = self.middle_block(h, emb, encoder_out, encoder_mask)
         for block in self.output_blocks:
             h = torch.cat([h, hs.pop()], dim=1)  # [B, C + C_skip, H, W]
-            h = block(h, emb, encoder_out)
+            h = block(h, emb, encoder_out, encoder_mask)
         return self.out(h)

@@ -214,7 +214,7 @@ def test_non_string_caption_rejected(clip: CLIPTokenizer) -> None:
 
 
 def test_build_tokenizer(gpt2_bpe_dir: Path) -> None:
-    assert set(TOKENIZERS) == {"clip", "gpt2"}
+    assert set(TOKENIZERS) == {"clip", "gpt2", "t5"}
     clip = build_tokenizer("clip", text_ctx=32)
     assert isinstance(clip, CLIPTokenizer) and clip.text_ctx == 32
     gpt2 = build_tokenizer("gpt2", text_ctx=64, bpe_dir=gpt2_bpe_dir)

@@ -168,3 +168,41 @@ def test_samplers_read_v_through_the_process(sampler):
 
     out = get_sampler(sampler)(diffusion, oracle, (2, 3, 4, 4), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, x_start, atol=1e-4, rtol=0)
+
+
+def test_dynamic_threshold_closed_form():
+    """Imagen's dynamic thresholding: s = max(p-th percentile of |x0| per sample, 1); clip to [-s, s], divide by s."""
+    from glide_lightning.diffusion import dynamic_threshold
+
+    small = torch.linspace(-0.5, 0.9, 12).reshape(1, 3, 2, 2)  # |x| <= 0.9: s = 1, unchanged
+    big = torch.arange(1.0, 13.0).reshape(1, 3, 2, 2) * torch.tensor([1.0, -1.0]).repeat(6).reshape(1, 3, 2, 2)
+    x = torch.cat([small, big])  # sample 2: |x| = 1..12
+    out = dynamic_threshold(x, 1.0)
+    assert torch.equal(out[0], small[0])
+    torch.testing.assert_close(out[1], big[0] / 12)  # p = 1: s = max |x|
+    # p = 0.5: the median of 1..12 by linear interpolation is 6.5 (numpy.percentile's default)
+    half = dynamic_threshold(x, 0.5)
+    torch.testing.assert_close(half[1], big[0].clamp(-6.5, 6.5) / 6.5)
+    assert half.abs().max() <= 1
+    # p = 0.9: position 0.9 * 11 = 9.9 between the 10th and 11th order statistics, 10 and 11 -> 10.9
+    torch.testing.assert_close(dynamic_threshold(x, 0.9)[1], big[0].clamp(-10.9, 10.9) / 10.9)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        dynamic_threshold(x, 0.0)
+
+
+def test_dynamic_threshold_post_processes_pred_xstart_before_the_posterior():
+    """Given as denoised_fn, it is applied where the static clip is: pred_xstart and the mean follow it."""
+    from functools import partial
+
+    from glide_lightning.diffusion import dynamic_threshold
+
+    diffusion = make()
+    x_t = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 3
+    t = torch.tensor([90, 90])
+    eps = -torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    raw = diffusion.predict_xstart_from_eps(x_t, t, eps)
+    assert raw.abs().max() > 1.5  # a prediction that a static clip would saturate
+    out = diffusion.mean_variance_from_output(eps, x_t, t, denoised_fn=partial(dynamic_threshold, percentile=0.95))
+    expected = dynamic_threshold(raw, 0.95)
+    torch.testing.assert_close(out["pred_xstart"], expected)
+    torch.testing.assert_close(out["mean"], diffusion.q_posterior_mean_variance(expected, x_t, t)[0])
