@@ -88,6 +88,10 @@ class ModelConfig:
     """Use a learned per-position embedding at padding positions (mask False) of the caption."""
     n_vocab: int = 49408
     """Tokenizer vocabulary size (CLIP BPE: 49408; GLIDE's GPT-2 BPE: 50257)."""
+    low_res_noise_cond: bool = False
+    """Upsampling kinds only: condition on the noise-augmentation timestep of the low-res input
+    (``low_res_t``, embedded like the timestep; cascaded diffusion / Imagen). Needed to train with
+    ``model.low_res_noise`` > 0. False: GLIDE's upsampler (no such input, no extra weights)."""
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
@@ -135,6 +139,9 @@ class ModelConfig:
                 raise ValueError(f"xf_layers must be >= 0, got {self.xf_layers}")
             if self.xf_width % self.xf_heads:
                 raise ValueError(f"xf_width {self.xf_width} is not divisible by xf_heads {self.xf_heads}")
+        if self.low_res_noise_cond and not self.kind.startswith("upsample"):
+            raise ValueError(f"low_res_noise_cond is for the upsampling kinds (upsample, upsample_inpaint), but kind "
+                             f"is {self.kind!r}: remove it")
 
     def _check_heads(self, mult: tuple[int, ...], sizes: list[int]) -> None:
         # The middle block (lowest resolution) always has attention.
@@ -199,7 +206,9 @@ def build_model(config: ModelConfig) -> Text2ImUNet:
     Wrap in ``with torch.device("meta"):`` to build without allocating weights.
     """
     cls = _MODEL_CLASSES[config.kind]
+    upsampler = {"low_res_noise_cond": config.low_res_noise_cond} if config.kind.startswith("upsample") else {}
     return cls(
+        **upsampler,
         text_ctx=config.text_ctx,
         xf_width=config.xf_width,
         xf_layers=config.xf_layers,
