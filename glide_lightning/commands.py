@@ -64,7 +64,7 @@ def parse(argv: list[str]) -> Any:
     """The command object (a :data:`COMMANDS` dataclass) that ``argv`` describes; parse errors, and
     values the dataclasses refuse (one line per broken rule), exit with status 2 naming the field."""
     parser = build_parser()
-    config = parser.parse_args(argv)
+    config = parser.parse_args(_underscored(argv))
     name = config.command
     repeated = _repeated_list_options(COMMANDS[name], argv)
     if repeated:
@@ -78,6 +78,13 @@ def parse(argv: list[str]) -> Any:
         return command(**{f.name: made[f.name] for f in dataclasses.fields(command) if f.init})
     except ValueError as error:
         command_parser(name).error(f"{name}: {error}")  # the command's own usage, then the broken rules
+
+
+def _underscored(argv: list[str]) -> list[str]:
+    """``--inpaint-image`` as ``--inpaint_image``: option names may be spelled with dashes (the dataclass
+    fields, and so the parser's options, use underscores); values are left alone."""
+    return [re.sub(r"^--([a-z][a-z0-9]*(?:-[a-z0-9]+)+)(?=$|=|\+)", lambda m: "--" + m.group(1).replace("-", "_"), arg)
+            for arg in argv]
 
 
 def _repeated_list_options(command: type, argv: list[str]) -> list[str]:
