@@ -175,8 +175,10 @@ class SampleGrid(OptimizerStepCallback):
         grid = self.make_grid(pl_module)
         step = trainer.global_step
         path = Path(trainer.default_root_dir) / "samples" / f"step{step:08d}.png"
-        save_png(grid, path, {"step": step, "rows (prompts)": self.prompts, "columns (guidance scales)": self.scales,
-                              "seeds": [self.seed + i for i in range(len(self.prompts))],
+        preview = getattr(self, "_preview", None)  # upsamplers and inpainting models: rows are validation images
+        rows = self.prompts if preview is None else list(preview["caption"][:len(self.prompts)])
+        save_png(grid, path, {"step": step, "rows (prompts)": rows, "columns (guidance scales)": self.scales,
+                              "seeds": [self.seed + i for i in range(len(rows))],
                               "sampler": self.config.sampler, "steps": self.config.steps, "weights": self.weights})
         weights = self.weights.split(": ", 1)[-1]
         columns = f"guidance {', '.join(f'{s:g}' for s in self.scales)}"

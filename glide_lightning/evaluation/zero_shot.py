@@ -65,13 +65,16 @@ class FIDJob:
 
 
 _LATER_SAMPLING_DEFAULTS: dict[str, Any] = {"guidance_interval": None, "compile": False, "precision": "fp32",
-                                            "memory_format": "auto"}
+                                            "memory_format": "auto", "upsample_noise": 0.0}
 """Sampling fields added after image caches existed, with their defaults: left out of the identity at
 these values, so the folders of images made before them are found again."""
 
 
 def _model_identity(loaded: SamplingModel) -> dict[str, Any]:
-    return {"weights_sha256": sha256_state_dict(loaded.model), "model": loaded.model_config.to_dict(),
+    model = loaded.model_config.to_dict()
+    if not model["low_res_noise_cond"]:  # a field added after image caches existed: absent at its default
+        del model["low_res_noise_cond"]
+    return {"weights_sha256": sha256_state_dict(loaded.model), "model": model,
             "diffusion": asdict(loaded.diffusion_config), "tokenizer": type(loaded.tokenizer).__name__,
             "text_ctx": loaded.model_config.text_ctx}
 
@@ -216,9 +219,11 @@ def build_extractor(name: str, inception_weights: str | None = None, device: str
 
 
 def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache: ReferenceStatsCache,
-                   checkpoint: str, images: Path, clip: Any = None, nfe: int | None = None) -> ScaleResult:
+                   checkpoint: str, images: Path, clip: Any = None, nfe: int | None = None,
+                   upsampler: str | None = None) -> ScaleResult:
     """FID, CLIP score and (synthetic captions) adherence of the images of one scale in ``images``
-    (``nfe``: the model evaluations per image that made them, recorded beside)."""
+    (``nfe``: the model evaluations per image that made them, and ``upsampler``: the source of the upsampler
+    that took them to their size, with its steps and temperature from ``job.sampling``, recorded beside)."""
     folder = scale_dir(images, scale)
     n = len(job.captions)
     resolution = Image.open(folder / "000000.png").size[0]
@@ -245,7 +250,9 @@ def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache
                        steps=job.sampling.steps, checkpoint=checkpoint, reference=str(job.reference),
                        fid=fid_from_stats(generated, reference),
                        clip_score=clip.summarize(clip_scores) if clip is not None else None,
-                       adherence=sum(adherence) / len(adherence) if synthetic else None)
+                       adherence=sum(adherence) / len(adherence) if synthetic else None, upsampler=upsampler,
+                       upsample_steps=job.sampling.upsample_steps if upsampler else None,
+                       upsample_temp=job.sampling.upsample_temp if upsampler else None)
 
 
 def is_synthetic_caption(caption: str) -> bool:
@@ -307,7 +314,8 @@ def run(job: FIDJob, base: SamplingModel, extractor: FeatureExtractor, cache: Re
     for scale in job.scales:
         wait_for_images(scale_dir(images, scale), len(job.captions))
         nfe = model_evaluations(replace(job.sampling, guidance_scale=scale), base.diffusion_config)
-        results.append(evaluate_scale(job, scale, extractor, cache, base.source, images, clip, nfe))
+        results.append(evaluate_scale(job, scale, extractor, cache, base.source, images, clip, nfe,
+                                      upsampler.source if upsampler is not None else None))
         log.info("guidance %g: %s", scale, results[-1].fid.label)
     path = write_results(job.out_dir / "results.json", results,
                          {**asdict(job.sampling), "seed": job.seed, "images": str(images)})
