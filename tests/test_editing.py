@@ -149,3 +149,21 @@ def test_a_released_inpainting_model_edits(glide_placeholder, monkeypatch):
     result = edit(loaded, images, keep, ["a corgi"], [0], SamplingConfig(steps="1", guidance_scale=1.0))
     known = keep.bool().expand_as(result)
     assert result.shape == (1, 3, 64, 64) and torch.equal(result[known], to_uint8(images)[known])
+
+
+def test_a_training_step_with_low_res_noise_trains_the_noise_level_embedding():
+    from glide_lightning.module import GlideModule
+
+    torch.manual_seed(0)
+    module = GlideModule(model=ModelConfig(**{**TINY.to_dict(), "kind": "upsample", "low_res_noise_cond": True}),
+                         diffusion=DiffusionConfig(steps=20), low_res_noise=0.5)
+    for p in module.model.parameters():
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    tokens, mask = module.tokenizer(["a red circle", "a blue square"])
+    batch = {"image": torch.rand(2, 3, 32, 32) * 2 - 1, "low_res": torch.rand(2, 3, 8, 8) * 2 - 1,
+             "tokens": tokens, "mask": mask}
+    module.log = lambda *args, **kwargs: None  # no trainer to log to
+    module.training_step(batch, 0).backward()
+    grad = module.model.low_res_noise_embed[0].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
