@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from glide_lightning.conditioning import noised_low_res
@@ -49,7 +48,8 @@ from glide_lightning.models import (
 from glide_lightning.models.glide_text2im import detect_glide_kind
 
 __all__ = ["DEFAULT_GUIDANCE_SWEEP", "RELEASED_MODELS", "ReleasedModel", "SamplingConfig", "SamplingModel", "Weights",
-           "edit", "generate", "load_checkpoint", "model_evaluations", "released_model", "sample_batch", "sample_conditioned",
+           "check_cascade", "generate", "load_checkpoint", "model_evaluations", "released_model", "sample_batch", "sample_conditioned",
+           "upsample_batch",
            "sample_generators"]
 
 log = logging.getLogger(__name__)
@@ -327,20 +327,20 @@ def generate(base: SamplingModel, prompts: list[str], seeds: list[int], config: 
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    _check_cascade("generate draws text-to-image samples", base, "base", upsampler, "upsample", config)
+    check_cascade("generate draws text-to-image samples", base, "base", upsampler, "upsample", config)
     device = next(base.model.parameters()).device
     out = []
     for start in range(0, len(prompts), config.batch_size):
         batch_prompts, batch_seeds = prompts[start:start + config.batch_size], seeds[start:start + config.batch_size]
         images = sample_batch(base, batch_prompts, batch_seeds, config, device, progress)
         if upsampler is not None:
-            images = _upsample(upsampler, images, batch_prompts, batch_seeds, config, progress)
+            images = upsample_batch(upsampler, images, batch_prompts, batch_seeds, config, progress)
         out.append(to_uint8(images))
     size = (upsampler or base).image_size
     return torch.cat(out) if out else torch.empty(0, 3, size, size, dtype=torch.uint8)
 
 
-def _check_cascade(task: str, base: SamplingModel, base_kind: ModelKind, upsampler: SamplingModel | None,
+def check_cascade(task: str, base: SamplingModel, base_kind: ModelKind, upsampler: SamplingModel | None,
                    upsampler_kind: ModelKind, config: SamplingConfig) -> None:
     """Raise ``ValueError`` when the models are not of the kinds ``task`` needs, or ``upsample_noise`` is set for
     an upsampler trained without noise augmentation."""
@@ -357,57 +357,6 @@ def _check_cascade(task: str, base: SamplingModel, base_kind: ModelKind, upsampl
 
 
 @torch.no_grad()
-def edit(base: SamplingModel, images: Tensor, keep: Tensor, prompts: list[str], seeds: list[int],
-         config: SamplingConfig = SamplingConfig(), *, upsampler: SamplingModel | None = None,
-         progress: bool = False) -> Tensor:
-    """Text-guided inpainting (GLIDE's editing): regenerate the pixels of ``images`` where ``keep`` is 0.
-
-    Args:
-        base: an inpainting model (kind ``inpaint``: ours or glide-text2im's ``base_inpaint.pt``).
-        images: the pictures to edit, float in [-1, 1], ``[B, 3, H, W]`` (any size: each model gets them
-            bicubically resized, antialiased, to its own size unless they have it already).
-        keep: ``[B, 1, H, W]``, 1 where the pixel is kept, 0 where it is regenerated. Resized to a model's
-            size, a pixel is kept only where it was wholly kept (area average == 1).
-        prompts, seeds: one per image (image i depends on them alone, see :func:`sample_generators`).
-        config: guidance (the base stage only, as GLIDE), sampler and steps; the upsampler stage is
-            unguided ancestral sampling with ``upsample_steps`` and ``upsample_temp``.
-        upsampler: optionally an inpainting upsampler (kind ``upsample_inpaint``, e.g.
-            ``upsample_inpaint.pt``): low_res = the base stage's result, rounded to 8 bits.
-
-    Returns:
-        uint8 ``[B, 3, S, S]`` at the last model's size. Known pixels are kept at every step by replacing
-        the known region of each step's ``pred_xstart`` with the original (glide-text2im's inpainting
-        ``denoised_fn``; :func:`~glide_lightning.diffusion.inpainting.keep_known`), and pasted once more
-        into the result, so that outside the mask it equals the (resized) original up to 8-bit rounding
-        with any sampler.
-
-    Raises:
-        ValueError: models of the wrong kinds, or mismatched lengths and shapes.
-    """
-    _check_cascade("editing needs an inpainting model", base, "inpaint", upsampler, "upsample_inpaint", config)
-    if not (len(prompts) == len(seeds) == images.shape[0] == keep.shape[0]):
-        raise ValueError(f"{images.shape[0]} images, {keep.shape[0]} masks, {len(prompts)} prompts, {len(seeds)} seeds")
-    if keep.shape[1:] != (1, *images.shape[-2:]):
-        raise ValueError(f"the mask must be [B, 1, H, W] of the image's size {tuple(images.shape[-2:])}, "
-                         f"got {tuple(keep.shape)}")
-    device = next(base.model.parameters()).device
-    out = []
-    for start in range(0, len(prompts), config.batch_size):
-        part = slice(start, start + config.batch_size)
-        batch_prompts, batch_seeds = prompts[part], seeds[part]
-        source, known = _at_size(images[part], keep[part], base.image_size, device)
-        result = sample_conditioned(base, batch_prompts, batch_seeds, config, image=source, keep=known,
-                                    progress=progress)
-        if upsampler is not None:
-            source, known = _at_size(images[part], keep[part], upsampler.image_size, device)
-            result = _upsample(upsampler, result, batch_prompts, batch_seeds, config, progress,
-                               dict(inpaint_image=source, inpaint_mask=known), keep_known(source, known))
-            result = keep_known(source, known)(result)
-        out.append(to_uint8(result))
-    return torch.cat(out)
-
-
-@torch.no_grad()
 def sample_conditioned(loaded: SamplingModel, prompts: list[str], seeds: list[int], config: SamplingConfig, *,
                        low_res: Tensor | None = None, image: Tensor | None = None, keep: Tensor | None = None,
                        progress: bool = False) -> Tensor:
@@ -415,7 +364,8 @@ def sample_conditioned(loaded: SamplingModel, prompts: list[str], seeds: list[in
     upsamplers from ``low_res`` ``[B, 3, s, s]`` in [-1, 1] (rounded to 8 bits as a saved image is; noised
     at ``config.upsample_noise`` where the model was trained so), inpainting models from ``image``
     ``[B, 3, S, S]`` and ``keep`` ``[B, 1, S, S]`` (1 = known; known pixels kept as :func:`edit` says).
-    The training sample grids of the upsampling and inpainting kinds draw with it, :func:`edit` too.
+    The training sample grids of the upsampling and inpainting kinds draw with it, and so does
+    :func:`glide_lightning.editing.edit`.
     Raises ``ValueError`` when an input the model's kind needs is missing."""
     kind = loaded.model_config.kind
     device = next(loaded.model.parameters()).device
@@ -448,15 +398,6 @@ def _low_res_kwargs(loaded: SamplingModel, low_res: Tensor, config: SamplingConf
     low_res_t = torch.full((low_res.shape[0],), level, dtype=torch.long, device=low_res.device)
     noise = torch.stack([torch.randn(low_res.shape[1:], generator=g) for g in generators])
     return {"low_res": noised_low_res(process, low_res, low_res_t, noise), "low_res_t": low_res_t}
-
-
-def _at_size(images: Tensor, keep: Tensor, size: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Images (bicubic, antialiased) and keep-masks (kept only where wholly kept) resized to ``size``."""
-    images, keep = images.float().to(device), keep.float().to(device)
-    if images.shape[-1] != size or images.shape[-2] != size:
-        images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True).clamp(-1, 1)
-        keep = (F.interpolate(keep, size=(size, size), mode="area") > 1 - 1e-6).float()
-    return images, keep
 
 
 @torch.no_grad()
@@ -532,10 +473,14 @@ def _denoiser(model: nn.Module, config: SamplingConfig, device: torch.device) ->
             model.to(memory_format=torch.contiguous_format)
 
 
-def _upsample(loaded: SamplingModel, low_res: Tensor, prompts: list[str], seeds: list[int], config: SamplingConfig,
-              progress: bool, image_kwargs: dict[str, Tensor] | None = None, denoised_fn: Any = None) -> Tensor:
-    """The upsampler's stage (unguided ancestral sampling, ``upsample_steps``, ``upsample_temp``); an
-    upsampler trained with noise augmentation gets ``low_res`` noised at ``config.upsample_noise`` and told so."""
+def upsample_batch(loaded: SamplingModel, low_res: Tensor, prompts: list[str], seeds: list[int],
+                   config: SamplingConfig, progress: bool = False, image_kwargs: dict[str, Tensor] | None = None,
+                   denoised_fn: Any = None) -> Tensor:
+    """The upsampler's stage of a cascade: ``low_res`` ``[B, 3, h, w]`` in [-1, 1] (a batch of base samples) to
+    ``[B, 3, S, S]`` float in [-1, 1], unguided ancestral sampling with ``config.upsample_steps`` and
+    ``upsample_temp`` (GLIDE's); an upsampler trained with noise augmentation gets ``low_res`` noised at
+    ``config.upsample_noise`` and told so. ``image_kwargs`` / ``denoised_fn``: an inpainting upsampler's inputs
+    and its known pixels (:func:`glide_lightning.editing.edit`). Image i's noise comes from ``seeds[i]``."""
     device = low_res.device
     size = loaded.image_size
     tokens, mask = (x.to(device) for x in loaded.tokenizer(prompts))

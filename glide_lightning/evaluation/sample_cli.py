@@ -21,7 +21,8 @@ from einops import rearrange
 from PIL import Image
 
 from glide_lightning.data.images import image_grid, save_png, to_rgb
-from glide_lightning.sampling import SamplingConfig, SamplingModel, Weights, edit, generate, load_checkpoint
+from glide_lightning.editing import edit
+from glide_lightning.sampling import SamplingConfig, SamplingModel, Weights, generate, load_checkpoint
 
 log = logging.getLogger(__name__)
 
