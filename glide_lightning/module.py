@@ -147,7 +147,9 @@ class GlideModule(L.LightningModule):
     def load_initial_weights(self, path: str) -> None:
         """Start from a checkpoint's weights: a glide_lightning ``.ckpt`` (its EMA weights when the run
         kept them) or glide-text2im's released file of this model's kind (``base.pt`` for ``base``, …),
-        read by :func:`glide_lightning.sampling.load_checkpoint`.
+        read by :func:`glide_lightning.sampling.load_checkpoint`. An upsampler with
+        ``model.low_res_noise_cond`` may start from one without it (``upsample.pt``): its noise-level embedding
+        keeps its fresh (zero-output) weights.
 
         Raises:
             FileNotFoundError, ValueError: no such file, not a checkpoint, or a model of another kind.
@@ -155,8 +157,11 @@ class GlideModule(L.LightningModule):
             ValueError: a model of this kind whose architecture differs from ``model``'s.
         """
         loaded = load_checkpoint(path, kind=self.model_config.kind)
+        state = loaded.model.state_dict()
+        if self.model_config.low_res_noise_cond and not loaded.model_config.low_res_noise_cond:
+            state.update({k: v for k, v in self.model.state_dict().items() if k.startswith("low_res_noise_embed.")})
         try:
-            self.model.load_state_dict(loaded.model.state_dict(), strict=True)
+            self.model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ValueError(f"init_from: {loaded.source} does not fit this model's architecture; set model: to the "
                              f"checkpoint's ({loaded.model_config.to_dict()})\n{e}") from e

@@ -168,3 +168,28 @@ def test_a_training_step_with_low_res_noise_trains_the_noise_level_embedding():
     module.training_step(batch, 0).backward()
     grad = module.model.low_res_noise_embed[0].weight.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+def test_an_upsampler_without_noise_conditioning_initialises_one_with_it_and_predicts_the_same(tmp_path):
+    """init_from an upsampler trained without augmentation (as glide-text2im's upsample.pt): the new noise-level
+    embedding starts at zero output, so the network predicts what the source predicts, at any low_res_t."""
+    import lightning as L
+
+    from glide_lightning.module import GlideModule
+
+    upsample = ModelConfig(**{**TINY.to_dict(), "kind": "upsample"})
+    source = GlideModule(model=upsample, diffusion=DiffusionConfig(steps=20))
+    for p in source.model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    trainer = L.Trainer(accelerator="cpu", logger=False, max_steps=0, enable_progress_bar=False)
+    trainer.strategy.connect(source)
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    target = GlideModule(model=ModelConfig(**{**upsample.to_dict(), "low_res_noise_cond": True}),
+                         diffusion=DiffusionConfig(steps=20), low_res_noise=0.3)
+    target.load_initial_weights(str(tmp_path / "plain.ckpt"))
+    x, low_res, t = torch.randn(2, 3, 32, 32), torch.rand(2, 3, 8, 8), torch.tensor([3, 7])
+    tokens, mask = target.tokenizer(["a", "b"])
+    with torch.no_grad():
+        expected = source.model.eval()(x, t, low_res=low_res, tokens=tokens, mask=mask)
+        got = target.model.eval()(x, t, low_res=low_res, tokens=tokens, mask=mask, low_res_t=torch.tensor([0, 15]))
+    torch.testing.assert_close(got, expected)

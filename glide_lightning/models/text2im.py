@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from glide_lightning.models.nn import LayerNorm, timestep_embedding
+from glide_lightning.models.nn import LayerNorm, timestep_embedding, zero_module
 from glide_lightning.models.text import Transformer
 from glide_lightning.models.unet import UNetModel
 
@@ -181,8 +181,10 @@ class SuperResText2ImUNet(Text2ImUNet):
         low_res_noise_cond: for training with Gaussian noise augmentation of the low-res input
             (cascaded diffusion, Ho et al. 2021, §4.3; Imagen): the augmentation's timestep
             ``low_res_t`` ``[B]`` (raw integer steps of the training process) is embedded as the
-            timestep is (sinusoid, then ``low_res_noise_embed``: Linear-SiLU-Linear) and added to the
-            embedding. Adds ``low_res_noise_embed.*`` weights; False (GLIDE's) adds none.
+            timestep is (sinusoid, then ``low_res_noise_embed``: Linear-SiLU-Linear, its last layer
+            zero-initialised, so that a fresh embedding changes nothing: an upsampler without it, e.g.
+            glide-text2im's, can be fine-tuned with it) and added to the embedding. Adds
+            ``low_res_noise_embed.*`` weights; False (GLIDE's) adds none.
         **kwargs: as :class:`Text2ImUNet`.
     """
 
@@ -192,7 +194,7 @@ class SuperResText2ImUNet(Text2ImUNet):
         if low_res_noise_cond:
             emb_dim = 4 * self.model_channels
             self.low_res_noise_embed = nn.Sequential(nn.Linear(self.model_channels, emb_dim), nn.SiLU(),
-                                                     nn.Linear(emb_dim, emb_dim))
+                                                     zero_module(nn.Linear(emb_dim, emb_dim)))
 
     @staticmethod
     def unet_in_channels(image_channels: int) -> int:  # noqa: D102
