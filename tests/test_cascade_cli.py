@@ -73,6 +73,7 @@ def test_the_upsampler_trains_and_samples_a_cascade_and_fid_records_it(synthetic
     last = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert last["hyper_parameters"]["model"]["kind"] == "upsample" and last["global_step"] == 2
     assert last["datamodule_hyper_parameters"]["low_res_size"] == 16
+    assert last["datamodule_hyper_parameters"]["model_kind"] == "upsample"  # linked from model.model.kind
     assert grid_size(run_dir) == ((1 + 2 + 1) * 32, 2 * 32)  # low-res | guidance 1, 3 | real; 2 rows
     base = base_checkpoint(tmp_path / "base16.ckpt", 16)
     upsampler = run_dir / "checkpoints/last.ckpt"
