@@ -80,7 +80,7 @@ bench-learning: setup  ## how fast the presets learn (smoke adherence within its
 	$(PY) scripts/bench_learning.py --out bench/learning.json $(ARGS)
 
 train: check-exp setup  ## train EXP=<experiment> [ARGS="--trainer.max_steps 100 ..."]; resumes its run if it has a checkpoint
-	$(if $(filter smoke noised_clip,$(EXP)),$(SYNTHETIC_DATA))
+	$(if $(filter smoke noised_clip smoke_upsample smoke_inpaint,$(EXP)),$(SYNTHETIC_DATA))
 	@if [ "$(EXP)" = laptop_folder ] && [ -z "$(findstring train_shards,$(ARGS))" ] \
 		&& ! ls data/folder/train-*.tar >/dev/null 2>&1; then \
 		echo "data/folder has no shards: build them from your images first, e.g." >&2; \

@@ -124,6 +124,7 @@ class GlideCLI(LightningCLI):
         parser.link_arguments("model.model.text_encoder_name", "data.tokenizer_path")
         parser.link_arguments("model.model.text_encoder_revision", "data.tokenizer_revision")
         parser.link_arguments("model.model.image_size", "data.image_size")
+        parser.link_arguments("model.model.kind", "data.model_kind")
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         # bf16 on GPUs that have it; fp32 elsewhere (bf16 is several times slower on CPUs without it)
         parser.set_defaults({"trainer.precision": "bf16-mixed" if bf16 else "32-true"})

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from glide_lightning.conditioning import conditioning_kwargs
 from glide_lightning.data.tokenizers import TokenizerName, build_tokenizer, tokenizer_files
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.diffusion.losses import training_losses
@@ -32,7 +33,10 @@ QUARTILES = 4
 
 
 class GlideModule(L.LightningModule):
-    """Trains a text-conditional diffusion model with classifier-free guidance dropout.
+    """Trains a text-conditional diffusion model with classifier-free guidance dropout: a base model, an
+    upsampler (``model.kind: upsample``, on the batch's ``low_res``) or an inpainting model (``inpaint`` /
+    ``upsample_inpaint``, on the batch's image and ``inpaint_mask``), with the same losses
+    (:func:`~glide_lightning.conditioning.conditioning_kwargs` makes the inputs of each kind).
 
     Args:
         model: the network's architecture.
@@ -66,6 +70,10 @@ class GlideModule(L.LightningModule):
         gradient_checkpointing: recompute each UNet block's activations in the backward pass instead
             of keeping them (GLIDE's ``use_checkpoint``): much less activation memory for about a
             third more compute, for presets that do not fit otherwise.
+        low_res_noise: upsamplers: Gaussian noise augmentation of the low-res input, the largest
+            augmentation timestep as a fraction of the process (each sample's is uniform in
+            [0, low_res_noise·(T − 1)], passed to the network as ``low_res_t``; needs
+            ``model.low_res_noise_cond``; see :mod:`glide_lightning.conditioning`). 0: off (GLIDE).
     """
 
     def __init__(
@@ -83,6 +91,7 @@ class GlideModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         gradient_checkpointing: bool = False,
+        low_res_noise: float = 0.0,
     ) -> None:
         super().__init__()
         # hyper-parameters as plain data, so checkpoints load with torch.load(weights_only=True)
@@ -92,7 +101,7 @@ class GlideModule(L.LightningModule):
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
-        self.tokenizer = check_trainable(model, diffusion, tokenizer, bpe_dir)
+        self.tokenizer = check_trainable(model, diffusion, tokenizer, bpe_dir, low_res_noise)
         # a frozen encoder is attached to the network outside the module tree: not trained, not saved
         encoder, model = load_frozen_text_encoder(model)  # model.text_encoder_dim recorded: sampling builds with it
         if encoder is not None:
@@ -103,7 +112,8 @@ class GlideModule(L.LightningModule):
                                    "cond_drop_prob": cond_drop_prob, "timestep_sampler": timestep_sampler,
                                    "init_from": init_from, "val_seed": val_seed,
                                    "max_nonfinite_steps": max_nonfinite_steps, "channels_last": channels_last,
-                                   "compile": compile, "gradient_checkpointing": gradient_checkpointing})
+                                   "compile": compile, "gradient_checkpointing": gradient_checkpointing,
+                                   "low_res_noise": low_res_noise})
         self.model_config, self.diffusion_config, self.optimizer_config = model, diffusion, optimizer
         self.model = build_model(model)
         if encoder is not None:
@@ -116,7 +126,7 @@ class GlideModule(L.LightningModule):
         self.flops_per_batch: int | None = None  # for Lightning's ThroughputMonitor (MFU); set per batch size
         self.diffusion = GaussianDiffusion.from_config(diffusion)
         self.timesteps = build_timestep_sampler(timestep_sampler, self.diffusion.num_timesteps)
-        self.cond_drop_prob = cond_drop_prob
+        self.cond_drop_prob, self.low_res_noise = cond_drop_prob, low_res_noise
         self.val_seed = val_seed
         self.init_from = init_from
         self.max_nonfinite_steps = max_nonfinite_steps
@@ -145,7 +155,9 @@ class GlideModule(L.LightningModule):
     def load_initial_weights(self, path: str) -> None:
         """Start from a checkpoint's weights: a glide_lightning ``.ckpt`` (its EMA weights when the run
         kept them) or glide-text2im's released file of this model's kind (``base.pt`` for ``base``, …),
-        read by :func:`glide_lightning.sampling.load_checkpoint`.
+        read by :func:`glide_lightning.sampling.load_checkpoint`. An upsampler with
+        ``model.low_res_noise_cond`` may start from one without it (``upsample.pt``): its noise-level embedding
+        keeps its fresh (zero-output) weights.
 
         Raises:
             FileNotFoundError, ValueError: no such file, not a checkpoint, or a model of another kind.
@@ -153,8 +165,11 @@ class GlideModule(L.LightningModule):
             ValueError: a model of this kind whose architecture differs from ``model``'s.
         """
         loaded = load_checkpoint(path, kind=self.model_config.kind)
+        state = loaded.model.state_dict()
+        if self.model_config.low_res_noise_cond and not loaded.model_config.low_res_noise_cond:
+            state.update({k: v for k, v in self.model.state_dict().items() if k.startswith("low_res_noise_embed.")})
         try:
-            self.model.load_state_dict(loaded.model.state_dict(), strict=True)
+            self.model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ValueError(f"init_from: {loaded.source} does not fit this model's architecture; set model: to the "
                              f"checkpoint's ({loaded.model_config.to_dict()})\n{e}") from e
@@ -215,6 +230,12 @@ class GlideModule(L.LightningModule):
                 self._empty_embedding = (self.model.attached_text_encoder(tokens, mask).to(torch.float16), mask)
         return self._empty_embedding
 
+    def image_conditioning(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The network's inputs besides the caption for this model's kind (low_res, inpainting image and mask)."""
+        return conditioning_kwargs(self.model_config.kind, batch, diffusion=self.diffusion,
+                                   low_res_noise=self.low_res_noise, noise_cond=self.model_config.low_res_noise_cond,
+                                   generator=generator)
+
     def training_model(self) -> Any:
         """The network the training step calls: ``self.model``, or its ``torch.compile`` (made once)."""
         if not self._compiled:
@@ -230,7 +251,8 @@ class GlideModule(L.LightningModule):
             self.flops_per_batch = training_step_flops(self.model_config, images.shape[0])
         captions, drop = self.caption_kwargs(batch, drop=True)
         t, weights = self.timesteps.sample(images.shape[0], images.device)
-        terms = training_losses(self.diffusion, self.training_model(), images, t, captions)
+        model_kwargs = dict(**captions, **self.image_conditioning(batch))
+        terms = training_losses(self.diffusion, self.training_model(), images, t, model_kwargs)
         self.step_terms = {**{k: v.detach() for k, v in terms.items()}, "t": t}
         if self.hparams["timestep_sampler"] != "uniform":
             # every rank updates the sampler with every rank's losses, so they sample alike
@@ -264,8 +286,8 @@ class GlideModule(L.LightningModule):
         # stratified: sample j gets a t in the j-th of b equal slices of [0, T)
         t = ((torch.arange(b) + torch.rand(b, generator=generator)) * self.diffusion.num_timesteps / b).long()
         noise = torch.randn(images.shape, generator=generator).to(images)
-        terms = training_losses(self.diffusion, self.model, images, t.to(images.device),
-                                self.caption_kwargs(batch, drop=False)[0], noise)
+        model_kwargs = dict(**self.caption_kwargs(batch, drop=False)[0], **self.image_conditioning(batch, generator))
+        terms = training_losses(self.diffusion, self.model, images, t.to(images.device), model_kwargs, noise)
         quartiles = self.quartiles(t.to(images.device))
         for name, value in terms.items():
             self.val_metrics[name].update(value)
@@ -315,12 +337,14 @@ class GlideModule(L.LightningModule):
 
 
 def check_trainable(model: ModelConfig, diffusion: DiffusionConfig, tokenizer: TokenizerName,
-                    bpe_dir: str | None = None) -> Any:
+                    bpe_dir: str | None = None, low_res_noise: float = 0.0) -> Any:
     """The tokenizer, once the settings are known to train together (errors name the field and the fix)."""
-    if model.kind != "base":
-        raise ValueError(f"model.kind {model.kind!r} cannot be trained yet: GlideModule trains text-to-image base "
-                         "models only (the data module gives no low_res / inpainting inputs). Use model.kind: base; "
-                         "glide-text2im's released upsampler samples with `sample --upsampler upsample.pt`")
+    if not 0.0 <= low_res_noise <= 1.0:
+        raise ValueError(f"model.low_res_noise must be in [0, 1] (a fraction of the process), got {low_res_noise}")
+    if low_res_noise and not model.low_res_noise_cond:
+        raise ValueError("model.low_res_noise > 0 augments the upsampler's low-res input, whose noise level must reach "
+                         "the network: set model.model.low_res_noise_cond: true (model.model.kind upsample or "
+                         "upsample_inpaint)")
     if diffusion.variance_type == "learned_range" and not model.learn_sigma:
         raise ValueError("model.diffusion.variance_type 'learned_range' needs model.model.learn_sigma: true "
                          "(6 output channels), or a fixed variance_type with loss_type simple or p2")

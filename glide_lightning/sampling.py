@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from glide_lightning.clip_guidance import GuidanceCLIP
+from glide_lightning.conditioning import noised_low_res
 from glide_lightning.data.images import to_uint8
 from glide_lightning.data.tokenizers import Tokenizer, TokenizerName, build_tokenizer, tokenizer_files
 from glide_lightning.diffusion import (
@@ -40,6 +41,7 @@ from glide_lightning.diffusion import (
     get_sampler,
 )
 from glide_lightning.diffusion.guidance import edm_sigma
+from glide_lightning.diffusion.inpainting import keep_known
 from glide_lightning.diffusion.samplers import SAMPLER_NAMES
 from glide_lightning.diffusion.solvers import diffusers_available
 from glide_lightning.diffusion.schedules import parse_respacing
@@ -57,7 +59,8 @@ from glide_lightning.models import (
 from glide_lightning.models.glide_text2im import detect_glide_kind
 
 __all__ = ["DEFAULT_GUIDANCE_SWEEP", "RELEASED_MODELS", "ReleasedModel", "SamplingConfig", "SamplingModel", "Weights",
-           "generate", "load_checkpoint", "model_evaluations", "released_model", "sample_batch",
+           "check_cascade", "generate", "load_checkpoint", "model_evaluations", "released_model", "sample_batch", "sample_conditioned",
+           "upsample_batch",
            "sample_generators"]
 
 log = logging.getLogger(__name__)
@@ -127,6 +130,10 @@ class SamplingConfig:
     """Respacing of the upsampler's process (GLIDE: ``fast27``)."""
     upsample_temp: float = 0.997
     """Scale of the upsampler's initial noise (GLIDE: 0.997)."""
+    upsample_noise: float = 0.0
+    """For upsamplers trained with noise augmentation of their low-res input (``model.low_res_noise``):
+    the base samples are noised (``q_sample``) at this fraction of the upsampler's process and the
+    network is told that level (``low_res_t``); 0: the process's first step. Other upsamplers: must be 0."""
     guidance_interval: tuple[float, float] | None = None
     """Guide only at steps whose noise level σ = √((1 - ᾱ_t) / ᾱ_t) lies in (low, high]; elsewhere the
     conditional model runs alone (half the forward passes there). Kynkäänniemi et al. 2024 guide
@@ -201,6 +208,9 @@ class SamplingConfig:
             problems.append(f"guidance_scale must be >= 0 (1: no guidance), got {self.guidance_scale}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.upsample_noise <= 1:
+            problems.append(f"upsample_noise must be in [0, 1] (a fraction of the upsampler's process), got "
+                            f"{self.upsample_noise}")
         if self.upsample_temp <= 0:
             problems.append(f"upsample_temp must be > 0 (GLIDE: 0.997), got {self.upsample_temp}")
         if problems:
@@ -360,29 +370,89 @@ def generate(base: SamplingModel, prompts: list[str], seeds: list[int], config: 
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    if base.model_config.kind != "base":
-        raise ValueError(f"generate draws text-to-image samples: the base model must be of kind 'base', got "
-                         f"{base.model_config.kind!r} ({base.source})")
-    if upsampler is not None and upsampler.model_config.kind != "upsample":
-        raise ValueError(f"the upsampler must be of kind 'upsample' (e.g. glide-text2im's upsample.pt), got "
-                         f"{upsampler.model_config.kind!r} ({upsampler.source})")
+    check_cascade("generate draws text-to-image samples", base, "base", upsampler, "upsample", config)
     device = next(base.model.parameters()).device
     out = []
     for start in range(0, len(prompts), config.batch_size):
         batch_prompts, batch_seeds = prompts[start:start + config.batch_size], seeds[start:start + config.batch_size]
         images = sample_batch(base, batch_prompts, batch_seeds, config, device, progress, clip=clip)
         if upsampler is not None:
-            images = _upsample(upsampler, images, batch_prompts, batch_seeds, config, progress)
+            images = upsample_batch(upsampler, images, batch_prompts, batch_seeds, config, progress)
         out.append(to_uint8(images))
     size = (upsampler or base).image_size
     return torch.cat(out) if out else torch.empty(0, 3, size, size, dtype=torch.uint8)
 
 
+def check_cascade(task: str, base: SamplingModel, base_kind: ModelKind, upsampler: SamplingModel | None,
+                   upsampler_kind: ModelKind, config: SamplingConfig) -> None:
+    """Raise ``ValueError`` when the models are not of the kinds ``task`` needs, or ``upsample_noise`` is set for
+    an upsampler trained without noise augmentation."""
+    if base.model_config.kind != base_kind:
+        raise ValueError(f"{task}: the base model must be of kind {base_kind!r}, got {base.model_config.kind!r} "
+                         f"({base.source}); e.g. glide-text2im's {released_model(model_kind=base_kind).file}")
+    if upsampler is not None and upsampler.model_config.kind != upsampler_kind:
+        raise ValueError(f"the upsampler must be of kind {upsampler_kind!r} (e.g. glide-text2im's "
+                         f"{released_model(model_kind=upsampler_kind).file}), got {upsampler.model_config.kind!r} "
+                         f"({upsampler.source})")
+    if upsampler is not None and config.upsample_noise and not upsampler.model_config.low_res_noise_cond:
+        raise ValueError(f"sampling.upsample_noise is {config.upsample_noise}, but the upsampler ({upsampler.source}) "
+                         f"was not trained with noise augmentation of its low-res input: leave it at 0")
+
+
+@torch.no_grad()
+def sample_conditioned(loaded: SamplingModel, prompts: list[str], seeds: list[int], config: SamplingConfig, *,
+                       low_res: Tensor | None = None, image: Tensor | None = None, keep: Tensor | None = None,
+                       progress: bool = False, clip: GuidanceCLIP | None = None) -> Tensor:
+    """One batch from a model of any kind, guided as ``config`` says, float ``[B, 3, S, S]`` in [-1, 1]:
+    upsamplers from ``low_res`` ``[B, 3, s, s]`` in [-1, 1] (rounded to 8 bits as a saved image is; noised
+    at ``config.upsample_noise`` where the model was trained so), inpainting models from ``image``
+    ``[B, 3, S, S]`` and ``keep`` ``[B, 1, S, S]`` (1 = known; known pixels kept as :func:`edit` says).
+    The training sample grids of the upsampling and inpainting kinds draw with it, and so does
+    :func:`glide_lightning.editing.edit`.
+    ``clip``: the noised CLIP of CLIP guidance at ``config.clip_guidance_scale`` (:func:`sample_batch`).
+    Raises ``ValueError`` when an input the model's kind needs is missing."""
+    kind = loaded.model_config.kind
+    device = next(loaded.model.parameters()).device
+    image_kwargs: dict[str, Tensor] = {}
+    denoised_fn = None
+    if kind.startswith("upsample"):
+        if low_res is None:
+            raise ValueError(f"a model of kind {kind!r} samples from a low-resolution image: pass low_res")
+        image_kwargs.update(_low_res_kwargs(loaded, low_res.to(device), config, sample_generators(seeds, offset=1)))
+    if "inpaint" in kind:
+        if image is None or keep is None:
+            raise ValueError(f"a model of kind {kind!r} fills in an image: pass image and keep (1 = known pixel)")
+        image, keep = image.to(device), keep.to(device)
+        image_kwargs.update(inpaint_image=image, inpaint_mask=keep)
+        denoised_fn = keep_known(image, keep)
+    result = sample_batch(loaded, prompts, seeds, config, device, progress, image_kwargs, denoised_fn, clip=clip)
+    return result if denoised_fn is None else denoised_fn(result)
+
+
+def _low_res_kwargs(loaded: SamplingModel, low_res: Tensor, config: SamplingConfig,
+                    generators: list[torch.Generator]) -> dict[str, Tensor]:
+    """An upsampler's ``low_res`` (8-bit rounded, as GLIDE feeds it the saved base samples) and, where it was
+    trained with noise augmentation, ``low_res`` noised at ``config.upsample_noise`` and ``low_res_t``
+    (the noise drawn from each image's generator)."""
+    low_res = to_uint8(low_res).float().to(low_res.device) / 127.5 - 1
+    if not loaded.model_config.low_res_noise_cond:
+        return {"low_res": low_res}
+    process = GaussianDiffusion.from_config(loaded.diffusion_config)
+    level = round(config.upsample_noise * (process.num_timesteps - 1))
+    low_res_t = torch.full((low_res.shape[0],), level, dtype=torch.long, device=low_res.device)
+    noise = torch.stack([torch.randn(low_res.shape[1:], generator=g) for g in generators])
+    return {"low_res": noised_low_res(process, low_res, low_res_t, noise), "low_res_t": low_res_t}
+
+
 @torch.no_grad()
 def sample_batch(loaded: SamplingModel, prompts: list[str], seeds: list[int], config: SamplingConfig,
-                 device: torch.device, progress: bool = False, *, clip: GuidanceCLIP | None = None) -> Tensor:
+                 device: torch.device, progress: bool = False, image_kwargs: dict[str, Tensor] | None = None,
+                 denoised_fn: Any = None, *, clip: GuidanceCLIP | None = None) -> Tensor:
     """One batch of base samples for ``prompts``, float in [-1, 1], ``[B, 3, H, W]`` (what
-    :func:`generate` converts to uint8).
+    :func:`generate` converts to uint8); ``image_kwargs`` are further inputs of the network, shared by
+    the guided and unguided halves (an inpainting model's ``inpaint_image`` / ``inpaint_mask``), and
+    ``denoised_fn`` is applied to each step's ``pred_xstart`` (:func:`edit`), after
+    ``config.dynamic_threshold``'s thresholding where that is set (so pasted known pixels stay exact).
 
     The captions and the empty caption (batch 1) go through the text encoder once, in one call,
     before the step loop; every step reuses the encodings (``xf_proj``, ``xf_out``, with a frozen encoder
@@ -402,7 +472,7 @@ def sample_batch(loaded: SamplingModel, prompts: list[str], seeds: list[int], co
     # xf_proj [B (+1), 4 * model_channels], xf_out [B (+1), W, L] (and a frozen encoder's xf_mask [B (+1), L])
     encoded = loaded.model.encode_caption(tokens, mask)
     batch = len(prompts)
-    cond = {k: v[:batch] for k, v in encoded.items()}
+    cond = {**{k: v[:batch] for k, v in encoded.items()}, **(image_kwargs or {})}
     uncond = {k: v[batch:] for k, v in encoded.items()}
     diffusion = GaussianDiffusion.from_config(loaded.diffusion_config, config.steps)
     cond_fn = None
@@ -411,21 +481,30 @@ def sample_batch(loaded: SamplingModel, prompts: list[str], seeds: list[int], co
     with _denoiser(loaded.model, config, device) as denoiser:
         model = classifier_free_guidance(denoiser, config.guidance_scale, uncond, interval=config.guidance_interval,
                                          alphas_cumprod=diffusion.base_alphas_cumprod)
-        return _run_sampler(config, diffusion, model, (batch, 3, size, size), cond, seeds, progress, device, cond_fn)
+        return _run_sampler(config, diffusion, model, (batch, 3, size, size), cond, seeds, progress, device,
+                            cond_fn, denoised_fn)
 
 
 def _run_sampler(config: SamplingConfig, diffusion: GaussianDiffusion, model: Any, shape: tuple[int, ...],
                  model_kwargs: dict[str, Any], seeds: list[int], progress: bool, device: torch.device,
-                 cond_fn: Any = None) -> Tensor:
+                 cond_fn: Any = None, denoised_fn: Any = None) -> Tensor:
     options = {"eta": config.eta} if config.sampler == "ddim" else {}
     if cond_fn is not None:
         options["cond_fn"] = cond_fn
     sampler = get_sampler(config.sampler, **options)
-    denoised_fn = None
-    if config.dynamic_threshold is not None:
-        denoised_fn = functools.partial(dynamic_threshold, percentile=config.dynamic_threshold)
     return sampler(diffusion, model, shape, model_kwargs=model_kwargs, generator=sample_generators(seeds),
-                   progress=progress, device=device, denoised_fn=denoised_fn)
+                   progress=progress, device=device, denoised_fn=_denoised_fn(config, denoised_fn))
+
+
+def _denoised_fn(config: SamplingConfig, denoised_fn: Any = None) -> Any:
+    """The sampler's ``denoised_fn``: ``config.dynamic_threshold``'s thresholding (where set), then
+    ``denoised_fn`` (an edit's known-pixel paste, last so those pixels stay exact); None when neither."""
+    if config.dynamic_threshold is None:
+        return denoised_fn
+    threshold = functools.partial(dynamic_threshold, percentile=config.dynamic_threshold)
+    if denoised_fn is None:
+        return threshold
+    return lambda pred_xstart: denoised_fn(threshold(pred_xstart))
 
 
 @contextlib.contextmanager
@@ -461,16 +540,21 @@ def _denoiser(model: nn.Module, config: SamplingConfig, device: torch.device) ->
             model.to(memory_format=torch.contiguous_format)
 
 
-def _upsample(loaded: SamplingModel, low_res: Tensor, prompts: list[str], seeds: list[int], config: SamplingConfig,
-              progress: bool) -> Tensor:
+def upsample_batch(loaded: SamplingModel, low_res: Tensor, prompts: list[str], seeds: list[int],
+                   config: SamplingConfig, progress: bool = False, image_kwargs: dict[str, Tensor] | None = None,
+                   denoised_fn: Any = None) -> Tensor:
+    """The upsampler's stage of a cascade: ``low_res`` ``[B, 3, h, w]`` in [-1, 1] (a batch of base samples) to
+    ``[B, 3, S, S]`` float in [-1, 1], unguided ancestral sampling with ``config.upsample_steps`` and
+    ``upsample_temp`` (GLIDE's); an upsampler trained with noise augmentation gets ``low_res`` noised at
+    ``config.upsample_noise`` and told so. ``image_kwargs`` / ``denoised_fn``: an inpainting upsampler's inputs
+    and its known pixels (:func:`glide_lightning.editing.edit`). Image i's noise comes from ``seeds[i]``."""
     device = low_res.device
     size = loaded.image_size
     tokens, mask = (x.to(device) for x in loaded.tokenizer(prompts))
-    xf_proj, xf_out = loaded.model.encode_text(tokens, mask)  # once, not at every step
-    # GLIDE feeds the upsampler the base samples rounded to 8-bit, as a saved image would be
-    low_res = to_uint8(low_res).float() / 127.5 - 1
+    encoded = loaded.model.encode_caption(tokens, mask)  # once, not at every step (xf_mask: a frozen encoder's)
+    generators = sample_generators(seeds, offset=1)
+    model_kwargs = dict(**encoded, **_low_res_kwargs(loaded, low_res, config, generators), **(image_kwargs or {}))
     diffusion = GaussianDiffusion.from_config(loaded.diffusion_config, config.upsample_steps)
-    return get_sampler("ddpm")(diffusion, loaded.model, (len(prompts), 3, size, size),
-                               model_kwargs=dict(low_res=low_res, xf_proj=xf_proj, xf_out=xf_out),
-                               noise_scale=config.upsample_temp, generator=sample_generators(seeds, offset=1),
-                               progress=progress, device=device)
+    return get_sampler("ddpm")(diffusion, loaded.model, (len(prompts), 3, size, size), model_kwargs=model_kwargs,
+                               noise_scale=config.upsample_temp, generator=generators, progress=progress,
+                               device=device, denoised_fn=denoised_fn)

@@ -250,8 +250,9 @@ def test_a_checkpoint_with_nonfinite_weights_is_refused(synthetic_shards, tmp_pa
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"model": ModelConfig(**{**TINY.to_dict(), "kind": "upsample"})}, r"model.kind 'upsample' cannot be trained yet"),
-    ({"model": ModelConfig(**{**TINY.to_dict(), "kind": "inpaint"})}, r"model.kind 'inpaint' cannot be trained yet"),
+    ({"model": ModelConfig(**{**TINY.to_dict(), "kind": "upsample"}), "low_res_noise": 0.1},
+     r"set model.model.low_res_noise_cond: true"),
+    ({"low_res_noise": 1.5}, r"model.low_res_noise must be in \[0, 1\]"),
     ({"tokenizer": "gpt2"},
      "model.model.n_vocab is 49408 but tokenizer 'gpt2' has 50257 tokens: set model.model.n_vocab: 50257"),
     ({"model": ModelConfig(**{**TINY.to_dict(), "text_ctx": 1})}, r"model.model.text_ctx 1 does not suit tokenizer"),

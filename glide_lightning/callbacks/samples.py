@@ -1,5 +1,6 @@
 """Sample grids during training: fixed prompts × guidance scales with fixed seeds, so grids from
-different steps and runs compare cell by cell. Also the Lightning-aware side of sampling: which
+different steps and runs compare cell by cell (upsamplers and inpainting models: fixed validation
+images, their input | the results per scale | the real image). Also the Lightning-aware side of sampling: which
 weights of a training module to sample from (:func:`model_from_module`, :func:`sampling_model`)."""
 
 from __future__ import annotations
@@ -11,14 +12,22 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
 from glide_lightning.callbacks.steps import OptimizerStepCallback
-from glide_lightning.data.images import image_grid, save_png, to_pil
-from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, SamplingConfig, SamplingModel, generate
+from glide_lightning.data.images import image_grid, save_png, to_pil, to_uint8
+from glide_lightning.sampling import (
+    DEFAULT_GUIDANCE_SWEEP,
+    SamplingConfig,
+    SamplingModel,
+    generate,
+    load_checkpoint,
+    sample_conditioned,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +89,11 @@ class SampleGrid(OptimizerStepCallback):
     same seeds each time, log the grid (rows = prompts, columns = scales) to wandb as ``samples/grid``
     and write it to ``<run dir>/samples/step<N>.png``.
 
+    Upsampling and inpainting models (``model.kind`` other than ``base``) have no prompt-only samples: their
+    rows are the first ``len(prompts)`` images of the data module's :meth:`preview_batch` (validation data)
+    with their own captions, and the columns are the model's input (the low-res image, nearest-upscaled; or
+    the known pixels, erased ones gray) | one result per guidance scale | the real image.
+
     Args:
         prompts: captions of the grid's rows.
         guidance_scales: the grid's columns (default: ``DEFAULT_GUIDANCE_SWEEP``, the one sweep list).
@@ -87,16 +101,20 @@ class SampleGrid(OptimizerStepCallback):
         seed: seed of the first row (row i uses seed + i, the same in every column).
         sampling: sampler, steps, η, batch size (its ``guidance_scale`` is replaced by each column's);
             checked when the config is parsed.
+        upsampler: an upsampler checkpoint (ours, ``runs/<upsample run>/checkpoints/last.ckpt``, or
+            glide-text2im's ``upsample.pt``): a base model's grid then shows the cascade's output at the
+            upsampler's size (``sampling.upsample_steps`` / ``upsample_temp``). None: the base samples.
     """
 
     def __init__(self, prompts: list[str] = DEFAULT_PROMPTS,
                  guidance_scales: list[float] = list(DEFAULT_GUIDANCE_SWEEP), every_n_steps: int = 1000,
-                 seed: int = 0, sampling: SamplingConfig = SamplingConfig()) -> None:
+                 seed: int = 0, sampling: SamplingConfig = SamplingConfig(), upsampler: str | None = None) -> None:
         if not prompts or not guidance_scales or every_n_steps < 1:
             raise ValueError("SampleGrid needs prompts, guidance_scales and every_n_steps >= 1")
         self.prompts, self.scales = list(prompts), [float(s) for s in guidance_scales]
         self.every_n_steps, self.seed = every_n_steps, seed
         self.config = sampling if isinstance(sampling, SamplingConfig) else SamplingConfig(**sampling)
+        self.upsampler_path, self._upsampler = upsampler, None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_sampling_steps("SampleGrid", self.config.steps, pl_module)
@@ -116,23 +134,58 @@ class SampleGrid(OptimizerStepCallback):
         loaded.model.eval()
         seeds = [self.seed + i for i in range(len(self.prompts))]
         try:
-            columns = [generate(loaded, self.prompts, seeds, replace(self.config, guidance_scale=scale))
-                       for scale in self.scales]  # each [P, 3, H, W]
+            if loaded.model_config.kind == "base":
+                upsampler = self.upsampler(next(loaded.model.parameters()).device)
+                columns = [generate(loaded, self.prompts, seeds, replace(self.config, guidance_scale=scale),
+                                    upsampler=upsampler) for scale in self.scales]  # each [P, 3, H, W]
+            else:
+                columns = self._conditioned_columns(loaded, pl_module, seeds)
         finally:
             loaded.model.train(was_training)
         images = rearrange(torch.stack(columns), "s p c h w -> (p s) c h w")
-        return image_grid(images, rows=len(self.prompts))
+        return image_grid(images, rows=columns[0].shape[0])
+
+    def upsampler(self, device: torch.device) -> SamplingModel | None:
+        """The cascade's upsampler (loaded once, kept on ``device``), or None."""
+        if self.upsampler_path is not None and self._upsampler is None:
+            self._upsampler = load_checkpoint(self.upsampler_path, device, kind="upsample")
+        return self._upsampler
+
+    def _conditioned_columns(self, loaded: SamplingModel, pl_module: Any, seeds: list[int]) -> list[torch.Tensor]:
+        """input | result per scale | real, each uint8 [N, 3, H, W], for the first images of the preview batch."""
+        if getattr(self, "_preview", None) is None:
+            datamodule = getattr(pl_module.trainer, "datamodule", None)
+            if datamodule is None or not hasattr(datamodule, "preview_batch"):
+                raise ValueError(f"the sample grid of a {loaded.model_config.kind!r} model shows real images: train "
+                                 f"with a GlideDataModule")
+            self._preview = datamodule.preview_batch()
+        batch = self._preview
+        count = min(len(seeds), batch["image"].shape[0])
+        device = next(loaded.model.parameters()).device
+        real = batch["image"][:count].to(device)
+        keep = batch["inpaint_mask"][:count].to(device) if "inpaint_mask" in batch else None
+        low_res = batch["low_res"][:count].to(device) if "low_res" in batch else None
+        shown = real * keep if keep is not None else F.interpolate(low_res, size=real.shape[-2:], mode="nearest")
+        captions = list(batch["caption"][:count])
+        results = [to_uint8(sample_conditioned(loaded, captions, seeds[:count], replace(self.config, guidance_scale=s),
+                                               low_res=low_res, image=real, keep=keep)) for s in self.scales]
+        return [to_uint8(shown).cpu(), *(r.cpu() for r in results), to_uint8(real).cpu()]
 
     def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         grid = self.make_grid(pl_module)
         step = trainer.global_step
         path = Path(trainer.default_root_dir) / "samples" / f"step{step:08d}.png"
-        save_png(grid, path, {"step": step, "rows (prompts)": self.prompts, "columns (guidance scales)": self.scales,
-                              "seeds": [self.seed + i for i in range(len(self.prompts))],
+        preview = getattr(self, "_preview", None)  # upsamplers and inpainting models: rows are validation images
+        rows = self.prompts if preview is None else list(preview["caption"][:len(self.prompts)])
+        save_png(grid, path, {"step": step, "rows (prompts)": rows, "columns (guidance scales)": self.scales,
+                              "seeds": [self.seed + i for i in range(len(rows))],
                               "sampler": self.config.sampler, "steps": self.config.steps, "weights": self.weights})
         weights = self.weights.split(": ", 1)[-1]
-        caption = (f"step {step}, {weights}; rows: prompts, columns: guidance "
-                   f"{', '.join(f'{s:g}' for s in self.scales)}")
+        columns = f"guidance {', '.join(f'{s:g}' for s in self.scales)}"
+        if pl_module.model_config.kind == "base":
+            caption = f"step {step}, {weights}; rows: prompts, columns: {columns}"
+        else:
+            caption = f"step {step}, {weights}; rows: validation images; columns: input | {columns} | real"
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="samples/grid", images=[to_pil(grid)], caption=[caption], step=step)

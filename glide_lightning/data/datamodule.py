@@ -8,6 +8,10 @@ Batches are dicts::
 plus, from shards with precomputed frozen-encoder embeddings (the ``embed`` recipe, see
 :mod:`glide_lightning.data.embeddings`), ``"text_emb"`` float16 ``[B, text_ctx, D]``, ``"text_mask"`` bool
 ``[B, text_ctx]`` and ``"text_encoder"`` (the encoder's identity per sample).
+and, for the other model kinds (``model_kind``), ``"low_res"`` float32 ``[B, 3, s, s]`` (upsamplers:
+the images area-downsampled to ``low_res_size``, as ADM does) and ``"inpaint_mask"`` float32
+``[B, 1, S, S]`` (inpainting: 1 = known pixel, random rectangles and strokes); see
+:mod:`glide_lightning.data.conditioning`.
 
 Batching, decoding and tokenization happen in the DataLoader workers (``batch_size=None``
 loaders). See :mod:`glide_lightning.data.pipeline` for the stream itself.
@@ -70,6 +74,7 @@ from glide_lightning.data.pipeline import (
 )
 from glide_lightning.data.shards import upscale_warning
 from glide_lightning.data.tokenizers import TOKENIZERS, Tokenizer, TokenizerName, build_tokenizer, tokenizer_files
+from glide_lightning.models.config import MODEL_KINDS, ModelKind
 from glide_lightning.data.workers import leave_stop_signals_to_the_main_process
 
 __all__ = ["GlideDataModule", "StreamLoader", "expand_shards", "measure_pipeline"]
@@ -321,6 +326,11 @@ class GlideDataModule(L.LightningDataModule):
             None: an endless stream (use ``max_steps``).
         seed: Seed of the shard resampling and the shuffle buffers (with the epoch).
         max_val_samples: Validate on the first this many validation samples only (None: all).
+        model_kind: The model's kind (linked from ``model.model.kind``): ``upsample`` and
+            ``upsample_inpaint`` batches carry ``low_res``, ``inpaint`` and ``upsample_inpaint`` ones
+            ``inpaint_mask``. ``base`` (the default, for Python callers of text-to-image data): neither.
+        low_res_size: Side in pixels of the upsamplers' low-resolution input (GLIDE: 64 for its 256 px
+            upsampler); required by and only allowed for the upsampling kinds.
     """
 
     def __init__(
@@ -343,6 +353,8 @@ class GlideDataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         seed: int = 0,
         max_val_samples: int | None = None,
+        model_kind: ModelKind = "base",
+        low_res_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -355,6 +367,18 @@ class GlideDataModule(L.LightningDataModule):
                                      ("samples_per_epoch", samples_per_epoch, batch_size)):
             if value is not None and value < minimum:
                 raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        check_choice("model_kind", model_kind, MODEL_KINDS)
+        upsampling = model_kind.startswith("upsample")
+        if upsampling and low_res_size is None:
+            raise ValueError(f"data.low_res_size is required for model.kind {model_kind!r}: the side of the "
+                             f"low-resolution input (e.g. {image_size // 4} for a 4x upsampler; GLIDE: 64 -> 256)")
+        if not upsampling and low_res_size is not None:
+            raise ValueError(f"data.low_res_size is set ({low_res_size}) but model.kind {model_kind!r} takes no "
+                             f"low-resolution input: remove it, or use model.kind upsample / upsample_inpaint")
+        if low_res_size is not None and not 0 < low_res_size < image_size:
+            raise ValueError(f"data.low_res_size must be between 1 and the model's image_size {image_size} "
+                             f"(exclusive), got {low_res_size}")
+        self.model_kind, self.low_res_size = model_kind, low_res_size
         self.train_shards, self.val_shards = train_shards, val_shards
         self.image_size, self.resize_mode = image_size, resize_mode
         self.caption_keys = parse_caption_keys(caption_key)
@@ -427,6 +451,17 @@ class GlideDataModule(L.LightningDataModule):
             batch["skipped"] = torch.tensor(self.skipped_total("train" if self.trainer.training else "val"))
         return batch
 
+    def preview_batch(self) -> dict[str, Any]:
+        """The first batch of the validation pass (without ``val_shards``: of the training stream's epoch 0),
+        the same at every call, read in this process: the real images, captions and conditioning inputs that
+        the sample grids of the upsampling and inpainting models show."""
+        stream = self._stream("val" if self.val_shards is not None else "train")
+        stream.set_epoch(0)
+        batch = next(iter(stream), None)
+        if batch is None:
+            raise RuntimeError(stream.describe_failure())
+        return batch
+
     # -------------------------------------------------------------------------------- helpers
     def skipped_total(self, split: str = "train") -> int:
         """Samples and shards skipped so far in ``split`` (``train`` or ``val``) by this rank."""
@@ -480,6 +515,7 @@ class GlideDataModule(L.LightningDataModule):
             batch_size=self.batch_size if split == "train" else self.val_batch_size,
             batches_per_epoch=self.batches_per_epoch() if split == "train" else None,
             max_samples=self.max_val_samples if split == "val" else None, name=f"{split}_shards={spec!r}",
+            low_res_size=self.low_res_size, inpaint_masks="inpaint" in self.model_kind,
         )
 
     def _loader(self, stream: ImageTextStream, epoch_fn: Callable[[], int | None] | None,

@@ -9,7 +9,14 @@ Shards are webdataset tars; a sample is the run of consecutive members sharing a
                -> decode, RGB, resize, uint8 [3, S, S] -> [train: seeded shuffle windows]
                -> batches (image float [-1, 1], tokens, mask, caption, key, url, skipped,
                   train: stream_position; with precomputed embeddings: text_emb, text_mask,
-                  text_encoder, see :mod:`glide_lightning.data.embeddings`)
+                  text_encoder, see :mod:`glide_lightning.data.embeddings`; upsamplers: low_res;
+                  inpainting: inpaint_mask)
+
+The conditioning inputs of the other model kinds (:mod:`glide_lightning.data.conditioning`) are made
+per batch: ``low_res`` by area downsampling of the batch's images, ``inpaint_mask`` from a NumPy
+generator seeded by ``(seed, epoch, restart, rank, logical worker, batch number)`` in training (so a
+resumed stream draws the masks an uninterrupted one would) and by ``(seed, batch number)`` in
+validation (the same masks at every validation).
 
 **Resumable training stream.** A (rank, worker) training stream is a sequence of *windows*: runs
 of consecutive shards of its resampled shard sequence holding at least ``shuffle_buffer`` valid
@@ -52,6 +59,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from glide_lightning.data.conditioning import downsample, random_masks
 from glide_lightning.data.embeddings import read_embedding
 from glide_lightning.data.images import to_rgb
 from glide_lightning.data.tokenizers import Tokenizer
@@ -277,13 +285,18 @@ class ImageTextStream(IterableDataset):
         world_size: Number of ranks.
         skip_counter: Shared int64 tensor, one slot per worker (created if None).
         name: What the stream is called in messages (e.g. the shard spec).
+        low_res_size: Also yield ``low_res`` float ``[B, 3, low_res_size, low_res_size]``, the images
+            area-downsampled (:func:`~glide_lightning.data.conditioning.downsample`); None: no.
+        inpaint_masks: Also yield ``inpaint_mask`` float ``[B, 1, S, S]`` (1 = known pixel), random
+            rectangles and strokes (:func:`~glide_lightning.data.conditioning.random_masks`).
     """
 
     def __init__(self, urls: Sequence[str], *, tokenizer: Tokenizer, batch_size: int, image_size: int,
                  resize_mode: ResizeMode = "squish", caption_keys: Sequence[str] = ("txt",), train: bool = False,
                  shuffle_buffer: int = 1000, seed: int = 0, batches_per_epoch: int | None = None,
                  max_samples: int | None = None, rank: int = 0, world_size: int = 1,
-                 skip_counter: Tensor | None = None, name: str = "") -> None:
+                 skip_counter: Tensor | None = None, name: str = "", low_res_size: int | None = None,
+                 inpaint_masks: bool = False) -> None:
         super().__init__()
         if not urls:
             raise ValueError("ImageTextStream needs at least one shard URL")
@@ -296,6 +309,7 @@ class ImageTextStream(IterableDataset):
         self.train, self.shuffle_buffer, self.seed = train, int(shuffle_buffer), int(seed)
         self.batches_per_epoch, self.max_samples = batches_per_epoch, max_samples
         self.rank, self.world_size = int(rank), int(world_size)
+        self.low_res_size, self.inpaint_masks = low_res_size, inpaint_masks
         counter = torch.zeros(64, dtype=torch.long) if skip_counter is None else skip_counter
         self.skip_counter = counter.share_memory_()
         self.name = name or repr(self.urls[0] if len(self.urls) == 1 else f"{len(self.urls)} shards")
@@ -342,7 +356,8 @@ class ImageTextStream(IterableDataset):
         if not self.train:
             events = self._route((e for url in self.urls for e in iter_shard(url)), worker, workers)
             items = self._decode(events, progress, slot)
-            yield from (self._collate([item for _, item in group]) for group in _group_by_chunk(items))
+            yield from (self._collate([item for _, item in group], (self.seed, group[0][0]))
+                        for group in _group_by_chunk(items))
             return
         resume, self._resume = self._resume, None
         if resume is None or resume.epoch != epoch:
@@ -359,7 +374,8 @@ class ImageTextStream(IterableDataset):
             if not chunk:
                 return
             batches += 1
-            batch = self._collate([item for item, _ in chunk])
+            batch = self._collate([item for item, _ in chunk],
+                                  (self.seed, start.epoch, self.restart, self.rank, logical, batches))
             batch["stream_position"] = [logical, *replace(chunk[-1][1], batches=batches).to_list()]
             yield batch
 
@@ -460,7 +476,8 @@ class ImageTextStream(IterableDataset):
             log.warning("%d samples/shards skipped by this worker this epoch; further skips and repeats are "
                         "logged at DEBUG level (all are counted)", MAX_LOGGED_SKIPS)
 
-    def _collate(self, items: Sequence[_Item]) -> dict[str, Any]:
+    def _collate(self, items: Sequence[_Item], mask_seed: tuple[int, ...]) -> dict[str, Any]:
+        """One batch; ``mask_seed`` seeds its inpainting masks (see the module docstring)."""
         tokens, mask = self.tokenizer([item.caption for item in items])
         image = torch.stack([item.image for item in items]).float().div_(127.5).sub_(1.0)
         batch = {"image": image, "tokens": tokens, "mask": mask,
@@ -470,6 +487,11 @@ class ImageTextStream(IterableDataset):
             batch["text_emb"] = torch.stack([item.embedding[0] for item in items])  # [B, L, D] float16
             batch["text_mask"] = torch.stack([item.embedding[1] for item in items])  # [B, L]
             batch["text_encoder"] = [item.embedding[2] for item in items]
+        if self.low_res_size is not None:
+            batch["low_res"] = downsample(image, self.low_res_size)  # [B, 3, s, s]
+        if self.inpaint_masks:
+            rng = np.random.default_rng(wds.utils.make_seed(*mask_seed))
+            batch["inpaint_mask"] = random_masks(len(items), self.image_size, rng)  # [B, 1, S, S]
         return batch
 
 

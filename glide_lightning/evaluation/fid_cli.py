@@ -79,7 +79,9 @@ class FIDCommand:
     cache_dir: str = str(Path.home() / ".cache" / "glide_lightning" / "fid_reference")
     """Where reference statistics are cached."""
     upsampler: str | None = None
-    """An upsampler checkpoint (glide-text2im's ``upsample.pt``) to evaluate at 256 px."""
+    """An upsampler checkpoint to evaluate the cascade at its size (256 px for glide-text2im's ``upsample.pt`` or
+    ``minig_upsample``): ours (``runs/<upsample run>/checkpoints/last.ckpt``) or released; its source, steps
+    (``--sampling.upsample_steps``) and temperature (``--sampling.upsample_temp``) are recorded with each result."""
     weights: Weights = "ema"
     """Of a glide_lightning ``.ckpt``: its EMA weights (when the run kept them) or the ``raw`` ones."""
     device: str = "auto"
@@ -196,6 +198,7 @@ def log_to_wandb(run_dir: Path, results: list[ScaleResult], suffix: str = "") ->
     first = results[0]
     summary.update({"eval/n": first.n, "eval/resolution": first.resolution, "eval/sampler": first.sampler,
                     "eval/steps": first.steps, "eval/extractor": first.fid.extractor_name,
+                    "eval/upsampler": first.upsampled() or "none",
                     "eval/fid_label": first.fid.label})
     run = wandb.init(project=run_cfg.get("project", "glide_lightning"), group=run_cfg.get("group"),
                      name=f"{name}-eval{suffix}", job_type="eval", dir=str(run_dir), tags=run_cfg.get("tags"),
@@ -233,7 +236,8 @@ def write_sweep(out: Path, results: list[ScaleResult]) -> None:
     """``sweep.md`` (table) and ``sweep.png`` (FID vs CLIP score, annotated with the scales)."""
     plt = _pyplot()
     first = results[0]
-    lines = _table_head("Guidance sweep", first, f"{first.sampler} {first.steps} steps, ",
+    upsampled = f"{first.upsampled()}, " if first.upsampler else ""
+    lines = _table_head("Guidance sweep", first, f"{first.sampler} {first.steps} steps, {upsampled}",
                         ["guidance", "FID", "CLIP score", "adherence"])
     for r in results:
         lines.append(f"| {r.guidance_scale:g} | {_score_cells(r)} |")

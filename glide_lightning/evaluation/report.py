@@ -185,6 +185,7 @@ def write_report(runs: list[RunSummary], out: Path) -> Path:
                   "|---|---|---:|---:|---:|---:|---:|"]
         for name, setting, r in evals:
             labels.add(r.fid.label.split(":")[0])
+            setting = f"{setting} ({r.upsampled()})" if r.upsampler else setting
             lines.append(f"| {name} | {setting} | {r.guidance_scale:g} | {r.nfe if r.nfe is not None else '–'} | "
                          f"{r.fid.fid:.2f} | {_fmt(r.clip_score.mean if r.clip_score else None, 3)} | "
                          f"{_fmt(r.adherence, 3)} |")

@@ -50,13 +50,21 @@ class ScaleResult:
     nfe: int | None = None
     """Network evaluations per image of the base model (a guided step counts two; None: results written
     before it was recorded)."""
+    upsampler: str | None = None
+    """The upsampler that took the base samples to ``resolution`` (its :attr:`SamplingModel.source`: path and
+    weights, ours or glide-text2im's); None: the base model's own output."""
+    upsample_steps: str | None = None
+    """The upsampler's respacing (``fast27``…), with ``upsampler``."""
+    upsample_temp: float | None = None
+    """The scale of the upsampler's initial noise (GLIDE: 0.997), with ``upsampler``."""
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, nested as in ``results.json`` (``nfe`` only when known: an older record
-        written again stays the same record)."""
+        """JSON-ready, nested as in ``results.json`` (``nfe`` and the upsampler's fields only when known: an
+        older record written again stays the same record)."""
         data = dataclasses.asdict(self)
-        if data["nfe"] is None:
-            del data["nfe"]
+        for key in ("nfe", "upsampler", "upsample_steps", "upsample_temp"):
+            if data[key] is None:
+                del data[key]
         return data
 
     @classmethod
@@ -67,7 +75,8 @@ class ScaleResult:
                    sampler=data["sampler"], steps=str(data["steps"]), checkpoint=data["checkpoint"],
                    fid=_record(FIDResult, data["fid"], "fid"), reference=data.get("reference", ""),
                    clip_score=None if clip is None else _record(CLIPScoreResult, clip, "clip_score"),
-                   adherence=data.get("adherence"), nfe=data.get("nfe"))
+                   adherence=data.get("adherence"), nfe=data.get("nfe"), upsampler=data.get("upsampler"),
+                   upsample_steps=data.get("upsample_steps"), upsample_temp=data.get("upsample_temp"))
 
     def summary_line(self) -> str:
         """One line: the scale, FID, CLIP score and adherence, and the FID's label."""
@@ -77,7 +86,13 @@ class ScaleResult:
                          + (" (random CLIP weights)" if self.clip_score.random_weights else ""))
         if self.adherence is not None:
             parts.append(f"adherence {self.adherence:.3f}")
-        return ", ".join(parts) + f"  [{self.fid.label}]"
+        return ", ".join(parts) + f"  [{self.fid.label}]" + (f" {self.upsampled()}" if self.upsampler else "")
+
+    def upsampled(self) -> str:
+        """Which upsampler, steps and temperature made the images ('' for base-model images)."""
+        if self.upsampler is None:
+            return ""
+        return f"upsampled by {self.upsampler}, {self.upsample_steps} steps, temperature {self.upsample_temp:g}"
 
 
 def _record(cls: type, data: Mapping[str, Any], where: str) -> Any:

@@ -1,4 +1,6 @@
-"""``python -m glide_lightning sample``: images from prompts with a trained or released model.
+"""``python -m glide_lightning sample``: images from prompts with a trained or released model, or edits of
+an image (``--inpaint_image photo.png --mask mask.png`` with an inpainting model; white in the mask =
+regenerate; the result can be edited again).
 
 Writes one PNG per image (its prompt, seed, guidance scale, sampler, steps and checkpoint in PNG text
 chunks), a grid (rows = prompts, columns = images per prompt) and ``metadata.json``. The options are
@@ -13,11 +15,15 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from einops import rearrange
+from PIL import Image
 
-from glide_lightning.data.images import image_grid, save_png
-from glide_lightning.clip_guidance import load_guidance_clip
-from glide_lightning.sampling import SamplingConfig, Weights, generate, load_checkpoint
+from glide_lightning.clip_guidance import GuidanceCLIP, load_guidance_clip
+from glide_lightning.data.images import image_grid, save_png, to_rgb
+from glide_lightning.editing import edit
+from glide_lightning.sampling import SamplingConfig, SamplingModel, Weights, generate, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,30 @@ def read_prompts(prompts: str | list[str] | None, prompts_file: str | None) -> l
     return found
 
 
+def read_edit_inputs(image_path: str, mask_path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The picture to edit as float ``[1, 3, H, W]`` in [-1, 1] and its keep-mask ``[1, 1, H, W]`` (1 = keep):
+    mask pixels whose gray level is at least 128 (white) are regenerated, darker ones kept.
+
+    Raises:
+        FileNotFoundError: either file is missing.
+        ValueError: the mask's size differs from the image's, or it keeps or regenerates everything.
+    """
+    for name, path in (("--inpaint_image", image_path), ("--mask", mask_path)):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{name} file not found: {path}")
+    with Image.open(image_path) as img:
+        image = torch.from_numpy(np.array(to_rgb(img), dtype=np.float32))  # [H, W, 3]
+    with Image.open(mask_path) as img:
+        white = torch.from_numpy(np.array(to_rgb(img).convert("L"), dtype=np.float32)) >= 128  # [H, W]
+    if white.shape != image.shape[:2]:
+        raise ValueError(f"--mask is {white.shape[1]}x{white.shape[0]} px but --inpaint_image is "
+                         f"{image.shape[1]}x{image.shape[0]}: give a mask of the image's size (white = regenerate)")
+    if not white.any():
+        raise ValueError(f"--mask {mask_path} has no white pixel: nothing to regenerate (white = regenerate)")
+    image = rearrange(image, "h w c -> 1 c h w") / 127.5 - 1
+    return image, rearrange((~white).float(), "h w -> 1 1 h w")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -47,7 +77,8 @@ class SampleCommand:
     sampler, steps and checkpoint in its metadata), ``grid.png`` and ``metadata.json``."""
 
     ckpt: str
-    """A glide_lightning ``.ckpt`` (``runs/<name>/checkpoints/last.ckpt``) or glide-text2im's ``base.pt``."""
+    """A glide_lightning ``.ckpt`` (``runs/<name>/checkpoints/last.ckpt``) or glide-text2im's ``base.pt``; an
+    inpainting model (``model.kind: inpaint`` or ``base_inpaint.pt``) with ``--inpaint_image`` and ``--mask``."""
     prompt: str | list[str] | None = None
     """A prompt; ``--prompt+ TEXT`` adds another (or ``--prompt '["a", "b"]'``)."""
     prompts_file: str | None = None
@@ -59,10 +90,16 @@ class SampleCommand:
     out: str = "samples"
     """Output directory."""
     upsampler: str | None = None
-    """An upsampler checkpoint (glide-text2im's ``upsample.pt``) for 256 px images."""
+    """An upsampler checkpoint (ours, ``model.kind: upsample``, or glide-text2im's ``upsample.pt``) for 256 px
+    images; for edits an inpainting upsampler (``upsample_inpaint``, ``upsample_inpaint.pt``)."""
     clip_dir: str | None = None
     """A noised CLIP for CLIP guidance at ``--sampling.clip_guidance_scale``: a directory with
     ``image_enc.pt`` and ``text_enc.pt`` (glide-text2im's ``clip/``, or a noised_clip run's ``runs/<name>/clip``)."""
+    inpaint_image: str | None = None
+    """Edit this picture (PNG/JPEG, e.g. an earlier result) with the inpainting model ``--ckpt``: the masked
+    region is regenerated from the prompt, the rest kept (``--inpaint-image`` works too)."""
+    mask: str | None = None
+    """The edit's mask, an image of the picture's size: white (gray >= 128) = regenerate, black = keep."""
     weights: Weights = "ema"
     """Of a glide_lightning ``.ckpt``: its EMA weights (when the run kept them) or the ``raw`` ones."""
     device: str = "auto"
@@ -79,27 +116,33 @@ class SampleCommand:
         if self.clip_dir and self.sampling.clip_guidance_scale == 0:
             raise ValueError("clip_dir is given but sampling.clip_guidance_scale is 0, so it would not be used: "
                              "pass --sampling.clip_guidance_scale S (> 0) or drop --clip_dir")
+        if (self.inpaint_image is None) != (self.mask is None):
+            raise ValueError("an edit needs both --inpaint_image (the picture) and --mask (white = regenerate)")
 
     def run(self) -> Path:
         """Sample and write the images; returns the output directory."""
         prompts = read_prompts(self.prompt, self.prompts_file)
         config = self.sampling
         device = resolve_device(self.device)
-        base = load_checkpoint(self.ckpt, device, weights=self.weights, kind="base")
-        upsampler = load_checkpoint(self.upsampler, device, kind="upsample") if self.upsampler else None
+        editing = self.inpaint_image is not None
+        base = load_checkpoint(self.ckpt, device, weights=self.weights, kind="inpaint" if editing else "base")
+        upsampler = load_checkpoint(self.upsampler, device, kind="upsample_inpaint" if editing else "upsample") \
+            if self.upsampler else None
         clip = load_guidance_clip(self.clip_dir, base.image_size, device) if self.clip_dir else None
         all_prompts = [p for p in prompts for _ in range(self.num_per_prompt)]
         seeds = [self.seed + i for i in range(len(all_prompts))]
-        log.info("sampling %d images from %s at guidance %.2f (%s, %s steps)", len(all_prompts), base.source,
-                 config.guidance_scale, config.sampler, config.steps)
-        images = generate(base, all_prompts, seeds, config, upsampler=upsampler, clip=clip, progress=True)
+        log.info("%s %d images from %s at guidance %.2f (%s, %s steps)", "editing" if editing else "sampling",
+                 len(all_prompts), base.source, config.guidance_scale, config.sampler, config.steps)
+        images = self._edit(base, upsampler, all_prompts, seeds, clip) if editing else \
+            generate(base, all_prompts, seeds, config, upsampler=upsampler, clip=clip, progress=True)
         out = Path(self.out)
         common = {"guidance_scale": config.guidance_scale, "sampler": config.sampler, "steps": config.steps,
                   "eta": config.eta, "checkpoint": base.source,
                   "upsampler": upsampler.source if upsampler else None,
                   "upsample_steps": config.upsample_steps if upsampler else None,
                   "upsample_temp": config.upsample_temp if upsampler else None,
-                  "clip_guidance_scale": config.clip_guidance_scale, "clip": clip.source if clip else None}
+                  "clip_guidance_scale": config.clip_guidance_scale, "clip": clip.source if clip else None,
+                  **({"inpaint_image": self.inpaint_image, "mask": self.mask} if editing else {})}
         records = []
         for i, (image, prompt, seed) in enumerate(zip(images, all_prompts, seeds)):
             record = {"file": f"{i:04d}.png", "prompt": prompt, "seed": seed, **common}
@@ -109,3 +152,10 @@ class SampleCommand:
         (out / "metadata.json").write_text(json.dumps({"config": asdict(config), "images": records}, indent=1))
         log.info("wrote %d images and grid.png to %s", len(records), out)
         return out
+
+    def _edit(self, base: SamplingModel, upsampler: SamplingModel | None, prompts: list[str],
+              seeds: list[int], clip: GuidanceCLIP | None = None) -> torch.Tensor:
+        image, keep = read_edit_inputs(self.inpaint_image or "", self.mask or "")
+        count = len(prompts)
+        return edit(base, image.expand(count, -1, -1, -1), keep.expand(count, -1, -1, -1), prompts, seeds,
+                    self.sampling, upsampler=upsampler, clip=clip, progress=True)

@@ -65,16 +65,18 @@ class FIDJob:
 
 
 _LATER_SAMPLING_DEFAULTS: dict[str, Any] = {"guidance_interval": None, "compile": False, "precision": "fp32",
-                                            "memory_format": "auto", "dynamic_threshold": None}
+                                            "memory_format": "auto", "dynamic_threshold": None,
+                                            "upsample_noise": 0.0}
 """Sampling fields added after image caches existed, with their defaults: left out of the identity at
 these values, so the folders of images made before them are found again."""
 
 
 _LATER_MODEL_DEFAULTS: dict[str, Any] = {"text_encoder": "transformer", "text_encoder_name": None,
                                          "text_encoder_pretrained": None, "text_encoder_revision": None,
-                                         "text_encoder_dim": None}
+                                         "text_encoder_dim": None, "low_res_noise_cond": False}
 """Model fields added after image caches existed (the frozen text encoders, which the identity names
-instead of hashing their weights), left out at these values like ``_LATER_SAMPLING_DEFAULTS``."""
+instead of hashing their weights; the upsampler's ``low_res_noise_cond``), left out at these values like
+``_LATER_SAMPLING_DEFAULTS``."""
 
 
 def _model_identity(loaded: SamplingModel) -> dict[str, Any]:
@@ -225,9 +227,11 @@ def build_extractor(name: str, inception_weights: str | None = None, device: str
 
 
 def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache: ReferenceStatsCache,
-                   checkpoint: str, images: Path, clip: Any = None, nfe: int | None = None) -> ScaleResult:
+                   checkpoint: str, images: Path, clip: Any = None, nfe: int | None = None,
+                   upsampler: str | None = None) -> ScaleResult:
     """FID, CLIP score and (synthetic captions) adherence of the images of one scale in ``images``
-    (``nfe``: the model evaluations per image that made them, recorded beside)."""
+    (``nfe``: the model evaluations per image that made them, and ``upsampler``: the source of the upsampler
+    that took them to their size, with its steps and temperature from ``job.sampling``, recorded beside)."""
     folder = scale_dir(images, scale)
     n = len(job.captions)
     resolution = Image.open(folder / "000000.png").size[0]
@@ -254,7 +258,9 @@ def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache
                        steps=job.sampling.steps, checkpoint=checkpoint, reference=str(job.reference),
                        fid=fid_from_stats(generated, reference),
                        clip_score=clip.summarize(clip_scores) if clip is not None else None,
-                       adherence=sum(adherence) / len(adherence) if synthetic else None)
+                       adherence=sum(adherence) / len(adherence) if synthetic else None, upsampler=upsampler,
+                       upsample_steps=job.sampling.upsample_steps if upsampler else None,
+                       upsample_temp=job.sampling.upsample_temp if upsampler else None)
 
 
 def is_synthetic_caption(caption: str) -> bool:
@@ -316,7 +322,8 @@ def run(job: FIDJob, base: SamplingModel, extractor: FeatureExtractor, cache: Re
     for scale in job.scales:
         wait_for_images(scale_dir(images, scale), len(job.captions))
         nfe = model_evaluations(replace(job.sampling, guidance_scale=scale), base.diffusion_config)
-        results.append(evaluate_scale(job, scale, extractor, cache, base.source, images, clip, nfe))
+        results.append(evaluate_scale(job, scale, extractor, cache, base.source, images, clip, nfe,
+                                      upsampler.source if upsampler is not None else None))
         log.info("guidance %g: %s", scale, results[-1].fid.label)
     path = write_results(job.out_dir / "results.json", results,
                          {**asdict(job.sampling), "seed": job.seed, "images": str(images)})

@@ -122,6 +122,10 @@ class ModelConfig:
     text_encoder_dim: int | None = None
     """Width D of the frozen encoder's embeddings (t5-v1_1-base: 768, ViT-B-32's text tower: 512); None: read
     from the encoder when training starts (the checkpoint records the value)."""
+    low_res_noise_cond: bool = False
+    """Upsampling kinds only: condition on the noise-augmentation timestep of the low-res input
+    (``low_res_t``, embedded like the timestep; cascaded diffusion / Imagen). Needed to train with
+    ``model.low_res_noise`` > 0. False: GLIDE's upsampler (no such input, no extra weights)."""
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
@@ -173,6 +177,9 @@ class ModelConfig:
                 raise ValueError(f"xf_layers must be >= 0, got {self.xf_layers}")
             if self.xf_width % self.xf_heads:
                 raise ValueError(f"xf_width {self.xf_width} is not divisible by xf_heads {self.xf_heads}")
+        if self.low_res_noise_cond and not self.kind.startswith("upsample"):
+            raise ValueError(f"low_res_noise_cond is for the upsampling kinds (upsample, upsample_inpaint), but kind "
+                             f"is {self.kind!r}: remove it")
 
     def _check_text_encoder(self) -> None:
         if self.text_encoder not in TEXT_ENCODERS:
@@ -287,7 +294,9 @@ def build_model(config: ModelConfig) -> Text2ImUNet:
     if config.frozen_text_encoder and config.text_encoder_dim is None:
         raise ValueError("a frozen text encoder's width is unknown: set model.text_encoder_dim (GlideModule and "
                          "load_checkpoint fill it in from the loaded encoder)")
+    upsampler = {"low_res_noise_cond": config.low_res_noise_cond} if config.kind.startswith("upsample") else {}
     return cls(
+        **upsampler,
         text_encoder=config.text_encoder,
         text_encoder_dim=config.text_encoder_dim,
         text_ctx=config.text_ctx,

@@ -31,6 +31,8 @@ def training_step_flops(config: ModelConfig, batch_size: int) -> int:
                       "text_mask": kwargs["mask"]}
         if config.kind in ("upsample", "upsample_inpaint"):
             kwargs["low_res"] = torch.empty(batch_size, 3, size // 4, size // 4)
+            if config.low_res_noise_cond:
+                kwargs["low_res_t"] = torch.zeros(batch_size, dtype=torch.long)
         if config.kind in ("inpaint", "upsample_inpaint"):
             kwargs["inpaint_image"] = torch.empty(batch_size, 3, size, size)
             kwargs["inpaint_mask"] = torch.empty(batch_size, 1, size, size)

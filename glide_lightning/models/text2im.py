@@ -5,7 +5,8 @@ features, projected to the embedding width, are added to the timestep embedding,
 features ``[B, xf_width, text_ctx]`` are extra keys and values for every attention block.
 
 All four models share one call convention (glide-text2im's): ``model(x_t, t, tokens=..., mask=...)``
-plus ``low_res=`` (super-resolution) and ``inpaint_image=``, ``inpaint_mask=`` (inpainting); ``t``
+plus ``low_res=`` (super-resolution; and ``low_res_t=`` where the upsampler was built with
+``low_res_noise_cond``) and ``inpaint_image=``, ``inpaint_mask=`` (inpainting); ``t``
 holds raw integer timesteps; the output has ``out_channels`` channels (6: ε and the learned-variance
 interpolation value).
 
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from glide_lightning.models.nn import LayerNorm
+from glide_lightning.models.nn import LayerNorm, timestep_embedding, zero_module
 from glide_lightning.models.text import Transformer
 from glide_lightning.models.unet import UNetModel
 
@@ -224,9 +225,11 @@ class Text2ImUNet(UNetModel):
 
     def _denoise(self, h: Tensor, timesteps: Tensor, tokens: Tensor | None, mask: Tensor | None,
                  xf_proj: Tensor | None, xf_out: Tensor | None, xf_mask: Tensor | None = None,
-                 text_emb: Tensor | None = None, text_mask: Tensor | None = None) -> Tensor:
+                 text_emb: Tensor | None = None, text_mask: Tensor | None = None,
+                 extra_emb: Tensor | None = None) -> Tensor:
         """Run the text encoder on ``tokens`` (or the projection on a frozen encoder's ``text_emb``, or take
-        the precomputed ``xf_proj``/``xf_out``/``xf_mask``; none: no text) and the UNet on the full input ``h``."""
+        the precomputed ``xf_proj``/``xf_out``/``xf_mask``; none: no text) and the UNet on the full input ``h``;
+        ``extra_emb`` ``[B, 4 * model_channels]`` is added to the embedding too."""
         if sum(x is not None for x in (tokens, text_emb, xf_out if xf_out is not None else xf_proj)) > 1:
             raise ValueError("pass one of tokens/mask, text_emb/text_mask or their encoding xf_proj/xf_out, "
                              "not both")
@@ -242,6 +245,8 @@ class Text2ImUNet(UNetModel):
             raise ValueError("a precomputed caption encoding needs both xf_proj and xf_out (see encode_text)")
         if self.frozen_text_encoder and xf_out is not None and xf_mask is None:
             raise ValueError("a frozen text encoder's encoding needs its xf_mask (see encode_caption)")
+        if extra_emb is not None:
+            xf_proj = extra_emb if xf_proj is None else xf_proj + extra_emb
         return UNetModel.forward(self, h, timesteps, encoder_out=xf_out, extra_emb=xf_proj, encoder_mask=xf_mask)
 
     def forward(  # type: ignore[override]
@@ -279,11 +284,43 @@ def _inpaint_inputs(x: Tensor, inpaint_image: Tensor | None, inpaint_mask: Tenso
 
 
 class SuperResText2ImUNet(Text2ImUNet):
-    """Text-conditional super-resolution: the low-res image, bilinearly upsampled, joins ``x``."""
+    """Text-conditional super-resolution: the low-res image, bilinearly upsampled, joins ``x``.
+
+    Args:
+        low_res_noise_cond: for training with Gaussian noise augmentation of the low-res input
+            (cascaded diffusion, Ho et al. 2021, §4.3; Imagen): the augmentation's timestep
+            ``low_res_t`` ``[B]`` (raw integer steps of the training process) is embedded as the
+            timestep is (sinusoid, then ``low_res_noise_embed``: Linear-SiLU-Linear, its last layer
+            zero-initialised, so that a fresh embedding changes nothing: an upsampler without it, e.g.
+            glide-text2im's, can be fine-tuned with it) and added to the embedding. Adds
+            ``low_res_noise_embed.*`` weights; False (GLIDE's) adds none.
+        **kwargs: as :class:`Text2ImUNet`.
+    """
+
+    def __init__(self, *, low_res_noise_cond: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.low_res_noise_cond = low_res_noise_cond
+        if low_res_noise_cond:
+            emb_dim = 4 * self.model_channels
+            self.low_res_noise_embed = nn.Sequential(nn.Linear(self.model_channels, emb_dim), nn.SiLU(),
+                                                     zero_module(nn.Linear(emb_dim, emb_dim)))
 
     @staticmethod
     def unet_in_channels(image_channels: int) -> int:  # noqa: D102
         return 2 * image_channels
+
+    def _noise_level_emb(self, low_res_t: Tensor | None, x: Tensor) -> Tensor | None:
+        """The embedding ``[B, 4 * model_channels]`` of the low-res input's augmentation timestep."""
+        if not self.low_res_noise_cond:
+            if low_res_t is not None:
+                raise ValueError("low_res_t given, but this upsampler was not built with low_res_noise_cond")
+            return None
+        if low_res_t is None:
+            raise ValueError("this upsampler was trained with noise augmentation of low_res: pass low_res_t "
+                             "(the augmentation timestep, 0 for a clean low-res input)")
+        low_res_t = low_res_t.expand(x.shape[0]) if low_res_t.ndim == 0 else low_res_t
+        t_emb = timestep_embedding(low_res_t.to(x.device), self.model_channels)  # [B, model_channels]
+        return self.low_res_noise_embed(t_emb.to(x.dtype))  # [B, 4 * model_channels]
 
     def forward(  # type: ignore[override]
         self,
@@ -294,11 +331,15 @@ class SuperResText2ImUNet(Text2ImUNet):
         mask: Tensor | None = None,
         xf_proj: Tensor | None = None,
         xf_out: Tensor | None = None,
+        low_res_t: Tensor | None = None,
+        xf_mask: Tensor | None = None,
     ) -> Tensor:
-        """As :meth:`Text2ImUNet.forward`, conditioned on ``low_res`` ``[B, C, h, w]`` (required)."""
+        """As :meth:`Text2ImUNet.forward`, conditioned on ``low_res`` ``[B, C, h, w]`` (required) and,
+        with ``low_res_noise_cond``, its augmentation timestep ``low_res_t`` ``[B]``."""
         self._check_input(x)
         h = torch.cat([x, _upsampled(low_res, x)], dim=1)  # [B, 2C, H, W]
-        return self._denoise(h, timesteps, tokens, mask, xf_proj, xf_out)
+        return self._denoise(h, timesteps, tokens, mask, xf_proj, xf_out, xf_mask,
+                             extra_emb=self._noise_level_emb(low_res_t, x))
 
 
 class InpaintText2ImUNet(Text2ImUNet):
@@ -318,15 +359,16 @@ class InpaintText2ImUNet(Text2ImUNet):
         mask: Tensor | None = None,
         xf_proj: Tensor | None = None,
         xf_out: Tensor | None = None,
+        xf_mask: Tensor | None = None,
     ) -> Tensor:
         """As :meth:`Text2ImUNet.forward`, conditioned on ``inpaint_image`` ``[B, C, H, W]`` and
         ``inpaint_mask`` ``[B, 1, H, W]`` (1 where the pixel is known); missing ones are zeros."""
         self._check_input(x)
         h = torch.cat([x, *_inpaint_inputs(x, inpaint_image, inpaint_mask)], dim=1)  # [B, 2C+1, H, W]
-        return self._denoise(h, timesteps, tokens, mask, xf_proj, xf_out)
+        return self._denoise(h, timesteps, tokens, mask, xf_proj, xf_out, xf_mask)
 
 
-class SuperResInpaintText2ImUNet(Text2ImUNet):
+class SuperResInpaintText2ImUNet(SuperResText2ImUNet):
     """Text-conditional super-resolution inpainting: upsampled low-res, known pixels and mask."""
 
     @staticmethod
@@ -344,9 +386,12 @@ class SuperResInpaintText2ImUNet(Text2ImUNet):
         mask: Tensor | None = None,
         xf_proj: Tensor | None = None,
         xf_out: Tensor | None = None,
+        low_res_t: Tensor | None = None,
+        xf_mask: Tensor | None = None,
     ) -> Tensor:
         """Combines :class:`SuperResText2ImUNet` and :class:`InpaintText2ImUNet` (in that order)."""
         self._check_input(x)
         cond = [_upsampled(low_res, x), *_inpaint_inputs(x, inpaint_image, inpaint_mask)]
         h = torch.cat([x, *cond], dim=1)  # [B, 3C+1, H, W]
-        return self._denoise(h, timesteps, tokens, mask, xf_proj, xf_out)
+        return self._denoise(h, timesteps, tokens, mask, xf_proj, xf_out, xf_mask,
+                             extra_emb=self._noise_level_emb(low_res_t, x))

@@ -83,3 +83,21 @@ def test_scale_result_round_trips_through_its_dict():
                          fid=fid)
     assert ScaleResult.from_dict(result.to_dict()) == result
     assert ScaleResult.from_dict({**result.to_dict(), "added_later": 1}) == result  # unknown keys are ignored
+
+
+def test_a_cascade_result_says_which_upsampler_steps_and_temperature_made_it(tmp_path):
+    old = read_results_text(OLD_RESULTS_JSON, tmp_path)[0]
+    assert old.upsampler is None and "upsampler" not in old.to_dict() and old.upsampled() == ""
+    cascade = ScaleResult.from_dict({**old.to_dict(), "upsampler": "runs/minig_upsample/checkpoints/last.ckpt (EMA)",
+                                     "upsample_steps": "fast27", "upsample_temp": 0.997})
+    written = write_results(tmp_path / "cascade.json", [cascade], {})
+    again = read_results(written)[0]
+    assert again == cascade and again.to_dict()["upsample_steps"] == "fast27"
+    assert again.summary_line().endswith(
+        "upsampled by runs/minig_upsample/checkpoints/last.ckpt (EMA), fast27 steps, temperature 0.997")
+
+
+def read_results_text(text: str, tmp_path) -> list[ScaleResult]:
+    path = tmp_path / "old.json"
+    path.write_text(text)
+    return read_results(path)
