@@ -17,7 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import TINY
+from tiny_model_config import TINY
 from test_cli import cli_env
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from glide_lightning.models import ModelConfig, build_model
 from glide_lightning.editing import edit
 from glide_lightning.sampling import SamplingConfig, SamplingModel, generate, load_checkpoint, sample_conditioned
 
-from conftest import TINY
+from tiny_model_config import TINY
 
 GPT2_BPE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "gpt2_bpe"
 
