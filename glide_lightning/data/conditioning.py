@@ -1,4 +1,5 @@
-"""The extra inputs the upsampling and inpainting models train on, made by the data pipeline from each batch.
+"""The extra inputs the upsampling and inpainting models train on, made by the data pipeline from each batch,
+and the data module's check of the low-res size against the model's kind (:func:`check_low_res_size`).
 
 **Low-resolution input** (``model.kind: upsample`` / ``upsample_inpaint``): :func:`downsample` is the
 reference implementation's: ADM's ``super_res_train.py`` (which GLIDE's upsampler follows) makes
@@ -31,12 +32,32 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-__all__ = ["FULL_ERASE_PROB", "RECTANGLE_PROB", "downsample", "random_mask", "random_masks"]
+__all__ = ["FULL_ERASE_PROB", "RECTANGLE_PROB", "check_low_res_size", "downsample", "random_mask", "random_masks"]
 
 RECTANGLE_PROB = 0.5
 """Probability that a mask is made of rectangles (else of free-form strokes)."""
 FULL_ERASE_PROB = 0.05
 """Probability that the whole image is erased."""
+
+
+def check_low_res_size(model_kind: str, low_res_size: int | None, image_size: int) -> None:
+    """Check ``low_res_size`` (the side in pixels of the low-res input) against the model's kind and
+    ``image_size``: required by the upsampling kinds (``upsample``, ``upsample_inpaint``), refused for the
+    others, strictly between 0 and ``image_size``.
+
+    Raises:
+        ValueError: a ``low_res_size`` that does not fit, naming the fix.
+    """
+    upsampling = model_kind.startswith("upsample")
+    if upsampling and low_res_size is None:
+        raise ValueError(f"data.low_res_size is required for model.kind {model_kind!r}: the side of the "
+                         f"low-resolution input (e.g. {image_size // 4} for a 4x upsampler; GLIDE: 64 -> 256)")
+    if not upsampling and low_res_size is not None:
+        raise ValueError(f"data.low_res_size is set ({low_res_size}) but model.kind {model_kind!r} takes no "
+                         f"low-resolution input: remove it, or use model.kind upsample / upsample_inpaint")
+    if low_res_size is not None and not 0 < low_res_size < image_size:
+        raise ValueError(f"data.low_res_size must be between 1 and the model's image_size {image_size} "
+                         f"(exclusive), got {low_res_size}")
 
 
 def downsample(images: Tensor, size: int) -> Tensor:

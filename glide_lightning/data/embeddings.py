@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["EMPTY_CAPTION_FILE", "embedding_members", "load_empty_caption", "read_embedding", "save_empty_caption"]
+__all__ = ["EMPTY_CAPTION_FILE", "embedding_members", "load_empty_caption", "load_shards_empty_caption", "read_embedding",
+           "save_empty_caption"]
 
 EMPTY_CAPTION_FILE = "empty_caption.npz"
 EMB, EMB_MASK, EMB_ENCODER = "emb.npy", "emb_mask.npy", "emb_encoder.txt"
@@ -68,6 +69,16 @@ def load_empty_caption(directory: str | Path) -> tuple[Tensor, Tensor, str] | No
         emb, mask, identity = (torch.from_numpy(stored["emb"]), torch.from_numpy(stored["mask"]).bool(),
                                str(stored["encoder"]))
     return emb[None], mask[None], identity
+
+
+def load_shards_empty_caption(urls: list[str]) -> tuple[Tensor, Tensor, str] | None:
+    """The empty caption's stored embedding of the dataset ``urls`` (shard URLs) belong to: the
+    ``empty_caption.npz`` beside the first of them (:func:`load_empty_caption`), or None when that is not a
+    local file or has none beside it."""
+    first = next(iter(urls), None)
+    if first is None or not Path(first).is_file():
+        return None
+    return load_empty_caption(Path(first).parent)
 
 
 def save_empty_caption(directory: str | Path, emb: Tensor, mask: Tensor, identity: str) -> Path:

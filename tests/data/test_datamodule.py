@@ -363,7 +363,7 @@ def test_resume_with_another_worker_count_restarts_from_a_step_seed(
     train_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     keys, _ = fit_recording(train_dir, tmp_path / "full", 6, workers=0)
-    with caplog.at_level(logging.WARNING, logger="glide_lightning.data.datamodule"):
+    with caplog.at_level(logging.WARNING, logger="glide_lightning.data.loaders"):
         resumed, _ = fit_recording(train_dir, tmp_path / "more", 6, workers=2, ckpt_path=tmp_path / "full/step=3.ckpt")
     assert "restarts from a new seed derived from batch 3" in caplog.text
     assert resumed != keys[3:] and resumed[0] != keys[0]  # not a replay of the run's first batches
