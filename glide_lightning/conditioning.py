@@ -1,7 +1,7 @@
 """The image inputs each model kind is conditioned on, besides the caption: the one place that turns a data
 batch into the network's keyword arguments (``low_res=``, ``low_res_t=``, ``inpaint_image=``,
 ``inpaint_mask=``), for training and validation (:class:`~glide_lightning.module.GlideModule`), and the
-low-res noise augmentation that sampling applies too.
+upsamplers' low-res input at sampling time, with the noise augmentation that sampling applies too.
 
 Noise augmentation of the low-res input (cascaded diffusion models, Ho et al. 2021, §4.3 "conditioning
 augmentation"; Imagen): the low-res image is replaced by ``q_sample(low_res, s)`` of the upsampler's own
@@ -18,15 +18,33 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from glide_lightning.diffusion import GaussianDiffusion
+from glide_lightning.data.images import to_uint8
+from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 
-__all__ = ["conditioning_kwargs", "noised_low_res"]
+__all__ = ["conditioning_kwargs", "noised_low_res", "sampling_low_res_kwargs"]
 
 
 def noised_low_res(diffusion: GaussianDiffusion, low_res: Tensor, low_res_t: Tensor, noise: Tensor) -> Tensor:
     """``low_res`` ``[B, 3, h, w]`` noised to the upsampler process's (unrespaced) timesteps ``low_res_t``
     ``[B]`` by ``q_sample`` with ``noise`` (like ``low_res``): the augmentation of training and sampling."""
     return diffusion.q_sample(low_res, low_res_t.to(low_res.device), noise.to(low_res))
+
+
+def sampling_low_res_kwargs(low_res: Tensor, diffusion: DiffusionConfig, upsample_noise: float, noise_cond: bool,
+                            generators: list[torch.Generator]) -> dict[str, Tensor]:
+    """An upsampler's image inputs at sampling time: ``low_res`` ``[B, 3, h, w]`` in [-1, 1] rounded to 8 bits (as
+    GLIDE feeds it the saved base samples) and, for an upsampler trained with noise augmentation (``noise_cond``:
+    ``model.low_res_noise_cond``), ``low_res`` noised at ``upsample_noise`` (a fraction of the upsampler's
+    process ``diffusion``, unrespaced) with each image's noise drawn from its generator in ``generators``, and that
+    level as ``low_res_t`` ``[B]``."""
+    low_res = to_uint8(low_res).float().to(low_res.device) / 127.5 - 1
+    if not noise_cond:
+        return {"low_res": low_res}
+    process = GaussianDiffusion.from_config(diffusion)
+    level = round(upsample_noise * (process.num_timesteps - 1))
+    low_res_t = torch.full((low_res.shape[0],), level, dtype=torch.long, device=low_res.device)
+    noise = torch.stack([torch.randn(low_res.shape[1:], generator=g) for g in generators])
+    return {"low_res": noised_low_res(process, low_res, low_res_t, noise), "low_res_t": low_res_t}
 
 
 def conditioning_kwargs(kind: str, batch: dict[str, Any], *, diffusion: GaussianDiffusion | None = None,

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from glide_lightning.cascade import check_cascade, upsample_batch
 from glide_lightning.clip_guidance import GuidanceCLIP
 from glide_lightning.data.images import to_uint8
 from glide_lightning.diffusion.inpainting import keep_known
-from glide_lightning.sampling import SamplingConfig, SamplingModel, check_cascade, sample_conditioned, upsample_batch
+from glide_lightning.sampling import SamplingConfig, SamplingModel, sample_conditioned
 
 __all__ = ["edit", "resized"]
 

@@ -1,6 +1,8 @@
-"""Sampling: the one reader of every checkpoint kind, the one registry of released models and the one
-:func:`generate` behind ``python -m glide_lightning sample``, ``fid`` / ``sweep``, the training
-callbacks, ``init_from`` and the benchmark.
+"""Sampling: the one reader of every checkpoint kind, the one registry of released models, the sampling
+options and one model's batch (:func:`sample_batch`, :func:`sample_conditioned`), behind
+``python -m glide_lightning sample``, ``fid`` / ``sweep``, the training callbacks, ``init_from`` and the
+benchmark. Chaining models is :mod:`glide_lightning.cascade`'s (``generate``: base model, then upsampler)
+and :mod:`glide_lightning.editing`'s (``edit``).
 
 Checkpoints (:func:`load_checkpoint`):
 
@@ -29,8 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from glide_lightning.clip_guidance import GuidanceCLIP
-from glide_lightning.conditioning import noised_low_res
-from glide_lightning.data.images import to_uint8
+from glide_lightning.conditioning import sampling_low_res_kwargs
 from glide_lightning.data.tokenizers import Tokenizer, TokenizerName, build_tokenizer, tokenizer_files
 from glide_lightning.diffusion import (
     DiffusionConfig,
@@ -59,8 +60,7 @@ from glide_lightning.models import (
 from glide_lightning.models.glide_text2im import detect_glide_kind
 
 __all__ = ["DEFAULT_GUIDANCE_SWEEP", "RELEASED_MODELS", "ReleasedModel", "SamplingConfig", "SamplingModel", "Weights",
-           "check_cascade", "generate", "load_checkpoint", "model_evaluations", "released_model", "sample_batch", "sample_conditioned",
-           "upsample_batch",
+           "check_kind", "load_checkpoint", "model_evaluations", "released_model", "sample_batch", "sample_conditioned",
            "sample_generators"]
 
 log = logging.getLogger(__name__)
@@ -277,12 +277,19 @@ def load_checkpoint(checkpoint: str | Path, device: torch.device | str = "cpu", 
     else:
         raise ValueError(f"{path} holds a {type(state).__name__}, not a checkpoint: pass a glide_lightning .ckpt "
                          f"or one of glide-text2im's {', '.join(GLIDE_CHECKPOINT_FILES.values())}")
-    if kind is not None and loaded.model_config.kind != kind:
-        raise ValueError(f"{path} holds a {loaded.model_config.kind!r} model ({loaded.source}), but a {kind!r} model "
-                         f"is needed: pass a checkpoint of a {kind!r} model (e.g. glide-text2im's "
-                         f"{released_model(model_kind=kind).file})")
+    if kind is not None:
+        check_kind(loaded, kind, "the checkpoint's model")
     loaded.model.to(device).eval()
     return loaded
+
+
+def check_kind(loaded: SamplingModel, kind: ModelKind, role: str) -> None:
+    """Raise ``ValueError`` when ``loaded`` is not a model of ``kind``, naming ``role`` (``the upsampler``, …),
+    both kinds, where the weights come from and glide-text2im's released file of that kind: the one kind check
+    of :func:`load_checkpoint` (``kind=``) and of :func:`~glide_lightning.cascade.check_cascade`."""
+    if loaded.model_config.kind != kind:
+        raise ValueError(f"{role} must be of kind {kind!r}, got {loaded.model_config.kind!r} ({loaded.source}): pass "
+                         f"a checkpoint of a {kind!r} model (e.g. glide-text2im's {released_model(model_kind=kind).file})")
 
 
 def _read_lightning(path: Path, state: dict[str, Any], weights: Weights) -> SamplingModel:
@@ -355,58 +362,14 @@ def sample_generators(seeds: list[int], offset: int = 0) -> list[torch.Generator
 
 
 @torch.no_grad()
-def generate(base: SamplingModel, prompts: list[str], seeds: list[int], config: SamplingConfig = SamplingConfig(), *,
-             upsampler: SamplingModel | None = None, clip: GuidanceCLIP | None = None,
-             progress: bool = False) -> Tensor:
-    """Images for ``prompts`` (one per prompt, uint8 [N, 3, H, W]), guided at ``config.guidance_scale``.
-
-    Image i depends on ``prompts[i]`` and ``seeds[i]`` only (see :func:`sample_generators`), up to
-    floating-point differences between batch sizes (a pixel level here and there). With
-    ``upsampler``, the base samples are upsampled (conditioned on the prompt, unguided, GLIDE's
-    ``fast27`` and temperature by default). ``clip``: the noised CLIP of CLIP guidance at
-    ``config.clip_guidance_scale`` (base stage only). Raises ``ValueError`` for mismatched lengths or models
-    of the wrong kind (inpainting models need images to fill, which this does not take), or a CLIP
-    guidance scale without a CLIP.
-    """
-    if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    check_cascade("generate draws text-to-image samples", base, "base", upsampler, "upsample", config)
-    device = next(base.model.parameters()).device
-    out = []
-    for start in range(0, len(prompts), config.batch_size):
-        batch_prompts, batch_seeds = prompts[start:start + config.batch_size], seeds[start:start + config.batch_size]
-        images = sample_batch(base, batch_prompts, batch_seeds, config, device, progress, clip=clip)
-        if upsampler is not None:
-            images = upsample_batch(upsampler, images, batch_prompts, batch_seeds, config, progress)
-        out.append(to_uint8(images))
-    size = (upsampler or base).image_size
-    return torch.cat(out) if out else torch.empty(0, 3, size, size, dtype=torch.uint8)
-
-
-def check_cascade(task: str, base: SamplingModel, base_kind: ModelKind, upsampler: SamplingModel | None,
-                   upsampler_kind: ModelKind, config: SamplingConfig) -> None:
-    """Raise ``ValueError`` when the models are not of the kinds ``task`` needs, or ``upsample_noise`` is set for
-    an upsampler trained without noise augmentation."""
-    if base.model_config.kind != base_kind:
-        raise ValueError(f"{task}: the base model must be of kind {base_kind!r}, got {base.model_config.kind!r} "
-                         f"({base.source}); e.g. glide-text2im's {released_model(model_kind=base_kind).file}")
-    if upsampler is not None and upsampler.model_config.kind != upsampler_kind:
-        raise ValueError(f"the upsampler must be of kind {upsampler_kind!r} (e.g. glide-text2im's "
-                         f"{released_model(model_kind=upsampler_kind).file}), got {upsampler.model_config.kind!r} "
-                         f"({upsampler.source})")
-    if upsampler is not None and config.upsample_noise and not upsampler.model_config.low_res_noise_cond:
-        raise ValueError(f"sampling.upsample_noise is {config.upsample_noise}, but the upsampler ({upsampler.source}) "
-                         f"was not trained with noise augmentation of its low-res input: leave it at 0")
-
-
-@torch.no_grad()
 def sample_conditioned(loaded: SamplingModel, prompts: list[str], seeds: list[int], config: SamplingConfig, *,
                        low_res: Tensor | None = None, image: Tensor | None = None, keep: Tensor | None = None,
                        progress: bool = False, clip: GuidanceCLIP | None = None) -> Tensor:
     """One batch from a model of any kind, guided as ``config`` says, float ``[B, 3, S, S]`` in [-1, 1]:
     upsamplers from ``low_res`` ``[B, 3, s, s]`` in [-1, 1] (rounded to 8 bits as a saved image is; noised
     at ``config.upsample_noise`` where the model was trained so), inpainting models from ``image``
-    ``[B, 3, S, S]`` and ``keep`` ``[B, 1, S, S]`` (1 = known; known pixels kept as :func:`edit` says).
+    ``[B, 3, S, S]`` and ``keep`` ``[B, 1, S, S]`` (1 = known; known pixels kept as
+    :func:`~glide_lightning.editing.edit` says).
     The training sample grids of the upsampling and inpainting kinds draw with it, and so does
     :func:`glide_lightning.editing.edit`.
     ``clip``: the noised CLIP of CLIP guidance at ``config.clip_guidance_scale`` (:func:`sample_batch`).
@@ -418,7 +381,9 @@ def sample_conditioned(loaded: SamplingModel, prompts: list[str], seeds: list[in
     if kind.startswith("upsample"):
         if low_res is None:
             raise ValueError(f"a model of kind {kind!r} samples from a low-resolution image: pass low_res")
-        image_kwargs.update(_low_res_kwargs(loaded, low_res.to(device), config, sample_generators(seeds, offset=1)))
+        image_kwargs.update(sampling_low_res_kwargs(low_res.to(device), loaded.diffusion_config, config.upsample_noise,
+                                                    loaded.model_config.low_res_noise_cond,
+                                                    sample_generators(seeds, offset=1)))
     if "inpaint" in kind:
         if image is None or keep is None:
             raise ValueError(f"a model of kind {kind!r} fills in an image: pass image and keep (1 = known pixel)")
@@ -429,29 +394,14 @@ def sample_conditioned(loaded: SamplingModel, prompts: list[str], seeds: list[in
     return result if denoised_fn is None else denoised_fn(result)
 
 
-def _low_res_kwargs(loaded: SamplingModel, low_res: Tensor, config: SamplingConfig,
-                    generators: list[torch.Generator]) -> dict[str, Tensor]:
-    """An upsampler's ``low_res`` (8-bit rounded, as GLIDE feeds it the saved base samples) and, where it was
-    trained with noise augmentation, ``low_res`` noised at ``config.upsample_noise`` and ``low_res_t``
-    (the noise drawn from each image's generator)."""
-    low_res = to_uint8(low_res).float().to(low_res.device) / 127.5 - 1
-    if not loaded.model_config.low_res_noise_cond:
-        return {"low_res": low_res}
-    process = GaussianDiffusion.from_config(loaded.diffusion_config)
-    level = round(config.upsample_noise * (process.num_timesteps - 1))
-    low_res_t = torch.full((low_res.shape[0],), level, dtype=torch.long, device=low_res.device)
-    noise = torch.stack([torch.randn(low_res.shape[1:], generator=g) for g in generators])
-    return {"low_res": noised_low_res(process, low_res, low_res_t, noise), "low_res_t": low_res_t}
-
-
 @torch.no_grad()
 def sample_batch(loaded: SamplingModel, prompts: list[str], seeds: list[int], config: SamplingConfig,
                  device: torch.device, progress: bool = False, image_kwargs: dict[str, Tensor] | None = None,
                  denoised_fn: Any = None, *, clip: GuidanceCLIP | None = None) -> Tensor:
     """One batch of base samples for ``prompts``, float in [-1, 1], ``[B, 3, H, W]`` (what
-    :func:`generate` converts to uint8); ``image_kwargs`` are further inputs of the network, shared by
-    the guided and unguided halves (an inpainting model's ``inpaint_image`` / ``inpaint_mask``), and
-    ``denoised_fn`` is applied to each step's ``pred_xstart`` (:func:`edit`), after
+    :func:`~glide_lightning.cascade.generate` converts to uint8); ``image_kwargs`` are further inputs of the
+    network, shared by the guided and unguided halves (an inpainting model's ``inpaint_image`` / ``inpaint_mask``), and
+    ``denoised_fn`` is applied to each step's ``pred_xstart`` (:func:`~glide_lightning.editing.edit`), after
     ``config.dynamic_threshold``'s thresholding where that is set (so pasted known pixels stay exact).
 
     The captions and the empty caption (batch 1) go through the text encoder once, in one call,
@@ -538,23 +488,3 @@ def _denoiser(model: nn.Module, config: SamplingConfig, device: torch.device) ->
     finally:
         if channels_last:
             model.to(memory_format=torch.contiguous_format)
-
-
-def upsample_batch(loaded: SamplingModel, low_res: Tensor, prompts: list[str], seeds: list[int],
-                   config: SamplingConfig, progress: bool = False, image_kwargs: dict[str, Tensor] | None = None,
-                   denoised_fn: Any = None) -> Tensor:
-    """The upsampler's stage of a cascade: ``low_res`` ``[B, 3, h, w]`` in [-1, 1] (a batch of base samples) to
-    ``[B, 3, S, S]`` float in [-1, 1], unguided ancestral sampling with ``config.upsample_steps`` and
-    ``upsample_temp`` (GLIDE's); an upsampler trained with noise augmentation gets ``low_res`` noised at
-    ``config.upsample_noise`` and told so. ``image_kwargs`` / ``denoised_fn``: an inpainting upsampler's inputs
-    and its known pixels (:func:`glide_lightning.editing.edit`). Image i's noise comes from ``seeds[i]``."""
-    device = low_res.device
-    size = loaded.image_size
-    tokens, mask = (x.to(device) for x in loaded.tokenizer(prompts))
-    encoded = loaded.model.encode_caption(tokens, mask)  # once, not at every step (xf_mask: a frozen encoder's)
-    generators = sample_generators(seeds, offset=1)
-    model_kwargs = dict(**encoded, **_low_res_kwargs(loaded, low_res, config, generators), **(image_kwargs or {}))
-    diffusion = GaussianDiffusion.from_config(loaded.diffusion_config, config.upsample_steps)
-    return get_sampler("ddpm")(diffusion, loaded.model, (len(prompts), 3, size, size), model_kwargs=model_kwargs,
-                               noise_scale=config.upsample_temp, generator=generators, progress=progress,
-                               device=device, denoised_fn=denoised_fn)

@@ -152,7 +152,7 @@ def test_an_edit_needs_an_inpainting_model_and_both_files(tiny_checkpoint, tmp_p
                     "--prompt", "a"])
     assert exit_.value.code == 2
     assert "an edit needs both --inpaint_image (the picture) and --mask" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="holds a 'base' model .* but a 'inpaint' model is needed.*base_inpaint.pt"):
+    with pytest.raises(ValueError, match="checkpoint's model must be of kind 'inpaint', got 'base' .*base_inpaint.pt"):
         glide_main(["sample", "--ckpt", str(tiny_checkpoint), "--inpaint_image", str(tmp_path / "photo.png"),
                     "--mask", str(tmp_path / "mask.png"), "--prompt", "a", "--device", "cpu"])
     Image.new("L", (16, 16), 255).save(tmp_path / "small_mask.png")

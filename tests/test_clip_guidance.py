@@ -11,7 +11,8 @@ from glide_lightning.commands import main as glide_main
 from glide_lightning.commands import parse
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.models.clip import NoisedCLIP, NoisedCLIPConfig, save_noised_clip
-from glide_lightning.sampling import SamplingConfig, generate, load_checkpoint
+from glide_lightning.cascade import generate
+from glide_lightning.sampling import SamplingConfig, load_checkpoint
 
 TINY_CLIP = NoisedCLIPConfig(image_size=32, patch_size=8, image_width=32, image_layers=1, text_width=32, text_layers=1,
                              head_channels=16, embed_dim=16, n_vocab=49408, text_ctx=16, n_timesteps=50,

@@ -17,7 +17,8 @@ from glide_lightning.clip_guidance import load_guidance_clip
 from glide_lightning.clip_module import NoisedCLIPModule, contrastive_loss
 from glide_lightning.diffusion import DiffusionConfig
 from glide_lightning.models.clip import NoisedCLIPConfig, load_noised_clip
-from glide_lightning.sampling import SamplingConfig, generate, load_checkpoint
+from glide_lightning.cascade import generate
+from glide_lightning.sampling import SamplingConfig, load_checkpoint
 
 from test_cli import REPO, cli_env, read_csv_metrics
 

@@ -16,7 +16,8 @@ from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.diffusion.inpainting import keep_known
 from glide_lightning.models import ModelConfig, build_model
 from glide_lightning.editing import edit
-from glide_lightning.sampling import SamplingConfig, SamplingModel, generate, load_checkpoint, sample_conditioned
+from glide_lightning.cascade import generate
+from glide_lightning.sampling import SamplingConfig, SamplingModel, load_checkpoint, sample_conditioned
 
 from tiny_model_config import TINY
 

@@ -120,7 +120,8 @@ def test_hparams_round_trip_through_a_weights_only_checkpoint(tmp_path):
 def test_a_v_prediction_run_checkpoints_its_target_for_sampling(synthetic_shards, tmp_path):
     """Trained 2 steps with v (and min-SNR) through the real Trainer, saved, read back by the one
     checkpoint reader: the diffusion config says v, so every sampler reads the outputs as v."""
-    from glide_lightning.sampling import SamplingConfig, generate, load_checkpoint
+    from glide_lightning.cascade import generate
+    from glide_lightning.sampling import SamplingConfig, load_checkpoint
 
     diffusion = DiffusionConfig(steps=50, loss_type="hybrid", prediction="v", min_snr_gamma=5.0)
     trainer, _ = fit(GlideModule(model=TINY, diffusion=diffusion), f"{synthetic_shards}/train-*.tar", 2)
@@ -161,7 +162,7 @@ def test_init_from_a_checkpoint_or_a_glide_file(tmp_path):
 
 def test_init_from_refuses_a_released_model_of_another_kind_or_architecture(glide_placeholder, tmp_path):
     target = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50))
-    with pytest.raises(ValueError, match="holds a 'upsample' model .* but a 'base' model is needed"):
+    with pytest.raises(ValueError, match="checkpoint's model must be of kind 'base', got 'upsample'"):
         target.load_initial_weights(str(glide_placeholder("upsample")))
     with pytest.raises(ValueError, match="init_from: .*glide-text2im base.* does not fit this model's architecture"):
         target.load_initial_weights(str(glide_placeholder("base")))  # GLIDE's base model is not this tiny one

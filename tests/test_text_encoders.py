@@ -20,7 +20,8 @@ from glide_lightning.data import GlideDataModule
 from glide_lightning.diffusion import DiffusionConfig
 from glide_lightning.models import ModelConfig, build_model
 from glide_lightning.module import GlideModule
-from glide_lightning.sampling import SamplingConfig, generate, load_checkpoint
+from glide_lightning.cascade import generate
+from glide_lightning.sampling import SamplingConfig, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=32, model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=[16],

@@ -20,10 +20,11 @@ import torch
 from einops import rearrange
 from PIL import Image
 
+from glide_lightning.cascade import generate
 from glide_lightning.clip_guidance import GuidanceCLIP, load_guidance_clip
 from glide_lightning.data.images import image_grid, save_png, to_rgb
 from glide_lightning.editing import edit
-from glide_lightning.sampling import SamplingConfig, SamplingModel, Weights, generate, load_checkpoint
+from glide_lightning.sampling import SamplingConfig, SamplingModel, Weights, load_checkpoint
 
 log = logging.getLogger(__name__)
 
