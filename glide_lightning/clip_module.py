@@ -29,8 +29,8 @@ from torchmetrics import MeanMetric
 from glide_lightning.data.tokenizers import TokenizerName, build_tokenizer
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.models.clip import NoisedCLIP, NoisedCLIPConfig, load_noised_clip, save_noised_clip
-from glide_lightning.module import capture_rng_state, restore_rng_state
 from glide_lightning.optim import OptimizerConfig, build_optimizer
+from glide_lightning.runs import capture_rng_state, restore_rng_state
 
 __all__ = ["MAX_LOGIT_SCALE", "NoisedCLIPModule", "contrastive_loss"]
 

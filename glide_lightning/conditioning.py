@@ -1,7 +1,9 @@
-"""The image inputs each model kind is conditioned on, besides the caption: the one place that turns a data
-batch into the network's keyword arguments (``low_res=``, ``low_res_t=``, ``inpaint_image=``,
-``inpaint_mask=``), for training and validation (:class:`~glide_lightning.module.GlideModule`), and the
-upsamplers' low-res input at sampling time, with the noise augmentation that sampling applies too.
+"""What the network is conditioned on: the one place that turns a data batch into the network's keyword
+arguments, the caption's (``tokens=`` / ``mask=`` or precomputed ``text_emb=`` / ``text_mask=``, with
+classifier-free guidance's caption dropout) and each model kind's image inputs (``low_res=``, ``low_res_t=``,
+``inpaint_image=``, ``inpaint_mask=``), for training and validation
+(:class:`~glide_lightning.module.GlideModule`), and the upsamplers' low-res input at sampling time, with the
+noise augmentation that sampling applies too.
 
 Noise augmentation of the low-res input (cascaded diffusion models, Ho et al. 2021, §4.3 "conditioning
 augmentation"; Imagen): the low-res image is replaced by ``q_sample(low_res, s)`` of the upsampler's own
@@ -13,15 +15,76 @@ and ``s`` reaches the network as ``low_res_t`` (embedded like the timestep: the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from glide_lightning.data.images import to_uint8
+from glide_lightning.data.tokenizers import Tokenizer, TokenizerName, build_tokenizer, tokenizer_files
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
+from glide_lightning.models import ModelConfig
 
-__all__ = ["conditioning_kwargs", "noised_low_res", "sampling_low_res_kwargs"]
+__all__ = ["caption_kwargs", "check_trainable", "conditioning_kwargs", "drop_captions", "noised_low_res",
+           "sampling_low_res_kwargs"]
+
+
+def drop_captions(tokens: Tensor, mask: Tensor, empty_tokens: Tensor, empty_mask: Tensor,
+                  cond_drop_prob: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Classifier-free guidance's caption dropout: each caption of ``tokens`` / ``mask`` ``[B, L]`` replaced by the
+    empty caption ``empty_tokens`` / ``empty_mask`` ``[1, L]`` with probability ``cond_drop_prob`` (drawn from the
+    global RNG); returns the captions and which were dropped, bool ``[B]``."""
+    drop = torch.rand(tokens.shape[0], device=tokens.device) < cond_drop_prob  # [B]
+    empty_tokens, empty_mask = empty_tokens.to(tokens.device), empty_mask.to(tokens.device)
+    tokens = torch.where(drop[:, None], empty_tokens, tokens)
+    mask = torch.where(drop[:, None], empty_mask, mask)
+    return tokens, mask, drop
+
+
+def caption_kwargs(batch: dict[str, Any], *, identity: str | None, cond_drop_prob: float | None,
+                   empty_tokens: Callable[[], tuple[Tensor, Tensor]],
+                   empty_embedding: Callable[[], tuple[Tensor, Tensor]]) -> tuple[dict[str, Tensor], Tensor]:
+    """The network's caption keyword arguments for a data batch, and which captions were dropped (bool ``[B]``).
+
+    Args:
+        batch: the data module's batch: ``tokens`` / ``mask`` ``[B, L]``, and from shards with precomputed
+            embeddings (the ``embed`` recipe) ``text_emb`` ``[B, L, D]``, ``text_mask`` ``[B, L]`` and
+            ``text_encoder`` (each sample's encoder identity).
+        identity: the model's frozen text encoder's identity (``ModelConfig.text_encoder_identity``); None for
+            GLIDE's own transformer, which takes ``tokens`` / ``mask`` always.
+        cond_drop_prob: each caption is replaced by the empty caption with this probability (classifier-free
+            guidance; :func:`drop_captions`); None: none dropped (validation), nothing drawn from the RNG.
+        empty_tokens: returns the empty caption's ``(tokens, mask)`` ``[1, L]``.
+        empty_embedding: returns the empty caption's ``(text_emb [1, L, D], text_mask [1, L])``, called only when
+            a precomputed batch drops a caption.
+
+    Returns:
+        ``tokens`` / ``mask``, or the precomputed ``text_emb`` / ``text_mask`` where the batch has them and the
+        model has a frozen encoder; and the dropped captions.
+
+    Raises:
+        ValueError: the stored embeddings are another encoder's than ``identity``.
+    """
+    if "text_emb" not in batch or identity is None:
+        tokens, mask = batch["tokens"], batch["mask"]
+        dropped = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        if cond_drop_prob is not None:
+            tokens, mask, dropped = drop_captions(tokens, mask, *empty_tokens(), cond_drop_prob)
+        return dict(tokens=tokens, mask=mask), dropped
+    wrong = sorted(set(batch["text_encoder"]) - {identity})
+    if wrong:
+        raise ValueError(f"the shards' precomputed embeddings are {wrong[0]}'s, but the model conditions on "
+                         f"{identity}: embed the shards again with the model's encoder (python -m data_recipes "
+                         f"embed) or train on the shards without embeddings")
+    emb, mask = batch["text_emb"], batch["text_mask"]
+    dropped = torch.rand(emb.shape[0], device=emb.device) < cond_drop_prob if cond_drop_prob is not None else \
+        torch.zeros(emb.shape[0], dtype=torch.bool, device=emb.device)
+    if dropped.any():
+        empty_emb, empty_mask = (x.to(emb.device) for x in empty_embedding())
+        emb = torch.where(dropped[:, None, None], empty_emb.to(emb.dtype), emb)  # [B, L, D]
+        mask = torch.where(dropped[:, None], empty_mask, mask)  # [B, L]
+    return dict(text_emb=emb, text_mask=mask), dropped
 
 
 def noised_low_res(diffusion: GaussianDiffusion, low_res: Tensor, low_res_t: Tensor, noise: Tensor) -> Tensor:
@@ -91,3 +154,40 @@ def conditioning_kwargs(kind: str, batch: dict[str, Any], *, diffusion: Gaussian
         kwargs["inpaint_image"] = batch["image"]
         kwargs["inpaint_mask"] = batch["inpaint_mask"]
     return kwargs
+
+
+def check_trainable(model: ModelConfig, diffusion: DiffusionConfig, tokenizer: TokenizerName,
+                    bpe_dir: str | None = None, low_res_noise: float = 0.0) -> Tokenizer:
+    """The caption tokenizer, once the model's conditioning (its text encoder, tokenizer, text context and
+    vocabulary, the low-res noise augmentation) and its process are known to train together.
+
+    Raises:
+        ValueError: settings that do not fit together; the message names the field and the fix.
+    """
+    if not 0.0 <= low_res_noise <= 1.0:
+        raise ValueError(f"model.low_res_noise must be in [0, 1] (a fraction of the process), got {low_res_noise}")
+    if low_res_noise and not model.low_res_noise_cond:
+        raise ValueError("model.low_res_noise > 0 augments the upsampler's low-res input, whose noise level must reach "
+                         "the network: set model.model.low_res_noise_cond: true (model.model.kind upsample or "
+                         "upsample_inpaint)")
+    if diffusion.variance_type == "learned_range" and not model.learn_sigma:
+        raise ValueError("model.diffusion.variance_type 'learned_range' needs model.model.learn_sigma: true "
+                         "(6 output channels), or a fixed variance_type with loss_type simple or p2")
+    wanted = {"t5": "t5", "clip": "clip"}.get(model.text_encoder)
+    if wanted is not None and tokenizer != wanted:
+        raise ValueError(f"model.model.text_encoder {model.text_encoder!r} reads the {wanted!r} tokenizer's ids: set "
+                         f"model.tokenizer: {wanted}")
+    if tokenizer == "t5" and wanted is None:
+        raise ValueError("model.tokenizer 't5' is a frozen T5 encoder's: set model.model.text_encoder: t5 (and its "
+                         "text_encoder_name)")
+    try:
+        files = tokenizer_files(tokenizer, bpe_dir=bpe_dir, path=model.text_encoder_name,
+                                revision=model.text_encoder_revision)
+        built = build_tokenizer(tokenizer, text_ctx=model.text_ctx, **files)
+    except ValueError as error:
+        raise ValueError(f"model.model.text_ctx {model.text_ctx} does not suit tokenizer {tokenizer!r}: {error}") \
+            from None
+    if model.xf_width and not model.frozen_text_encoder and model.n_vocab != built.n_vocab:
+        raise ValueError(f"model.model.n_vocab is {model.n_vocab} but tokenizer {tokenizer!r} has {built.n_vocab} "
+                         f"tokens: set model.model.n_vocab: {built.n_vocab} (or another model.tokenizer)")
+    return built

@@ -4,26 +4,25 @@
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import asdict
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from glide_lightning.conditioning import conditioning_kwargs
-from glide_lightning.data.tokenizers import TokenizerName, build_tokenizer, tokenizer_files
+from glide_lightning.conditioning import caption_kwargs, check_trainable, conditioning_kwargs
+from glide_lightning.data.tokenizers import TokenizerName
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.diffusion.timesteps import TimestepSamplerName, build_timestep_sampler
-from glide_lightning.models import ModelConfig, build_model, load_frozen_text_encoder
+from glide_lightning.models import ModelConfig, build_with_text_encoder
 from glide_lightning.models.flops import training_step_flops
 from glide_lightning.models.unet import set_gradient_checkpointing
 from glide_lightning.optim import OptimizerConfig, build_optimizer, regroup_optimizer_state, sync_lr
+from glide_lightning.runs import capture_rng_state, restore_rng_state
 from glide_lightning.sampling import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -103,8 +102,9 @@ class GlideModule(L.LightningModule):
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         self.tokenizer = check_trainable(model, diffusion, tokenizer, bpe_dir, low_res_noise)
         # a frozen encoder is attached to the network outside the module tree: not trained, not saved
-        encoder, model = load_frozen_text_encoder(model)  # model.text_encoder_dim recorded: sampling builds with it
-        if encoder is not None:
+        self.model, model = build_with_text_encoder(model)  # model.text_encoder_dim recorded: sampling builds with it
+        if self.model.frozen_text_encoder:
+            encoder = self.model.attached_text_encoder
             log.info("frozen text encoder: %s (%d-wide embeddings; not trained, not saved)", encoder.source,
                      encoder.dim)
         self.save_hyperparameters({"model": model.to_dict(), "diffusion": asdict(diffusion),
@@ -115,9 +115,6 @@ class GlideModule(L.LightningModule):
                                    "compile": compile, "gradient_checkpointing": gradient_checkpointing,
                                    "low_res_noise": low_res_noise})
         self.model_config, self.diffusion_config, self.optimizer_config = model, diffusion, optimizer
-        self.model = build_model(model)
-        if encoder is not None:
-            self.model.attach_text_encoder(encoder)
         set_gradient_checkpointing(self.model, gradient_checkpointing)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
@@ -179,43 +176,17 @@ class GlideModule(L.LightningModule):
     def forward(self, x_t: Tensor, timesteps: Tensor, **model_kwargs: Any) -> Tensor:
         return self.model(x_t, timesteps, **model_kwargs)
 
-    def drop_captions(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Replace each caption by the empty caption with probability ``cond_drop_prob``."""
-        drop = torch.rand(tokens.shape[0], device=tokens.device) < self.cond_drop_prob  # [B]
-        empty_tokens, empty_mask = (x.to(tokens.device) for x in self.tokenizer.empty(1))
-        tokens = torch.where(drop[:, None], empty_tokens, tokens)
-        mask = torch.where(drop[:, None], empty_mask, mask)
-        return tokens, mask, drop
-
     def caption_kwargs(self, batch: dict[str, Any], drop: bool) -> tuple[dict[str, Tensor], Tensor]:
         """The model's caption arguments for a batch and which captions were dropped (``drop``: with
-        probability ``cond_drop_prob``): ``tokens``/``mask``, or a frozen encoder's precomputed ``text_emb``/
-        ``text_mask`` when the batch has them (the ``embed`` recipe's shards; dropped captions get the empty
-        caption's embedding stored with the dataset, else the encoder's own, computed once).
+        probability ``cond_drop_prob``), see :func:`~glide_lightning.conditioning.caption_kwargs`.
 
         Raises:
             ValueError: the stored embeddings are another encoder's than ``model.model.text_encoder*``.
         """
         identity = self.model_config.text_encoder_identity
-        if "text_emb" not in batch or identity is None:
-            tokens, mask = batch["tokens"], batch["mask"]
-            dropped = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-            if drop:
-                tokens, mask, dropped = self.drop_captions(tokens, mask)
-            return dict(tokens=tokens, mask=mask), dropped
-        wrong = sorted(set(batch["text_encoder"]) - {identity})
-        if wrong:
-            raise ValueError(f"the shards' precomputed embeddings are {wrong[0]}'s, but the model conditions on "
-                             f"{identity}: embed the shards again with the model's encoder (python -m data_recipes "
-                             f"embed) or train on the shards without embeddings")
-        emb, mask = batch["text_emb"], batch["text_mask"]
-        dropped = torch.rand(emb.shape[0], device=emb.device) < self.cond_drop_prob if drop else \
-            torch.zeros(emb.shape[0], dtype=torch.bool, device=emb.device)
-        if dropped.any():
-            empty_emb, empty_mask = (x.to(emb.device) for x in self.empty_caption_embedding(identity))
-            emb = torch.where(dropped[:, None, None], empty_emb.to(emb.dtype), emb)  # [B, L, D]
-            mask = torch.where(dropped[:, None], empty_mask, mask)  # [B, L]
-        return dict(text_emb=emb, text_mask=mask), dropped
+        return caption_kwargs(batch, identity=identity, cond_drop_prob=self.cond_drop_prob if drop else None,
+                              empty_tokens=lambda: self.tokenizer.empty(1),
+                              empty_embedding=lambda: self.empty_caption_embedding(str(identity)))
 
     def empty_caption_embedding(self, identity: str) -> tuple[Tensor, Tensor]:
         """The empty caption's ``(text_emb [1, L, D], text_mask [1, L])`` for precomputed batches: the one the
@@ -336,62 +307,6 @@ class GlideModule(L.LightningModule):
         return self.wall_time_s + session
 
 
-def check_trainable(model: ModelConfig, diffusion: DiffusionConfig, tokenizer: TokenizerName,
-                    bpe_dir: str | None = None, low_res_noise: float = 0.0) -> Any:
-    """The tokenizer, once the settings are known to train together (errors name the field and the fix)."""
-    if not 0.0 <= low_res_noise <= 1.0:
-        raise ValueError(f"model.low_res_noise must be in [0, 1] (a fraction of the process), got {low_res_noise}")
-    if low_res_noise and not model.low_res_noise_cond:
-        raise ValueError("model.low_res_noise > 0 augments the upsampler's low-res input, whose noise level must reach "
-                         "the network: set model.model.low_res_noise_cond: true (model.model.kind upsample or "
-                         "upsample_inpaint)")
-    if diffusion.variance_type == "learned_range" and not model.learn_sigma:
-        raise ValueError("model.diffusion.variance_type 'learned_range' needs model.model.learn_sigma: true "
-                         "(6 output channels), or a fixed variance_type with loss_type simple or p2")
-    wanted = {"t5": "t5", "clip": "clip"}.get(model.text_encoder)
-    if wanted is not None and tokenizer != wanted:
-        raise ValueError(f"model.model.text_encoder {model.text_encoder!r} reads the {wanted!r} tokenizer's ids: set "
-                         f"model.tokenizer: {wanted}")
-    if tokenizer == "t5" and wanted is None:
-        raise ValueError("model.tokenizer 't5' is a frozen T5 encoder's: set model.model.text_encoder: t5 (and its "
-                         "text_encoder_name)")
-    try:
-        files = tokenizer_files(tokenizer, bpe_dir=bpe_dir, path=model.text_encoder_name,
-                                revision=model.text_encoder_revision)
-        built = build_tokenizer(tokenizer, text_ctx=model.text_ctx, **files)
-    except ValueError as error:
-        raise ValueError(f"model.model.text_ctx {model.text_ctx} does not suit tokenizer {tokenizer!r}: {error}") \
-            from None
-    if model.xf_width and not model.frozen_text_encoder and model.n_vocab != built.n_vocab:
-        raise ValueError(f"model.model.n_vocab is {model.n_vocab} but tokenizer {tokenizer!r} has {built.n_vocab} "
-                         f"tokens: set model.model.n_vocab: {built.n_vocab} (or another model.tokenizer)")
-    return built
-
-
 def _as(cls: type, value: Any) -> Any:
     """A config dataclass from itself or from its dict form (hparams of a loaded checkpoint)."""
     return cls(**value) if isinstance(value, dict) else value
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch RNG states as tensors and plain lists (loadable with weights_only)."""
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_tuples(state["python"]))
-    torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _tuples(value: Any) -> Any:
-    """random.setstate needs tuples where a checkpoint may hold lists."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

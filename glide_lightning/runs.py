@@ -1,5 +1,5 @@
-"""Run directories: where a run lives, its lock, its newest checkpoint, its wandb run, and what a
-resume may change.
+"""Run directories: where a run lives, its lock, its newest checkpoint, its wandb run, what a resume may
+change, and the RNG state a resumed run restores (:func:`capture_rng_state`, kept in its checkpoints).
 
 ``<root>/<name>/`` holds ``checkpoints/`` (``last.ckpt``, always the newest state, and
 ``step<N>.ckpt``), ``config.yaml`` (earlier versions kept as ``config.v1.yaml``, …),
@@ -13,6 +13,7 @@ import json
 import logging
 import netrc
 import os
+import random
 import secrets
 import time
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from glide_lightning.locks import DirectoryLock
@@ -253,3 +255,29 @@ def _next_version(directory: Path, pattern: str) -> Path:
     while (directory / pattern.format(n)).exists():
         n += 1
     return directory / pattern.format(n)
+
+
+# ----------------------------------------------------------------------------- RNG state of a resume
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as tensors and plain lists (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore the Python, NumPy and torch (and CUDA, where both have it) RNG states of :func:`capture_rng_state`."""
+    random.setstate(_tuples(state["python"]))
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(value: Any) -> Any:
+    """random.setstate needs tuples where a checkpoint may hold lists."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

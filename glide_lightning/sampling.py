@@ -53,9 +53,8 @@ from glide_lightning.models import (
     GlideKind,
     ModelConfig,
     ModelKind,
-    build_model,
+    build_with_text_encoder,
     from_glide_text2im,
-    load_frozen_text_encoder,
 )
 from glide_lightning.models.glide_text2im import detect_glide_kind
 
@@ -304,18 +303,17 @@ def _read_lightning(path: Path, state: dict[str, Any], weights: Weights) -> Samp
     source = state["current_model_state"] if has_ema and not use_ema else state["state_dict"]
     what = ("EMA weights" if use_ema else "raw weights" if has_ema or weights == "raw"
             else "raw weights: this run kept no EMA")
-    model = build_model(config)
+    model, _ = build_with_text_encoder(config)  # a frozen encoder is not in the file: reloaded from what it records
     model.load_state_dict({k.removeprefix("model."): v for k, v in source.items() if k.startswith("model.")},
                           strict=True)
     encoder = ""
-    frozen, _ = load_frozen_text_encoder(config)  # not in the file: reloaded from what the checkpoint records
-    if frozen is not None:
-        model.attach_text_encoder(frozen)
-        encoder = f", text encoder {frozen.source}"
+    if model.frozen_text_encoder:
+        loaded_now = model.attached_text_encoder.source
+        encoder = f", text encoder {loaded_now}"
         trained_with = state.get("text_encoder_source")
-        if trained_with not in (None, frozen.source):
+        if trained_with not in (None, loaded_now):
             log.warning("%s was trained with the text encoder %s but %s was loaded now: pin "
-                        "model.text_encoder_revision to sample with the same weights", path, trained_with, frozen.source)
+                        "model.text_encoder_revision to sample with the same weights", path, trained_with, loaded_now)
     files = tokenizer_files(hp["tokenizer"], path=config.text_encoder_name, revision=config.text_encoder_revision)
     return SamplingModel(model, DiffusionConfig(**hp["diffusion"]),
                          build_tokenizer(hp["tokenizer"], text_ctx=config.text_ctx, **files), config,

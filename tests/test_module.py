@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from glide_lightning.conditioning import drop_captions
 from glide_lightning.data import GlideDataModule
 from glide_lightning.diffusion import DiffusionConfig
 from glide_lightning.models import ModelConfig
@@ -63,10 +64,10 @@ def test_observed_caption_drop_rate_matches_the_configured_one(p):
     n = 20000
     tokens = torch.randint(1, 1000, (n, 16))
     mask = torch.ones(n, 16, dtype=torch.bool)
-    new_tokens, new_mask, drop = module.drop_captions(tokens, mask)
+    empty_tokens, empty_mask = module.tokenizer.empty(1)
+    new_tokens, new_mask, drop = drop_captions(tokens, mask, empty_tokens, empty_mask, module.cond_drop_prob)
     rate = drop.float().mean().item()
     assert rate == pytest.approx(p, abs=4 * (p * (1 - p) / n) ** 0.5 + 1e-9)
-    empty_tokens, empty_mask = module.tokenizer.empty(1)
     assert torch.equal(new_tokens[drop], empty_tokens.expand(int(drop.sum()), -1))
     assert not new_mask[drop].any()
     assert torch.equal(new_tokens[~drop], tokens[~drop]) and new_mask[~drop].all()

@@ -7,6 +7,7 @@ from glide_lightning.models.config import (
     ModelConfig,
     ModelKind,
     build_model,
+    build_with_text_encoder,
     load_frozen_text_encoder,
 )
 from glide_lightning.models.encoders import FrozenTextEncoder, load_text_encoder
@@ -51,6 +52,7 @@ __all__ = [
     "Transformer",
     "UNetModel",
     "build_model",
+    "build_with_text_encoder",
     "from_glide_text2im",
     "glide_config",
     "load_frozen_text_encoder",

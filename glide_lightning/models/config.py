@@ -339,3 +339,18 @@ def load_frozen_text_encoder(config: ModelConfig) -> tuple[FrozenTextEncoder | N
         raise ValueError(f"model.model.text_encoder_dim is {config.text_encoder_dim} but {encoder.source} gives "
                          f"{encoder.dim}-wide embeddings: set it to {encoder.dim} or leave it out")
     return encoder, replace(config, text_encoder_dim=encoder.dim)
+
+
+def build_with_text_encoder(config: ModelConfig) -> tuple[Text2ImUNet, ModelConfig]:
+    """:func:`build_model` with the frozen text encoder ``config`` names loaded (:func:`load_frozen_text_encoder`)
+    and attached (outside the module tree: neither trained nor in the state dict); returns the network and
+    ``config`` with the encoder's ``text_encoder_dim``. GLIDE's transformer: ``(build_model(config), config)``.
+
+    Raises:
+        ValueError, ImportError, OSError: see :func:`load_frozen_text_encoder` and :func:`build_model`.
+    """
+    encoder, config = load_frozen_text_encoder(config)
+    model = build_model(config)
+    if encoder is not None:
+        model.attach_text_encoder(encoder)
+    return model, config
