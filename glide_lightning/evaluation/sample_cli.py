@@ -138,8 +138,11 @@ class SampleCommand:
         clip = load_guidance_clip(self.clip_dir, base.image_size, device) if self.clip_dir else None
         all_prompts = [p for p in prompts for _ in range(self.num_per_prompt)]
         seeds = [self.seed + i for i in range(len(all_prompts))]
-        log.info("%s %d images from %s at guidance %.2f (%s, %s steps)", "editing" if editing else "sampling",
-                 len(all_prompts), base.source, config.guidance_scale, config.sampler, config.steps)
+        log.info("%s %d images from %s at guidance %.2f (%s, %s steps)%s%s", "editing" if editing else "sampling",
+                 len(all_prompts), base.source, config.guidance_scale, config.sampler, config.steps,
+                 f", CLIP guidance {config.clip_guidance_scale:g} with {clip.source}" if clip else "",
+                 f", then {upsampler.source} ({config.upsample_steps} steps, temperature {config.upsample_temp:g})"
+                 if upsampler else "")
         images = self._edit(base, upsampler, all_prompts, seeds, clip) if editing else \
             generate(base, all_prompts, seeds, config, upsampler=upsampler, clip=clip, progress=True)
         out = Path(self.out)
