@@ -14,7 +14,7 @@ from glide_lightning.data.images import to_uint8
 from glide_lightning.diffusion.inpainting import keep_known
 from glide_lightning.sampling import SamplingConfig, SamplingModel, sample_conditioned
 
-__all__ = ["edit", "resized"]
+__all__ = ["edit", "resized", "resized_keep"]
 
 
 @torch.no_grad()
@@ -76,5 +76,13 @@ def resized(images: Tensor, keep: Tensor, size: int, device: torch.device) -> tu
     images, keep = images.float().to(device), keep.float().to(device)
     if images.shape[-1] != size or images.shape[-2] != size:
         images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True).clamp(-1, 1)
-        keep = (F.interpolate(keep, size=(size, size), mode="area") > 1 - 1e-6).float()
+        keep = resized_keep(keep, (size, size))
     return images, keep
+
+
+def resized_keep(keep: Tensor, size: tuple[int, int]) -> Tensor:
+    """A keep-mask ``[B, 1, H, W]`` (1 = keep) resized to ``size`` (height, width): a pixel is kept only where the
+    pixels it covers were all kept (area average == 1), so the regenerated region never shrinks."""
+    if tuple(keep.shape[-2:]) == tuple(size):
+        return keep
+    return (F.interpolate(keep.float(), size=size, mode="area") > 1 - 1e-6).float()

@@ -155,8 +155,29 @@ def test_an_edit_needs_an_inpainting_model_and_both_files(tiny_checkpoint, tmp_p
     with pytest.raises(ValueError, match="checkpoint's model must be of kind 'inpaint', got 'base' .*base_inpaint.pt"):
         glide_main(["sample", "--ckpt", str(tiny_checkpoint), "--inpaint_image", str(tmp_path / "photo.png"),
                     "--mask", str(tmp_path / "mask.png"), "--prompt", "a", "--device", "cpu"])
-    Image.new("L", (16, 16), 255).save(tmp_path / "small_mask.png")
-    with pytest.raises(ValueError, match="--mask is 16x16 px but --inpaint_image is 32x32"):
+    Image.new("L", (16, 8), 255).save(tmp_path / "wide_mask.png")
+    with pytest.raises(ValueError, match="--mask is 16x8 px but --inpaint_image is 32x32: .* aspect ratio"):
         from glide_lightning.evaluation.sample_cli import read_edit_inputs
 
-        read_edit_inputs(str(tmp_path / "photo.png"), str(tmp_path / "small_mask.png"))
+        read_edit_inputs(str(tmp_path / "photo.png"), str(tmp_path / "wide_mask.png"))
+
+
+def test_the_mask_of_an_edit_serves_to_edit_its_smaller_result_again(tmp_path):
+    """README's chained edit: photo.png (64 px) and mask.png edited by a 16 px model give a 16 px result, which is
+    edited again with the same mask.png: the mask is resized to the picture, kept only where wholly kept."""
+    from glide_lightning.evaluation.sample_cli import read_edit_inputs
+
+    white = np.zeros((64, 64), np.uint8)
+    white[16:48, 18:48] = 255  # columns 18..47: the 16 px pixel of columns 16..19 is partly white
+    Image.fromarray(white).save(tmp_path / "mask.png")
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "edit1.png")
+    image, keep = read_edit_inputs(str(tmp_path / "edit1.png"), str(tmp_path / "mask.png"))
+    assert image.shape == (1, 3, 16, 16) and keep.shape == (1, 1, 16, 16)
+    expected = np.ones((16, 16), np.float32)
+    expected[4:12, 4:12] = 0  # regenerated wherever any of the 4x4 block was white
+    assert np.array_equal(keep[0, 0].numpy(), expected)
+    # a smaller mask is scaled up to the picture
+    Image.fromarray(white).resize((16, 16), Image.Resampling.NEAREST).save(tmp_path / "small_mask.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "photo.png")
+    _, keep = read_edit_inputs(str(tmp_path / "photo.png"), str(tmp_path / "small_mask.png"))
+    assert keep.shape == (1, 1, 64, 64) and keep[0, 0, 16:48, 16:48].sum() == 0 and keep.sum() == 64 * 64 - 32 * 32

@@ -77,7 +77,8 @@ def test_bad_clip_guidance_options_fail_at_parse_time(argv, expected, capsys):
     assert done.value.code == 2 and expected in capsys.readouterr().err
 
 
-def test_sample_command_guides_with_a_clip_dir(tiny_checkpoint, clip_dir, tmp_path):
+def test_sample_command_guides_with_a_clip_dir(tiny_checkpoint, clip_dir, tmp_path, caplog):
+    caplog.set_level("INFO", logger="glide_lightning")
     out = glide_main(["sample", "--ckpt", str(tiny_checkpoint), "--prompt", PROMPTS[0], "--clip_dir", str(clip_dir),
                       "--sampling.clip_guidance_scale", "30", "--sampling.guidance_scale", "1",
                       "--sampling.steps", "10", "--out", str(tmp_path / "s"), "--device", "cpu"])
@@ -85,6 +86,7 @@ def test_sample_command_guides_with_a_clip_dir(tiny_checkpoint, clip_dir, tmp_pa
 
     meta = read_png_metadata(out / "0000.png")
     assert meta["clip_guidance_scale"] == "30.0" and str(clip_dir) in meta["clip"]
+    assert f"at guidance 1.00 (ddpm, 10 steps), CLIP guidance 30 with {clip_dir}" in caplog.text  # said up front
 
 
 def test_the_issue_spelling_of_the_options_is_accepted():

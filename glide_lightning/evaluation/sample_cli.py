@@ -23,7 +23,7 @@ from PIL import Image
 from glide_lightning.cascade import generate
 from glide_lightning.clip_guidance import GuidanceCLIP, load_guidance_clip
 from glide_lightning.data.images import image_grid, save_png, to_rgb
-from glide_lightning.editing import edit
+from glide_lightning.editing import edit, resized_keep
 from glide_lightning.sampling import SamplingConfig, SamplingModel, Weights, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,13 @@ def read_prompts(prompts: str | list[str] | None, prompts_file: str | None) -> l
 
 def read_edit_inputs(image_path: str, mask_path: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The picture to edit as float ``[1, 3, H, W]`` in [-1, 1] and its keep-mask ``[1, 1, H, W]`` (1 = keep):
-    mask pixels whose gray level is at least 128 (white) are regenerated, darker ones kept.
+    mask pixels whose gray level is at least 128 (white) are regenerated, darker ones kept. A mask of another
+    size but the picture's aspect ratio is resized to the picture (:func:`~glide_lightning.editing.resized_keep`),
+    so the mask of an edit also serves to edit its result again (which has the model's size).
 
     Raises:
         FileNotFoundError: either file is missing.
-        ValueError: the mask's size differs from the image's, or it keeps or regenerates everything.
+        ValueError: the mask's aspect ratio differs from the image's, or it keeps or regenerates everything.
     """
     for name, path in (("--inpaint_image", image_path), ("--mask", mask_path)):
         if not Path(path).is_file():
@@ -57,13 +59,18 @@ def read_edit_inputs(image_path: str, mask_path: str) -> tuple[torch.Tensor, tor
         image = torch.from_numpy(np.array(to_rgb(img), dtype=np.float32))  # [H, W, 3]
     with Image.open(mask_path) as img:
         white = torch.from_numpy(np.array(to_rgb(img).convert("L"), dtype=np.float32)) >= 128  # [H, W]
-    if white.shape != image.shape[:2]:
-        raise ValueError(f"--mask is {white.shape[1]}x{white.shape[0]} px but --inpaint_image is "
-                         f"{image.shape[1]}x{image.shape[0]}: give a mask of the image's size (white = regenerate)")
-    if not white.any():
+    (mask_h, mask_w), (height, width) = white.shape, image.shape[:2]
+    keep = rearrange((~white).float(), "h w -> 1 1 h w")
+    if (mask_h, mask_w) != (height, width):
+        if round(mask_w * height / mask_h) != width:
+            raise ValueError(f"--mask is {mask_w}x{mask_h} px but --inpaint_image is {width}x{height}: give a mask "
+                             f"of the image's size or at least its aspect ratio (white = regenerate)")
+        log.info("resizing the %dx%d mask to the %dx%d picture", mask_w, mask_h, width, height)
+        keep = resized_keep(keep, (height, width))
+    if keep.all():
         raise ValueError(f"--mask {mask_path} has no white pixel: nothing to regenerate (white = regenerate)")
     image = rearrange(image, "h w c -> 1 c h w") / 127.5 - 1
-    return image, rearrange((~white).float(), "h w -> 1 1 h w")
+    return image, keep
 
 
 def resolve_device(name: str) -> torch.device:
@@ -132,8 +139,11 @@ class SampleCommand:
         clip = load_guidance_clip(self.clip_dir, base.image_size, device) if self.clip_dir else None
         all_prompts = [p for p in prompts for _ in range(self.num_per_prompt)]
         seeds = [self.seed + i for i in range(len(all_prompts))]
-        log.info("%s %d images from %s at guidance %.2f (%s, %s steps)", "editing" if editing else "sampling",
-                 len(all_prompts), base.source, config.guidance_scale, config.sampler, config.steps)
+        log.info("%s %d images from %s at guidance %.2f (%s, %s steps)%s%s", "editing" if editing else "sampling",
+                 len(all_prompts), base.source, config.guidance_scale, config.sampler, config.steps,
+                 f", CLIP guidance {config.clip_guidance_scale:g} with {clip.source}" if clip else "",
+                 f", then {upsampler.source} ({config.upsample_steps} steps, temperature {config.upsample_temp:g})"
+                 if upsampler else "")
         images = self._edit(base, upsampler, all_prompts, seeds, clip) if editing else \
             generate(base, all_prompts, seeds, config, upsampler=upsampler, clip=clip, progress=True)
         out = Path(self.out)
