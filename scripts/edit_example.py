@@ -3,10 +3,11 @@ with its input. Runs ``python -m glide_lightning sample`` three times (two promp
 again: a chained edit) and writes one row: picture | mask | edit 1 | edit 2 | edit 1 edited again, each
 upscaled 4x (nearest) so the 16 px images can be seen.
 
-    python scripts/edit_example.py --ckpt runs/smoke_inpaint16/checkpoints/last.ckpt
+    python scripts/edit_example.py --ckpt runs/smoke_inpaint/checkpoints/last.ckpt
 
 The picture is a held-out synthetic scene at the model's size (so the kept pixels equal it exactly), the mask
-a white square (white = regenerate).
+a white rectangle over one of its objects (white = regenerate), each prompt the scene's caption with another
+object in its place.
 """
 
 from __future__ import annotations
@@ -28,8 +29,14 @@ def main() -> None:
     parser.add_argument("--ckpt", required=True, help="an inpainting checkpoint (model.kind: inpaint)")
     parser.add_argument("--work", default="edit_example", help="folder of the inputs and the sample outputs")
     parser.add_argument("--out", default="reports/edit_example.png")
-    parser.add_argument("--prompts", nargs=3, default=["a large red circle", "a large green square",
-                                                        "a small yellow triangle"])
+    # the held-out scene is "a small black triangle left of a large blue triangle": the mask erases the large
+    # triangle (the right half) and each prompt is the scene's caption with another object there
+    parser.add_argument("--prompts", nargs=3, default=["a small black triangle left of a large red circle",
+                                                        "a small black triangle left of a large green square",
+                                                        "a small black triangle left of a large yellow triangle"])
+    parser.add_argument("--mask-box", nargs=4, type=float, default=[0.45, 0.0, 1.0, 1.0],
+                        metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
+                        help="the white (regenerated) rectangle, in fractions of the image's width and height")
     parser.add_argument("--steps", default="50")
     args = parser.parse_args()
     size = load_checkpoint(args.ckpt).image_size
@@ -38,7 +45,8 @@ def main() -> None:
     scene = next(iter(synthetic_samples(7, 1, split="val", image_size=size)))
     scene.image.convert("RGB").save(work / "photo.png")
     mask = np.zeros((size, size), np.uint8)
-    mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 255
+    left, top, right, bottom = (round(f * size) for f in args.mask_box)
+    mask[top:bottom, left:right] = 255
     Image.fromarray(mask).save(work / "mask.png")
     common = ["--ckpt", args.ckpt, "--mask", str(work / "mask.png"), "--sampling.steps", args.steps, "--seed", "1"]
     results = []
