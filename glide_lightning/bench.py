@@ -3,7 +3,8 @@
 For each model preset (the smoke experiment's tiny model and miniGLIDE, read from
 ``experiments/parts``) it times, per image: the forward pass (contiguous and channels-last), a full
 training step (hybrid loss, forward + backward + AdamW step, reported as training images/second;
-also under bf16 autocast) and 25-step guided sampling with :func:`glide_lightning.sampling.sample_batch` (the per-batch body of
+also under bf16 autocast, and under bf16 autocast through ``torch.compile``) and 25-step guided sampling
+(also with ``SamplingConfig.compile``) with :func:`glide_lightning.sampling.sample_batch` (the per-batch body of
 ``generate``; classifier-free guidance at the sampling default scale: a doubled batch per step,
 tokenization included), the training step and the sampling each as they are now and as they were
 before issue 12 (:func:`sample_batch_before_issue_12`, :func:`_train_step`; same weights, same run,
@@ -137,13 +138,14 @@ def _record_interleaved(result: dict[str, object], timed: dict[str, tuple[list[f
 
 
 def _train_step(model: nn.Module, diffusion: GaussianDiffusion, x: Tensor, t: Tensor, tokens: Tensor, mask: Tensor,
-                path: Literal["now", "before", "bf16"]) -> Callable[[], Tensor]:
+                path: Literal["now", "before", "bf16"], compile: bool = False) -> Callable[[], Tensor]:
     """One hybrid-loss training step (forward, backward, AdamW) on a copy of ``model``'s weights, as the
     path trains: ``now`` as :class:`~glide_lightning.module.GlideModule` with ``channels_last`` and the
     default optimizer (:func:`~glide_lightning.optim.build_optimizer`: decay / no-decay groups, the fused
     AdamW kernel), ``bf16`` the same under bf16 autocast, ``before`` as before issue 12 (one parameter
-    group, for-loop AdamW, contiguous, :func:`modules_as_before_issue_12`). Returns the step, which
-    returns its loss (detached)."""
+    group, for-loop AdamW, contiguous, :func:`modules_as_before_issue_12`); ``compile`` calls the network
+    through ``torch.compile`` as ``GlideModule(compile=True)`` does. Returns the step, which returns its
+    loss (detached); its first calls compile."""
     model = copy.deepcopy(model).train()
     kwargs = dict(tokens=tokens, mask=mask)
     if path == "before":
@@ -154,11 +156,12 @@ def _train_step(model: nn.Module, diffusion: GaussianDiffusion, x: Tensor, t: Te
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
         modules = contextlib.nullcontext
+    net = torch.compile(model) if compile else model
 
     def step() -> Tensor:
         optimizer.zero_grad(set_to_none=True)
         with modules(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=path == "bf16"):
-            loss = training_losses(diffusion, model, x, t, kwargs)["loss"].mean()
+            loss = training_losses(diffusion, net, x, t, kwargs)["loss"].mean()
         loss.backward()
         optimizer.step()
         return loss.detach()
@@ -166,7 +169,8 @@ def _train_step(model: nn.Module, diffusion: GaussianDiffusion, x: Tensor, t: Te
     return step
 
 
-def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int = 25) -> dict[str, object]:
+def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int = 25,
+                compile: bool = True) -> dict[str, object]:
     config, batch = preset_config(name), PRESETS[name][1]
     torch.manual_seed(0)
     model = build_model(config).to(device)
@@ -199,14 +203,18 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
     # the training step now (AdamW with decay / no-decay groups on its fused kernel, channels-last) against
     # the one before issue 12 (one group, for-loop AdamW, contiguous, the old attention and upsampling
     # kernels), each on its own copy of the same weights and batch, taken in turns; bf16 autocast is timed
-    # as well (the same step under torch.autocast: bf16-mixed, on CPUs with AVX512-BF16 / AMX too)
+    # as well (the same step under torch.autocast: bf16-mixed, on CPUs with AVX512-BF16 / AMX too), and
+    # with compile, that step through torch.compile (its compilation is in the warm-up run, not timed)
     training = {"train_step": _train_step(model, diffusion, x, t, tokens, mask, "now"),
                 "train_step_before_issue_12": _train_step(model, diffusion, x, t, tokens, mask, "before"),
                 "train_step_bf16_autocast": _train_step(model, diffusion, x, t, tokens, mask, "bf16")}
+    if compile:
+        training["train_step_bf16_autocast_compile"] = _train_step(model, diffusion, x, t, tokens, mask, "bf16",
+                                                                   compile=True)
     timed = _interleaved(training, repeats, device)
     _record_interleaved(result, timed, batch)
     result["train_images_per_s"] = 1.0 / result["train_step_s_per_image"]
-    for key in ("train_step", "train_step_bf16_autocast"):
+    for key in [k for k in training if k != "train_step_before_issue_12"]:
         result[f"{key}_speedup_vs_before_issue_12"] = (result["train_step_before_issue_12_s_per_image"]
                                                        / result[f"{key}_s_per_image"])
         result[f"{key}_cpu_speedup_vs_before_issue_12"] = (result["train_step_before_issue_12_cpu_s_per_image"]
@@ -221,17 +229,21 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
     result["sample_guidance_scale"] = sampling.guidance_scale
     key = f"sample_{sample_steps}_steps_cfg"
     seeds = list(range(batch))
+    before = f"{key}_before_issue_12"
     paths = {key: lambda: sample_batch(loaded, prompts, seeds, sampling, device),
-             f"{key}_before_issue_12": lambda: sample_batch_before_issue_12(loaded, prompts, seeds, sampling, device)}
+             before: lambda: sample_batch_before_issue_12(loaded, prompts, seeds, sampling, device)}
+    if compile:  # SamplingConfig.compile (its compilation is in the warm-up run, not timed)
+        compiled = replace(sampling, compile=True)
+        paths[f"{key}_compile"] = lambda: sample_batch(loaded, prompts, seeds, compiled, device)
     with torch.no_grad():  # sample_batch: the per-batch body of generate (tokenization included)
         timed = _interleaved(paths, repeats, device)
     _record_interleaved(result, timed, batch)
-    before = f"{key}_before_issue_12"
-    result[f"{key}_speedup_vs_before_issue_12"] = (result[f"{before}_s_per_image"] / result[f"{key}_s_per_image"])
-    result[f"{key}_cpu_speedup_vs_before_issue_12"] = (result[f"{before}_cpu_s_per_image"]
-                                                       / result[f"{key}_cpu_s_per_image"])
-    # how far the two paths' images are apart (float rounding, amplified along the chain), in [-1, 1] units
-    result[f"{key}_max_abs_diff_vs_before_issue_12"] = (timed[key][2] - timed[before][2]).abs().max().item()
+    for path in [p for p in paths if p != before]:
+        result[f"{path}_speedup_vs_before_issue_12"] = result[f"{before}_s_per_image"] / result[f"{path}_s_per_image"]
+        result[f"{path}_cpu_speedup_vs_before_issue_12"] = (result[f"{before}_cpu_s_per_image"]
+                                                            / result[f"{path}_cpu_s_per_image"])
+        # how far the paths' images are apart (float rounding, amplified along the chain), in [-1, 1] units
+        result[f"{path}_max_abs_diff_vs_before_issue_12"] = (timed[path][2] - timed[before][2]).abs().max().item()
     result["forward_channels_last_speedup"] = result["forward_s_per_image"] / result["forward_channels_last_s_per_image"]
     # sampling cost is linear in the number of steps: the 100-step rate (GLIDE's setting) from the measured one
     result["guided_generation_images_per_s_100_steps"] = sample_steps / (100 * result[f"sample_{sample_steps}_steps_cfg_s_per_image"])
@@ -369,6 +381,9 @@ class BenchCommand:
     """Guided sampling steps timed (the 100-step rate is scaled from it; 100 measures it)."""
     skip_features: bool = False
     """Do not benchmark the FID / CLIP feature extractors."""
+    compile: bool = True
+    """Also time the training step (bf16 autocast) and guided sampling through ``torch.compile``
+    (compiling takes about a minute per preset on a CPU, more for miniGLIDE; not in the timings)."""
     skip_precomputed: bool = False
     """Do not time training with a frozen T5 v1.1 base run per batch against precomputed embeddings (needs
     ``pip install 'glide_lightning[text]'``; skipped with a note without it)."""
@@ -391,7 +406,8 @@ class BenchCommand:
         }
         for name in self.presets:
             print(f"benchmarking {name} …", flush=True)
-            report["models"][name] = bench_model(name, self.repeats, device, self.sample_steps)  # type: ignore[index]
+            report["models"][name] = bench_model(name, self.repeats, device, self.sample_steps,  # type: ignore[index]
+                                                 self.compile)
             summary = {k: v for k, v in report["models"][name].items()  # type: ignore[index]
                        if k.endswith(("_per_image", "per_s", "steps")) or "speedup" in k}
             print(json.dumps({name: summary}, indent=1), flush=True)

@@ -10,7 +10,7 @@ from glide_lightning.commands import main as glide_main
 def test_bench_writes_per_image_medians(tmp_path):
     out = tmp_path / "results.json"
     glide_main(["bench", "--out", str(out), "--presets", "[tiny]", "--repeats", "1", "--sample_steps", "4",
-                "--skip_features", "true", "--skip_precomputed", "true"])
+                "--compile", "false", "--skip_features", "true", "--skip_precomputed", "true"])
     report = json.loads(out.read_text())
     tiny = report["models"]["tiny"]
     assert report["machine"]["torch"] == torch.__version__
@@ -33,8 +33,24 @@ def test_bench_writes_per_image_medians(tmp_path):
     # other kernels, the same images: apart by float rounding along the chain, under half an 8-bit level
     assert tiny["sample_4_steps_cfg_max_abs_diff_vs_before_issue_12"] < 1 / 255
     assert len(tiny["sample_4_steps_cfg_cpu_runs_s"]) == 1 and tiny["sample_4_steps_cfg_cpu_speedup_vs_before_issue_12"] > 0
+    assert not any("compile" in key for key in tiny)  # --compile false: no compiled paths timed
     data = report["data_pipeline"]
     assert data["images_per_s_workers0"] > 0 and data["images_per_s_workers2"] > 0
+
+
+@pytest.mark.slow
+def test_bench_times_the_compiled_training_step_and_sampling_against_the_old_paths():
+    """With compile (the default of ``make bench``) the bf16 training step and guided sampling are also timed
+    through torch.compile, in the same interleaved runs, with their ratios to the paths before issue 12; the
+    compiled sampler's images stay within SamplingConfig.compile's documented tolerance of the old path's."""
+    tiny = bench.bench_model("tiny", 1, torch.device("cpu"), sample_steps=2, compile=True)
+    for key, before in [("train_step_bf16_autocast_compile", "train_step_before_issue_12"),
+                        ("sample_2_steps_cfg_compile", "sample_2_steps_cfg_before_issue_12")]:
+        assert len(tiny[f"{key}_runs_s"]) == 1 and tiny[f"{key}_s_per_image"] > 0
+        assert tiny[f"{key}_speedup_vs_before_issue_12"] == pytest.approx(
+            tiny[f"{before}_s_per_image"] / tiny[f"{key}_s_per_image"])
+        assert tiny[f"{key}_cpu_speedup_vs_before_issue_12"] > 0
+    assert 0 < tiny["sample_2_steps_cfg_compile_max_abs_diff_vs_before_issue_12"] < 1e-2
 
 
 def test_feature_extractor_bench():

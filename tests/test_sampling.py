@@ -336,6 +336,16 @@ def test_compiled_denoiser_samples_within_its_documented_tolerance(tiny_checkpoi
     difference = (compiled - eager).abs()
     assert difference.mean() < 1e-4 and difference.max() < 1e-2
     assert not isinstance(loaded.model, torch._dynamo.eval_frame.OptimizedModule)  # nothing kept on the module
+    # new weights in the same tensors (an EMA swap during training, a loaded state dict): the compiled
+    # (on the CPU frozen) denoiser follows them, it does not keep the weights it was compiled with
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            p.mul_(0.9).add_(0.01)
+    changed_eager = sample_batch(loaded, prompts, seeds, config, cpu)
+    changed_compiled = sample_batch(loaded, prompts, seeds, replace(config, compile=True), cpu)
+    assert (changed_eager - eager).abs().mean() > 1e-2  # the change shows in the images
+    difference = (changed_compiled - changed_eager).abs()
+    assert difference.mean() < 1e-4 and difference.max() < 1e-2
 
 
 @pytest.mark.parametrize("sampler, steps", [("ddpm", "6"), ("ddim", "ddim6"), ("dpmpp_2m", "6"), ("unipc", "6")])
