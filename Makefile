@@ -50,7 +50,7 @@ EVAL_ARGS = --run_dir $(RUN_DIR) $(if $(CKPT),--ckpt $(CKPT)) --n $(N) $(if $(RE
 EXPERIMENTS := $(sort $(basename $(notdir $(wildcard experiments/*.yaml))))
 RECIPES     := synthetic folder mscoco stanford_dogs sbucaptions embed
 
-.PHONY: help setup test bench bench-learning train data sample fid sweep compare ablation-smoke check-exp check-run check-recipe clean
+.PHONY: help setup test bench bench-gpu bench-learning train data sample fid sweep compare ablation-smoke check-exp check-run check-recipe clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -75,6 +75,9 @@ bench: setup  ## time models, training, sampling, data pipeline and FID/CLIP fea
 SYNTHETIC_DATA = @if ! ls data/synthetic/train-*.tar >/dev/null 2>&1; then \
 		echo "data/synthetic is empty: building the synthetic shards first"; \
 		$(PY) -m data_recipes synthetic --out data/synthetic $(SMOKE_DATA_ARGS); fi
+
+bench-gpu: setup  ## on a machine with a CUDA GPU: miniGLIDE bf16 training images/s and MFU with and without compile, guided sampling images/s with and without CUDA graphs at batch 1 and 64: bench/results-gpu.json [ARGS=]
+	$(PY) scripts/bench_gpu.py --out bench/results-gpu.json $(ARGS)
 
 bench-learning: setup  ## how fast the presets learn (smoke adherence within its budget, grayscale samples of grayscale data): bench/learning.json, ~35 min on 2 cores [ARGS="--skip grayscale"]
 	$(PY) scripts/bench_learning.py --out bench/learning.json $(ARGS)

@@ -1,10 +1,15 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from glide_lightning import bench
 from glide_lightning.commands import main as glide_main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_writes_per_image_medians(tmp_path):
@@ -86,3 +91,30 @@ def test_precomputed_embedding_bench_times_both_paths():
     assert result["speedup"] == pytest.approx(result["encoder_s_per_step"] / result["precomputed_s_per_step"])
     t5 = transformers.T5EncoderModel(transformers.T5Config(**tiny_t5))
     assert result["encoder_params"] == sum(p.numel() for p in t5.parameters())
+
+
+def test_gpu_bench_script_writes_training_mfu_and_sampling_rates(tmp_path):
+    """scripts/bench_gpu.py (the prepared GPU run, ``make bench-gpu``) runs end to end on a CPU with small
+    settings; its FLOPs are the FLOP counter's for the step, its rates follow from its timings, and the MFU is
+    None where Lightning's peak table has no entry (CPUs). Without a CUDA device, --device cuda is refused."""
+    from glide_lightning.models.flops import training_step_flops
+
+    out = tmp_path / "gpu.json"
+    script = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py")]
+    subprocess.run(script + ["--out", str(out), "--preset", "tiny", "--device", "cpu", "--train-batch", "2",
+                             "--sample-batches", "1,2", "--steps", "2", "--repeats", "1", "--no-compile"],
+                   check=True, cwd=ROOT)
+    report = json.loads(out.read_text())
+    train = report["train_bf16"]
+    assert train["flops_per_step"] == training_step_flops(bench.preset_config("tiny"), 2) > 0
+    assert train["bf16"]["images_per_s"] == pytest.approx(2 / train["bf16"]["step_s"])
+    assert train["peak_bf16_flops"] is None and train["bf16"]["mfu"] is None
+    assert "bf16_compile" not in train
+    for batch in (1, 2):
+        timed = report["sample_guided"][f"batch_{batch}"]["eager"]
+        assert timed["images_per_s"] == pytest.approx(batch / timed["runs_s"][0])
+    if not torch.cuda.is_available():
+        refused = subprocess.run(script + ["--out", str(tmp_path / "no.json")], cwd=ROOT, capture_output=True,
+                                 text=True)
+        assert refused.returncode == 2 and "no CUDA device is visible" in refused.stderr
+        assert not (tmp_path / "no.json").exists()
