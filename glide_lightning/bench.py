@@ -52,6 +52,28 @@ def preset_config(name: str) -> ModelConfig:
     return ModelConfig(**yaml.safe_load((PARTS / PRESETS[name][0]).read_text()))
 
 
+def random_model(config: ModelConfig, device: torch.device) -> nn.Module:
+    """``config``'s network on ``device`` with random weights from seed 0; ADM's zero-initialised residual
+    outputs are given random values too, so that outputs of different kernels can be compared."""
+    torch.manual_seed(0)
+    model = build_model(config).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.02)
+    return model
+
+
+def random_batch(config: ModelConfig, batch: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A training batch for ``config``'s network: images ``x_t`` ``[B, 3, S, S]`` (standard normal),
+    timesteps ``[B]`` of 1000, caption tokens and an all-true mask ``[B, text_ctx]``."""
+    size = config.image_size
+    x = torch.randn(batch, 3, size, size, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    tokens = torch.randint(0, config.n_vocab, (batch, config.text_ctx), device=device)
+    return x, t, tokens, torch.ones(batch, config.text_ctx, dtype=torch.bool, device=device)
+
+
 def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, list[float]]:
     fn()  # warm-up (allocator, kernels, lazy imports)
     runs = []
@@ -172,18 +194,9 @@ def _train_step(model: nn.Module, diffusion: GaussianDiffusion, x: Tensor, t: Te
 def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int = 25,
                 compile: bool = True) -> dict[str, object]:
     config, batch = preset_config(name), PRESETS[name][1]
-    torch.manual_seed(0)
-    model = build_model(config).to(device)
-    with torch.no_grad():  # ADM zero-initialises residual outputs: random values, so outputs can be compared
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(std=0.02)
+    model = random_model(config, device)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(steps=1000))
-    size = config.image_size
-    x = torch.randn(batch, 3, size, size, device=device)
-    t = torch.randint(0, 1000, (batch,), device=device)
-    tokens = torch.randint(0, config.n_vocab, (batch, config.text_ctx), device=device)
-    mask = torch.ones(batch, config.text_ctx, dtype=torch.bool, device=device)
+    x, t, tokens, mask = random_batch(config, batch, device)
     result: dict[str, object] = {"config": asdict(config), "batch": batch,
                                  "params": sum(p.numel() for p in model.parameters())}
 

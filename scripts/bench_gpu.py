@@ -33,32 +33,17 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from glide_lightning import bench
 from glide_lightning.data.tokenizers import build_tokenizer
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
-from glide_lightning.models import ModelConfig, build_model
+from glide_lightning.models import build_model
 from glide_lightning.models.flops import training_step_flops
 from glide_lightning.sampling import SamplingConfig, SamplingModel, sample_batch
 
 
-def _model(preset: str, device: torch.device) -> tuple[ModelConfig, torch.nn.Module]:
-    """The preset's network with random weights (ADM's zero-initialised outputs given random values)."""
-    config = bench.preset_config(preset)
-    torch.manual_seed(0)
-    model = build_model(config).to(device)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(std=0.02)
-    return config, model
-
-
 def train(preset: str, batch: int, repeats: int, device: torch.device, compile: bool) -> dict[str, object]:
     """Training images/s and MFU of the bf16 training step, eager and (``compile``) compiled."""
-    config, model = _model(preset, device)
+    config = bench.preset_config(preset)
+    model = bench.random_model(config, device)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(steps=1000))
-    size = config.image_size
-    x = torch.randn(batch, 3, size, size, device=device)
-    t = torch.randint(0, 1000, (batch,), device=device)
-    tokens = torch.randint(0, config.n_vocab, (batch, config.text_ctx), device=device)
-    mask = torch.ones(batch, config.text_ctx, dtype=torch.bool, device=device)
+    x, t, tokens, mask = bench.random_batch(config, batch, device)
     steps = {"bf16": bench._train_step(model, diffusion, x, t, tokens, mask, "bf16")}
     if compile:
         steps["bf16_compile"] = bench._train_step(model, diffusion, x, t, tokens, mask, "bf16", compile=True)
@@ -77,8 +62,8 @@ def train(preset: str, batch: int, repeats: int, device: torch.device, compile: 
 def sample(preset: str, batches: list[int], steps: int, repeats: int, device: torch.device,
            compile: bool) -> dict[str, object]:
     """Guided sampling images/s at each batch size, eager and (``compile``) compiled (CUDA graphs on CUDA)."""
-    config, model = _model(preset, device)
-    model.eval()
+    config = bench.preset_config(preset)
+    model = bench.random_model(config, device).eval()
     loaded = SamplingModel(model, DiffusionConfig(steps=1000), build_tokenizer("clip", text_ctx=config.text_ctx),
                            config, f"bench preset {preset} (random weights)")
     result: dict[str, object] = {"steps": steps}
