@@ -145,8 +145,8 @@ class SamplingConfig:
     tested). The first call compiles (tens of seconds to minutes on a CPU). Tolerance: fused kernels
     round differently, ~1e-6 relative per forward; a sampling chain carries that to ~1e-5 on average
     (a few pixels near the clipping bound further, at most 1e-2), as any change of kernels does. On
-    this project's 2-core CPU it is about 1.1x eager guided sampling (``make bench``:
-    ``sample_25_steps_cfg_compile``)."""
+    this project's 2-core CPU it is about as fast as eager guided sampling (0.95-1.02x in ``make
+    bench``'s ``sample_25_steps_cfg_compile``; without freezing it was slower than eager)."""
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """The denoiser's arithmetic: ``fp32``; ``bf16`` autocast (the sampler's own math stays fp32);
     ``auto``: bf16 on GPUs that support it, fp32 elsewhere."""
