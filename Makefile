@@ -68,7 +68,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: setup  ## run the test suite (offline, CPU; GPU-only tests are skipped)
 	$(PY) -m pytest -q
 
-bench: setup  ## time models, training, sampling, data pipeline and FID/CLIP features; writes bench/results.json [ARGS="--repeats 3"]
+bench: setup  ## time models, training, sampling (eager and compiled), data pipeline and FID/CLIP features against the paths before issue 12; writes bench/results.json, ~35 min on 2 cores [ARGS="--repeats 3 --compile false"]
 	$(PY) -m glide_lightning bench --out $(BENCH_OUT) $(ARGS)
 
 # the synthetic shards of the smoke experiment and the toy ablation, built when missing
