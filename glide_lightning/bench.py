@@ -44,6 +44,8 @@ from glide_lightning.sampling import SamplingConfig, SamplingModel, sample_batch
 
 PARTS = Path(__file__).resolve().parents[1] / "experiments" / "parts"
 # name: (model part of the experiments, batch size used for timing)
+# the caption of every timed sampling batch
+PROMPT = "a small red circle above a large blue square"
 PRESETS: dict[str, tuple[str, int]] = {"tiny": ("tiny_model.yaml", 16), "minig": ("minig_model.yaml", 4)}
 
 
@@ -72,6 +74,12 @@ def random_batch(config: ModelConfig, batch: int, device: torch.device) -> tuple
     t = torch.randint(0, 1000, (batch,), device=device)
     tokens = torch.randint(0, config.n_vocab, (batch, config.text_ctx), device=device)
     return x, t, tokens, torch.ones(batch, config.text_ctx, dtype=torch.bool, device=device)
+
+
+def sampling_model(name: str, config: ModelConfig, model: nn.Module) -> SamplingModel:
+    """``model`` (preset ``name``'s network) as the samplers take it: a 1000-step process, CLIP BPE tokens."""
+    return SamplingModel(model, DiffusionConfig(steps=1000), build_tokenizer("clip", text_ctx=config.text_ctx),
+                         config, f"bench preset {name} (random weights)")
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, list[float]]:
@@ -235,10 +243,9 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
 
     model.eval()
     # guided sampling through sample_batch, the body of the one generate() the sample command and FID harness use
-    loaded = SamplingModel(model, diffusion.config, build_tokenizer("clip", text_ctx=config.text_ctx), config,
-                           f"bench preset {name} (random weights)")
+    loaded = sampling_model(name, config, model)
     sampling = SamplingConfig(steps=str(sample_steps), batch_size=batch)  # the default guidance scale
-    prompts = ["a small red circle above a large blue square"] * batch
+    prompts = [PROMPT] * batch
     result["sample_guidance_scale"] = sampling.guidance_scale
     key = f"sample_{sample_steps}_steps_cfg"
     seeds = list(range(batch))

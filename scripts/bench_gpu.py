@@ -31,11 +31,9 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 
 from glide_lightning import bench
-from glide_lightning.data.tokenizers import build_tokenizer
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
-from glide_lightning.models import build_model
 from glide_lightning.models.flops import training_step_flops
-from glide_lightning.sampling import SamplingConfig, SamplingModel, sample_batch
+from glide_lightning.sampling import SamplingConfig, sample_batch
 
 
 def train(preset: str, batch: int, repeats: int, device: torch.device, compile: bool) -> dict[str, object]:
@@ -44,6 +42,7 @@ def train(preset: str, batch: int, repeats: int, device: torch.device, compile: 
     model = bench.random_model(config, device)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(steps=1000))
     x, t, tokens, mask = bench.random_batch(config, batch, device)
+    params = sum(p.numel() for p in model.parameters())
     steps = {"bf16": bench._train_step(model, diffusion, x, t, tokens, mask, "bf16")}
     if compile:
         steps["bf16_compile"] = bench._train_step(model, diffusion, x, t, tokens, mask, "bf16", compile=True)
@@ -51,7 +50,8 @@ def train(preset: str, batch: int, repeats: int, device: torch.device, compile: 
     timed = bench._interleaved(steps, repeats, device)
     flops = training_step_flops(config, batch)
     peak = get_available_flops(device, torch.bfloat16)
-    result: dict[str, object] = {"batch": batch, "flops_per_step": flops, "peak_bf16_flops": peak}
+    result: dict[str, object] = {"batch": batch, "params": params, "flops_per_step": flops,
+                                 "peak_bf16_flops": peak}
     for name, (wall, _, _) in timed.items():
         seconds = statistics.median(wall)
         result[name] = {"images_per_s": batch / seconds, "step_s": seconds, "runs_s": wall,
@@ -64,12 +64,11 @@ def sample(preset: str, batches: list[int], steps: int, repeats: int, device: to
     """Guided sampling images/s at each batch size, eager and (``compile``) compiled (CUDA graphs on CUDA)."""
     config = bench.preset_config(preset)
     model = bench.random_model(config, device).eval()
-    loaded = SamplingModel(model, DiffusionConfig(steps=1000), build_tokenizer("clip", text_ctx=config.text_ctx),
-                           config, f"bench preset {preset} (random weights)")
+    loaded = bench.sampling_model(preset, config, model)
     result: dict[str, object] = {"steps": steps}
     for batch in batches:
         sampling = SamplingConfig(steps=str(steps), batch_size=batch, precision="auto")
-        prompts, seeds = ["a small red circle above a large blue square"] * batch, list(range(batch))
+        prompts, seeds = [bench.PROMPT] * batch, list(range(batch))
         paths = {"eager": lambda s=sampling, p=prompts, z=seeds: sample_batch(loaded, p, z, s, device)}
         if compile:
             compiled = replace(sampling, compile=True)
@@ -98,8 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     compile = not args.no_compile
     report = {"machine": {"platform": platform.platform(), "device": str(device), "torch": torch.__version__,
                           "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-              "preset": args.preset, "params": sum(p.numel() for p in build_model(
-                  bench.preset_config(args.preset)).parameters()), "repeats": args.repeats}
+              "preset": args.preset, "repeats": args.repeats}
     print(f"timing the {args.preset} training step on {device} …", flush=True)
     report["train_bf16"] = train(args.preset, args.train_batch, args.repeats, device, compile)
     print(json.dumps(report["train_bf16"]), flush=True)
