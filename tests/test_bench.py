@@ -38,6 +38,9 @@ def test_bench_writes_per_image_medians(tmp_path):
     # other kernels, the same images: apart by float rounding along the chain, under half an 8-bit level
     assert tiny["sample_4_steps_cfg_max_abs_diff_vs_before_issue_12"] < 1 / 255
     assert len(tiny["sample_4_steps_cfg_cpu_runs_s"]) == 1 and tiny["sample_4_steps_cfg_cpu_speedup_vs_before_issue_12"] > 0
+    bf16 = tiny["sample_4_steps_cfg_bf16_s_per_image"]  # the opt-in bf16 sampler, timed in the same turns
+    assert tiny["sample_4_steps_cfg_bf16_speedup_vs_before_issue_12"] == pytest.approx(before / bf16)
+    assert tiny["sample_4_steps_cfg_bf16_max_abs_diff_vs_before_issue_12"] > 0  # bf16 rounding: held to no tolerance
     assert not any("compile" in key for key in tiny)  # --compile false: no compiled paths timed
     data = report["data_pipeline"]
     assert data["images_per_s_workers0"] > 0 and data["images_per_s_workers2"] > 0

@@ -57,15 +57,22 @@ def test_attention_block_matches_reference(
     torch.testing.assert_close(block(x, enc), reference_attention(block, x, enc), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("contiguous_query", [True, False])
-def test_both_query_layouts_match_the_reference(contiguous_query: bool, randomize: Callable[..., nn.Module]) -> None:
-    """The fused-kernel layout (default) and the old strided one (kept for the benchmark) agree."""
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("token_layout", [True, False])
+def test_both_attention_layouts_match_the_reference(
+    token_layout: bool, memory_format: torch.memory_format, randomize: Callable[..., nn.Module]
+) -> None:
+    """The token layout (default) and the old ``[B, C, T]`` one (kept for the benchmark) agree, for NCHW
+    and NHWC inputs, and the output keeps the input's memory format (the convolutions after it rely on
+    it), so a channels-last UNet stays channels-last through its attention."""
     torch.manual_seed(0)
     block = randomize(AttentionBlock(64, 2, encoder_channels=24), std=0.2)
-    block.contiguous_query = contiguous_query
-    x, enc = torch.randn(2, 64, 8, 8), torch.randn(2, 24, 7)
+    block.token_layout = token_layout
+    x, enc = torch.randn(2, 64, 8, 8).contiguous(memory_format=memory_format), torch.randn(2, 24, 7)
     with torch.no_grad():
-        torch.testing.assert_close(block(x, enc), reference_attention(block, x, enc), atol=1e-5, rtol=1e-4)
+        out = block(x, enc)
+        torch.testing.assert_close(out, reference_attention(block, x, enc), atol=1e-5, rtol=1e-4)
+    assert out.is_contiguous(memory_format=memory_format)
 
 
 def test_attention_takes_sdpas_fused_kernel_on_cpu(randomize: Callable[..., nn.Module]) -> None:
@@ -82,7 +89,7 @@ def test_attention_takes_sdpas_fused_kernel_on_cpu(randomize: Callable[..., nn.M
         return {event.name for event in prof.events()}
 
     assert "aten::_softmax" not in ops()
-    block.contiguous_query = False
+    block.token_layout = False
     assert "aten::_softmax" in ops()  # the probe sees the math kernel when it runs
 
 
