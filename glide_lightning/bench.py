@@ -38,6 +38,7 @@ from glide_lightning.data.tokenizers import build_tokenizer
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, classifier_free_guidance, get_sampler
 from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.models import ModelConfig, build_model
+from glide_lightning.models.flops import denoiser_flops, training_step_flops
 from glide_lightning.models.unet import AttentionBlock, Upsample
 from glide_lightning.optim import OptimizerConfig, build_optimizer
 from glide_lightning.sampling import SamplingConfig, SamplingModel, sample_batch, sample_generators
@@ -199,8 +200,20 @@ def _train_step(model: nn.Module, diffusion: GaussianDiffusion, x: Tensor, t: Te
     return step
 
 
+def matmul_flops_per_s(device: torch.device, repeats: int, n: int = 2048) -> float:
+    """The device's fp32 matrix-multiply rate in FLOP/s: the median over ``repeats`` runs of 4 timed
+    ``n`` x ``n`` products (2n³ FLOPs each). A practical peak, against which :func:`bench_model`'s
+    arithmetic floors are set: the time the presets' counted FLOPs would take at this rate."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    median, _ = _median_seconds(lambda: [a @ b for _ in range(4)], repeats, device)
+    return 4 * 2 * n**3 / median
+
+
 def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int = 25,
-                compile: bool = True) -> dict[str, object]:
+                compile: bool = True, matmul_flops: float | None = None) -> dict[str, object]:
+    """``name``'s forward, training step and guided sampling, timed as :class:`BenchCommand` describes;
+    with ``matmul_flops`` (FLOP/s, :func:`matmul_flops_per_s`) also the training step's and guided
+    sampling's arithmetic floors: their counted FLOPs (:mod:`glide_lightning.models.flops`) at that rate."""
     config, batch = preset_config(name), PRESETS[name][1]
     model = random_model(config, device)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(steps=1000))
@@ -273,6 +286,13 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
     # sampling cost is linear in the number of steps: the 100-step rate (GLIDE's setting) from the measured one
     result["guided_generation_images_per_s_100_steps"] = sample_steps / (100 * result[f"sample_{sample_steps}_steps_cfg_s_per_image"])
     result["guided_generation_100_steps_extrapolated_from"] = None if sample_steps == 100 else sample_steps
+    # FLOPs per image (2 per multiply-add): the training step's forward and backward; guided sampling's
+    # two denoiser evaluations per step (the caption encoded once per call: not counted)
+    result["train_step_gflop_per_image"] = training_step_flops(config, 1) / 1e9
+    result[f"{key}_gflop_per_image"] = 2 * sample_steps * denoiser_flops(config, 1) / 1e9
+    if matmul_flops:
+        for path in ("train_step", key):
+            result[f"{path}_arithmetic_floor_s_per_image"] = result[f"{path}_gflop_per_image"] * 1e9 / matmul_flops
     return result
 
 
@@ -429,10 +449,12 @@ class BenchCommand:
             "repeats": self.repeats,
             "models": {},
         }
+        matmul_flops = matmul_flops_per_s(device, self.repeats)
+        report["machine"]["fp32_matmul_gflop_per_s"] = matmul_flops / 1e9  # type: ignore[index]
         for name in self.presets:
             print(f"benchmarking {name} …", flush=True)
             report["models"][name] = bench_model(name, self.repeats, device, self.sample_steps,  # type: ignore[index]
-                                                 self.compile)
+                                                 self.compile, matmul_flops)
             summary = {k: v for k, v in report["models"][name].items()  # type: ignore[index]
                        if k.endswith(("_per_image", "per_s", "steps")) or "speedup" in k}
             print(json.dumps({name: summary}, indent=1), flush=True)

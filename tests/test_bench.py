@@ -42,6 +42,15 @@ def test_bench_writes_per_image_medians(tmp_path):
     assert tiny["sample_4_steps_cfg_bf16_speedup_vs_before_issue_12"] == pytest.approx(before / bf16)
     assert tiny["sample_4_steps_cfg_bf16_max_abs_diff_vs_before_issue_12"] > 0  # bf16 rounding: held to no tolerance
     assert not any("compile" in key for key in tiny)  # --compile false: no compiled paths timed
+    # the arithmetic floors: the counted FLOPs per image at the machine's measured fp32 matmul rate
+    from glide_lightning.models.flops import denoiser_flops, training_step_flops
+
+    peak = report["machine"]["fp32_matmul_gflop_per_s"]
+    assert tiny["sample_4_steps_cfg_gflop_per_image"] == pytest.approx(2 * 4 * denoiser_flops(bench.preset_config("tiny"), 1) / 1e9)
+    assert tiny["train_step_gflop_per_image"] == pytest.approx(training_step_flops(bench.preset_config("tiny"), 1) / 1e9)
+    for key in ["train_step", "sample_4_steps_cfg"]:
+        assert tiny[f"{key}_arithmetic_floor_s_per_image"] == pytest.approx(tiny[f"{key}_gflop_per_image"] / peak)
+        assert tiny[f"{key}_arithmetic_floor_s_per_image"] < tiny[f"{key}_s_per_image"]  # no path beats its arithmetic
     data = report["data_pipeline"]
     assert data["images_per_s_workers0"] > 0 and data["images_per_s_workers2"] > 0
 

@@ -19,6 +19,17 @@ def training_step_flops(config: ModelConfig, batch_size: int) -> int:
     The diffusion loss, the optimizer and normalisations are not counted (a few per cent at most).
     The upsampler and inpainting kinds are counted with their extra inputs; a frozen text encoder (no
     backward pass, and run once per batch) is not counted."""
+    return _count_flops(config, batch_size, backward=True)
+
+
+def denoiser_flops(config: ModelConfig, batch_size: int) -> int:
+    """FLOPs of one denoiser evaluation on ``batch_size`` images as a sampler makes it (two per step where
+    guided), counted as :func:`training_step_flops` counts them: a forward pass with the caption's encoding
+    given (the text transformer runs once per sampling call, not per step, and is not counted)."""
+    return _count_flops(config, batch_size, backward=False)
+
+
+def _count_flops(config: ModelConfig, batch_size: int, backward: bool) -> int:
     with torch.device("meta"):
         model = build_model(config)
         size = config.image_size
@@ -36,6 +47,10 @@ def training_step_flops(config: ModelConfig, batch_size: int) -> int:
         if config.kind in ("inpaint", "upsample_inpaint"):
             kwargs["inpaint_image"] = torch.empty(batch_size, 3, size, size)
             kwargs["inpaint_mask"] = torch.empty(batch_size, 1, size, size)
+        if not backward and config.xf_width and not config.frozen_text_encoder:  # encoded once per sampling call
+            kwargs = {**model.encode_caption(kwargs.pop("tokens"), kwargs.pop("mask")), **kwargs}
         with FlopCounterMode(display=False) as counter:
-            model(x, t, **kwargs).sum().backward()
+            out = model(x, t, **kwargs)
+            if backward:
+                out.sum().backward()
     return int(counter.get_total_flops())

@@ -1,4 +1,5 @@
-"""Training-step FLOPs (for MFU): counted on the meta device, linear in the batch, about 3x a forward."""
+"""Training-step FLOPs (for MFU) and a sampler's denoiser evaluation: counted on the meta device, linear in the
+batch, about 3x a forward; a denoiser evaluation is a forward less its text transformer."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from glide_lightning.models import ModelConfig, build_model
-from glide_lightning.models.flops import training_step_flops
+from glide_lightning.models.flops import denoiser_flops, training_step_flops
 
 from conftest import TINY
 
@@ -49,3 +50,24 @@ def test_the_first_convolution_alone_matches_its_closed_form() -> None:
 def test_other_kinds_are_counted_with_their_extra_inputs(kind: str) -> None:
     config = ModelConfig(**{**TINY, "kind": kind})
     assert training_step_flops(config, 2) == 2 * training_step_flops(config, 1) > 0
+
+
+def test_a_denoiser_evaluation_is_a_forward_pass_less_the_text_transformer() -> None:
+    """Sampling encodes the caption once per call, so a step costs the forward pass without the text
+    transformer: the difference is the transformer's own count. Counted on the meta device, as the
+    library counts (there SDPA takes its math kernel, whose matmuls the counter sees; on the CPU its
+    fused kernel goes uncounted)."""
+    config = ModelConfig(**TINY)
+    with torch.device("meta"), torch.no_grad():
+        model = build_model(config)
+        x, t = torch.empty(4, 3, config.image_size, config.image_size), torch.zeros(4, dtype=torch.long)
+        tokens = torch.zeros(4, config.text_ctx, dtype=torch.long)
+        mask = torch.ones(4, config.text_ctx, dtype=torch.bool)
+        with FlopCounterMode(display=False) as counter:
+            model.encode_text(tokens, mask)
+        text = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            model(x, t, tokens=tokens, mask=mask)
+        forward = counter.get_total_flops()
+    assert 0 < text < forward
+    assert denoiser_flops(config, 4) == 4 * denoiser_flops(config, 1) == forward - text
