@@ -145,8 +145,9 @@ class SamplingConfig:
     tested). The first call compiles (tens of seconds to minutes on a CPU). Tolerance: fused kernels
     round differently, ~1e-6 relative per forward; a sampling chain carries that to ~1e-5 on average
     (a few pixels near the clipping bound further, at most 1e-2), as any change of kernels does. On
-    this project's 2-core CPU it is about as fast as eager guided sampling (0.95-1.02x in ``make
-    bench``'s ``sample_25_steps_cfg_compile``; without freezing it was slower than eager)."""
+    this project's 2-core CPU, from NCHW (``memory_format`` ``auto``), guided sampling measured 1.12x
+    eager for the tiny preset and 1.01x for miniGLIDE (from NHWC 1.05x and 0.99x; without freezing it
+    was slower than eager); ``make bench`` times it as ``sample_25_steps_cfg_compile``."""
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """The denoiser's arithmetic: ``fp32``; ``bf16`` autocast (the sampler's own math stays fp32);
     ``auto``: bf16 on GPUs that support it, fp32 elsewhere."""
@@ -157,10 +158,11 @@ class SamplingConfig:
     [-1, 1] clip does, see :func:`~glide_lightning.diffusion.dynamic_threshold`). None: the static clip only."""
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     """The UNet's activation layout while sampling: ``channels_last`` (NHWC) or ``contiguous`` (NCHW).
-    ``auto``: channels_last on the CPU, where it measured faster in guided sampling (tiny preset about
-    1.2x, miniGLIDE about 1.05x; oneDNN convolutions skip their layout reorders), contiguous on GPUs
-    (not measured here). Outputs equal within float rounding; the network's own memory format is
-    restored after each call."""
+    ``auto``: channels_last on the CPU, where it measured faster in eager guided sampling (tiny preset
+    about 1.2x, miniGLIDE about 1.05x; oneDNN convolutions skip their layout reorders); contiguous with
+    ``compile`` (inductor's freezing lays out the convolutions itself, and its fused kernels measured
+    faster from NCHW: tiny 1.07x over compiled channels-last) and on GPUs (not measured here). Outputs
+    equal within float rounding; the network's own memory format is restored after each call."""
 
     clip_guidance_scale: float = 0.0
     """CLIP guidance scale s (GLIDE §2.3): each ancestral step's mean moves by s·Σ·∇_{x_t} of a noised
@@ -458,14 +460,21 @@ def _denoised_fn(config: SamplingConfig, denoised_fn: Any = None) -> Any:
     return lambda pred_xstart: denoised_fn(threshold(pred_xstart))
 
 
+def uses_channels_last(config: SamplingConfig, device: torch.device) -> bool:
+    """Whether sampling under ``config`` on ``device`` runs the UNet channels-last (NHWC): the
+    ``memory_format`` option, ``auto`` resolved as :attr:`SamplingConfig.memory_format` documents."""
+    if config.memory_format != "auto":
+        return config.memory_format == "channels_last"
+    return device.type == "cpu" and not config.compile
+
+
 @contextlib.contextmanager
 def _denoiser(model: nn.Module, config: SamplingConfig, device: torch.device) -> Iterator[Any]:
     """``model`` as the sampler calls it under ``config``'s ``compile``, ``precision`` and
     ``memory_format`` (the network's own memory format restored on exit); returns float32 outputs."""
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda"
                                           and torch.cuda.is_bf16_supported())
-    channels_last = config.memory_format == "channels_last" or (config.memory_format == "auto"
-                                                                and device.type == "cpu")
+    channels_last = uses_channels_last(config, device)
     net: Any = model
     if config.compile and device.type == "cuda":
         net = torch.compile(model, mode="reduce-overhead", dynamic=False)
