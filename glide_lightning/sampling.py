@@ -143,9 +143,11 @@ class SamplingConfig:
     the CPU with inductor's ``freezing`` (inference only: oneDNN convolutions fused with their
     neighbouring pointwise ops; later weight changes, such as an EMA swap, are still followed:
     tested). The first call compiles (tens of seconds to minutes on a CPU). Tolerance: fused kernels
-    round differently, ~1e-6 relative per forward; a sampling chain carries that to ~1e-5 on average
-    (a few pixels near the clipping bound further, at most 1e-2), as any change of kernels does. On
-    this project's 2-core CPU, from NCHW (``memory_format`` ``auto``), guided sampling measured 1.12x
+    round differently, ~1e-6 relative per forward (as eager channels-last does); a sampling chain
+    carries that to ~1e-5 on average and a few pixels further, most with few steps (the first step's
+    x̂_0 multiplies ε's rounding by 1/√ᾱ_T, 2e4 on the 1000-step cosine schedule) and random weights:
+    up to ~2e-2 at 2 steps, as eager sampling's own change of kernels does (``tests/test_bench.py``).
+    On this project's 2-core CPU, from NCHW (``memory_format`` ``auto``), guided sampling measured 1.12x
     eager for the tiny preset and 1.01x for miniGLIDE (from NHWC 1.05x and 0.99x; without freezing it
     was slower than eager); ``make bench`` times it as ``sample_25_steps_cfg_compile``."""
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
