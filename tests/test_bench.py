@@ -8,6 +8,7 @@ import torch
 
 from glide_lightning import bench
 from glide_lightning.commands import main as glide_main
+from glide_lightning.models.flops import denoiser_flops, training_step_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,8 +44,6 @@ def test_bench_writes_per_image_medians(tmp_path):
     assert tiny["sample_4_steps_cfg_bf16_max_abs_diff_vs_before_issue_12"] > 0  # bf16 rounding: held to no tolerance
     assert not any("compile" in key for key in tiny)  # --compile false: no compiled paths timed
     # the arithmetic floors: the counted FLOPs per image at the machine's measured fp32 matmul rate
-    from glide_lightning.models.flops import denoiser_flops, training_step_flops
-
     peak = report["machine"]["fp32_matmul_gflop_per_s"]
     assert tiny["sample_4_steps_cfg_gflop_per_image"] == pytest.approx(2 * 4 * denoiser_flops(bench.preset_config("tiny"), 1) / 1e9)
     assert tiny["train_step_gflop_per_image"] == pytest.approx(training_step_flops(bench.preset_config("tiny"), 1) / 1e9)
@@ -113,8 +112,6 @@ def test_gpu_bench_script_writes_training_mfu_and_sampling_rates(tmp_path):
     """scripts/bench_gpu.py (the prepared GPU run, ``make bench-gpu``) runs end to end on a CPU with small
     settings; its FLOPs are the FLOP counter's for the step, its rates follow from its timings, and the MFU is
     None where Lightning's peak table has no entry (CPUs). Without a CUDA device, --device cuda is refused."""
-    from glide_lightning.models.flops import training_step_flops
-
     out = tmp_path / "gpu.json"
     script = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py")]
     subprocess.run(script + ["--out", str(out), "--preset", "tiny", "--device", "cpu", "--train-batch", "2",
