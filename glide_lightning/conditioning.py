@@ -15,6 +15,7 @@ and ``s`` reaches the network as ``low_res_t`` (embedded like the timestep: the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -87,6 +88,19 @@ def caption_kwargs(batch: dict[str, Any], *, identity: str | None, cond_drop_pro
     return dict(text_emb=emb, text_mask=mask), dropped
 
 
+def augmentation_top_step(fraction: float, num_timesteps: int) -> int:
+    """The largest noise-augmentation timestep of the low-res input for ``fraction`` of a ``num_timesteps``-step
+    process: ⌊fraction·(T − 1)⌋ (1e-9 absorbs float error such as 0.3·1000 = 299.99…). Training draws s uniformly
+    in [0, this]; sampling at ``--sampling.upsample_noise fraction`` uses exactly this step, the largest one trained
+    (e.g. 0.2 of 1000 steps: 199).
+
+    Raises:
+        ValueError: ``fraction`` outside [0, 1]."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"a noise-augmentation level is a fraction of the process in [0, 1], got {fraction}")
+    return math.floor(fraction * (num_timesteps - 1) + 1e-9)
+
+
 def noised_low_res(diffusion: GaussianDiffusion, low_res: Tensor, low_res_t: Tensor, noise: Tensor) -> Tensor:
     """``low_res`` ``[B, 3, h, w]`` noised to the upsampler process's (unrespaced) timesteps ``low_res_t``
     ``[B]`` by ``q_sample`` with ``noise`` (like ``low_res``): the augmentation of training and sampling."""
@@ -104,7 +118,7 @@ def sampling_low_res_kwargs(low_res: Tensor, diffusion: DiffusionConfig, upsampl
     if not noise_cond:
         return {"low_res": low_res}
     process = GaussianDiffusion.from_config(diffusion)
-    level = round(upsample_noise * (process.num_timesteps - 1))
+    level = augmentation_top_step(upsample_noise, process.num_timesteps)
     low_res_t = torch.full((low_res.shape[0],), level, dtype=torch.long, device=low_res.device)
     noise = torch.stack([torch.randn(low_res.shape[1:], generator=g) for g in generators])
     return {"low_res": noised_low_res(process, low_res, low_res_t, noise), "low_res_t": low_res_t}
@@ -140,7 +154,7 @@ def conditioning_kwargs(kind: str, batch: dict[str, Any], *, diffusion: Gaussian
         if noise_cond:
             if diffusion is None:
                 raise ValueError("noise augmentation of low_res needs the training process (diffusion=)")
-            top = int(low_res_noise * (diffusion.num_timesteps - 1))
+            top = augmentation_top_step(low_res_noise, diffusion.num_timesteps)
             low_res_t = torch.randint(0, top + 1, (low_res.shape[0],), generator=generator).to(low_res.device)
             noise = torch.randn(low_res.shape, generator=generator) if generator is not None \
                 else torch.randn_like(low_res)

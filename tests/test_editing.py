@@ -135,6 +135,23 @@ def test_conditioning_kwargs_per_kind_and_the_augmentation_closed_form():
         conditioning_kwargs("inpaint", {"image": batch["image"]})
 
 
+@pytest.mark.parametrize("steps", [100, 1000, 4000])
+def test_sampling_noises_low_res_at_the_largest_step_training_drew(steps):
+    """``--sampling.upsample_noise f`` must be a step that ``low_res_noise f`` trained on (the largest one),
+    for every f: training draws s <= floor(f (T - 1)); round() was one step above it (0.2 of 1000: 200 vs 199)."""
+    from glide_lightning.conditioning import sampling_low_res_kwargs
+
+    config = DiffusionConfig(steps=steps)
+    diffusion = GaussianDiffusion.from_config(config)
+    low_res = torch.zeros(20 * steps, 1, 1, 1)  # 20 draws per possible step: the top step is drawn (P(miss) < 1e-8)
+    for f in (0.0, 0.05, 0.1, 0.2, 0.25, 0.3, 0.5, 0.7, 0.999, 1.0):
+        trained = conditioning_kwargs("upsample", {"image": low_res, "low_res": low_res}, diffusion=diffusion,
+                                      low_res_noise=f, noise_cond=True,
+                                      generator=torch.Generator().manual_seed(0))["low_res_t"]
+        sampled = sampling_low_res_kwargs(low_res[:1], config, f, True, [torch.Generator().manual_seed(0)])
+        assert int(sampled["low_res_t"][0]) == int(trained.max()) == int(f * (steps - 1) + 1e-9), f
+
+
 def test_the_low_res_noise_level_reaches_the_upsampler_and_sampling_tells_it():
     model = tiny("upsample", low_res_noise_cond=True)
     assert "low_res_noise_embed.0.weight" in model.model.state_dict()
