@@ -139,11 +139,18 @@ class GaussianDiffusion:
 
     # ----------------------------------------------------------------------------- reverse process
     def call_model(self, model: ModelFn, x_t: Tensor, t: Tensor, model_kwargs: dict[str, Any] | None = None) -> Tensor:
-        """Run the network on original step indices and check its channel count."""
+        """Run the network on original step indices and check its channel count. The output comes back in
+        ``x_t``'s dtype (float32 for images) whatever the network computed in: every loss, ``p_mean_variance``,
+        sampler and solver reads the network through here, so under ``torch.autocast`` (``bf16-mixed`` /
+        ``16-mixed`` training, ``--sampling.precision bf16``) only the network runs in low precision."""
         key = ("timestep_map", t.device)
         if key not in self._on_device:  # one copy per device, not one per step
             self._on_device[key] = self.timestep_map.to(t.device)
         out = model(x_t, self._on_device[key][t], **(model_kwargs or {}))
+        if out.is_floating_point() and out.dtype != x_t.dtype:
+            # a network under autocast returns bf16/fp16: the process's arithmetic stays in x_t's dtype
+            # (bf16's 8-bit mantissa rounds the learned-range interpolation by more than [log β̃, log β] is wide)
+            out = out.to(x_t.dtype)
         channels = x_t.shape[1]
         needed = 2 * channels if self.config.variance_type == "learned_range" else channels
         if out.shape[:1] + out.shape[2:] != x_t.shape[:1] + x_t.shape[2:] or out.shape[1] < needed:

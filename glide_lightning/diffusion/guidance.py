@@ -53,7 +53,8 @@ def classifier_free_guidance(model: ModelFn, guidance_scale: float, uncond_kwarg
     are shared. The [conditional; unconditional] keyword tensors are concatenated once per sampling
     call (the first step) and reused while the sampler passes the same tensors. At
     ``guidance_scale == 1`` the conditional model is called alone: the result is exactly the
-    conditional prediction, at half the cost.
+    conditional prediction, at half the cost. The combination is computed in ``x_t``'s dtype (float32)
+    whatever the network's output dtype (bf16 under autocast).
 
     Args:
         interval: ``(σ_lo, σ_hi)``: guide only at steps whose noise level σ (:func:`edm_sigma`) lies
@@ -96,7 +97,7 @@ def classifier_free_guidance(model: ModelFn, guidance_scale: float, uncond_kwarg
             return model(x_t, timesteps, **cond_kwargs)
         batch = x_t.shape[0]
         kwargs = pair(cond_kwargs, batch)
-        out = model(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), **kwargs)
+        out = model(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), **kwargs).to(x_t.dtype)  # fp32 guidance
         cond, uncond = rearrange(out, "(two b) c h w -> two b c h w", two=2)
         c = x_t.shape[1]
         eps_cond, eps_uncond = cond[:, :c], uncond[:, :c]

@@ -188,3 +188,68 @@ def test_v_prediction_loss_targets_v_and_the_true_v_scores_zero():
 def test_contradictory_weighting_and_target_fail_when_the_config_is_made(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DiffusionConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------- mixed precision
+AUTOCAST_CASES = [("hybrid", "learned_range", "eps"), ("simple", "fixed_small", "eps"), ("p2", "learned_range", "eps"),
+                  ("simple", "fixed_small", "v"), ("hybrid", "learned_range", "v")]
+
+
+@pytest.mark.parametrize("loss,variance,prediction", AUTOCAST_CASES)
+def test_losses_and_their_gradients_under_bf16_autocast_match_fp32(loss, variance, prediction):
+    """A network under bf16 autocast returns bf16; the losses must still do their arithmetic in fp32.
+
+    Both paths see the same network output (bf16 values), so any difference is the loss arithmetic. The one
+    rounding left is the network's own: the gradient reaching a bf16 output is bf16 (2^-9 relative per
+    element), so the per-channel gradient cosine is ≥ 1 − 2^-16 up to summation; 0.999 leaves room and
+    fails by far when the learned-range variance is computed in bf16 (cosine 0.1-0.9 at mid and large t)."""
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(steps=1000, noise_schedule="cosine", loss_type=loss,
+                                                              variance_type=variance, prediction=prediction))
+    t = torch.tensor([0, 1, 50, 300, 600, 900, 999])
+    b, channels = t.shape[0], 6 if variance == "learned_range" else 3
+    generator = torch.Generator().manual_seed(0)
+    x_start = torch.rand(b, 3, 8, 8, generator=generator) * 2 - 1
+    noise = torch.randn(b, 3, 8, 8, generator=generator)
+    raw = torch.randn(b, channels, 8, 8, generator=generator)
+    if channels == 6:
+        raw[:, 3:] = torch.rand(b, 3, 8, 8, generator=generator) * 2 - 1  # the learned-range interpolation v
+    raw = raw.bfloat16().float()  # values a bf16 network can return
+
+    def run(autocast):
+        out = raw.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            terms = training_losses(diffusion, lambda x, ts: out.to(torch.bfloat16) if autocast else out,
+                                    x_start, t, noise=noise)
+        terms["loss"].sum().backward()
+        return terms, out.grad
+
+    mixed, mixed_grad = run(True)
+    exact, exact_grad = run(False)
+    for name in exact:
+        assert mixed[name].dtype == torch.float32, name
+        torch.testing.assert_close(mixed[name], exact[name], rtol=1e-6, atol=0.0)
+    # [B, C]; by hand in float64: F.cosine_similarity's eps (1e-8) swamps gradients of norm 1e-13 (vb at t = 999)
+    a, e = mixed_grad.flatten(2).double(), exact_grad.flatten(2).double()
+    cosine = (a * e).sum(2) / (a.norm(dim=2) * e.norm(dim=2))
+    assert (cosine >= 0.999).all(), f"gradient cosine per (t, channel):\n{cosine}"
+
+
+def test_the_process_reads_a_low_precision_network_in_fp32():
+    """p_mean_variance (every sampler's and solver's view of the network) and classifier-free guidance get
+    fp32 from a network that returns bf16 under autocast."""
+    from glide_lightning.diffusion.guidance import classifier_free_guidance
+
+    diffusion = make("hybrid", "learned_range")
+    x_t, t = torch.randn(2, 3, 4, 4), torch.tensor([10, 40])
+
+    def network(x, timesteps, tokens):
+        return torch.cat([x, x.tanh()], dim=1).to(torch.bfloat16) * tokens.reshape(-1, 1, 1, 1)
+
+    guided = classifier_free_guidance(network, 3.0, {"tokens": torch.zeros(1)})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = diffusion.p_mean_variance(guided, x_t, t, {"tokens": torch.ones(2)})
+    assert all(v.dtype == torch.float32 for v in out.values())
+    cond = torch.cat([x_t, x_t.tanh()], 1).bfloat16().float()  # the conditional half; the unconditional one is 0
+    exact = diffusion.p_mean_variance(lambda x, ts: torch.cat([3.0 * cond[:, :3], cond[:, 3:]], 1), x_t, t)
+    for key in out:
+        torch.testing.assert_close(out[key], exact[key], rtol=1e-6, atol=1e-6)
