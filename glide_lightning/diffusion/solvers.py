@@ -1,10 +1,11 @@
 """Multistep ODE solvers (DPM-Solver++(2M), UniPC) on our processes, with Hugging Face diffusers'
 schedulers as the backend (``pip install 'glide_lightning[solvers]'``).
 
-How our process maps onto theirs: a diffusers scheduler is built on *this* process's β (for a
-respaced process, :func:`~glide_lightning.diffusion.schedules.respaced_betas`, which keep ᾱ at the
-kept steps exactly) with ``num_train_timesteps`` = its K steps and ``timestep_spacing="trailing"``,
-so that its inference timesteps are exactly K - 1, …, 0: the indices of our own sampler loop. The
+How our process maps onto theirs: a diffusers scheduler is built on *this* process (for a respaced
+process, the K kept steps of the original) with ``num_train_timesteps`` = K and
+``timestep_spacing="trailing"``, so that its inference timesteps are exactly K - 1, …, 0: the indices
+of our own sampler loop; it holds this process's float64 ᾱ table, not a ᾱ of its own re-derived from β
+(see :func:`diffusers_scheduler`: float32 β near 1 lose ᾱ_T). The
 network is called by :meth:`GaussianDiffusion.call_model` with the *original* step
 ``timestep_map[t]``, as every sampler does, and the scheduler receives our x_0 prediction
 (``prediction_type="sample"``) from :meth:`GaussianDiffusion.p_mean_variance`: ε (and whatever the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Literal
 
+import torch
 from torch import Tensor
 
 from glide_lightning.diffusion.gaussian import DenoisedFn, GaussianDiffusion, ModelFn
@@ -40,7 +42,7 @@ def diffusers_available() -> bool:
 
 def diffusers_scheduler(name: SolverName, diffusion: GaussianDiffusion) -> Any:
     """A fresh diffusers scheduler for ``name`` whose inference timesteps are K - 1, …, 0, the steps of
-    ``diffusion`` (K = ``diffusion.num_timesteps``), with ᾱ taken from ``diffusion``'s own β.
+    ``diffusion`` (K = ``diffusion.num_timesteps``), and whose ᾱ is ``diffusion``'s own float64 table.
 
     Raises:
         ImportError: diffusers is not installed (the message says how to install it).
@@ -60,12 +62,43 @@ def diffusers_scheduler(name: SolverName, diffusion: GaussianDiffusion) -> Any:
         scheduler = UniPCMultistepScheduler(predict_x0=True, solver_type="bh2", **common)
     else:
         raise ValueError(f"unknown solver {name!r}; choose dpmpp_2m or unipc")
+    _hold_alphas_cumprod(scheduler, diffusion.table("alphas_cumprod"))
     scheduler.set_timesteps(steps)
     if scheduler.timesteps.tolist() != list(range(steps - 1, -1, -1)):  # pragma: no cover - a diffusers change
         raise RuntimeError(f"diffusers' {type(scheduler).__name__} no longer visits every step of a {steps}-step "
                            f"process with trailing spacing: got {scheduler.timesteps.tolist()}")
     scheduler.set_begin_index(0)  # no search for the first step's index (a device sync on GPUs)
     return scheduler
+
+
+def _hold_alphas_cumprod(scheduler: Any, alphas_cumprod: Tensor) -> None:
+    """Make ``scheduler`` work with ``alphas_cumprod`` (float64, [K]) instead of the ᾱ it derived from β.
+
+    Why: diffusers' ``__init__`` stores ``trained_betas`` as float32 and takes ᾱ = cumprod(1 - β) of
+    them. A process respaced to few steps jumps over most of the schedule, so its last β comes close to
+    1 (GLIDE's cosine, 1000 steps respaced to 5: β_T = 1 - 1.7e-8; float32 numbers below 1 are 6e-8
+    apart): at 2 to 6 steps β_T rounds to 1, ᾱ_T = 0, σ_T = √((1 - ᾱ) / ᾱ) = inf and every sample is
+    NaN; at 7 to 25 steps the rounding leaves ᾱ_T off by 0.2-62 % (7: 62 %, 10: 27 %, 15: 10 %). ᾱ
+    itself (2.4e-9 at T) is well within float32's range: only the detour through β loses it. (The
+    scheduler's config still lists those β: one rebuilt from that config has the problem again.)
+
+    Where diffusers reads ᾱ: ``__init__`` derives ``alphas``, ``alphas_cumprod``, ``alpha_t``,
+    ``sigma_t``, ``lambda_t`` and ``sigmas`` from β; ``set_timesteps`` recomputes ``sigmas`` (the only
+    table its ``step`` uses, via α = 1 / √(1 + σ²), σ_t = σ α) from ``alphas_cumprod`` and reads
+    ``lambda_t`` (DPM-Solver's ``lambda_min_clipped``). Replacing those attributes after ``__init__``
+    therefore holds for every later ``set_timesteps`` call. ``set_timesteps`` then stores the visited σ
+    as float32 (relative error ≤ 2⁻²⁴, ≈ 1.2e-7 in ᾱ) and ``step`` runs in float32: precise enough,
+    since our float32 model output and x_t are what it combines; it is the float32 *β* that was not.
+    """
+    abar = alphas_cumprod.to(torch.float64).cpu()
+    alphas = abar / torch.cat([abar.new_ones(1), abar[:-1]])  # 1 - β in float64, as the process has them
+    scheduler.betas = 1 - alphas
+    scheduler.alphas = alphas
+    scheduler.alphas_cumprod = abar
+    scheduler.alpha_t = abar.sqrt()
+    scheduler.sigma_t = (1 - abar).sqrt()
+    scheduler.lambda_t = scheduler.alpha_t.log() - scheduler.sigma_t.log()
+    scheduler.sigmas = ((1 - abar) / abar).sqrt()  # set_timesteps replaces it with the visited steps' σ
 
 
 def multistep_step_fn(name: SolverName, diffusion: GaussianDiffusion, model: ModelFn,
