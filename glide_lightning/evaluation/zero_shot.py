@@ -74,15 +74,21 @@ these values, so the folders of images made before them are found again."""
 
 _LATER_MODEL_DEFAULTS: dict[str, Any] = {"text_encoder": "transformer", "text_encoder_name": None,
                                          "text_encoder_pretrained": None, "text_encoder_revision": None,
-                                         "text_encoder_dim": None, "low_res_noise_cond": False}
+                                         "text_encoder_dim": None, "low_res_noise_cond": False,
+                                         "text_encoder_precision": "fp32"}
 """Model fields added after image caches existed (the frozen text encoders, which the identity names
-instead of hashing their weights; the upsampler's ``low_res_noise_cond``), left out at these values like
-``_LATER_SAMPLING_DEFAULTS``."""
+instead of hashing their weights, and their arithmetic; the upsampler's ``low_res_noise_cond``), left out at
+these values like ``_LATER_SAMPLING_DEFAULTS`` (but see :func:`_model_identity` for ``text_encoder_precision``)."""
 
 
-def _model_identity(loaded: SamplingModel) -> dict[str, Any]:
-    model = {k: v for k, v in loaded.model_config.to_dict().items()
-             if not (k in _LATER_MODEL_DEFAULTS and v == _LATER_MODEL_DEFAULTS[k])}
+def _model_identity(loaded: SamplingModel, sampling: SamplingConfig) -> dict[str, Any]:
+    config = loaded.model_config
+    # Before text_encoder_precision existed a frozen encoder ran under the sampler's bf16 autocast: images made
+    # then with a bf16 ``sampling.precision`` are not the fp32 encoder's, so their key must not be found again.
+    encoder_autocast_before = config.frozen_text_encoder and sampling.precision != "fp32"
+    model = {k: v for k, v in config.to_dict().items()
+             if not (k in _LATER_MODEL_DEFAULTS and v == _LATER_MODEL_DEFAULTS[k]
+                     and not (k == "text_encoder_precision" and encoder_autocast_before))}
     return {"weights_sha256": sha256_state_dict(loaded.model), "model": model,
             "diffusion": asdict(loaded.diffusion_config), "tokenizer": type(loaded.tokenizer).__name__,
             "text_ctx": loaded.model_config.text_ctx}
@@ -97,7 +103,8 @@ def generation_identity(job: FIDJob, base: SamplingModel, upsampler: SamplingMod
             del sampling[name]
     if upsampler is None:
         del sampling["upsample_steps"], sampling["upsample_temp"]
-    return {"base": _model_identity(base), "upsampler": None if upsampler is None else _model_identity(upsampler),
+    return {"base": _model_identity(base, job.sampling),
+            "upsampler": None if upsampler is None else _model_identity(upsampler, job.sampling),
             "sampling": sampling, "seed": job.seed, "n": len(job.captions),
             "captions_sha256": hashlib.sha256("\n".join(job.captions).encode()).hexdigest(),
             "device": next(base.model.parameters()).device.type}

@@ -12,9 +12,11 @@ from typing import Literal, get_args
 
 from glide_lightning.models.encoders import (
     FROZEN_TEXT_ENCODERS,
+    TEXT_ENCODER_PRECISIONS,
     TEXT_ENCODERS,
     FrozenTextEncoder,
     TextEncoderName,
+    TextEncoderPrecision,
     encoder_identity,
     load_text_encoder,
 )
@@ -119,6 +121,13 @@ class ModelConfig:
     (not needed with ``local-dir:``)."""
     text_encoder_revision: str | None = None
     """t5 only: the hub revision (branch, tag or commit) to pin; None: the default branch."""
+    text_encoder_precision: TextEncoderPrecision = "fp32"
+    """t5 / clip: the frozen encoder's arithmetic, ``fp32`` or ``bf16`` (bf16 autocast over fp32 weights: faster on
+    GPUs with bf16 and on CPUs with AVX512-BF16 / AMX; embeddings ~1 % off fp32's; needs such a GPU, Ampere or
+    later). Either way the encoder runs outside the caller's autocast (``trainer.precision``, the sampling
+    ``precision``) and returns float32 embeddings. fp16 is not offered: T5 v1.1's feed-forward activations exceed
+    fp16's range (65504), so under fp16 (``16-mixed``) its embeddings become inf / NaN. It changes the embeddings
+    (a resume refuses a change of it; zero-shot FID keys its images by it). Checkpoints without it mean ``fp32``."""
     text_encoder_dim: int | None = None
     """Width D of the frozen encoder's embeddings (t5-v1_1-base: 768, ViT-B-32's text tower: 512); None: read
     from the encoder when training starts (the checkpoint records the value)."""
@@ -187,6 +196,8 @@ class ModelConfig:
         if not self.frozen_text_encoder:
             extra = [f for f in ("text_encoder_name", "text_encoder_pretrained", "text_encoder_revision",
                                  "text_encoder_dim") if getattr(self, f) is not None]
+            if self.text_encoder_precision != "fp32":
+                extra.append("text_encoder_precision")
             if extra:
                 raise ValueError(f"{', '.join(extra)} set, but text_encoder is 'transformer' (GLIDE's own): set "
                                  f"text_encoder: t5 or clip, or drop them")
@@ -209,6 +220,9 @@ class ModelConfig:
         if self.text_encoder_dim is not None:
             _positive(text_encoder_dim=self.text_encoder_dim)
         _positive(text_ctx=self.text_ctx)
+        if self.text_encoder_precision not in TEXT_ENCODER_PRECISIONS:
+            raise ValueError(f"unknown text_encoder_precision {self.text_encoder_precision!r}; choose fp32 or bf16 "
+                             f"(fp16 is not offered: T5 v1.1's activations exceed fp16's range, 65504)")
 
     @property
     def frozen_text_encoder(self) -> bool:
@@ -323,9 +337,10 @@ def build_model(config: ModelConfig) -> Text2ImUNet:
 
 
 def load_frozen_text_encoder(config: ModelConfig) -> tuple[FrozenTextEncoder | None, ModelConfig]:
-    """Load the frozen text encoder ``config`` names (``text_encoder_name``, ``_pretrained``, ``_revision``) and
-    return it with ``config`` whose ``text_encoder_dim`` is the encoder's; ``(None, config)`` for GLIDE's
-    transformer. Attach the encoder to the built network with ``attach_text_encoder``.
+    """Load the frozen text encoder ``config`` names (``text_encoder_name``, ``_pretrained``, ``_revision``),
+    computing in ``text_encoder_precision``, and return it with ``config`` whose ``text_encoder_dim`` is the
+    encoder's; ``(None, config)`` for GLIDE's transformer. Attach the encoder to the built network with
+    ``attach_text_encoder``.
 
     Raises:
         ValueError: ``text_encoder_dim`` is set and is not the encoder's width.
@@ -334,7 +349,8 @@ def load_frozen_text_encoder(config: ModelConfig) -> tuple[FrozenTextEncoder | N
     if not config.frozen_text_encoder:
         return None, config
     encoder = load_text_encoder(config.text_encoder, str(config.text_encoder_name),
-                                pretrained=config.text_encoder_pretrained, revision=config.text_encoder_revision)
+                                pretrained=config.text_encoder_pretrained, revision=config.text_encoder_revision,
+                                precision=config.text_encoder_precision)
     if config.text_encoder_dim not in (None, encoder.dim):
         raise ValueError(f"model.model.text_encoder_dim is {config.text_encoder_dim} but {encoder.source} gives "
                          f"{encoder.dim}-wide embeddings: set it to {encoder.dim} or leave it out")

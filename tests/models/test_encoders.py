@@ -146,6 +146,9 @@ def test_encoder_dim_mismatch_and_missing_encoder_are_clear_errors(tiny_t5_dir: 
     (dict(text_encoder_name="google/t5-v1_1-base"), "text_encoder is 'transformer'"),
     (dict(text_encoder="t5", text_encoder_name="x", text_encoder_pretrained="openai"), "open_clip"),
     (dict(text_encoder="t5", text_encoder_name="x", xf_width=0), "xf_width > 0"),
+    (dict(text_encoder="t5", text_encoder_name="x", text_encoder_precision="fp16"), "fp32 or bf16.*fp16"),
+    (dict(text_encoder="clip", text_encoder_name="x", text_encoder_precision="float32"), "fp32 or bf16"),
+    (dict(text_encoder_precision="bf16"), "text_encoder is 'transformer'"),
 ])
 def test_text_encoder_config_errors(fields: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -181,3 +184,92 @@ def test_clip_tower_embeddings_are_open_clips_own(tiny_clip_name: str) -> None:
     pooled = emb[torch.arange(2), eot] @ clip.text_projection
     with torch.no_grad():
         torch.testing.assert_close(pooled, clip.encode_text(tokens), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- precision (issue 21)
+FP16_MAX = torch.finfo(torch.float16).max  # 65504
+
+
+def overflowing_t5(precision: str = "fp32") -> tuple[T5TextEncoder, list[float], list[torch.dtype]]:
+    """A tiny random T5 v1.1 (gated-GELU feed-forward) whose first feed-forward's activations, the input of its
+    ``wo``, exceed fp16's range: its ``wi_0`` / ``wi_1`` scaled by 300 (gelu(a)·b grows as the square).
+    Returns the encoder and the lists a hook fills per call: that activation's max |value| (as float32) and
+    the dtype ``wo`` computes in."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    t5 = T5EncoderModel(config)
+    ff = t5.encoder.block[0].layer[-1].DenseReluDense
+    with torch.no_grad():
+        ff.wi_0.weight.mul_(300.0)
+        ff.wi_1.weight.mul_(300.0)
+    peaks: list[float] = []
+    dtypes: list[torch.dtype] = []
+    ff.wo.register_forward_pre_hook(lambda _, args: peaks.append(args[0].detach().float().abs().max().item()))
+    ff.wo.register_forward_hook(lambda _, args, out: dtypes.append(out.dtype))
+    return T5TextEncoder(t5, "overflowing tiny t5", precision=precision), peaks, dtypes
+
+
+def overflow_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(3, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[:, 9:] = False
+    return tokens, mask
+
+
+def test_t5_stays_finite_and_fp32_under_a_callers_fp16_autocast() -> None:
+    """``trainer.precision: 16-mixed`` runs the training step under fp16 autocast: the frozen T5 must not. Its
+    activations here exceed 65504 (asserted: the test is not vacuous), which fp16 turns into inf, then NaN.
+    Outside autocast the encoder runs exactly its fp32 kernels on the same inputs, so the output is
+    bit-identical to the fp32 one (torch.equal, no tolerance)."""
+    encoder, peaks, dtypes = overflowing_t5()
+    tokens, mask = overflow_batch()
+    reference = encoder(tokens, mask)
+    assert peaks[-1] > FP16_MAX, f"the test needs activations beyond fp16's range, got {peaks[-1]:.0f}"
+    assert dtypes[-1] == torch.float32 and torch.isfinite(reference).all()
+    with torch.autocast("cpu", dtype=torch.float16):
+        under_fp16 = encoder(tokens, mask)
+    assert dtypes[-1] == torch.float32, "the caller's fp16 autocast reached the encoder"
+    assert torch.isfinite(under_fp16).all(), f"{(~torch.isfinite(under_fp16)).sum().item()} non-finite values"
+    assert under_fp16.dtype == torch.float32 and torch.equal(under_fp16, reference)
+
+
+def test_t5_computes_in_bf16_only_when_asked() -> None:
+    """``text_encoder_precision: bf16``: the matmuls run in bf16 (the hook sees it), also under a caller's fp16
+    autocast, and the float32 output is finite (bf16 has fp32's range) and off the fp32 one by a bf16-sized
+    amount: bf16 keeps 8 significant bits (relative rounding 2^-9 ≈ 0.002 per operation), so over two layers
+    the error is well above fp32's (~1e-6) yet a few percent of the output's scale (max |out| ≈ 3) at most."""
+    fp32, _, _ = overflowing_t5()
+    encoder, peaks, dtypes = overflowing_t5("bf16")
+    tokens, mask = overflow_batch()
+    reference = fp32(tokens, mask)
+    out = encoder(tokens, mask)
+    assert peaks[-1] > FP16_MAX and dtypes[-1] == torch.bfloat16
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    error = (out - reference).abs().max().item()
+    assert 1e-4 < error < 0.05 * reference.abs().max().item(), error
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert torch.equal(encoder(tokens, mask), out) and dtypes[-1] == torch.bfloat16
+
+
+def test_frozen_encoders_ignore_a_callers_autocast(frozen: Any) -> None:
+    """T5 and the open_clip tower alike: the embeddings under fp16 or bf16 autocast are the fp32 ones, exactly."""
+    encoder, tokenizer, _ = frozen
+    tokens, mask = tokenizer(CAPTIONS)
+    reference = encoder(tokens, mask)
+    for dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
+            assert torch.equal(encoder(tokens, mask), reference), dtype
+
+
+def test_text_encoder_precision_reaches_the_loaded_encoder(tiny_t5_dir: Any) -> None:
+    from glide_lightning.models import load_frozen_text_encoder
+
+    config = ModelConfig(**TINY, text_encoder="t5", text_encoder_name=str(tiny_t5_dir), text_encoder_precision="bf16")
+    encoder, config = load_frozen_text_encoder(config)
+    assert encoder is not None and encoder.precision == "bf16" and config.text_encoder_dim == encoder.dim
+    assert load_text_encoder("t5", str(tiny_t5_dir)).precision == "fp32"
+    with pytest.raises(ValueError, match="fp16"):
+        load_text_encoder("t5", str(tiny_t5_dir), precision="fp16")

@@ -112,6 +112,7 @@ def test_config_in_jsonargparse() -> None:
         parser = jsonargparse.ArgumentParser(exit_on_error=False)
         parser.add_class_arguments(ModelConfig, "model")
         assert "Feature-map sizes (in pixels)" in parser.format_help()
+        assert "fp16 is not offered" in " ".join(parser.format_help().split())
     finally:
         jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=before)
     args = ["--model.attention_resolutions=[32, 16]", "--model.kind=upsample", "--model.channel_mult=[1, 2, 2]"]
@@ -120,6 +121,8 @@ def test_config_in_jsonargparse() -> None:
     assert model_cfg.channel_mult == (1, 2, 2)
     with pytest.raises(jsonargparse.ArgumentError):
         parser.parse_args(["--model.kind=upsampler"])
+    with pytest.raises(jsonargparse.ArgumentError):  # a Literal: fp16 refused at parse time, with the choices
+        parser.parse_args(["--model.text_encoder_precision=fp16"])
 
 
 @pytest.mark.parametrize(("min_channels", "expected"), [(1, 32), (4, None)])
@@ -132,3 +135,50 @@ def test_groupnorm_min_channels_sets_every_groupnorms_groups(min_channels: int, 
     assert {m.num_channels for m in norms} == {32, 64, 96, 128}  # every width of the UNet is covered
     for m in norms:
         assert m.num_groups == (expected or min(32, m.num_channels // 4))
+
+
+# ----------------------------------------------------------------------------- text_encoder_precision (issue 21)
+T5_FIELDS: dict[str, Any] = dict(image_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                                 attention_resolutions=[8], xf_width=32, text_ctx=8, text_encoder="t5",
+                                 text_encoder_name="t5-dir", text_encoder_dim=32)
+
+
+def test_a_checkpoint_without_text_encoder_precision_loads_and_resumes_as_fp32(tmp_path: Any) -> None:
+    """Checkpoints store ``ModelConfig.to_dict()``; one written before the field existed means fp32, and a
+    resume with today's config (the field at its default) is no config drift."""
+    from glide_lightning.runs import ConfigDriftError, RunConfig, check_resume
+
+    now = ModelConfig(**T5_FIELDS).to_dict()
+    old = {k: v for k, v in now.items() if k != "text_encoder_precision"}
+    assert now["text_encoder_precision"] == "fp32" and ModelConfig(**old) == ModelConfig(**T5_FIELDS)
+    run = RunConfig(name="r", root=str(tmp_path))
+    run.dir.mkdir()
+    ckpt = run.dir / "last.ckpt"
+    hparams = {"model": old, "diffusion": {"steps": 100}, "tokenizer": "t5"}
+    torch.save({"global_step": 3, "hyper_parameters": hparams, "datamodule_hyper_parameters": {}}, ckpt)
+    assert check_resume(run, ckpt, {**hparams, "model": now}, {}, {}) == []
+    hparams["model"] = now  # a checkpoint that records the field: changing it is drift, refused
+    torch.save({"global_step": 3, "hyper_parameters": hparams, "datamodule_hyper_parameters": {}}, ckpt)
+    with pytest.raises(ConfigDriftError, match="text_encoder_precision: 'fp32' → 'bf16'"):
+        check_resume(run, ckpt, {**hparams, "model": {**now, "text_encoder_precision": "bf16"}}, {}, {})
+
+
+def test_the_fid_image_key_names_text_encoder_precision_only_where_it_changes_images(tmp_path: Any) -> None:
+    """fp32 (and every GLIDE-transformer model) keeps the keys of images made before the field; bf16 embeddings
+    get a key of their own; so do fp32 ones under a bf16 sampling precision, since before the field the
+    encoder ran under the sampler's bf16 autocast (those old images are not the fp32 encoder's)."""
+    from glide_lightning.diffusion import DiffusionConfig
+    from glide_lightning.evaluation.zero_shot import FIDJob, generation_identity
+    from glide_lightning.sampling import SamplingConfig, SamplingModel
+
+    def model_key(precision: str = "fp32", sampling: str = "fp32", **fields: Any) -> dict[str, Any]:
+        config = ModelConfig(**{**T5_FIELDS, "text_encoder_precision": precision, **fields})
+        loaded = SamplingModel(torch.nn.Linear(2, 2), DiffusionConfig(), None, config, "test")  # type: ignore[arg-type]
+        job = FIDJob(["a caption"], str(tmp_path), tmp_path, sampling=SamplingConfig(precision=sampling))
+        return generation_identity(job, loaded)["base"]["model"]
+
+    assert "text_encoder_precision" not in model_key()  # the key images made before the field were stored under
+    assert model_key("bf16")["text_encoder_precision"] == "bf16"
+    assert model_key("fp32", sampling="bf16")["text_encoder_precision"] == "fp32"
+    glide = dict(text_encoder="transformer", text_encoder_name=None, text_encoder_dim=None)
+    assert "text_encoder_precision" not in model_key(sampling="bf16", **glide)
