@@ -214,6 +214,88 @@ def test_a_nonfinite_step_is_skipped_and_training_goes_on(synthetic_shards):
     assert counts == [0.0, 0.0, 1.0, 1.0, 1.0]
 
 
+class SeedPerBatch(L.Callback):
+    """Seeds the global RNG from each batch's identity, so that a batch draws the same timesteps, noise and
+    caption dropout whichever step it lands at."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.manual_seed(1000 + self.ids[batch_idx])
+
+
+def fixed_batches(shards: str, n: int) -> list[dict]:
+    dm = GlideDataModule(train_shards=shards, image_size=32, text_ctx=16, batch_size=4, tokenizer="clip",
+                         bpe_dir=None, num_workers=0)
+    dm.setup("fit")
+    batches = []
+    for batch in dm.train_dataloader():
+        batches.append({k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()})
+        if len(batches) == n:
+            return batches
+    raise AssertionError("not enough batches")
+
+
+def fit_on(batches: list[dict], ids: list[int], plugins=None):
+    from glide_lightning.callbacks import WarmupEMA
+
+    L.seed_everything(0)
+    module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50),
+                         optimizer={"lr": 1e-3, "warmup_steps": 10, "weight_decay": 0.01})
+    ema, logged = WarmupEMA(decay=0.9, warmup="tf"), Logged()
+    trainer = L.Trainer(accelerator="cpu", max_steps=len(batches), logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[SeedPerBatch(ids), ema, logged], log_every_n_steps=1, gradient_clip_val=1.0,
+                        plugins=plugins)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return module, trainer, ema, logged
+
+
+def test_a_skipped_step_is_skipped_everywhere_as_if_the_bad_batch_never_came(synthetic_shards):
+    """The weights, AdamW's state, the LR schedule, the EMA weights and the EMA's warm-up count after a NaN
+    batch and 3 more steps equal those of a run that never saw the batch; only global_step counts it."""
+    batches = fixed_batches(f"{synthetic_shards}/train-*.tar", 6)
+    bad = [{**b, "image": torch.full_like(b["image"], float("nan"))} if i == 2 else b for i, b in enumerate(batches)]
+    skipped, s_trainer, s_ema, s_logged = fit_on(bad, list(range(6)))
+    clean, c_trainer, c_ema, _ = fit_on([b for i, b in enumerate(batches) if i != 2], [0, 1, 3, 4, 5])
+    assert [step["train/nonfinite_steps"] for step in s_logged.steps] == [0, 0, 1, 1, 1, 1]
+    assert (s_trainer.global_step, c_trainer.global_step) == (6, 5)
+    for (name, a), b in zip(skipped.model.state_dict().items(), clean.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    s_opt, c_opt = s_trainer.optimizers[0].state_dict(), c_trainer.optimizers[0].state_dict()
+    assert [g["lr"] for g in s_opt["param_groups"]] == [g["lr"] for g in c_opt["param_groups"]] == [6e-4, 6e-4]  # the 6th update's: (5 + 1)/10 of 1e-3
+    for key, state in c_opt["state"].items():
+        for name, value in state.items():
+            assert torch.equal(s_opt["state"][key][name], value), (key, name)
+    assert s_trainer.lr_scheduler_configs[0].scheduler.last_epoch == 5
+    assert int(s_ema._average_model.n_averaged) == int(c_ema._average_model.n_averaged) == 5
+    for (name, a), b in zip(s_ema._average_model.module.state_dict().items(),
+                            c_ema._average_model.module.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_steps_the_fp16_grad_scaler_skips_are_skipped_everywhere_and_do_not_stop_the_run(synthetic_shards):
+    """16-mixed: a scale far too large makes every scaled gradient overflow; the GradScaler skips those steps,
+    and so do the LR schedule and the EMA. They are the scaler's calibration, not a failing run: more of them
+    in a row than max_nonfinite_steps (5) do not stop it. (Lightning on a CPU turns precision 16-mixed into
+    bf16-mixed: the GPU's plugin is given explicitly.)"""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    batches = fixed_batches(f"{synthetic_shards}/train-*.tar", 6)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 126))
+    L.seed_everything(0)  # as fit_on builds its module
+    before = {k: v.clone() for k, v in GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50)).state_dict().items()}
+    module, trainer, ema, logged = fit_on(batches, list(range(6)), plugins=[plugin])
+    assert trainer.global_step == 6 and trainer.precision_plugin.scaler.get_scale() < 2.0 ** 126
+    assert [step["train/overflow_steps"] for step in logged.steps] == [1, 2, 3, 4, 5, 6]
+    assert [step["train/nonfinite_steps"] for step in logged.steps] == [0] * 6
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 0
+    assert int(ema._average_model.n_averaged) == 0
+
+
 def test_nonfinite_steps_in_a_row_stop_the_run_naming_steps_terms_and_timesteps(synthetic_shards):
     from glide_lightning.callbacks import NonFiniteLossError
 
