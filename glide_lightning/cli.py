@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -31,6 +32,7 @@ from glide_lightning.callbacks import GracefulInterrupt, NonFiniteLossError, Run
 from glide_lightning.data.datamodule import GlideDataModule
 from glide_lightning.locks import LockBusy
 from glide_lightning.module import GlideModule
+from glide_lightning.optim import fused_clipping_conflict
 from glide_lightning.runs import (  # RunConfig, resolve_wandb_mode, …: still importable from here
     ConfigDriftError,
     RunConfig,
@@ -127,15 +129,19 @@ class GlideCLI(LightningCLI):
         parser.link_arguments("model.model.image_size", "data.image_size")
         if self.task == "diffusion":  # the upsampling / inpainting kinds' inputs (the noised CLIP has no kind)
             parser.link_arguments("model.model.kind", "data.model_kind")
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        # bf16 on GPUs that have it; fp32 elsewhere (bf16 is several times slower on CPUs without it)
-        parser.set_defaults({"trainer.precision": "bf16-mixed" if bf16 else "32-true"})
+        parser.set_defaults(hardware_defaults(detect_hardware()))
 
     def before_instantiate_classes(self) -> None:
         task = self._get(self.config, "task")
         if task != self.task:  # e.g. a task set where task_of cannot see it (a --config given as a YAML string)
             sys.exit(f"error: task {task!r} was parsed but the module of {self.task!r} was built: set task in an "
                      f"experiment file or with --task {task}")
+        trainer, model = self._get(self.config, "trainer"), self._get(self.config, "model")
+        optimizer = _field(model, "optimizer")
+        conflict = fused_clipping_conflict(_field(optimizer, "implementation") or "auto", config_amp_clipping(trainer))
+        if conflict:  # refused here, not at the first optimizer step
+            sys.exit(f"error: {conflict} (trainer.precision {_field(trainer, 'precision')!r}, "
+                     f"trainer.gradient_clip_val {_field(trainer, 'gradient_clip_val')})")
 
     def _run_config(self) -> RunConfig:
         value = self._get(self.config_init, "run")
@@ -186,6 +192,56 @@ class GlideCLI(LightningCLI):
                 config["weights_only"] = True  # our checkpoints hold tensors and plain data only
             log.warning("resuming %s from %s at step %d (weights, optimizer, LR schedule, EMA and RNG state restored)",
                         self._run_config().name, config["ckpt_path"], checkpoint_step(config["ckpt_path"]))
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the training CLI resolves its hardware-dependent defaults for (:func:`hardware_defaults`)."""
+
+    cuda: bool
+    """A CUDA GPU is visible (Lightning's ``accelerator: auto`` then trains on it)."""
+    bf16: bool
+    """That GPU computes in bf16 (Ampere and later)."""
+
+
+def detect_hardware() -> Hardware:
+    """This machine's :class:`Hardware` (the one place the training CLI looks at the device)."""
+    cuda = torch.cuda.is_available()
+    return Hardware(cuda=cuda, bf16=cuda and torch.cuda.is_bf16_supported())
+
+
+def hardware_defaults(hardware: Hardware) -> dict[str, Any]:
+    """The trainer defaults that depend on the hardware, all of them: ``bf16-mixed`` on GPUs that compute in bf16,
+    ``32-true`` elsewhere (bf16 is several times slower on CPUs without AVX512-BF16, and fp16 needs its gradient
+    scaler: ``16-mixed`` is opt-in). Everything else a GPU run resolves from these, in the code that CI runs on the
+    CPU: the AdamW kernel (:func:`~glide_lightning.optim.adamw_kernel`: foreach when mixed precision clips
+    gradients), the diffusion math in fp32 (:meth:`~glide_lightning.diffusion.GaussianDiffusion.call_model`) and the
+    frozen text encoders outside autocast."""
+    return {"trainer.precision": "bf16-mixed" if hardware.cuda and hardware.bf16 else "32-true"}
+
+
+MIXED_PRECISIONS = ("16-mixed", "bf16-mixed", "16", "bf16", 16)
+"""Lightning's ``precision`` values (and aliases) that train under its ``MixedPrecision`` plugin."""
+
+
+def config_amp_clipping(trainer: Any) -> bool:
+    """Whether a parsed ``trainer`` config clips gradients under Lightning's ``MixedPrecision`` plugin: a mixed
+    ``precision`` (:data:`MIXED_PRECISIONS`) or that plugin in ``plugins``, with ``gradient_clip_val`` set."""
+    if not _field(trainer, "gradient_clip_val"):
+        return False
+    plugins = _field(trainer, "plugins") or []
+    plugins = plugins if isinstance(plugins, list) else [plugins]
+    named = any("MixedPrecision" in str(_field(p, "class_path") or type(p).__name__) for p in plugins)
+    return named or _field(trainer, "precision") in MIXED_PRECISIONS
+
+
+def _field(config: Any, key: str) -> Any:
+    """``config[key]`` of a parsed config node (a jsonargparse Namespace, a dict or a dataclass); None if absent."""
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        return config.get(key)
+    return getattr(config, key, None)
 
 
 def main(args: list[str] | None = None) -> None:

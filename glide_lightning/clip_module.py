@@ -152,7 +152,7 @@ class NoisedCLIPModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         max_steps = self.trainer.max_steps if self._trainer is not None else None
-        return build_optimizer(self, self.optimizer_config, max_steps)
+        return build_optimizer(self, self.optimizer_config, max_steps, self._trainer)
 
     # ----------------------------------------------------------------------------- export
     def export(self, directory: str | Path) -> Path:

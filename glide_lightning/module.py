@@ -273,7 +273,7 @@ class GlideModule(L.LightningModule):
     # ----------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         max_steps = self.trainer.max_steps if self._trainer is not None else None
-        return build_optimizer(self.model, self.optimizer_config, max_steps)
+        return build_optimizer(self.model, self.optimizer_config, max_steps, self._trainer)
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

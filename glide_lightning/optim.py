@@ -47,10 +47,12 @@ class OptimizerConfig:
     (:func:`parameter_groups`)."""
     implementation: AdamWImplementation = "auto"
     """The AdamW kernel, all with the same update: ``fused`` (one kernel for every parameter),
-    ``foreach`` (a few multi-tensor kernels) or ``for_loop`` (a kernel per parameter and operation,
-    torch's default on CPUs before issue 12); ``auto``: fused where every parameter is a float tensor on
-    a CPU or a GPU (measured on the tiny preset's CPU training step: fused 1.18x, foreach 1.09x the
-    for_loop step, most of it from the 3.2M-entry token embedding), else foreach."""
+    ``foreach`` (a few multi-tensor kernels) or ``for_loop`` (a kernel per parameter and operation);
+    ``auto``: fused where every parameter is a float tensor on a CPU or a GPU and the run does not clip
+    gradients under mixed precision (measured on the tiny preset's CPU training step: fused 1.18x,
+    foreach 1.09x the for_loop step), else foreach. Lightning's ``bf16-mixed`` / ``16-mixed`` plugins
+    refuse to clip the gradients of a fused optimizer (it unscales them inside its step), so ``fused``
+    with ``trainer.gradient_clip_val`` under those precisions is refused when the config is parsed."""
     warmup_steps: int = 0
     """Optimizer steps of linear warm-up from lr/warmup_steps to ``lr``."""
     lr_schedule: LRSchedule = "constant"
@@ -137,22 +139,59 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
             {"params": groups[1], "weight_decay": 0.0, "name": "no_decay"}]
 
 
-def adamw_kernel(config: OptimizerConfig, params: list[torch.nn.Parameter]) -> dict[str, bool]:
-    """``torch.optim.AdamW``'s keyword for the configured kernel (``auto``: fused if every parameter is a
-    float tensor on a CPU or a GPU, else foreach)."""
+class KernelPrecisionError(ValueError):
+    """An AdamW kernel that the run's precision and gradient clipping cannot drive."""
+
+
+def fused_clipping_conflict(implementation: str, amp_clipping: bool) -> str | None:
+    """Why ``implementation`` cannot train a run that clips gradients under mixed precision (``amp_clipping``),
+    or None when it can: Lightning's ``MixedPrecision`` plugin (``bf16-mixed``, ``16-mixed``) refuses to clip the
+    gradients of a fused optimizer, which unscales them inside its own step, at the first optimizer step."""
+    if implementation != "fused" or not amp_clipping:
+        return None
+    return ("model.optimizer.implementation 'fused' cannot clip gradients under mixed precision: Lightning's "
+            "bf16-mixed / 16-mixed plugin refuses gradient clipping for an optimizer that unscales gradients inside "
+            "its step. Set model.optimizer.implementation to auto or foreach, or train with trainer.precision "
+            "32-true, or drop trainer.gradient_clip_val")
+
+
+def adamw_kernel(config: OptimizerConfig, params: list[torch.nn.Parameter], amp_clipping: bool = False) -> dict[str, bool]:
+    """``torch.optim.AdamW``'s keyword for the configured kernel. ``auto``: fused if every parameter is a float
+    tensor on a CPU or a GPU and the run does not clip gradients under mixed precision (``amp_clipping``, see
+    :func:`amp_clipping`), else foreach.
+
+    Raises:
+        KernelPrecisionError: ``fused`` asked for with ``amp_clipping`` (:func:`fused_clipping_conflict`)."""
     choice = config.implementation
     if choice == "auto":
         fusable = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-        choice = "fused" if params and fusable else "foreach"
+        choice = "fused" if params and fusable and not amp_clipping else "foreach"
+    conflict = fused_clipping_conflict(choice, amp_clipping)
+    if conflict:
+        raise KernelPrecisionError(conflict)
     return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[choice]
 
 
+def amp_clipping(trainer: Any) -> bool:
+    """Whether ``trainer`` (a Lightning Trainer, or None) clips gradients under Lightning's ``MixedPrecision``
+    plugin (``bf16-mixed``, ``16-mixed``, or the plugin given in ``trainer.plugins``)."""
+    if trainer is None or not getattr(trainer, "gradient_clip_val", None):
+        return False
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    return isinstance(trainer.precision_plugin, MixedPrecision)
+
+
 def build_optimizer(model: torch.nn.Module, config: OptimizerConfig,
-                    max_steps: int | None = None) -> dict[str, Any]:
-    """AdamW over ``model``'s parameters (decay and no-decay groups, :func:`parameter_groups`) and its
-    per-step LambdaLR, as Lightning's ``configure_optimizers`` returns them."""
+                    max_steps: int | None = None, trainer: Any = None) -> dict[str, Any]:
+    """AdamW over ``model``'s parameters (decay and no-decay groups, :func:`parameter_groups`) with the kernel
+    that ``trainer``'s precision and gradient clipping allow (:func:`adamw_kernel`), and its per-step LambdaLR,
+    as Lightning's ``configure_optimizers`` returns them.
+
+    Raises:
+        KernelPrecisionError: ``implementation: fused`` in a run that clips gradients under mixed precision."""
     groups = parameter_groups(model, config.weight_decay)
-    kernel = adamw_kernel(config, [p for group in groups for p in group["params"]])
+    kernel = adamw_kernel(config, [p for group in groups for p in group["params"]], amp_clipping(trainer))
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, **kernel)
     end = decay_end(config, max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config, end))

@@ -577,3 +577,34 @@ def test_busy_wandb_id_is_retried_then_replaced(tmp_path, monkeypatch):
     (run.dir / "wandb_id.txt").write_text("held0000")
     logger = wandb_logger(run, "offline", attempts=2, wait_s=0)
     assert calls == ["held0000"] * 2 and logger._id != "held0000"  # a new wandb run for this session
+
+
+def test_the_gpu_configuration_resolves_and_trains_on_the_cpu(synthetic_shards, tmp_path, monkeypatch):
+    """The CLI on a bf16-capable CUDA machine, minus the GPU: every hardware-dependent default is resolved as
+    there (glide_lightning.cli.detect_hardware is the one place the CLI looks at the device), then the smoke
+    experiment trains two steps with it on the CPU. A GPU default can no longer be one CI never ran."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from glide_lightning import cli as cli_module
+    from glide_lightning.callbacks import WarmupEMA
+
+    assert cli_module.hardware_defaults(cli_module.Hardware(cuda=False, bf16=False)) == {"trainer.precision": "32-true"}
+    gpu = cli_module.Hardware(cuda=True, bf16=True)
+    monkeypatch.setattr(cli_module, "detect_hardware", lambda: gpu)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    args = ["fit", "--config", str(REPO / "experiments/smoke.yaml"), "--trainer.accelerator", "cpu",
+            "--data.train_shards", f"{synthetic_shards}/train-*.tar", "--data.val_shards", f"{synthetic_shards}/val-*.tar",
+            "--data.num_workers", "0", "--data.batch_size", "4", "--run.root", str(tmp_path),
+            "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]
+    cli = cli_module.GlideCLI(args=args)
+    trainer, module = cli.trainer, cli.model
+    resolved = cli.config["fit"]["trainer"]
+    assert resolved["precision"] == "bf16-mixed" and resolved["gradient_clip_val"] == 1.0  # the GPU's, not the CPU's
+    assert isinstance(trainer.precision_plugin, MixedPrecision) and trainer.precision_plugin.scaler is None
+    kernel = trainer.optimizers[0].defaults
+    assert kernel["foreach"] and not kernel["fused"], kernel  # fused cannot be clipped under bf16-mixed
+    assert any(isinstance(c, WarmupEMA) for c in trainer.callbacks)
+    assert module._compiled == [module.model]  # eager: compile is opt-in on every device
+    assert trainer.global_step == 2
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert (tmp_path / "smoke" / "checkpoints").is_dir()

@@ -194,3 +194,16 @@ def test_the_schedule_runs_in_lightning_and_resumes_from_the_checkpoint(syntheti
     assert {s: after.lr[s] for s in (3, 4, 5)} == pytest.approx({s: expected[s] for s in (3, 4, 5)}, rel=1e-9)
     # the first session decayed towards its own max_steps (3)
     assert before.lr == pytest.approx({s: closed_form(s, 1e-3, 2, "cosine", 3, 0.1) for s in range(3)}, rel=1e-9)
+
+
+def test_the_adamw_kernel_follows_the_precision_and_clipping():
+    """auto: fused unless gradients are clipped under mixed precision (Lightning's MixedPrecision plugin refuses
+    to clip a fused optimizer's gradients at the first step); an explicit fused there is refused, naming both."""
+    from glide_lightning.optim import KernelPrecisionError, adamw_kernel
+
+    params = list(torch.nn.Linear(2, 2).parameters())
+    assert adamw_kernel(OptimizerConfig(), params) == {"fused": True}
+    assert adamw_kernel(OptimizerConfig(), params, amp_clipping=True) == {"foreach": True}
+    assert adamw_kernel(OptimizerConfig(implementation="foreach"), params, amp_clipping=True) == {"foreach": True}
+    with pytest.raises(KernelPrecisionError, match="model.optimizer.implementation 'fused'.*trainer.precision"):
+        adamw_kernel(OptimizerConfig(implementation="fused"), params, amp_clipping=True)
