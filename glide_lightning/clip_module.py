@@ -49,9 +49,11 @@ def contrastive_loss(image_embeddings: Tensor, text_embeddings: Tensor, logit_sc
 
     Returns:
         ``loss``: ½·(CE(logits, i) + CE(logitsᵀ, i)), a scalar; ``accuracy``: the fraction of images whose
-        most similar caption in the batch is their own (``[]``).
+        most similar caption in the batch is their own (``[]``). Computed in fp32 outside any autocast: at
+        logit scale 100, bf16's 8-bit mantissa rounds the logits by up to 0.4.
     """
-    logits = logit_scale * image_embeddings @ text_embeddings.T  # [B, B]
+    with torch.autocast(image_embeddings.device.type, enabled=False):
+        logits = logit_scale * image_embeddings.float() @ text_embeddings.float().T  # [B, B]
     target = torch.arange(logits.shape[0], device=logits.device)
     loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
     accuracy = (logits.argmax(dim=1) == target).float().mean()

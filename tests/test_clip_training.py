@@ -40,6 +40,19 @@ def test_contrastive_loss_is_the_symmetric_cross_entropy_in_closed_form():
     torch.testing.assert_close(contrastive_loss(image, image, 1.0)["accuracy"], torch.tensor(1.0))
 
 
+def test_contrastive_loss_is_fp32_under_bf16_autocast():
+    """The encoders' bf16 embeddings (under bf16-mixed) meet in an fp32 similarity and cross-entropy: at logit
+    scale 100 a bf16 product would round each logit by up to 0.4."""
+    generator = torch.Generator().manual_seed(0)
+    image, text = (torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=1).bfloat16()
+                   for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = contrastive_loss(image, text, torch.tensor(100.0))
+    exact = contrastive_loss(image.float(), text.float(), torch.tensor(100.0))
+    assert mixed["loss"].dtype == torch.float32
+    torch.testing.assert_close(mixed["loss"], exact["loss"], rtol=1e-6, atol=0.0)
+
+
 def test_settings_that_cannot_train_together_are_refused():
     config = NoisedCLIPConfig(**yaml.safe_load(TINY_PRESET.read_text()))
     with pytest.raises(ValueError, match="n_timesteps 100 must equal model.diffusion.steps 50"):
