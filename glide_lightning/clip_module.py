@@ -152,6 +152,13 @@ class NoisedCLIPModule(L.LightningModule):
             self.log(f"val/{name}", metric.compute())
             metric.reset()
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        # as GlideModule: no Trainer fits it without the guard (non-finite steps, and the steps the 16-mixed
+        # GradScaler skips, are skipped by the LR schedule and the EMA too)
+        from glide_lightning.callbacks.nonfinite import NonFiniteGuard
+
+        return [NonFiniteGuard()]
+
     def configure_optimizers(self) -> dict[str, Any]:
         max_steps = self.trainer.max_steps if self._trainer is not None else None
         return build_optimizer(self, self.optimizer_config, max_steps, self._trainer)
