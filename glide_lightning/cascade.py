@@ -16,7 +16,14 @@ from glide_lightning.conditioning import sampling_low_res_kwargs
 from glide_lightning.data.images import to_uint8
 from glide_lightning.diffusion import GaussianDiffusion, get_sampler
 from glide_lightning.models import ModelKind
-from glide_lightning.sampling import SamplingConfig, SamplingModel, check_kind, sample_batch, sample_generators
+from glide_lightning.sampling import (
+    CascadeTask,
+    SamplingConfig,
+    SamplingModel,
+    check_kind,
+    sample_batch,
+    sample_generators,
+)
 
 __all__ = ["check_cascade", "generate", "upsample_batch"]
 
@@ -31,7 +38,8 @@ def generate(base: SamplingModel, prompts: list[str], seeds: list[int], config: 
     :func:`~glide_lightning.sampling.sample_generators`), up to floating-point differences between batch sizes
     (a pixel level here and there). With ``upsampler``, the base samples are upsampled (conditioned on the
     prompt, unguided, GLIDE's ``fast27`` and temperature by default). ``clip``: the noised CLIP of CLIP guidance
-    at ``config.clip_guidance_scale`` (base stage only). Raises ``ValueError`` for mismatched lengths or models
+    at ``config.clip_guidance_scale`` (base stage only). The upsampler stage runs
+    ``config.upsample_sampler_for("text2im")`` (DDIM by default, as glide-text2im's text2im notebook). Raises ``ValueError`` for mismatched lengths or models
     of the wrong kind (inpainting models need images to fill, which this does not take), or a CLIP
     guidance scale without a CLIP.
     """
@@ -44,7 +52,7 @@ def generate(base: SamplingModel, prompts: list[str], seeds: list[int], config: 
         batch_prompts, batch_seeds = prompts[start:start + config.batch_size], seeds[start:start + config.batch_size]
         images = sample_batch(base, batch_prompts, batch_seeds, config, device, progress, clip=clip)
         if upsampler is not None:
-            images = upsample_batch(upsampler, images, batch_prompts, batch_seeds, config, progress)
+            images = upsample_batch(upsampler, images, batch_prompts, batch_seeds, config, progress, task="text2im")
         out.append(to_uint8(images))
     size = (upsampler or base).image_size
     return torch.cat(out) if out else torch.empty(0, 3, size, size, dtype=torch.uint8)
@@ -65,12 +73,14 @@ def check_cascade(task: str, base: SamplingModel, base_kind: ModelKind, upsample
 
 def upsample_batch(loaded: SamplingModel, low_res: Tensor, prompts: list[str], seeds: list[int],
                    config: SamplingConfig, progress: bool = False, image_kwargs: dict[str, Tensor] | None = None,
-                   denoised_fn: Any = None) -> Tensor:
+                   denoised_fn: Any = None, *, task: CascadeTask) -> Tensor:
     """The upsampler's stage of a cascade: ``low_res`` ``[B, 3, h, w]`` in [-1, 1] (a batch of base samples) to
-    ``[B, 3, S, S]`` float in [-1, 1], unguided ancestral sampling with ``config.upsample_steps`` and
-    ``upsample_temp`` (GLIDE's); an upsampler trained with noise augmentation gets ``low_res`` noised at
-    ``config.upsample_noise`` and told so. ``image_kwargs`` / ``denoised_fn``: an inpainting upsampler's inputs
-    and its known pixels (:func:`glide_lightning.editing.edit`). Image i's noise comes from ``seeds[i]``."""
+    ``[B, 3, S, S]`` float in [-1, 1], unguided, from noise × ``config.upsample_temp`` with
+    ``config.upsample_steps`` of the sampler :meth:`SamplingConfig.upsample_sampler_for` ``task`` names (by
+    default glide-text2im's: DDIM with η = 0 for ``text2im``, ancestral for ``edit``); an upsampler trained with
+    noise augmentation gets ``low_res`` noised at ``config.upsample_noise`` and told so. ``image_kwargs`` /
+    ``denoised_fn``: an inpainting upsampler's inputs and its known pixels (:func:`glide_lightning.editing.edit`).
+    Image i's noise comes from ``seeds[i]``."""
     device = low_res.device
     size = loaded.image_size
     tokens, mask = (x.to(device) for x in loaded.tokenizer(prompts))
@@ -80,6 +90,8 @@ def upsample_batch(loaded: SamplingModel, low_res: Tensor, prompts: list[str], s
                                              loaded.model_config.low_res_noise_cond, generators)
     model_kwargs = dict(**encoded, **low_res_kwargs, **(image_kwargs or {}))
     diffusion = GaussianDiffusion.from_config(loaded.diffusion_config, config.upsample_steps)
-    return get_sampler("ddpm")(diffusion, loaded.model, (len(prompts), 3, size, size), model_kwargs=model_kwargs,
-                               noise_scale=config.upsample_temp, generator=generators, progress=progress,
-                               device=device, denoised_fn=denoised_fn)
+    name = config.upsample_sampler_for(task)
+    sampler = get_sampler("ddim", eta=0.0) if name == "ddim" else get_sampler("ddpm")
+    return sampler(diffusion, loaded.model, (len(prompts), 3, size, size), model_kwargs=model_kwargs,
+                   noise_scale=config.upsample_temp, generator=generators, progress=progress, device=device,
+                   denoised_fn=denoised_fn)

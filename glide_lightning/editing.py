@@ -31,7 +31,8 @@ def edit(base: SamplingModel, images: Tensor, keep: Tensor, prompts: list[str], 
             size, a pixel is kept only where it was wholly kept (area average == 1).
         prompts, seeds: one per image (image i depends on them alone, see :func:`~glide_lightning.sampling.sample_generators`).
         config: guidance (the base stage only, as GLIDE), sampler and steps; the upsampler stage is
-            unguided ancestral sampling with ``upsample_steps`` and ``upsample_temp``.
+            unguided, with ``upsample_steps``, ``upsample_temp`` and ``upsample_sampler_for("edit")``
+            (ancestral by default, as glide-text2im's inpainting notebook).
         upsampler: optionally an inpainting upsampler (kind ``upsample_inpaint``, e.g.
             ``upsample_inpaint.pt``): low_res = the base stage's result, rounded to 8 bits.
         clip: the noised CLIP of CLIP guidance at ``config.clip_guidance_scale`` (base stage only).
@@ -63,7 +64,8 @@ def edit(base: SamplingModel, images: Tensor, keep: Tensor, prompts: list[str], 
         if upsampler is not None:
             source, known = resized(images[part], keep[part], upsampler.image_size, device)
             result = upsample_batch(upsampler, result, batch_prompts, batch_seeds, config, progress,
-                                    dict(inpaint_image=source, inpaint_mask=known), keep_known(source, known))
+                                    dict(inpaint_image=source, inpaint_mask=known), keep_known(source, known),
+                                    task="edit")
             result = keep_known(source, known)(result)
         out.append(to_uint8(result))
     return torch.cat(out)

@@ -129,6 +129,11 @@ class SamplingConfig:
     """Respacing of the upsampler's process (GLIDE: ``fast27``)."""
     upsample_temp: float = 0.997
     """Scale of the upsampler's initial noise (GLIDE: 0.997)."""
+    upsample_sampler: Literal["auto", "ddim", "ddpm"] = "auto"
+    """The upsampler stage's sampler, started from noise × ``upsample_temp``: ``ddim`` (deterministic, η = 0)
+    or ``ddpm`` (ancestral). ``auto``: what glide-text2im's notebooks run at that stage, ``ddim`` for
+    text-to-image (``text2im.ipynb`` and ``clip_guided.ipynb``: ``ddim_sample_loop``) and ``ddpm`` for edits
+    (``inpaint.ipynb``: ``p_sample_loop``). Results and cached images record the sampler used."""
     upsample_noise: float = 0.0
     """For upsamplers trained with noise augmentation of their low-res input (``model.low_res_noise``):
     the base samples are noised (``q_sample``) at this fraction of the upsampler's process and the
@@ -217,11 +222,26 @@ class SamplingConfig:
         if not 0 <= self.upsample_noise <= 1:
             problems.append(f"upsample_noise must be in [0, 1] (a fraction of the upsampler's process), got "
                             f"{self.upsample_noise}")
+        if self.upsample_sampler not in UPSAMPLE_SAMPLERS:
+            problems.append(f"upsample_sampler {self.upsample_sampler!r} is unknown: choose one of "
+                            f"{', '.join(UPSAMPLE_SAMPLERS)}")
         if self.upsample_temp <= 0:
             problems.append(f"upsample_temp must be > 0 (GLIDE: 0.997), got {self.upsample_temp}")
         if problems:
             raise ValueError("bad sampling options:\n  - " + "\n  - ".join(problems))
 
+
+    def upsample_sampler_for(self, task: CascadeTask) -> str:
+        """The upsampler stage's sampler for ``task`` (``text2im`` or ``edit``): ``upsample_sampler``, with
+        ``auto`` resolved as glide-text2im's notebooks do (``ddim`` for text-to-image, ``ddpm`` for edits)."""
+        if self.upsample_sampler != "auto":
+            return self.upsample_sampler
+        return {"text2im": "ddim", "edit": "ddpm"}[task]
+
+
+UPSAMPLE_SAMPLERS: tuple[str, ...] = ("auto", "ddim", "ddpm")
+CascadeTask = Literal["text2im", "edit"]
+"""What a cascade makes: images from text (``generate``) or edits of given images (``edit``)."""
 
 DEFAULT_GUIDANCE_SWEEP: tuple[float, ...] = (1.0, 3.0, 6.0, 12.0)
 """The guidance scales swept by default (GLIDE / dogGLIDE's 1 / 3 / 6 / 12): the columns of

@@ -82,6 +82,7 @@ def test_the_upsampler_trains_and_samples_a_cascade_and_fid_records_it(synthetic
           "--num_per_prompt", "2", "--sampling.steps", "2", "--sampling.upsample_steps", "3", "--out", str(out))
     with Image.open(out / "0001.png") as image:
         assert image.size == (32, 32) and str(upsampler) in image.text["upsampler"]
+        assert image.text["upsample_sampler"] == "ddim"  # glide-text2im's text2im notebook's upsampler sampler
     # the cascade in evaluation: fid with our upsampler says which upsampler, steps and temperature made each number
     captions = tmp_path / "captions.txt"
     captions.write_text("a large red circle\na small blue square\n")
@@ -96,6 +97,7 @@ def test_the_upsampler_trains_and_samples_a_cascade_and_fid_records_it(synthetic
     results = json.loads(next((tmp_path / "fid").glob("*/results.json")).read_text())["results"]
     assert results[0]["resolution"] == 32 and str(upsampler) in results[0]["upsampler"]
     assert results[0]["upsample_steps"] == "3" and results[0]["upsample_temp"] == 0.99
+    assert results[0]["upsample_sampler"] == "ddim"
 
 
 def test_inpainting_models_train_and_edit_from_the_command_line_chained(synthetic_shards, tmp_path):

@@ -80,7 +80,8 @@ class FIDCommand:
     """Where reference statistics are cached."""
     upsampler: str | None = None
     """An upsampler checkpoint to evaluate the cascade at its size (256 px for glide-text2im's ``upsample.pt`` or
-    ``minig_upsample``): ours (``runs/<upsample run>/checkpoints/last.ckpt``) or released; its source, steps
+    ``minig_upsample``): ours (``runs/<upsample run>/checkpoints/last.ckpt``) or released; its source, sampler
+    (``--sampling.upsample_sampler``: DDIM by default, as glide-text2im's text2im notebook), steps
     (``--sampling.upsample_steps``) and temperature (``--sampling.upsample_temp``) are recorded with each result."""
     weights: Weights = "ema"
     """Of a glide_lightning ``.ckpt``: its EMA weights (when the run kept them) or the ``raw`` ones."""

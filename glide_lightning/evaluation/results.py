@@ -57,12 +57,15 @@ class ScaleResult:
     """The upsampler's respacing (``fast27``…), with ``upsampler``."""
     upsample_temp: float | None = None
     """The scale of the upsampler's initial noise (GLIDE: 0.997), with ``upsampler``."""
+    upsample_sampler: str | None = None
+    """The upsampler stage's sampler (``ddim``: glide-text2im's text-to-image pipeline; ``ddpm``), with
+    ``upsampler``; None in results written before it was recorded (those ran ``ddpm``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, nested as in ``results.json`` (``nfe`` and the upsampler's fields only when known: an
         older record written again stays the same record)."""
         data = dataclasses.asdict(self)
-        for key in ("nfe", "upsampler", "upsample_steps", "upsample_temp"):
+        for key in ("nfe", "upsampler", "upsample_steps", "upsample_temp", "upsample_sampler"):
             if data[key] is None:
                 del data[key]
         return data
@@ -76,7 +79,8 @@ class ScaleResult:
                    fid=_record(FIDResult, data["fid"], "fid"), reference=data.get("reference", ""),
                    clip_score=None if clip is None else _record(CLIPScoreResult, clip, "clip_score"),
                    adherence=data.get("adherence"), nfe=data.get("nfe"), upsampler=data.get("upsampler"),
-                   upsample_steps=data.get("upsample_steps"), upsample_temp=data.get("upsample_temp"))
+                   upsample_steps=data.get("upsample_steps"), upsample_temp=data.get("upsample_temp"),
+                   upsample_sampler=data.get("upsample_sampler"))
 
     def summary_line(self) -> str:
         """One line: the scale, FID, CLIP score and adherence, and the FID's label."""
@@ -92,7 +96,9 @@ class ScaleResult:
         """Which upsampler, steps and temperature made the images ('' for base-model images)."""
         if self.upsampler is None:
             return ""
-        return f"upsampled by {self.upsampler}, {self.upsample_steps} steps, temperature {self.upsample_temp:g}"
+        sampler = f"{self.upsample_sampler} " if self.upsample_sampler else ""
+        return (f"upsampled by {self.upsampler}, {sampler}{self.upsample_steps} steps, temperature "
+                f"{self.upsample_temp:g}")
 
 
 def _record(cls: type, data: Mapping[str, Any], where: str) -> Any:

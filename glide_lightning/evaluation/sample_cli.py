@@ -139,11 +139,12 @@ class SampleCommand:
         clip = load_guidance_clip(self.clip_dir, base.image_size, device) if self.clip_dir else None
         all_prompts = [p for p in prompts for _ in range(self.num_per_prompt)]
         seeds = [self.seed + i for i in range(len(all_prompts))]
+        upsample_sampler = config.upsample_sampler_for("edit" if editing else "text2im") if upsampler else None
         log.info("%s %d images from %s at guidance %.2f (%s, %s steps)%s%s", "editing" if editing else "sampling",
                  len(all_prompts), base.source, config.guidance_scale, config.sampler, config.steps,
                  f", CLIP guidance {config.clip_guidance_scale:g} with {clip.source}" if clip else "",
-                 f", then {upsampler.source} ({config.upsample_steps} steps, temperature {config.upsample_temp:g})"
-                 if upsampler else "")
+                 f", then {upsampler.source} ({upsample_sampler}, {config.upsample_steps} steps, temperature "
+                 f"{config.upsample_temp:g})" if upsampler else "")
         images = self._edit(base, upsampler, all_prompts, seeds, clip) if editing else \
             generate(base, all_prompts, seeds, config, upsampler=upsampler, clip=clip, progress=True)
         out = Path(self.out)
@@ -152,6 +153,7 @@ class SampleCommand:
                   "upsampler": upsampler.source if upsampler else None,
                   "upsample_steps": config.upsample_steps if upsampler else None,
                   "upsample_temp": config.upsample_temp if upsampler else None,
+                  "upsample_sampler": upsample_sampler,
                   "clip_guidance_scale": config.clip_guidance_scale, "clip": clip.source if clip else None,
                   **({"inpaint_image": self.inpaint_image, "mask": self.mask} if editing else {})}
         records = []

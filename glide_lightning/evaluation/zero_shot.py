@@ -67,7 +67,8 @@ class FIDJob:
 
 _LATER_SAMPLING_DEFAULTS: dict[str, Any] = {"guidance_interval": None, "compile": False, "precision": "fp32",
                                             "memory_format": "auto", "dynamic_threshold": None,
-                                            "upsample_noise": 0.0}
+                                            "upsample_noise": 0.0,
+                                            "upsample_sampler": "ddpm"}  # the only upsampler sampler before
 """Sampling fields added after image caches existed, with their defaults: left out of the identity at
 these values, so the folders of images made before them are found again."""
 
@@ -98,11 +99,13 @@ def generation_identity(job: FIDJob, base: SamplingModel, upsampler: SamplingMod
     """Everything that determines the generated images, but the guidance scale (a folder of its own)."""
     sampling = asdict(job.sampling)
     del sampling["guidance_scale"]
+    sampling["upsample_sampler"] = job.sampling.upsample_sampler_for("text2im")  # what ran, "auto" resolved
     for name, default in _LATER_SAMPLING_DEFAULTS.items():  # absent at their defaults: earlier keys still hold
         if sampling[name] == default:
             del sampling[name]
     if upsampler is None:
         del sampling["upsample_steps"], sampling["upsample_temp"]
+        sampling.pop("upsample_sampler", None)
     return {"base": _model_identity(base, job.sampling),
             "upsampler": None if upsampler is None else _model_identity(upsampler, job.sampling),
             "sampling": sampling, "seed": job.seed, "n": len(job.captions),
@@ -268,7 +271,8 @@ def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache
                        clip_score=clip.summarize(clip_scores) if clip is not None else None,
                        adherence=sum(adherence) / len(adherence) if synthetic else None, upsampler=upsampler,
                        upsample_steps=job.sampling.upsample_steps if upsampler else None,
-                       upsample_temp=job.sampling.upsample_temp if upsampler else None)
+                       upsample_temp=job.sampling.upsample_temp if upsampler else None,
+                       upsample_sampler=job.sampling.upsample_sampler_for("text2im") if upsampler else None)
 
 
 def is_synthetic_caption(caption: str) -> bool:
