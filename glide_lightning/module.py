@@ -282,6 +282,9 @@ class GlideModule(L.LightningModule):
         checkpoint["timestep_sampler"] = self.timesteps.state_dict()
         checkpoint["rng"] = capture_rng_state()
         checkpoint["wall_time_s"] = self.elapsed_wall_time()
+        from glide_lightning.input_order import record_input_order
+
+        record_input_order(checkpoint, self.model)  # the marker: the order the first convolution's columns follow
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if checkpoint.get("timestep_sampler"):
@@ -292,6 +295,12 @@ class GlideModule(L.LightningModule):
         if "optimizer_states" in checkpoint:  # checkpoints from before the decay / no-decay groups
             checkpoint["optimizer_states"] = [regroup_optimizer_state(state, self.model, self.optimizer_config)
                                               for state in checkpoint["optimizer_states"]]
+        # an upsample_inpaint checkpoint from before issue 22 (no input_order): weights, EMA and AdamW moments
+        from glide_lightning.input_order import convert_input_order
+
+        where = str(getattr(self._trainer, "ckpt_path", None) or "the checkpoint")
+        convert_input_order(checkpoint, self.model, self.model_config.kind, where=where,
+                            weight_decay=self.optimizer_config.weight_decay)
 
     def on_train_start(self) -> None:
         self._session_start = time.monotonic()

@@ -282,7 +282,9 @@ def load_checkpoint(checkpoint: str | Path, device: torch.device | str = "cpu", 
     Raises:
         FileNotFoundError: no such file.
         ValueError: the file is neither kind of checkpoint, cannot be read with
-            ``torch.load(weights_only=True)``, holds a model of another ``kind``, or ``weights`` is unknown.
+            ``torch.load(weights_only=True)``, holds a model of another ``kind``, or ``weights`` is unknown; or
+            a glide_lightning checkpoint in an older input order cannot be converted
+            (:func:`~glide_lightning.input_order.convert_input_order`; glide-text2im's files are never converted).
         CheckpointMismatchError: ``kind`` is given and the file is a state dict that matches no
             released model; the error lists its differences from the released model of that kind.
     """
@@ -319,7 +321,12 @@ def check_kind(loaded: SamplingModel, kind: ModelKind, role: str) -> None:
 
 
 def _read_lightning(path: Path, state: dict[str, Any], weights: Weights) -> SamplingModel:
-    """A GlideModule checkpoint: its hyper-parameters rebuild the network, process and tokenizer."""
+    """A GlideModule checkpoint: its hyper-parameters rebuild the network, process and tokenizer. One written
+    before its network's input order was recorded (an ``upsample_inpaint`` one from before issue 22) has its
+    weights converted to glide-text2im's order, with a warning
+    (:func:`~glide_lightning.input_order.convert_input_order`); a reorder that is not sound raises ``ValueError``."""
+    from glide_lightning.input_order import convert_input_order
+
     hp = state["hyper_parameters"]
     if not isinstance(hp, dict) or not {"model", "diffusion", "tokenizer"} <= hp.keys():
         raise ValueError(f"{path} is a Lightning checkpoint, but not of a GlideModule (its hyper_parameters lack "
@@ -327,10 +334,11 @@ def _read_lightning(path: Path, state: dict[str, Any], weights: Weights) -> Samp
     config = ModelConfig(**hp["model"])
     has_ema = "current_model_state" in state  # Lightning's WeightAveraging: EMA in state_dict, raw moved aside
     use_ema = has_ema and weights == "ema"
-    source = state["current_model_state"] if has_ema and not use_ema else state["state_dict"]
     what = ("EMA weights" if use_ema else "raw weights" if has_ema or weights == "raw"
             else "raw weights: this run kept no EMA")
     model, _ = build_with_text_encoder(config)  # a frozen encoder is not in the file: reloaded from what it records
+    convert_input_order(state, model, config.kind, where=str(path))  # the weights only (state_dict, raw ones)
+    source = state["current_model_state"] if has_ema and not use_ema else state["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in source.items() if k.startswith("model.")},
                           strict=True)
     encoder = ""

@@ -240,3 +240,160 @@ def test_an_upsampler_without_noise_conditioning_initialises_one_with_it_and_pre
         expected = source.model.eval()(x, t, low_res=low_res, tokens=tokens, mask=mask)
         got = target.model.eval()(x, t, low_res=low_res, tokens=tokens, mask=mask, low_res_t=torch.tensor([0, 15]))
     torch.testing.assert_close(got, expected)
+
+
+# ----------------------------------------------------------------------- upsample_inpaint checkpoints before issue 22
+NEW_TO_OLD = [0, 1, 2, 7, 8, 9, 3, 4, 5, 6]
+"""The first convolution's input columns in this project's order before issue 22, [x | upsampled | image·mask | mask],
+as indices into glide-text2im's [x | image·mask | mask | upsampled] (written out here, not taken from the code)."""
+FIRST_CONV = "model.input_blocks.0.0.weight"
+
+
+def _to_old_order(checkpoint: dict) -> dict:
+    """A checkpoint as this project wrote it before issue 22: old column order everywhere the first convolution's
+    weight lives (weights, raw weights, AdamW moments), and no ``input_order`` marker."""
+    old = {k: v for k, v in checkpoint.items() if k != "input_order"}
+    old["state_dict"] = {**checkpoint["state_dict"], FIRST_CONV: checkpoint["state_dict"][FIRST_CONV][:, NEW_TO_OLD]}
+    raw = checkpoint["current_model_state"]
+    old["current_model_state"] = {**raw, FIRST_CONV: raw[FIRST_CONV][:, NEW_TO_OLD]}
+    shape = raw[FIRST_CONV].shape
+    old["optimizer_states"] = []
+    for state in checkpoint["optimizer_states"]:
+        moments = {i: {k: v[:, NEW_TO_OLD] if isinstance(v, torch.Tensor) and v.shape == shape else v
+                       for k, v in m.items()} for i, m in state["state"].items()}
+        old["optimizer_states"].append({**state, "state": moments})
+    return old
+
+
+@pytest.fixture(scope="module")
+def upsample_inpaint_run(synthetic_shards, tmp_path_factory):
+    """A real ``Trainer.fit`` (2 steps, Lightning's EMA) of a tiny upsample_inpaint model, its last checkpoint (new
+    order, with the marker) and the same checkpoint in the old order without the marker."""
+    import lightning as L
+    from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+
+    from glide_lightning.data import GlideDataModule
+    from glide_lightning.module import GlideModule
+
+    def module():
+        torch.manual_seed(0)
+        made = GlideModule(model=ModelConfig(**{**TINY.to_dict(), "kind": "upsample_inpaint"}),
+                           diffusion=DiffusionConfig(steps=20))
+        for p in made.model.parameters():
+            if p.abs().sum() == 0:
+                torch.nn.init.normal_(p, std=0.05)
+        return made
+
+    def trainer(max_steps, *callbacks):
+        return L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False,
+                         callbacks=[EMAWeightAveraging(decay=0.5), *callbacks])
+
+    folder = tmp_path_factory.mktemp("upsample_inpaint")
+
+    def dm():
+        return GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=32, text_ctx=16,
+                               tokenizer="clip", bpe_dir=None, batch_size=4, num_workers=0,
+                               model_kind="upsample_inpaint", low_res_size=16)
+
+    trainer(2, ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=2, save_top_k=0)).fit(
+        module(), datamodule=dm())
+    new = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)
+    torch.save(_to_old_order(new), folder / "old.ckpt")
+    return dict(new_path=folder / "last.ckpt", old_path=folder / "old.ckpt", new=new, module=module, trainer=trainer,
+                datamodule=dm)
+
+
+def _input_order_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "glide_lightning.input_order"]
+
+
+def test_an_old_order_upsample_inpaint_checkpoint_samples_as_the_new_order_model(upsample_inpaint_run, caplog):
+    run = upsample_inpaint_run
+    assert run["new"]["input_order"] == ["x", "inpaint_image*inpaint_mask", "inpaint_mask", "upsampled"]  # the marker
+    torch.manual_seed(3)
+    x, t, low_res = torch.randn(2, 3, 32, 32), torch.tensor([3, 15]), torch.rand(2, 3, 16, 16) * 2 - 1
+    image, keep = images_and_mask(2)
+    with caplog.at_level("WARNING"):
+        for weights, saved in (("ema", "state_dict"), ("raw", "current_model_state")):
+            caplog.clear()
+            new = load_checkpoint(run["new_path"], weights=weights)
+            assert _input_order_warnings(caplog) == []  # a marked checkpoint is read as it is
+            old = load_checkpoint(run["old_path"], weights=weights)
+            [warning] = _input_order_warnings(caplog)
+            assert "no input_order recorded" in warning and "input_blocks.0.0.weight" in warning
+            assert "state_dict, current_model_state" in warning
+            expected = {k.removeprefix("model."): v for k, v in run["new"][saved].items() if k.startswith("model.")}
+            assert all(torch.equal(v, expected[k]) for k, v in old.model.state_dict().items())
+            tokens, mask = new.tokenizer(["a red circle", "a blue square"])
+            kwargs = dict(low_res=low_res, inpaint_image=image, inpaint_mask=keep, tokens=tokens, mask=mask)
+            with torch.no_grad():
+                reference = new.model(x, t, **kwargs)
+                assert torch.equal(old.model(x, t, **kwargs), reference)
+                # the same file read without the conversion (the code before issue 22 read it so, into its own order)
+                unconverted = load_checkpoint(run["new_path"], weights=weights).model
+                old_weight = expected["input_blocks.0.0.weight"][:, NEW_TO_OLD]
+                unconverted.get_parameter("input_blocks.0.0.weight").copy_(old_weight)
+                relative = float((unconverted(x, t, **kwargs) - reference).norm() / reference.norm())
+            print(f"{weights}: old-order weights unconverted vs the new-order model: relative difference "
+                  f"{relative:.3g}")
+            assert relative > 0.01
+    config = SamplingConfig(steps="2", guidance_scale=3.0)
+    samples = [sample_conditioned(load_checkpoint(p), ["a red circle"], [0], config, low_res=low_res[:1],
+                                  image=image[:1], keep=keep[:1]) for p in (run["new_path"], run["old_path"])]
+    assert torch.equal(*samples)
+
+
+def test_resuming_an_old_order_upsample_inpaint_checkpoint_restores_converted_weights_ema_and_adamw_moments(
+        upsample_inpaint_run, tmp_path, caplog, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "helpers"))
+    from glide_test_probes import StateProbe
+
+    run = upsample_inpaint_run
+    with caplog.at_level("WARNING"):
+        run["trainer"](3, StateProbe(str(tmp_path))).fit(run["module"](), datamodule=run["datamodule"](),
+                                                         ckpt_path=run["old_path"])
+    [warning] = _input_order_warnings(caplog)
+    assert "state_dict, current_model_state, optimizer_states[0] (exp_avg, exp_avg_sq)" in warning
+    probe = torch.load(tmp_path / "start_2.pt", map_location="cpu", weights_only=False)
+    new = run["new"]
+    for got, expected in ((probe["model"], new["current_model_state"]), (probe["ema"], new["state_dict"])):
+        assert got.keys() == expected.keys() and all(torch.equal(v, expected[k]) for k, v in got.items())
+    restored, saved = probe["optimizer"]["state"], new["optimizer_states"][0]["state"]
+    assert restored.keys() == saved.keys()
+    for i, moments in saved.items():
+        for name, value in moments.items():
+            assert torch.equal(restored[i][name], value), (i, name)
+    shape = new["state_dict"][FIRST_CONV].shape
+    assert sum(m["exp_avg"].shape == shape for m in saved.values()) == 1  # the first convolution's, converted above
+
+
+def test_a_released_upsample_inpaint_file_loads_unchanged_and_unsound_conversions_are_refused(glide_placeholder,
+                                                                                               tmp_path, caplog,
+                                                                                               monkeypatch):
+    from glide_lightning.input_order import convert_input_order
+
+    if not GPT2_BPE.is_dir():
+        pytest.skip(f"GPT-2 BPE fixture not found at {GPT2_BPE}")
+    monkeypatch.setenv("GLIDE_GPT2_BPE_DIR", str(GPT2_BPE))
+    state = torch.load(glide_placeholder("upsample-inpaint"), map_location="cpu", weights_only=True)
+    state["input_blocks.0.0.weight"] = torch.randn(192, 10, 3, 3)  # distinct columns: a permutation would show
+    torch.save(state, tmp_path / "upsample_inpaint.pt")
+    with caplog.at_level("WARNING"):
+        loaded = load_checkpoint(tmp_path / "upsample_inpaint.pt", kind="upsample_inpaint")
+    assert torch.equal(loaded.model.get_parameter("input_blocks.0.0.weight"), state["input_blocks.0.0.weight"])
+    assert _input_order_warnings(caplog) == []
+    model = tiny("upsample_inpaint").model
+    weight = {FIRST_CONV: torch.zeros(32, 10, 3, 3)}
+    with pytest.raises(ValueError, match="is not a reordering of this model's"):
+        convert_input_order({"input_order": ["x", "low_res", "mask"], "state_dict": weight}, model,
+                            "upsample_inpaint", where="bad.ckpt")
+    with pytest.raises(ValueError, match=r"should be a \[out, 10, k, k\] convolution weight, got \[32, 7, 3, 3\]"):
+        convert_input_order({"state_dict": {FIRST_CONV: torch.zeros(32, 7, 3, 3)}}, model, "upsample_inpaint",
+                            where="bad.ckpt")
+    with pytest.raises(ValueError, match="holds 1 parameters"):
+        one_parameter = [{"state": {}, "param_groups": [{"params": [0]}]}]
+        convert_input_order({"state_dict": weight, "optimizer_states": one_parameter}, model, "upsample_inpaint",
+                            where="bad.ckpt", weight_decay=0.0)
+    unchanged = {"state_dict": dict(weight)}  # other kinds' order never changed: nothing to convert
+    assert convert_input_order(unchanged, tiny("upsample").model, "upsample", where="x.ckpt") == []

@@ -8,7 +8,11 @@ All four models share one call convention (glide-text2im's): ``model(x_t, t, tok
 plus ``low_res=`` (super-resolution; and ``low_res_t=`` where the upsampler was built with
 ``low_res_noise_cond``) and ``inpaint_image=``, ``inpaint_mask=`` (inpainting); ``t``
 holds raw integer timesteps; the output has ``out_channels`` channels (6: ε and the learned-variance
-interpolation value).
+interpolation value). The conditioning images join ``x`` in glide-text2im's channel order, which each class
+states as ``INPUT_ORDER``: ``[x, upsampled]`` (super-resolution), ``[x, inpaint_image * inpaint_mask,
+inpaint_mask]`` (inpainting), ``[x, inpaint_image * inpaint_mask, inpaint_mask, upsampled]`` (both, as
+glide-text2im's ``SuperResInpaintText2ImUnet.forward``; checkpoints record it, see
+:mod:`glide_lightning.input_order`).
 
 The caption's encoding does not depend on the noisy image or the timestep: a sampler encodes each
 caption batch once with :meth:`Text2ImUNet.encode_caption` and passes its ``xf_proj=``, ``xf_out=``
@@ -26,7 +30,7 @@ The encoder itself is kept outside the module tree (:meth:`Text2ImUNet.attach_te
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +77,10 @@ class Text2ImUNet(UNetModel):
         **unet_kwargs: the remaining :class:`~glide_lightning.models.unet.UNetModel` arguments
             (``model_channels``, ``out_channels``, ``num_res_blocks``, ``attention_resolutions``, …).
     """
+
+    INPUT_ORDER: ClassVar[tuple[str, ...]] = ("x",)
+    """The blocks of channels the UNet's first convolution takes, in order (glide-text2im's order; checkpoints
+    record it as ``input_order``)."""
 
     def __init__(
         self,
@@ -126,6 +134,11 @@ class Text2ImUNet(UNetModel):
     def unet_in_channels(image_channels: int) -> int:
         """Channels the UNet sees: the noisy image plus any concatenated conditioning images."""
         return image_channels
+
+    def input_layout(self) -> list[tuple[str, int]]:
+        """``(name, channels)`` of each block of the UNet's input, in :attr:`INPUT_ORDER`: ``inpaint_mask`` has
+        1 channel, the others (``x``, ``upsampled``, ``inpaint_image*inpaint_mask``) ``image_channels``."""
+        return [(name, 1 if name == "inpaint_mask" else self.image_channels) for name in self.INPUT_ORDER]
 
     @property
     def frozen_text_encoder(self) -> bool:
@@ -297,6 +310,8 @@ class SuperResText2ImUNet(Text2ImUNet):
         **kwargs: as :class:`Text2ImUNet`.
     """
 
+    INPUT_ORDER: ClassVar[tuple[str, ...]] = ("x", "upsampled")
+
     def __init__(self, *, low_res_noise_cond: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.low_res_noise_cond = low_res_noise_cond
@@ -345,6 +360,8 @@ class SuperResText2ImUNet(Text2ImUNet):
 class InpaintText2ImUNet(Text2ImUNet):
     """Text-conditional inpainting: the known pixels (image x mask) and the mask join ``x``."""
 
+    INPUT_ORDER: ClassVar[tuple[str, ...]] = ("x", "inpaint_image*inpaint_mask", "inpaint_mask")
+
     @staticmethod
     def unet_in_channels(image_channels: int) -> int:  # noqa: D102
         return 2 * image_channels + 1
@@ -369,7 +386,17 @@ class InpaintText2ImUNet(Text2ImUNet):
 
 
 class SuperResInpaintText2ImUNet(SuperResText2ImUNet):
-    """Text-conditional super-resolution inpainting: upsampled low-res, known pixels and mask."""
+    """Text-conditional super-resolution inpainting: known pixels, mask and upsampled low-res join ``x``, in
+    glide-text2im's order (``SuperResInpaintText2ImUnet.forward``): ``[x, inpaint_image * inpaint_mask,
+    inpaint_mask, upsampled]``, 3C + 1 channels. Checkpoints of this project written before that order (issue 22:
+    ``[x, upsampled, inpaint_image * inpaint_mask, inpaint_mask]``) are converted when read, see
+    :mod:`glide_lightning.input_order`.
+
+    Args:
+        **kwargs: as :class:`SuperResText2ImUNet`.
+    """
+
+    INPUT_ORDER: ClassVar[tuple[str, ...]] = ("x", "inpaint_image*inpaint_mask", "inpaint_mask", "upsampled")
 
     @staticmethod
     def unet_in_channels(image_channels: int) -> int:  # noqa: D102
@@ -389,9 +416,18 @@ class SuperResInpaintText2ImUNet(SuperResText2ImUNet):
         low_res_t: Tensor | None = None,
         xf_mask: Tensor | None = None,
     ) -> Tensor:
-        """Combines :class:`SuperResText2ImUNet` and :class:`InpaintText2ImUNet` (in that order)."""
+        """As :meth:`Text2ImUNet.forward`, conditioned on ``low_res`` ``[B, C, h, w]`` (required), bilinearly
+        upsampled to ``x``'s size, ``inpaint_image`` ``[B, C, H, W]`` and ``inpaint_mask`` ``[B, 1, H, W]`` (1 where
+        the pixel is known; missing ones are zeros) and, with ``low_res_noise_cond``, ``low_res_t`` ``[B]``. The UNet
+        takes ``[x, inpaint_image * inpaint_mask, inpaint_mask, upsampled]`` (glide-text2im's
+        ``SuperResInpaintText2ImUnet.forward``) → ``[B, out_channels, H, W]``.
+
+        Raises:
+            ValueError: ``x`` is not ``[B, C, H, W]``, ``low_res`` is missing, or a caption / ``low_res_t``
+                argument is wrong (as :class:`SuperResText2ImUNet`).
+        """
         self._check_input(x)
-        cond = [_upsampled(low_res, x), *_inpaint_inputs(x, inpaint_image, inpaint_mask)]
-        h = torch.cat([x, *cond], dim=1)  # [B, 3C+1, H, W]
+        upsampled = _upsampled(low_res, x)  # [B, C, H, W]
+        h = torch.cat([x, *_inpaint_inputs(x, inpaint_image, inpaint_mask), upsampled], dim=1)  # [B, 3C+1, H, W]
         return self._denoise(h, timesteps, tokens, mask, xf_proj, xf_out, xf_mask,
                              extra_emb=self._noise_level_emb(low_res_t, x))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -182,6 +183,8 @@ def test_inpaint_input_and_gradient_only_through_known_pixels(tiny_model: Any, t
 
 
 def test_super_res_inpaint_input_order(tiny_model: Any, tiny_inputs: Any) -> None:
+    """glide-text2im's SuperResInpaintText2ImUnet.forward: ``[x, inpaint_image * inpaint_mask, inpaint_mask,
+    upsampled]``."""
     model, inp = tiny_model("upsample_inpaint"), tiny_inputs()
     cond = cond_inputs("upsample_inpaint", inp["x"])
     seen = capture_unet_input(model)
@@ -189,7 +192,52 @@ def test_super_res_inpaint_input_order(tiny_model: Any, tiny_inputs: Any) -> Non
         model(**inp, **cond)
     up = F.interpolate(cond["low_res"], size=(16, 16), mode="bilinear", align_corners=False)
     m = cond["inpaint_mask"]
-    assert torch.equal(seen[0], torch.cat([inp["x"], up, cond["inpaint_image"] * m, m], dim=1))
+    assert torch.equal(seen[0], torch.cat([inp["x"], cond["inpaint_image"] * m, m, up], dim=1))
+
+
+def reference_glide_forward(model: Text2ImUNet, h: torch.Tensor, timesteps: torch.Tensor, tokens: torch.Tensor,
+                            mask: torch.Tensor) -> torch.Tensor:
+    """glide-text2im's ``Text2ImUNet.forward`` written out over ``model``'s own layers, from the UNet's full input
+    ``h`` ``[B, unet_in_channels, H, W]``: the sinusoid (cosines first) through ``time_embed``, plus ``xf_proj``
+    of the written-out text encoder; input blocks (each output kept), middle block, output blocks (each on its
+    input concatenated with the last kept output), ``out``."""
+    half = model.model_channels // 2
+    args = timesteps[:, None].float() * torch.exp(-math.log(10000) * torch.arange(half) / half)[None]
+    xf_proj, xf_out = reference_encode_text(model, tokens, mask)
+    emb = model.time_embed(torch.cat([torch.cos(args), torch.sin(args)], dim=-1)) + xf_proj
+    hs = []
+    for block in model.input_blocks:
+        h = block(h, emb, xf_out)
+        hs.append(h)
+    h = model.middle_block(h, emb, xf_out)
+    for block in model.output_blocks:
+        h = block(torch.cat([h, hs.pop()], dim=1), emb, xf_out)
+    return model.out(h)
+
+
+def test_upsample_inpaint_loads_a_glide_text2im_state_dict_and_runs_its_forward(tiny_model: Any,
+                                                                                tiny_inputs: Any) -> None:
+    """A state dict laid out as glide-text2im's upsample-inpaint model (the tiny configuration; the released one's
+    keys and shapes are checked in test_glide_text2im.py), random weights, loads strictly, and the forward is
+    glide-text2im's: ``SuperResInpaintText2ImUnet.forward`` concatenates ``[x, inpaint_image * inpaint_mask,
+    inpaint_mask, bilinear(low_res)]`` (3 + 3 + 1 + 3 channels), then runs ``Text2ImUNet.forward``."""
+    g = torch.Generator().manual_seed(5)
+    layout = tiny_model("upsample_inpaint").state_dict()
+    assert layout["input_blocks.0.0.weight"].shape == (32, 10, 3, 3)
+    state_dict = {k: torch.randn(v.shape, generator=g) * 0.1 if v.is_floating_point() else v
+                  for k, v in layout.items()}
+    model = tiny_model("upsample_inpaint", fresh=True)
+    model.load_state_dict(state_dict, strict=True)
+    inp, cond = tiny_inputs(), cond_inputs("upsample_inpaint", tiny_inputs()["x"])
+    m = cond["inpaint_mask"]
+    up = F.interpolate(cond["low_res"], size=(16, 16), mode="bilinear", align_corners=False)
+    h = torch.cat([inp["x"], cond["inpaint_image"] * m, m, up], dim=1)  # glide-text2im's order
+    with torch.no_grad():
+        expected = reference_glide_forward(model, h, inp["timesteps"], inp["tokens"], inp["mask"])
+        got = model(**inp, **cond)
+    relative = float((got - expected).norm() / expected.norm())
+    print(f"upsample_inpaint vs glide-text2im's forward written out: relative difference {relative:.3g}")
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_input_errors(tiny_model: Any, tiny_inputs: Any) -> None:
