@@ -3,14 +3,24 @@
 - ``"gpt2"``: GLIDE's tokenizer (GPT-2 BPE via ``tiktoken``), needed by the released
   glide-text2im checkpoints: lower-cased text, no special tokens, padded with 50256.
 - ``"clip"``: the CLIP BPE that ships inside ``open_clip_torch`` (offline), the default for
-  models trained from scratch: ``sot ids eot``, zero padding.
+  models trained from scratch and the noised CLIP's: ``sot ids eot``, zero padding.
 - ``"t5"``: a frozen T5 encoder's own SentencePiece tokenizer (Hugging Face ``transformers``), loaded
-  from the encoder's hub name or directory: ``ids </s>``, padded with ``<pad>``; its empty caption is
-  ``</s>`` alone (the encoder's embedding of "", what classifier-free guidance drops captions to).
+  from the encoder's hub name or directory: ``ids </s>``, padded with ``<pad>``.
 
-Both return ``tokens`` (int64 ``[B, text_ctx]``) and ``mask`` (bool ``[B, text_ctx]``, True on real
-tokens). The empty caption (classifier-free guidance) is an empty token sequence: padding only and
-an all-False mask; the text transformer's padding embedding stands in at masked positions.
+All return ``tokens`` (int64 ``[B, text_ctx]``) and ``mask`` (bool ``[B, text_ctx]``, True on real
+tokens). Each frames an empty or whitespace-only caption as its reference does:
+
+- ``gpt2``: ``""`` is all 50256 with an all-False mask; ``"   "`` is not stripped: ``[220, 220, 220]`` then
+  50256 (glide-text2im's ``padded_tokens_and_mask(encode(text), text_ctx)``);
+- ``clip``: ``""`` and ``"   "`` (cleaned to ``""``) are ``[49406, 49407]`` (sot, eot) then 0
+  (``open_clip.tokenize``; glide-text2im's noised-CLIP ``padded_tokens_and_len``, length 2);
+- ``t5``: ``""`` and ``"   "`` are ``[</s>]`` then ``<pad>`` (``transformers``' T5 tokenizer).
+
+:meth:`Tokenizer.empty` is the caption classifier-free guidance drops captions to, in training and at
+sampling. For ``gpt2`` (GLIDE: an empty token sequence, the text transformer's padding embedding at
+every position) and ``t5`` (``</s>``, the frozen encoder's embedding of ``""``) it equals ``self([""])``;
+for ``clip`` it stays GLIDE's empty token sequence (zeros, mask all False), which models trained with it
+learned as the unconditional caption, while ``self([""])`` is open_clip's ``[sot, eot]``.
 """
 
 from __future__ import annotations
@@ -51,7 +61,8 @@ class Tokenizer(Protocol):
         ...
 
     def empty(self, batch_size: int) -> tuple[Tensor, Tensor]:
-        """The empty caption (for classifier-free guidance), equal per row to ``self([""])``."""
+        """``batch_size`` copies of the caption classifier-free guidance drops to (see the module docstring:
+        ``self([""])`` for ``gpt2`` and ``t5``, an all-padding, all-False-mask sequence for ``clip``)."""
         ...
 
 
@@ -137,7 +148,9 @@ def _gpt2_encoding(bpe_dir: str | None) -> tiktoken.Encoding:
 
 class GPT2Tokenizer:
     """GLIDE's tokenizer (released glide-text2im checkpoints): lower-case, GPT-2 BPE without
-    special tokens, truncate to ``text_ctx``, pad with ``end_token`` (50256, mask False).
+    special tokens, truncate to ``text_ctx``, pad with ``end_token`` (50256, mask False). As glide-text2im's
+    ``encode``, nothing is stripped: ``""`` is padding only (mask all False, equal to :meth:`empty`), and
+    ``"   "`` is the BPE of three spaces, ``[220, 220, 220]``.
 
     ``bpe_dir`` (default: ``$GLIDE_GPT2_BPE_DIR``) holds ``encoder.json`` and ``vocab.bpe``
     (or their ``.gz``) and builds the encoding offline; without it, ``tiktoken.get_encoding("gpt2")``
@@ -182,13 +195,15 @@ def _clip_bpe() -> SimpleTokenizer:
 
 class CLIPTokenizer:
     """The CLIP BPE shipped with ``open_clip_torch`` (offline): ``sot ids eot``, truncated to
-    ``text_ctx`` with ``eot`` kept last (as CLIP does), zero padding, mask True on ``sot..eot``.
+    ``text_ctx`` with ``eot`` kept last (as CLIP does), zero padding, mask True on ``sot..eot``: the ids
+    ``open_clip.tokenize`` gives, and the framing glide-text2im's noised CLIP reads
+    (``padded_tokens_and_len``). A caption whose BPE ids are empty (``""``, whitespace, which open_clip's
+    cleaning strips) is ``[sot, eot]`` (49406, 49407), as in both references.
 
-    The empty caption is all zeros with an all-False mask, not ``[sot, eot]``: this is the
-    GLIDE-style "empty token sequence" that classifier-free guidance drops captions to, and the
-    text transformer's padding embedding covers the masked positions. Any caption whose BPE ids
-    are empty (``""``, whitespace) gives exactly :meth:`empty`. ``open_clip`` is imported on the
-    first call, so building this object (e.g. from a config) stays cheap.
+    :meth:`empty` is not that: it is all zeros with an all-False mask, the GLIDE-style "empty token
+    sequence" classifier-free guidance drops captions to (what models trained with this tokenizer saw),
+    the text transformer's padding embedding covering the masked positions. ``open_clip`` is imported
+    on the first call, so building this object (e.g. from a config) stays cheap.
     """
 
     n_vocab: int = 49408
@@ -209,8 +224,6 @@ class CLIPTokenizer:
         return self.bpe.encode(text)
 
     def _frame(self, ids: list[int]) -> list[int]:
-        if not ids:
-            return []
         return [self.sot_token, *ids[: self.text_ctx - 2], self.eot_token]
 
     def __call__(self, texts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -219,14 +232,16 @@ class CLIPTokenizer:
         return _pad(seqs, self.text_ctx, self.pad_token)
 
     def empty(self, batch_size: int) -> tuple[Tensor, Tensor]:
-        """``batch_size`` empty captions: all zeros, mask all False."""
+        """``batch_size`` dropped captions for classifier-free guidance: all zeros, mask all False (not
+        ``self([""])``, which is ``[sot, eot]``)."""
         return _pad([[]] * batch_size, self.text_ctx, self.pad_token)
 
 
 class T5Tokenizer:
     """A T5's SentencePiece tokenizer through ``transformers.AutoTokenizer``: ``ids </s>``, truncated to
-    ``text_ctx`` (``</s>`` kept last), padded with ``<pad>`` (mask False). :meth:`empty` is ``self([""])``:
-    ``</s>`` alone, a real token whose frozen embedding is the unconditional caption.
+    ``text_ctx`` (``</s>`` kept last), padded with ``<pad>`` (mask False). ``""`` and a blank are ``</s>``
+    alone (SentencePiece drops the whitespace), as ``transformers`` gives them; :meth:`empty` is ``self([""])``,
+    a real token whose frozen embedding is the unconditional caption.
 
     Args:
         text_ctx: tokens per caption.

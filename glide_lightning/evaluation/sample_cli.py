@@ -102,7 +102,8 @@ class SampleCommand:
     images; for edits an inpainting upsampler (``upsample_inpaint``, ``upsample_inpaint.pt``)."""
     clip_dir: str | None = None
     """A noised CLIP for CLIP guidance at ``--sampling.clip_guidance_scale``: a directory with
-    ``image_enc.pt`` and ``text_enc.pt`` (glide-text2im's ``clip/``, or a noised_clip run's ``runs/<name>/clip``)."""
+    ``image_enc.pt`` and ``text_enc.pt`` (glide-text2im's ``clip/``, or a noised_clip run's ``runs/<name>/clip``),
+    or ``clip_image_enc.pt`` and ``clip_text_enc.pt`` (glide-text2im's download folder, ``glide_model_cache``)."""
     inpaint_image: str | None = None
     """Edit this picture (PNG/JPEG, e.g. an earlier result) with the inpainting model ``--ckpt``: the masked
     region is regenerated from the prompt, the rest kept (``--inpaint-image`` works too)."""
@@ -120,7 +121,8 @@ class SampleCommand:
             raise ValueError(f"num_per_prompt must be >= 1, got {self.num_per_prompt}")
         if self.sampling.clip_guidance_scale > 0 and not self.clip_dir:
             raise ValueError(f"sampling.clip_guidance_scale {self.sampling.clip_guidance_scale} needs a noised CLIP: "
-                             f"pass --clip_dir DIR (image_enc.pt and text_enc.pt)")
+                             f"pass --clip_dir DIR (image_enc.pt and text_enc.pt, or clip_image_enc.pt and "
+                             f"clip_text_enc.pt)")
         if self.clip_dir and self.sampling.clip_guidance_scale == 0:
             raise ValueError("clip_dir is given but sampling.clip_guidance_scale is 0, so it would not be used: "
                              "pass --sampling.clip_guidance_scale S (> 0) or drop --clip_dir")

@@ -1,8 +1,9 @@
 """GLIDE's noised CLIP: an image encoder that sees x_t and t, and a text encoder (GLIDE, Nichol et al.
 2022, §2.3 and Appendix: CLIP models trained on noised images, used for CLIP guidance).
 
-Module and parameter names load glide-text2im's released ``clip/image_enc.pt`` and ``clip/text_enc.pt``
-strictly (:func:`load_noised_clip`); the architecture follows from their keys and shapes:
+Module and parameter names load glide-text2im's released noised CLIP strictly (:func:`load_noised_clip`),
+named ``image_enc.pt`` / ``text_enc.pt`` or, as its ``download.py`` caches them, ``clip_image_enc.pt`` /
+``clip_text_enc.pt``; the architecture follows from their keys and shapes:
 
 - both encoders are pre-norm Transformers ``blocks.block_{i}`` of ``f_attn`` (LayerNorm ``ln``, query
   ``f_q``, key ``f_k`` without bias, value ``f_v``, output ``f_c``) and ``f_mlp`` (``ln``, ``f_1`` to 4x
@@ -13,7 +14,8 @@ strictly (:func:`load_noised_clip`); the architecture follows from their keys an
   token (where CLIP has a class token), adds ``w_pos`` and a LayerNorm, attends bidirectionally, and
   projects the first token (``blocks.output``: LayerNorm, bias-free ``f``) to the joint embedding;
 - the text encoder embeds tokens (``w_voc``) plus positions (``w_pos``), attends causally, and
-  projects the hidden state of the caption's last token (its end-of-text token, at ``len - 1``).
+  projects the hidden state of the caption's last token (its end-of-text token, at ``len - 1``; an empty
+  caption is ``[sot, eot]``, length 2, as glide-text2im's ``encode_prompts`` frames it).
 
 Pixels are normalised as CLIP's were: ``x`` in [-1, 1] → [0, 255] → minus CLIP's channel means,
 divided by its channel standard deviations (glide-text2im's image embedding does the same).
@@ -22,6 +24,7 @@ divided by its channel standard deviations (glide-text2im's image embedding does
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -35,11 +38,18 @@ from torch import Tensor, nn
 
 from glide_lightning.models.glide_text2im import CheckpointMismatchError, _compare, _load_state_dict
 
-__all__ = ["CLIP_CONFIG_FILE", "CLIP_FILES", "ImageEncoder", "NoisedCLIP", "NoisedCLIPConfig", "TextEncoder",
-           "load_noised_clip", "save_noised_clip"]
+__all__ = ["CLIP_CONFIG_FILE", "CLIP_FILES", "GLIDE_DOWNLOAD_CLIP_FILES", "ImageEncoder", "NoisedCLIP",
+           "NoisedCLIPConfig", "TextEncoder", "clip_files", "load_noised_clip", "save_noised_clip"]
+
+log = logging.getLogger(__name__)
 
 CLIP_FILES = {"image": "image_enc.pt", "text": "text_enc.pt"}
-"""The two files of a noised CLIP directory, named as glide-text2im releases them."""
+"""The two files of a noised CLIP directory as :func:`save_noised_clip` writes them (glide-text2im's
+``clip/image-enc`` and ``clip/text-enc`` checkpoints, without its download's prefix)."""
+GLIDE_DOWNLOAD_CLIP_FILES = {"image": "clip_image_enc.pt", "text": "clip_text_enc.pt"}
+"""The same files as glide-text2im's ``download.py`` names them (the URL's file name, in ``glide_model_cache``
+beside ``base.pt``); :func:`load_noised_clip` reads either naming."""
+_NAMINGS = (CLIP_FILES, GLIDE_DOWNLOAD_CLIP_FILES)
 CLIP_CONFIG_FILE = "clip_config.json"
 """Written beside our own exports: the architecture, logit scale and training process. A directory
 without it holds glide-text2im's release (:class:`NoisedCLIPConfig`'s defaults, cosine 1000 steps)."""
@@ -242,7 +252,8 @@ class TextEmbedding(nn.Module):
 
 class TextEncoder(nn.Module):
     """The text encoder: ``forward(tokens [B, L] int, lengths [B] int)`` → ``[B, embed_dim]`` (unnormalised),
-    read at position ``lengths - 1`` (the ``eot`` of the ``clip`` tokenizer's ``sot ids eot``)."""
+    read at position ``lengths - 1`` (the ``eot`` of the ``clip`` tokenizer's ``sot ids eot``; glide-text2im's
+    ``TextEncoder`` reads there too). Raises ``ValueError`` for ``L > text_ctx`` or a length outside ``[1, L]``."""
 
     def __init__(self, config: NoisedCLIPConfig) -> None:
         super().__init__()
@@ -258,8 +269,9 @@ class TextEncoder(nn.Module):
         if tokens.ndim != 2 or tokens.shape[1] > self.config.text_ctx:
             raise ValueError(f"tokens must be [B, L <= {self.config.text_ctx}], got {tuple(tokens.shape)}")
         if bool(((lengths < 1) | (lengths > tokens.shape[1])).any()):
-            raise ValueError(f"caption lengths must lie in [1, {tokens.shape[1]}] (an empty caption has no eot "
-                             f"to read), got {lengths.tolist()}")
+            raise ValueError(f"caption lengths must lie in [1, {tokens.shape[1]}] (the position read is length - 1; "
+                             f"NoisedCLIP.text_embeddings reads a caption without real tokens at 0), got "
+                             f"{lengths.tolist()}")
         h = self.blocks["input"](tokens)
         for i in range(self.config.text_layers):
             h = self.blocks[f"block_{i}"](h)
@@ -281,9 +293,12 @@ class NoisedCLIP(nn.Module):
         return F.normalize(self.image_encoder(x_t, timesteps), dim=-1)
 
     def text_embeddings(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        """Unit-norm caption embeddings ``[B, embed_dim]`` from the ``clip`` tokenizer's tokens and mask
-        (``[B, L]``; the caption length is the mask's count of real tokens)."""
-        return F.normalize(self.text_encoder(tokens, mask.long().sum(-1)), dim=-1)
+        """Unit-norm caption embeddings ``[B, embed_dim]`` from a tokenizer's tokens and mask (``[B, L]``; the
+        caption length is the mask's count of real tokens). The ``clip`` tokenizer frames every caption, ``""``
+        too, as ``sot … eot`` (glide-text2im's ``padded_tokens_and_len``), read at its eot. A row without real
+        tokens (the ``gpt2`` tokenizer's ``""``, all padding, as GLIDE's base model frames it) is read at
+        position 0, its first padding token (GPT-2's end of text): the encoder sees it alone, causally."""
+        return F.normalize(self.text_encoder(tokens, mask.long().sum(-1).clamp(min=1)), dim=-1)
 
     def similarity(self, x_t: Tensor, timesteps: Tensor, text_embeddings: Tensor) -> Tensor:
         """``logit_scale · cos(f(x_t, t), g(c))`` per sample, ``[B]`` (glide-text2im's guidance objective)."""
@@ -306,32 +321,62 @@ def save_noised_clip(clip: NoisedCLIP, directory: str | os.PathLike[str], proces
     return out
 
 
-def load_noised_clip(directory: str | os.PathLike[str]) -> tuple[NoisedCLIP, dict[str, Any]]:
-    """A noised CLIP from ``directory`` (``image_enc.pt`` and ``text_enc.pt``, strictly loaded), in eval
-    mode on the CPU, and ``clip_config.json``'s content (``model``, ``process``, ``tokenizer``; empty for
-    glide-text2im's release, whose architecture is :class:`NoisedCLIPConfig`'s defaults).
+def clip_files(directory: str | os.PathLike[str]) -> dict[str, Path]:
+    """The image and text encoder files of a noised CLIP ``directory``: ``image_enc.pt`` and ``text_enc.pt``
+    (our exports, glide-text2im's ``clip/`` names) or ``clip_image_enc.pt`` and ``clip_text_enc.pt`` (as
+    glide-text2im's ``download.py`` saves them); ``{"image": path, "text": path}``.
 
     Raises:
-        FileNotFoundError: the directory or one of its two files is missing.
+        FileNotFoundError: ``directory`` is not a directory, or holds neither complete pair (the error names
+            both namings and the files of either that it found).
+        ValueError: it holds both complete pairs: which CLIP is meant is ambiguous.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"noised CLIP directory {root} is not a directory: pass a folder holding "
+                                f"{_naming_text()}")
+    complete = [naming for naming in _NAMINGS if all((root / name).is_file() for name in naming.values())]
+    if len(complete) > 1:
+        raise ValueError(f"noised CLIP directory {root} holds both namings of the encoder files, "
+                         f"{_naming_text(' and ')}: which CLIP is meant is ambiguous; keep one pair (or point "
+                         f"--clip_dir at a folder holding one)")
+    if not complete:
+        found = sorted({name for naming in _NAMINGS for name in naming.values() if (root / name).is_file()})
+        raise FileNotFoundError(f"noised CLIP directory {root} holds neither {_naming_text(' nor ')} (found: "
+                                f"{', '.join(found) or 'none of them'}): pass glide-text2im's noised CLIP (its "
+                                f"clip/ files, or its download cache glide_model_cache) or a noised_clip run's "
+                                f"export (runs/<name>/clip)")
+    return {part: root / name for part, name in complete[0].items()}
+
+
+def _naming_text(joiner: str = " or ") -> str:
+    return joiner.join(f"{n['image']} + {n['text']}" for n in _NAMINGS)
+
+
+def load_noised_clip(directory: str | os.PathLike[str]) -> tuple[NoisedCLIP, dict[str, Any]]:
+    """A noised CLIP from ``directory`` (its two encoder files under either naming, see :func:`clip_files`,
+    strictly loaded), in eval mode on the CPU, and ``clip_config.json``'s content (``model``, ``process``,
+    ``tokenizer``; empty for glide-text2im's release, whose architecture is :class:`NoisedCLIPConfig`'s defaults).
+
+    Raises:
+        FileNotFoundError: the directory or its encoder files are missing (see :func:`clip_files`).
+        ValueError: the directory holds both namings (see :func:`clip_files`).
         CheckpointMismatchError: a file's keys or shapes differ from the expected encoder's (the error
             lists the missing, unexpected and mismatched keys).
     """
     root = Path(directory)
-    missing = [name for name in CLIP_FILES.values() if not (root / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"noised CLIP directory {root} lacks {', '.join(missing)}: pass a directory holding "
-                                f"glide-text2im's clip/image_enc.pt and clip/text_enc.pt, or a noised_clip run's "
-                                f"export (runs/<name>/clip)")
+    files = clip_files(root)
+    log.info("noised CLIP: reading %s and %s from %s", files["image"].name, files["text"].name, root)
     meta = json.loads((root / CLIP_CONFIG_FILE).read_text()) if (root / CLIP_CONFIG_FILE).is_file() else {}
     config = NoisedCLIPConfig(**meta.get("model", {}))
     with torch.device("meta"):  # no memory for weights that the files replace
         clip = NoisedCLIP(config)
     for part, encoder in (("image", clip.image_encoder), ("text", clip.text_encoder)):
-        state = _load_state_dict(root / CLIP_FILES[part])
+        state = _load_state_dict(files[part])
         params = encoder.state_dict()
         found = _compare({k: tuple(v.shape) for k, v in params.items()}, state)
         if any(found):
-            raise CheckpointMismatchError(f"clip/{part}-enc", *found, file=str(root / CLIP_FILES[part]))
+            raise CheckpointMismatchError(f"clip/{part}-enc", *found, file=str(files[part]))
         encoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     for module in clip.modules():  # the non-persistent pixel statistics were made on the meta device
         if isinstance(module, ImageEmbedding):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import pickle
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,54 @@ def test_gpt2_empty_caption(gpt2: GPT2Tokenizer) -> None:
     one_t, one_m = gpt2([""])
     assert torch.equal(tokens, one_t.expand(3, -1)) and torch.equal(mask, one_m.expand(3, -1))
     _check_shapes(*gpt2.empty(0), 0, 128)
+
+
+def glide_gpt2_reference(bpe_dir: Path, text: str, text_ctx: int) -> tuple[list[int], list[bool]]:
+    """glide-text2im's ``padded_tokens_and_mask(encode(text), text_ctx)`` for a caption that is empty or whitespace
+    only, computed here from the fixture's GPT-2 files by that code's semantics: ``encode`` lower-cases and does
+    not strip; its pre-token pattern (``... |\\s+(?!\\S)|\\s+``) yields nothing for ``""`` and the whole run for a
+    blank; each pre-token's UTF-8 bytes map to GPT-2's byte alphabet, then the lowest-ranked adjacent pair of
+    ``vocab.bpe`` is merged until none is left; padding is ``end_token = n_vocab - 1`` with mask False."""
+    assert not text.strip(), "this reference covers empty and whitespace-only captions"
+    encoder = json.loads(gzip.decompress((bpe_dir / "encoder.json.gz").read_bytes()))
+    merges = gzip.decompress((bpe_dir / "vocab.bpe.gz").read_bytes()).decode().split("\n")[1:]
+    ranks = {tuple(m.split()): i for i, m in enumerate(merges) if m}
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    hidden = [b for b in range(256) if b not in shown]  # whitespace and control bytes: moved past 255, in order
+    alphabet = {b: chr(b) for b in shown} | {b: chr(256 + k) for k, b in enumerate(hidden)}
+    ids: list[int] = []
+    for pre_token in [text.lower()] if text else []:
+        word = [alphabet[b] for b in pre_token.encode("utf-8")]
+        while len(word) > 1:
+            pair = min(zip(word, word[1:]), key=lambda p: ranks.get(p, float("inf")))
+            if pair not in ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if tuple(word[i:i + 2]) == pair:
+                    merged, i = [*merged, word[i] + word[i + 1]], i + 2
+                else:
+                    merged, i = [*merged, word[i]], i + 1
+            word = merged
+        ids += [encoder[symbol] for symbol in word]
+    ids = ids[:text_ctx]
+    end_token = len(encoder) - 1
+    return ids + [end_token] * (text_ctx - len(ids)), [True] * len(ids) + [False] * (text_ctx - len(ids))
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_gpt2_frames_empty_and_blank_captions_as_glide_text2im(gpt2: GPT2Tokenizer, gpt2_bpe_dir: Path,
+                                                                 text: str) -> None:
+    """GLIDE's base-model path: ``""`` is all padding (50256) with an all-False mask, which is also what its
+    classifier-free guidance feeds (``padded_tokens_and_mask([], text_ctx)``, our :meth:`empty`); a blank is
+    not stripped: ``"   "`` is the BPE of three spaces, ``[220, 220, 220]``."""
+    ref_tokens, ref_mask = glide_gpt2_reference(gpt2_bpe_dir, text, 128)
+    assert ref_tokens[:3] == ([50256] * 3 if text == "" else [220, 220, 220])  # the values the reference gives
+    tokens, mask = gpt2([text, text])
+    assert tokens.tolist() == [ref_tokens] * 2 and mask.tolist() == [ref_mask] * 2
+    if text == "":
+        empty_tokens, empty_mask = gpt2.empty(2)
+        assert empty_tokens.tolist() == [ref_tokens] * 2 and empty_mask.tolist() == [ref_mask] * 2
 
 
 def test_gpt2_lower_cases(gpt2: GPT2Tokenizer) -> None:
@@ -186,13 +235,32 @@ def test_clip_decode_round_trip(clip: CLIPTokenizer) -> None:
         assert clip.bpe.decode(clip.encode(text)).strip() == text.lower()
 
 
-def test_clip_empty_caption(clip: CLIPTokenizer) -> None:
+@pytest.mark.parametrize("text_ctx", [77, 8])
+def test_clip_frames_empty_and_blank_captions_as_open_clip(text_ctx: int) -> None:
+    """open_clip's tokenizer (``open_clip.get_tokenizer``) frames ``""`` and a blank (cleaned to ``""``) as
+    ``[sot, eot]`` then zeros; the mask is True on ``sot..eot``."""
+    import open_clip
+
+    reference = open_clip.get_tokenizer("ViT-B-32")
+    texts = ["", "   ", " \t\n ", "a corgi"]
+    expected = reference(texts, context_length=text_ctx)
+    assert expected[:3, :2].tolist() == [[49406, 49407]] * 3 and not expected[:3, 2:].any()
+    tokens, mask = CLIPTokenizer(text_ctx=text_ctx)(texts)
+    assert torch.equal(tokens, expected)
+    eot_at = (expected == 49407).long().argmax(1)
+    assert torch.equal(mask, torch.arange(text_ctx)[None] <= eot_at[:, None])
+
+
+def test_clip_empty_is_guidances_empty_sequence(clip: CLIPTokenizer) -> None:
+    """:meth:`CLIPTokenizer.empty` is the caption classifier-free guidance drops to (GLIDE's empty token
+    sequence: zeros, mask all False), what models trained with this tokenizer saw; ``clip([""])`` is
+    open_clip's ``[sot, eot]``, a different input."""
     tokens, mask = clip.empty(2)
     _check_shapes(tokens, mask, 2, 77)
     assert (tokens == 0).all() and not mask.any()
-    for blank in ("", "   "):
-        one_t, one_m = clip([blank, blank])
-        assert torch.equal(one_t, tokens) and torch.equal(one_m, mask)
+    framed, framed_mask = clip([""])
+    assert framed_mask.sum() == 2 and not torch.equal(framed, tokens[:1])
+    _check_shapes(*clip.empty(0), 0, 77)
 
 
 def test_clip_text_ctx_too_small() -> None:
@@ -226,3 +294,23 @@ def test_unknown_tokenizer_lists_choices() -> None:
     with pytest.raises(ValueError, match="unknown tokenizer 'bert'") as info:
         build_tokenizer("bert", text_ctx=16)  # type: ignore[arg-type]
     assert "'clip'" in str(info.value) and "'gpt2'" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------- T5
+@pytest.mark.parametrize("text", ["", "   "])
+def test_t5_frames_empty_and_blank_captions_as_transformers(tiny_t5_dir: Path, text: str) -> None:
+    """transformers' T5 tokenizer (called directly on the tiny T5's SentencePiece files) gives ``""`` and a
+    blank as ``</s>`` alone; ours pads that with ``<pad>`` (mask False), and :meth:`empty` is ``self([""])``."""
+    from transformers import AutoTokenizer
+
+    from glide_lightning.data.tokenizers import T5Tokenizer
+
+    reference = AutoTokenizer.from_pretrained(str(tiny_t5_dir))
+    ids = reference(text)["input_ids"]
+    assert ids == [reference.eos_token_id]
+    tokenizer = T5Tokenizer(8, path=str(tiny_t5_dir))
+    tokens, mask = tokenizer([text])
+    assert tokens[0].tolist() == ids + [reference.pad_token_id] * 7
+    assert mask[0].tolist() == [True] + [False] * 7
+    empty_tokens, empty_mask = tokenizer.empty(1)
+    assert torch.equal(empty_tokens, tokens) and torch.equal(empty_mask, mask)

@@ -2,6 +2,7 @@
 clear mismatch errors, and the forward semantics the shapes imply."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,10 @@ import torch
 from glide_lightning.models import CheckpointMismatchError
 from glide_lightning.models.clip import (
     CLIP_FILES,
+    GLIDE_DOWNLOAD_CLIP_FILES,
     NoisedCLIP,
     NoisedCLIPConfig,
+    clip_files,
     load_noised_clip,
     save_noised_clip,
 )
@@ -28,23 +31,31 @@ def released_shapes():
     return {part: fixture[f"clip/{part}-enc"]["state_dict"] for part in CLIP_FILES}
 
 
-def write_clip_dir(root: Path, shapes: dict[str, dict[str, list[int]]]) -> Path:
-    """glide-text2im's two files, with random tensors of the given shapes (no released weights here)."""
+NAMINGS = {"glide_lightning": CLIP_FILES, "glide-text2im download": GLIDE_DOWNLOAD_CLIP_FILES}
+
+
+def write_clip_dir(root: Path, shapes: dict[str, dict[str, list[int]]], names: dict[str, str] = CLIP_FILES) -> Path:
+    """glide-text2im's two files (named ``names``), with random tensors of the given shapes (no released weights)."""
     root.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
-    for part, file in CLIP_FILES.items():
+    for part, file in names.items():
         torch.save({k: torch.randn(v, generator=generator) if len(v) == 1 or k.startswith("blocks.output") else torch.zeros(v)
                     for k, v in shapes[part].items()}, root / file)
     return root
 
 
-def test_released_encoders_load_strictly_with_every_fixture_key(released_shapes, tmp_path):
-    clip, meta = load_noised_clip(write_clip_dir(tmp_path / "clip", released_shapes))
+@pytest.mark.parametrize("naming", NAMINGS)
+def test_released_encoders_load_strictly_with_every_fixture_key(released_shapes, tmp_path, naming):
+    """Under either naming: glide-text2im's ``clip/`` names and its download's ``clip_image_enc.pt`` and
+    ``clip_text_enc.pt`` (``glide_text2im/download.py``: the URL's file name in ``glide_model_cache``)."""
+    names = NAMINGS[naming]
+    clip, meta = load_noised_clip(write_clip_dir(tmp_path / "clip", released_shapes, names))
     assert meta == {} and clip.config == NoisedCLIPConfig()
+    assert clip_files(tmp_path / "clip") == {part: tmp_path / "clip" / name for part, name in names.items()}
     for part, encoder in (("image", clip.image_encoder), ("text", clip.text_encoder)):
         ours = {k: list(v.shape) for k, v in encoder.state_dict().items()}
         assert ours == released_shapes[part]
-        saved = torch.load(tmp_path / "clip" / CLIP_FILES[part])
+        saved = torch.load(tmp_path / "clip" / names[part])
         assert all(torch.equal(encoder.state_dict()[k], saved[k]) for k in ("blocks.output.f.w", "blocks.block_0.f_attn.f_q.b"))
 
 
@@ -62,10 +73,45 @@ def test_wrong_shapes_and_keys_give_a_clear_error(released_shapes, tmp_path):
     assert "1 missing key: blocks.output.ln.g" in message
 
 
-def test_a_missing_file_names_both_files(tmp_path):
-    (tmp_path / "image_enc.pt").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="lacks text_enc.pt"):
+@pytest.mark.parametrize("present", [[], ["image_enc.pt"], ["clip_text_enc.pt"], ["image_enc.pt", "clip_text_enc.pt"]])
+def test_a_folder_with_neither_naming_names_both(tmp_path, present):
+    for name in present:
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as error:
         load_noised_clip(tmp_path)
+    message = str(error.value)
+    assert "holds neither image_enc.pt + text_enc.pt nor clip_image_enc.pt + clip_text_enc.pt" in message
+    assert f"found: {', '.join(sorted(present)) or 'none of them'}" in message
+
+
+def test_a_missing_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_noised_clip(tmp_path / "nowhere")
+
+
+def test_both_namings_in_one_folder_are_refused(tmp_path):
+    torch.manual_seed(0)
+    save_noised_clip(NoisedCLIP(TINY), tmp_path)
+    for part, name in GLIDE_DOWNLOAD_CLIP_FILES.items():
+        (tmp_path / name).write_bytes((tmp_path / CLIP_FILES[part]).read_bytes())
+    with pytest.raises(ValueError, match="holds both namings") as error:
+        load_noised_clip(tmp_path)
+    assert "image_enc.pt + text_enc.pt and clip_image_enc.pt + clip_text_enc.pt" in str(error.value)
+    assert "ambiguous" in str(error.value)
+
+
+def test_a_complete_naming_beside_a_stray_file_of_the_other_is_used(tmp_path):
+    torch.manual_seed(0)
+    clip = NoisedCLIP(TINY)
+    save_noised_clip(clip, tmp_path)
+    for part, name in GLIDE_DOWNLOAD_CLIP_FILES.items():
+        (tmp_path / CLIP_FILES[part]).rename(tmp_path / name)
+    (tmp_path / "text_enc.pt").write_bytes(b"")  # a leftover of the other naming: not a complete pair
+    loaded, meta = load_noised_clip(tmp_path)
+    assert loaded.config == TINY and meta["tokenizer"] == "clip"
+    assert clip_files(tmp_path)["text"].name == "clip_text_enc.pt"
+    tokens, lengths = torch.randint(0, 1000, (2, 16)), torch.tensor([2, 7])
+    torch.testing.assert_close(loaded.text_encoder(tokens, lengths), clip.text_encoder(tokens, lengths))
 
 
 def test_bad_config_is_refused_naming_the_fields():
@@ -107,6 +153,18 @@ def test_text_encoder_is_causal_and_reads_the_last_real_token():
     assert not torch.allclose(clip.text_encoder(tokens, lengths)[0], clip.text_encoder(changed, lengths)[0])
     with pytest.raises(ValueError, match="caption lengths must lie in"):
         clip.text_encoder(tokens, torch.tensor([0, 3]))
+
+
+def test_text_embeddings_of_a_caption_without_real_tokens_read_its_first_position():
+    """A mask with no real token (the ``gpt2`` tokenizer's ``""``: all padding) is read at position 0, the first
+    padding token; framed captions (the ``clip`` tokenizer's ``[sot, eot]``) are read at their eot."""
+    torch.manual_seed(0)
+    clip = NoisedCLIP(replace(TINY, n_vocab=50257))  # GPT-2's vocabulary fits
+    tokens = torch.tensor([[50256] * 16, [49406, 49407] + [0] * 14])
+    mask = torch.tensor([[False] * 16, [True, True] + [False] * 14])
+    got = clip.text_embeddings(tokens, mask)
+    expected = torch.nn.functional.normalize(clip.text_encoder(tokens, torch.tensor([1, 2])), dim=-1)
+    torch.testing.assert_close(got, expected)
 
 
 def test_image_encoder_refuses_other_sizes_and_steps():
