@@ -30,7 +30,8 @@ def edit(base: SamplingModel, images: Tensor, keep: Tensor, prompts: list[str], 
         keep: ``[B, 1, H, W]``, 1 where the pixel is kept, 0 where it is regenerated. Resized to a model's
             size, a pixel is kept only where it was wholly kept (area average == 1).
         prompts, seeds: one per image (image i depends on them alone, see :func:`~glide_lightning.sampling.sample_generators`).
-        config: guidance (the base stage only, as GLIDE), sampler and steps; the upsampler stage is
+        config: guidance (the base stage only, as GLIDE; its default, 3, is text2im.ipynb's: glide-text2im's
+            inpaint.ipynb edits at 5), sampler and steps; the upsampler stage is
             unguided, with ``upsample_steps``, ``upsample_temp`` and ``upsample_sampler_for("edit")``
             (ancestral by default, as glide-text2im's inpainting notebook).
         upsampler: optionally an inpainting upsampler (kind ``upsample_inpaint``, e.g.
