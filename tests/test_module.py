@@ -237,17 +237,19 @@ def fixed_batches(shards: str, n: int) -> list[dict]:
     raise AssertionError("not enough batches")
 
 
-def fit_on(batches: list[dict], ids: list[int], plugins=None):
+def fit_on(batches: list[dict], ids: list[int], plugins=None, implementation: str = "auto",
+           gradient_clip_val: float | None = 1.0):
     from glide_lightning.callbacks import WarmupEMA
 
     L.seed_everything(0)
     module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50),
-                         optimizer={"lr": 1e-3, "warmup_steps": 10, "weight_decay": 0.01})
+                         optimizer={"lr": 1e-3, "warmup_steps": 10, "weight_decay": 0.01,
+                                    "implementation": implementation})
     ema, logged = WarmupEMA(decay=0.9, warmup="tf"), Logged()
     trainer = L.Trainer(accelerator="cpu", max_steps=len(batches), logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[SeedPerBatch(ids), ema, logged], log_every_n_steps=1, gradient_clip_val=1.0,
-                        plugins=plugins)
+                        callbacks=[SeedPerBatch(ids), ema, logged], log_every_n_steps=1,
+                        gradient_clip_val=gradient_clip_val, plugins=plugins)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return module, trainer, ema, logged
 
@@ -294,6 +296,25 @@ def test_steps_the_fp16_grad_scaler_skips_are_skipped_everywhere_and_do_not_stop
         assert torch.equal(value, before[name]), name
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 0
     assert int(ema._average_model.n_averaged) == 0
+
+
+def test_a_nonfinite_step_of_a_fused_adamw_under_the_fp16_grad_scaler_changes_nothing(synthetic_shards):
+    """16-mixed without clipping keeps the fused kernel, which unscales inside its step: a NaN batch is skipped
+    there too (weights, AdamW state, EMA), and counted as non-finite, not as an overflow."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    batches = fixed_batches(f"{synthetic_shards}/train-*.tar", 3)
+    bad = [{**b, "image": torch.full_like(b["image"], float("nan"))} if i == 2 else b for i, b in enumerate(batches)]
+    module, trainer, ema, logged = fit_on(bad, [0, 1, 2], plugins=[MixedPrecision("16-mixed", "cpu")],
+                                          implementation="fused", gradient_clip_val=None)
+    assert trainer.optimizers[0].defaults["fused"]
+    assert [step["train/nonfinite_steps"] for step in logged.steps][-1] == 1
+    assert logged.steps[-1]["train/overflow_steps"] == logged.steps[1]["train/overflow_steps"]
+    clean, c_trainer, c_ema, _ = fit_on(batches[:2], [0, 1], plugins=[MixedPrecision("16-mixed", "cpu")],
+                                        implementation="fused", gradient_clip_val=None)
+    for (name, a), b in zip(module.model.state_dict().items(), clean.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert int(ema._average_model.n_averaged) == int(c_ema._average_model.n_averaged)
 
 
 def test_nonfinite_steps_in_a_row_stop_the_run_naming_steps_terms_and_timesteps(synthetic_shards):
