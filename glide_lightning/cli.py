@@ -36,12 +36,13 @@ from glide_lightning.optim import fused_clipping_conflict
 from glide_lightning.runs import (  # RunConfig, resolve_wandb_mode, …: still importable from here
     ConfigDriftError,
     RunConfig,
+    UnreadableCheckpointError,
     archive_checkpoints,
     check_resume,
     checkpoint_step,
+    checkpoint_to_resume,
     is_launching_process,
     lock_run,
-    newest_checkpoint,
     resolve_wandb_mode,
     wandb_logger,
     write_versioned,
@@ -174,7 +175,7 @@ class GlideCLI(LightningCLI):
         if launching:
             self.lock = lock_run(run)
         if config.get("ckpt_path") is None and run.resume:
-            found = newest_checkpoint(run.dir)
+            found = checkpoint_to_resume(run.dir)
             config["ckpt_path"] = None if found is None else str(found)
         elif config.get("ckpt_path") is None and launching:
             archived = archive_checkpoints(run.dir)
@@ -248,7 +249,7 @@ def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         GlideCLI(args=args)
-    except (LockBusy, ConfigDriftError) as error:
+    except (LockBusy, ConfigDriftError, UnreadableCheckpointError) as error:
         log.error("%s", error)
         sys.exit(2)
     except NonFiniteLossError as error:

@@ -90,18 +90,56 @@ def resolve_wandb_mode(mode: WandbMode) -> str:
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint of ``run_dir`` with the most optimizer steps (``last.ckpt`` on ties)."""
-    candidates = list((Path(run_dir) / "checkpoints").glob("*.ckpt"))
-    best: tuple[int, int, Path] | None = None
-    for path in candidates:
+    """The readable checkpoint of ``run_dir`` with the most optimizer steps (``last.ckpt`` on ties), or None."""
+    readable, _ = scan_checkpoints(run_dir)
+    return readable[0] if readable else None
+
+
+def scan_checkpoints(run_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """``run_dir``'s checkpoints: the readable ones, most optimizer steps first (``last.ckpt`` first on ties),
+    and the unreadable ones (a truncated or damaged file) with the reason."""
+    readable: list[tuple[int, bool, Path]] = []
+    unreadable: list[tuple[Path, str]] = []
+    for path in sorted((Path(run_dir) / "checkpoints").glob("*.ckpt")):
         try:
-            step = checkpoint_step(path)
-        except Exception as error:  # a truncated file from a killed save: skip it, say so
-            log.warning("ignoring unreadable checkpoint %s (%s)", path, error)
-            continue
-        key = (step, path.name == "last.ckpt", path)
-        best = key if best is None or key[:2] > best[:2] else best
-    return None if best is None else best[2]
+            readable.append((checkpoint_step(path), path.name == "last.ckpt", path))
+        except Exception as error:  # noqa: BLE001 - any failure to read it makes it unusable
+            unreadable.append((path, f"{type(error).__name__}: {error}".splitlines()[0][:200]))
+    readable.sort(key=lambda item: item[:2], reverse=True)
+    return [path for *_, path in readable], unreadable
+
+
+class UnreadableCheckpointError(RuntimeError):
+    """A run to resume has checkpoints, none of which can be read."""
+
+
+def checkpoint_to_resume(run_dir: Path) -> Path | None:
+    """The checkpoint a resume of ``run_dir`` starts from: the newest readable one, or None for a run without any.
+
+    An unreadable checkpoint (e.g. ``last.ckpt`` truncated by a full disk) is never overwritten and never skipped
+    silently: it is moved aside as ``<name>.unreadable`` (kept for recovery; training would otherwise write a new
+    ``last.ckpt`` over it) and the resume says plainly which checkpoint it continues from instead.
+
+    Raises:
+        UnreadableCheckpointError: checkpoints exist but none is readable: the run is not restarted from step 0
+            behind the user's back (the message offers ``--run.resume false``, which keeps them in
+            ``checkpoints.v<N>/``). Nothing is moved then.
+    """
+    readable, unreadable = scan_checkpoints(run_dir)
+    if unreadable and not readable:
+        listed = "; ".join(f"{path.name}: {reason}" for path, reason in unreadable)
+        raise UnreadableCheckpointError(
+            f"cannot resume {Path(run_dir).name}: none of its checkpoints can be read ({listed}). Nothing was changed. "
+            f"Start the run over with --run.resume false (the damaged files are kept in checkpoints.v<N>/), or train "
+            f"under another --run.name")
+    for path, reason in unreadable:
+        aside = path.with_name(f"{path.name}.unreadable")
+        if aside.exists():  # an earlier one kept: last.ckpt.unreadable2, …
+            aside = _next_version(path.parent, f"{path.name}.unreadable{{}}")
+        path.rename(aside)
+        log.warning("%s cannot be read (%s): moved to %s, and %s resumes from %s instead", path, reason, aside.name,
+                    Path(run_dir).name, readable[0].name)
+    return readable[0] if readable else None
 
 
 def checkpoint_step(path: str | os.PathLike[str]) -> int:

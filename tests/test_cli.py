@@ -633,3 +633,24 @@ def test_bf16_mixed_training_resumes_bit_exactly(synthetic_shards, tmp_path):
         assert_identical(resumed[key], whole[key], key)
     # the EMA (state_dict) is not the raw weights (current_model_state): both were compared above
     assert any(not torch.equal(whole["state_dict"][k], v) for k, v in whole["current_model_state"].items())
+
+
+def test_a_run_whose_only_checkpoint_is_unreadable_stops_instead_of_starting_over(synthetic_shards, tmp_path):
+    """issue 25's case: `truncate -s` of the only last.ckpt, then train again: one line offering --run.resume false,
+    exit 2, before any training; the damaged file is left as it was and no new CSV version is started."""
+    env = {**cli_env(tmp_path), "WANDB_MODE": "disabled"}
+    first = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--trainer.max_steps", "1",
+                                         "--trainer.limit_val_batches", "0"),
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = tmp_path / "smoke/checkpoints/last.ckpt"
+    with open(last, "r+b") as f:
+        f.truncate(last.stat().st_size // 2)
+    damaged = last.read_bytes()
+    again = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--trainer.max_steps", "2"),
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert "none of its checkpoints can be read" in again.stderr and "--run.resume false" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert last.read_bytes() == damaged
+    assert not (tmp_path / "smoke/csv/version_1").exists()

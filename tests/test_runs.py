@@ -109,3 +109,32 @@ def test_starting_over_moves_the_old_checkpoints_aside(tmp_path):
     assert archive_checkpoints(run_dir) == run_dir / "checkpoints.v1"
     assert newest_checkpoint(run_dir) is None, "the new run does not resume the old one's step 300 later"
     assert (run_dir / "checkpoints.v1/last.ckpt").is_file()
+
+
+def test_an_unreadable_newest_checkpoint_is_moved_aside_and_the_newest_readable_one_resumed(tmp_path, caplog):
+    from glide_lightning.runs import checkpoint_to_resume
+
+    run_dir = tmp_path / "r"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    assert checkpoint_to_resume(run_dir) is None  # a new run
+    torch.save({"global_step": 200}, run_dir / "checkpoints/step=200.ckpt")
+    torch.save({"global_step": 300}, run_dir / "checkpoints/last.ckpt")
+    damaged = (run_dir / "checkpoints/last.ckpt").read_bytes()[:40]
+    (run_dir / "checkpoints/last.ckpt").write_bytes(damaged)  # truncated, as a full disk leaves it
+    with caplog.at_level("WARNING"):
+        assert checkpoint_to_resume(run_dir) == run_dir / "checkpoints/step=200.ckpt"
+    assert (run_dir / "checkpoints/last.ckpt.unreadable").read_bytes() == damaged  # kept, never overwritten
+    assert not (run_dir / "checkpoints/last.ckpt").exists()
+    assert "last.ckpt cannot be read" in caplog.text and "resumes from step=200.ckpt instead" in caplog.text
+
+
+def test_a_run_whose_checkpoints_are_all_unreadable_is_not_restarted_from_step_0(tmp_path):
+    from glide_lightning.runs import UnreadableCheckpointError, checkpoint_to_resume
+
+    run_dir = tmp_path / "r"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints/last.ckpt").write_bytes(b"PK\x03\x04 not a whole checkpoint")
+    with pytest.raises(UnreadableCheckpointError, match=r"cannot resume r: none of its checkpoints can be read "
+                                                        r"\(last.ckpt: .*--run.resume false"):
+        checkpoint_to_resume(run_dir)
+    assert (run_dir / "checkpoints/last.ckpt").read_bytes() == b"PK\x03\x04 not a whole checkpoint"  # untouched
