@@ -26,10 +26,12 @@ from glide_lightning.bench import BenchCommand
 from glide_lightning.evaluation.fid_cli import FIDCommand, SweepCommand
 from glide_lightning.evaluation.report import CompareCommand
 from glide_lightning.evaluation.sample_cli import SampleCommand
+from glide_lightning.yaml_config import strict_yaml
 
 __all__ = ["COMMANDS", "TRAINING_COMMANDS", "build_parser", "command_parser", "main", "parse"]
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the fields' docstrings in --help
+strict_yaml()  # a key given twice in a config is an error, not the last one silently
 
 COMMANDS: dict[str, type] = {"sample": SampleCommand, "fid": FIDCommand, "sweep": SweepCommand,
                              "compare": CompareCommand, "bench": BenchCommand}

@@ -1,0 +1,60 @@
+"""YAML config files and values read strictly: a key given twice in one mapping is an error.
+
+PyYAML (and so jsonargparse, LightningCLI and every ``--config`` of this project) keeps the last of two equal keys
+silently: ``max_steps: 5`` then ``max_steps: 7`` trains 7 steps while the file seems to say 5. :func:`strict_yaml`
+registers, once per process, a jsonargparse YAML loader that first checks every mapping for duplicate keys (on
+the composed node tree, before anything is constructed), then loads exactly as jsonargparse's own loader does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jsonargparse
+import yaml
+
+__all__ = ["DuplicateKeyError", "check_duplicate_keys", "strict_yaml"]
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping of a YAML document names one key twice."""
+
+
+def check_duplicate_keys(stream: str) -> None:
+    """Raise :class:`DuplicateKeyError` (line and column of the second occurrence, line of the first) if a
+    mapping of the YAML document ``stream`` repeats a scalar key; other YAML errors are left to the loader."""
+    try:
+        root = yaml.compose(stream, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return  # not YAML this check can read: the loader reports it
+    nodes = [root] if root is not None else []
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    if key.value in seen:
+                        raise DuplicateKeyError(None, None, f"duplicate key {key.value!r} (first given at line "
+                                                f"{seen[key.value] + 1}): keep one", key.start_mark)
+                    seen[key.value] = key.start_mark.line
+                nodes.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            nodes.extend(node.value)
+
+
+_registered: list[bool] = []
+
+
+def strict_yaml() -> None:
+    """Make jsonargparse's ``yaml`` loader (config files and command-line values) refuse duplicate keys (idempotent)."""
+    if _registered:
+        return
+    load = jsonargparse.get_loader("yaml")
+
+    def strict_load(stream: str) -> Any:
+        check_duplicate_keys(stream)
+        return load(stream)
+
+    jsonargparse.set_loader("yaml", strict_load, exceptions=(yaml.YAMLError,))
+    _registered.append(True)
