@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import sys
 from collections import Counter
 from typing import Any
 
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from glide_lightning.bench import BenchCommand
@@ -112,13 +114,32 @@ def _repeated_list_options(command: type, argv: list[str]) -> list[str]:
     return sorted(name for name in lists if given[name] > 1)
 
 
-def main(argv: list[str] | None = None) -> Any:
-    """Run the command of ``argv`` (default: ``sys.argv[1:]``) and return what it returns."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in TRAINING_COMMANDS:
-        from glide_lightning.cli import main as train
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, yaml.YAMLError)
+"""What the commands raise for a user's mistake (a bad value, a missing or unwritable file, a broken YAML file),
+with a message naming the input and the fix: printed as one ``error:`` line, without the traceback."""
+DEBUG_ENV = "GLIDE_DEBUG"
 
-        return train(argv)
-    command = parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return command.run()
+
+def main(argv: list[str] | None = None) -> Any:
+    """Run the command of ``argv`` (default: ``sys.argv[1:]``) and return what it returns.
+
+    A user's mistake (:data:`USER_ERRORS`) ends the process with exit status 2 and one ``error: …`` line on
+    stderr; ``--debug`` (anywhere in ``argv``) or ``GLIDE_DEBUG=1`` shows the full traceback instead. Any other
+    exception is a bug and keeps its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        if argv and argv[0] in TRAINING_COMMANDS:
+            from glide_lightning.cli import main as train
+
+            return train(argv)
+        command = parse(argv)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return command.run()
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        message = str(error).strip() or type(error).__name__
+        print(f"error: {message} (--debug shows the traceback)", file=sys.stderr)
+        sys.exit(2)

@@ -8,12 +8,13 @@ the composed node tree, before anything is constructed), then loads exactly as j
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import jsonargparse
 import yaml
 
-__all__ = ["DuplicateKeyError", "check_duplicate_keys", "strict_yaml"]
+__all__ = ["DuplicateKeyError", "check_duplicate_keys", "read_yaml", "strict_yaml"]
 
 
 class DuplicateKeyError(yaml.constructor.ConstructorError):
@@ -58,3 +59,23 @@ def strict_yaml() -> None:
 
     jsonargparse.set_loader("yaml", strict_load, exceptions=(yaml.YAMLError,))
     _registered.append(True)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML file ``path``, read strictly (duplicate keys refused).
+
+    Raises:
+        ValueError: it is not valid YAML or repeats a key; the message names the file, the line and column, the
+            problem, and for a tab among the indentation the fix (indent with spaces)."""
+    text = Path(path).read_text()
+    try:
+        check_duplicate_keys(text)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        line = text.splitlines()[mark.line] if mark is not None and mark.line < len(text.splitlines()) else ""
+        tab = ": YAML is indented with spaces, not tabs" if "\t" in line[: len(line) - len(line.lstrip())] or \
+            "\t" in problem else ""
+        raise ValueError(f"{path} is not valid YAML{where}: {problem}{tab}") from None
