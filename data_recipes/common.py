@@ -8,7 +8,6 @@ import io
 import logging
 import os
 import re
-import shutil
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -31,7 +30,9 @@ from glide_lightning.data.shards import (
     write_manifest,
     write_shards,
 )
-from glide_lightning.locks import DirectoryLock, LockBusy, check_free, release_lock
+from glide_lightning.data.embeddings import EMPTY_CAPTION_FILE
+from glide_lightning.locks import LOCK_NAME, DirectoryLock, LockBusy, check_free, release_lock
+from glide_lightning.outputs import OutputFolder, OutputNotEmpty
 
 log = logging.getLogger("data_recipes")
 
@@ -44,9 +45,16 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-_SHARD_RE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
-_OUTPUT_FILES = frozenset({MANIFEST_NAME, "fid_captions.txt", "fid_reference.jsonl"})
-_OUTPUT_DIRS = frozenset({"fid_reference"})
+RECIPE_OUTPUTS: tuple[str, ...] = (
+    r"[A-Za-z0-9_]+-\d{6}\.tar",  # shards: train-000000.tar, val-000000.tar, …
+    re.escape(MANIFEST_NAME),
+    r"fid_captions\.txt",
+    r"fid_reference\.jsonl",
+    r"fid_reference",  # the folder of FID reference images
+    re.escape(EMPTY_CAPTION_FILE),  # embed
+    r"\..+\.partial",  # a shard or manifest being written (or left by a writer that died)
+)
+"""What the recipes write in ``--out`` (names, as regular expressions): what ``--overwrite`` deletes."""
 
 
 class RecipeError(Exception):
@@ -69,14 +77,22 @@ def require_file(path: Path, what: str, hint: str = "") -> Path:
     return path
 
 
+def out_folder(out: Path) -> OutputFolder:
+    """``--out`` of a recipe: :data:`RECIPE_OUTPUTS` are its files; its lock is neither counted nor removed."""
+    return OutputFolder(out, "", RECIPE_OUTPUTS, kept=(re.escape(LOCK_NAME),), writers="data recipe",
+                        overwrite_flag="--overwrite")
+
+
 def prepare_out_dir(out: Path, overwrite: bool) -> Path:
-    """Create and lock ``out``; refuse (unless ``overwrite``) to write over a dataset already there.
+    """Create and lock ``out``; refuse (unless ``overwrite``) a directory that holds anything already.
 
     The lock (``out/.lock``, see :mod:`glide_lightning.locks`) makes this process the directory's
     only writer until :func:`finish` (or the process's end): a second recipe writing the same
-    ``out`` is refused with the holder's pid, host and command. With ``overwrite`` the previous
-    recipe outputs are deleted (shards, manifest, partial files of earlier, dead writers, FID
-    caption/reference files); other files in ``out`` are left alone.
+    ``out`` is refused with the holder's pid, host and command. A directory holding files is refused
+    (:mod:`glide_lightning.outputs`: the files of two datasets must not mix); with ``overwrite`` the
+    recipe outputs there (:data:`RECIPE_OUTPUTS`: shards, manifest, partial files of earlier, dead
+    writers, FID caption/reference files, the empty caption's embedding) are deleted first; other
+    files in ``out`` are left alone.
     """
     if out.exists() and not out.is_dir():
         raise RecipeError(f"--out {out} exists and is not a directory")
@@ -84,33 +100,23 @@ def prepare_out_dir(out: Path, overwrite: bool) -> Path:
         DirectoryLock(out, "--out").acquire()
     except LockBusy as busy:
         raise RecipeError(str(busy)) from None
-    check_out_dir(out, overwrite)
-    for path in out.iterdir():
-        partial = path.name.startswith(".") and path.name.endswith(".partial")
-        ours = _SHARD_RE.match(path.name) or path.name in _OUTPUT_FILES or partial
-        if path.is_file() and ours:
-            path.unlink()
-        elif path.is_dir() and path.name in _OUTPUT_DIRS:
-            shutil.rmtree(path)
-    return out
+    try:
+        return out_folder(out).claim(overwrite)
+    except OutputNotEmpty as refused:
+        release_lock(out)
+        raise RecipeError(str(refused)) from None
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Raise unless ``out`` is absent, empty of datasets, or ``overwrite`` is set."""
+    """Raise unless ``out`` is absent, empty (but for its lock), or ``overwrite`` is set, and free: the
+    early look of a recipe that reads its inputs before :func:`prepare_out_dir`."""
     if out.exists() and not out.is_dir():
         raise RecipeError(f"--out {out} exists and is not a directory")
     try:
         check_free(out, "--out")  # a recipe writing there now: say so, not "already holds a dataset"
-    except LockBusy as busy:
-        raise RecipeError(str(busy)) from None
-    if not out.is_dir() or overwrite:
-        return
-    found = sorted(p.name for p in out.iterdir() if _SHARD_RE.match(p.name) or p.name == MANIFEST_NAME)
-    if found:
-        raise RecipeError(
-            f"--out {out} already holds a dataset ({', '.join(found[:3])}{', …' if len(found) > 3 else ''}); "
-            "pass --overwrite to replace it or choose another directory"
-        )
+        out_folder(out).check(overwrite)
+    except (LockBusy, OutputNotEmpty) as refused:
+        raise RecipeError(str(refused)) from None
 
 
 def clean_caption(text: str | None) -> str:
@@ -259,13 +265,19 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: 
             yield pending.popleft().result()
 
 
+OUT_RULE = "one that holds files already is refused (the files of two datasets must not mix): see --overwrite"
+OUT_HELP = f"output directory for shards + manifest.json; {OUT_RULE}"
+OVERWRITE_HELP = ("write into a non-empty --out: the recipe outputs there (shards, manifest.json, fid_captions.txt, "
+                  "fid_reference/, ...) are deleted first; other files stay")
+
+
 def add_output_args(parser: argparse.ArgumentParser, max_per_shard: int = 1000) -> None:
     """``--out``, ``--max-per-shard``, ``--overwrite``."""
-    parser.add_argument("--out", type=Path, required=True, help="output directory for shards + manifest.json")
+    parser.add_argument("--out", type=Path, required=True, help=OUT_HELP)
     parser.add_argument(
         "--max-per-shard", type=int, default=max_per_shard, help=f"samples per shard (default {max_per_shard})"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def add_image_args(parser: argparse.ArgumentParser, seed_help: str = "seed of the sample order") -> None:

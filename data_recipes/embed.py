@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from data_recipes.common import RecipeError, prepare_out_dir
+from data_recipes.common import OUT_RULE, OVERWRITE_HELP, RecipeError, prepare_out_dir
 from glide_lightning.data.embeddings import EMPTY_CAPTION_FILE, embedding_members, save_empty_caption
 from glide_lightning.data.pipeline import BadSample, ShardError, get_caption, iter_shard
 from glide_lightning.data.shards import MANIFEST_NAME, _ShardFile
@@ -39,8 +39,8 @@ SUMMARY = "add a frozen text encoder's caption embeddings (fp16, mask, encoder n
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of this recipe."""
     parser.add_argument("--shards", type=Path, required=True, help="directory a recipe wrote (shards + manifest.json)")
-    parser.add_argument("--out", type=Path, required=True, help="output directory for the embedded shards")
-    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    parser.add_argument("--out", type=Path, required=True, help=f"output directory for the embedded shards; {OUT_RULE}")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--text-encoder", choices=["t5", "clip"], required=True, help="model.model.text_encoder")
     parser.add_argument("--text-encoder-name", required=True, help="model.model.text_encoder_name")
     parser.add_argument("--text-encoder-pretrained", default=None, help="model.model.text_encoder_pretrained (clip)")
@@ -56,13 +56,15 @@ def build(shards: Path, out: Path, *, text_encoder: str, text_encoder_name: str,
     """Embed the captions of the dataset in ``shards`` into ``out``; returns the written manifest.
 
     Raises:
-        RecipeError: no shards in ``shards``, ``out`` holds a dataset (without ``overwrite``) or is busy.
+        RecipeError: no shards in ``shards``, ``out`` is ``shards``, holds files (without ``overwrite``) or is busy.
     """
     from glide_lightning.data.tokenizers import build_tokenizer, tokenizer_files
     from glide_lightning.models.encoders import encoder_identity, load_text_encoder
 
     if not shards.is_dir() or not any(shards.glob("*.tar")):
         raise RecipeError(f"--shards {shards} holds no shards: pass a directory a data recipe wrote")
+    if out.resolve() == shards.resolve():
+        raise RecipeError(f"--out {out} is --shards: the embedded copy needs a directory of its own")
     prepare_out_dir(out, overwrite)
     encoder = load_text_encoder(text_encoder, text_encoder_name, pretrained=text_encoder_pretrained,
                                 revision=text_encoder_revision).to(torch.device(device))

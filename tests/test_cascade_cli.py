@@ -6,6 +6,7 @@ chained from the command line."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,9 +155,12 @@ def test_an_edit_needs_an_inpainting_model_and_both_files(tiny_checkpoint, tmp_p
                     "--prompt", "a"])
     assert exit_.value.code == 2
     assert "an edit needs both --inpaint_image (the picture) and --mask" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="checkpoint's model must be of kind 'inpaint', got 'base' .*base_inpaint.pt"):
+    with pytest.raises(SystemExit) as exit_:
         glide_main(["sample", "--ckpt", str(tiny_checkpoint), "--inpaint_image", str(tmp_path / "photo.png"),
                     "--mask", str(tmp_path / "mask.png"), "--prompt", "a", "--device", "cpu"])
+    assert exit_.value.code == 2
+    assert re.search("checkpoint's model must be of kind 'inpaint', got 'base' .*base_inpaint.pt",
+                     capsys.readouterr().err)
     Image.new("L", (16, 8), 255).save(tmp_path / "wide_mask.png")
     with pytest.raises(ValueError, match="--mask is 16x8 px but --inpaint_image is 32x32: .* aspect ratio"):
         from glide_lightning.evaluation.sample_cli import read_edit_inputs

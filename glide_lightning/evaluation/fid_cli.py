@@ -1,9 +1,12 @@
 """``python -m glide_lightning fid|sweep``: zero-shot FID, CLIP score and adherence over guidance scales.
 
-``fid`` writes ``<out>/results.json`` (and the run's wandb summary); ``sweep`` also writes
-``sweep.md`` (a table per scale) and ``sweep.png`` (FID against CLIP score, one point per scale, as
-the GLIDE paper's guidance curves). Every figure says how it was computed: N, resolution, scale,
-sampler, steps and the feature extractor, and figures from random weights are labelled so. The
+``fid`` writes ``results.json`` (and the run's wandb summary) into one folder per evaluation setting,
+``<out>/res<R>_<sampler><steps>_n<N>/``, beside the setting's image cache ``images-<key>/``; ``sweep`` also
+writes ``sweep.md`` (a table per scale) and ``sweep.png`` (FID against CLIP score, one point per scale, as
+the GLIDE paper's guidance curves) there. A setting folder holds one invocation's results: one that already
+holds results (or other files) is refused before any model is loaded, unless ``--overwrite true`` (see
+:meth:`FIDCommand.outputs`); the image cache is kept and reused. Every figure says how it was computed: N,
+resolution, scale, sampler, steps and the feature extractor, and figures from random weights are labelled so. The
 options are the fields of :class:`FIDCommand` / :class:`SweepCommand`, parsed by the front door,
 :mod:`glide_lightning.commands`.
 """
@@ -16,15 +19,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import torch
 import yaml
 
+from glide_lightning.models import ModelConfig
+from glide_lightning.models.glide_text2im import detect_glide_kind
+from glide_lightning.outputs import OutputFolder
 from glide_lightning.runs import resolve_wandb_mode
 from glide_lightning.evaluation.fid import ReferenceStatsCache
 from glide_lightning.evaluation.results import ScaleResult
 from glide_lightning.evaluation.sample_cli import resolve_device
 from glide_lightning.evaluation.zero_shot import FIDJob, build_extractor, run
 from glide_lightning.diffusion import SamplerName
-from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, SamplingConfig, Weights, load_checkpoint
+from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, RELEASED_MODELS, SamplingConfig, Weights, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,24 @@ def read_captions(path: str, n: int) -> list[str]:
 
 
 _NONE = ("none", "None", "")
+RESULT_FILES = (r"results\.json", r"sweep\.(md|png|json)")
+"""What ``fid`` / ``sweep`` write in a setting's folder (its ``images-<key>/`` cache is not a result: kept)."""
+NFE_SWEEP_FILES = (r"nfe_sweep\.(md|png|json)",)
+"""What a sweep over several samplers or step counts writes in ``--out`` itself, beside the setting folders."""
+
+
+def model_image_size(checkpoint: str) -> int | None:
+    """The size of the images a checkpoint's model makes, read without building it (a memory-mapped
+    ``torch.load``: its hyper-parameters, or the released model its keys and shapes match); None when the file
+    cannot be read so (:func:`~glide_lightning.sampling.load_checkpoint` then says why)."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        if isinstance(state, dict) and "hyper_parameters" in state:
+            return ModelConfig(**state["hyper_parameters"]["model"]).image_size
+        kind = detect_glide_kind(state) if isinstance(state, dict) else None
+        return RELEASED_MODELS[kind].model.image_size if kind else None
+    except Exception:  # noqa: BLE001 - any unreadable file: the real reader reports it
+        return None
 
 
 @dataclass
@@ -75,7 +100,10 @@ class FIDCommand:
     seed: int = 0
     """Image i uses seed + i at every scale."""
     out: str | None = None
-    """Output directory (default: ``<run_dir>/fid`` or ``./fid``)."""
+    """Output directory (default: ``<run_dir>/fid`` or ``./fid``): one folder per setting,
+    ``res<R>_<sampler><steps>_n<N>/``, which ``compare`` reads. Evaluating a setting whose folder already holds
+    results is refused before the model is loaded (two evaluations never share a folder): pass ``--overwrite
+    true`` or another ``--out``. Other settings' folders are left alone, and the image cache is reused."""
     cache_dir: str = str(Path.home() / ".cache" / "glide_lightning" / "fid_reference")
     """Where reference statistics are cached."""
     upsampler: str | None = None
@@ -89,7 +117,12 @@ class FIDCommand:
     """``cuda``, ``cpu``, … (auto: cuda when available)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """How images are drawn (sampler, steps, batch size, …; ``guidance_scale`` when ``--scales`` is not given)."""
+    overwrite: bool = False
+    """Replace the results of the settings evaluated: their ``results.json`` and ``sweep.*`` (and ``--out``'s
+    ``nfe_sweep.*`` for a sweep over samplers or step counts) are deleted first; the image cache and files
+    ``fid`` / ``sweep`` do not write stay."""
 
+    name: ClassVar[str] = "fid"
     writes_sweep: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -102,8 +135,19 @@ class FIDCommand:
         """The sampling settings evaluated, one output folder each (``fid``: ``sampling`` alone)."""
         return [self.sampling]
 
+    def outputs(self, root: Path, res: int) -> list[OutputFolder]:
+        """The folders this evaluation writes: one per setting (:meth:`samplings`) at resolution ``res``, and,
+        for a sweep over several settings, ``root`` itself for its ``nfe_sweep.*`` (shared with the settings)."""
+        paths = [root / f"res{res}_{s.sampler}{s.steps}_n{self.n}" for s in self.samplings()]
+        folders = [OutputFolder(path, self.name, RESULT_FILES, kept=(r"images-[0-9a-f]+",), writers="fid or sweep",
+                                label=f"the results folder {path}") for path in paths]
+        if self.writes_sweep and len(folders) > 1:
+            folders.append(OutputFolder(root, self.name, NFE_SWEEP_FILES, shared=True))
+        return folders
+
     def run(self) -> list[ScaleResult] | None:
-        """Generate, score and write the results (None on ranks other than 0 under torchrun)."""
+        """Generate, score and write the results (None on ranks other than 0 under torchrun). Result folders
+        that already hold results are refused first (:meth:`outputs`), before any model is loaded."""
         run_dir = Path(self.run_dir) if self.run_dir else None
         if run_dir is not None and not run_dir.is_dir():
             raise FileNotFoundError(f"run directory not found: {run_dir} (make fid/sweep take EXP=<experiment> or "
@@ -111,6 +155,10 @@ class FIDCommand:
         checkpoint = self.ckpt or (str(run_dir / "checkpoints" / "last.ckpt") if run_dir else None)
         if checkpoint is None:
             raise SystemExit("pass --ckpt CKPT or --run_dir runs/<name>")
+        root = Path(self.out) if self.out else (run_dir / "fid" if run_dir else Path("fid"))
+        expected = self.res or model_image_size(self.upsampler or checkpoint)
+        for folder in self.outputs(root, expected) if expected else []:
+            folder.check(self.overwrite)
         device = resolve_device(self.device)
         base = load_checkpoint(checkpoint, device, weights=self.weights, kind="base")
         upsampler = load_checkpoint(self.upsampler, device, kind="upsample") if self.upsampler else None
@@ -119,13 +167,12 @@ class FIDCommand:
             hint = " (256 px needs --upsampler, e.g. glide-text2im's upsample.pt)" if self.res > res else ""
             raise SystemExit(f"--res {self.res}, but {'the upsampler' if upsampler else 'the model'} makes "
                              f"{res} px images{hint}")
-        root = Path(self.out) if self.out else (run_dir / "fid" if run_dir else Path("fid"))
         captions = read_captions(self.captions, self.n)
         extractor = build_extractor(self.extractor, self.inception_weights, device=str(device))
         samplings = self.samplings()
+        outputs = [folder.claim(self.overwrite) for folder in self.outputs(root, res)]  # checked again if not above
         everything: list[ScaleResult] = []
-        for sampling in samplings:
-            out = root / f"res{res}_{sampling.sampler}{sampling.steps}_n{self.n}"
+        for sampling, out in zip(samplings, outputs):
             job = FIDJob(captions=captions, reference=self.reference, out_dir=out,
                          scales=list(self.scales or [sampling.guidance_scale]), sampling=sampling, seed=self.seed,
                          clip_model=None if self.clip_model in _NONE else self.clip_model,
@@ -164,6 +211,7 @@ class SweepCommand(FIDCommand):
     """Step counts (respacings: ``"10"``, ``"25"``, ``"ddim50"``…) to sweep for every sampler (default:
     ``sampling.steps`` alone)."""
 
+    name: ClassVar[str] = "sweep"
     writes_sweep: ClassVar[bool] = True
 
     def __post_init__(self) -> None:

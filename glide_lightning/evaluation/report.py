@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,23 @@ from typing import Any
 import yaml
 
 from glide_lightning.evaluation.results import ScaleResult, read_results
+from glide_lightning.outputs import OutputFolder
 
 SMOOTH = 0.1  # the final train loss is the mean over the last 10 % of its logged steps (it is noisy)
+REPORT_PLOTS = ("losses", "fid", "training_metrics")
+"""The plots a report ``<stem>.md`` may have beside it: ``<stem>_<plot>.png`` (:func:`plot_path`)."""
+
+
+def plot_path(out: Path, plot: str) -> Path:
+    """Where the report ``out`` keeps its plot ``plot`` (one of :data:`REPORT_PLOTS`)."""
+    return out.with_name(f"{out.stem}_{plot}.png")
+
+
+def report_output(out: Path) -> OutputFolder:
+    """The files of the report ``out`` in its folder, which other reports share: the report and its plots."""
+    names = [out.name] + [plot_path(out, plot).name for plot in REPORT_PLOTS]
+    return OutputFolder(out.parent, "compare", tuple(re.escape(name) for name in names), shared=True,
+                        label=f"the folder of --out {out}")
 
 
 @dataclass
@@ -191,10 +207,10 @@ def write_report(runs: list[RunSummary], out: Path) -> Path:
                          f"{_fmt(r.adherence, 3)} |")
         lines += ["", f"Images per setting and scale: {', '.join(sorted({str(r.n) for _, _, r in evals}))}."]
         lines += [f"> {label}" for label in sorted(labels)]
-    plots = [("losses", _plot_curves(runs, ("train/loss", "val/loss", "train/vb"), out.with_name(f"{out.stem}_losses.png"))),
-             ("FID and adherence vs guidance", _plot_evals(runs, out.with_name(f"{out.stem}_fid.png")))]
+    plots = [("losses", _plot_curves(runs, ("train/loss", "val/loss", "train/vb"), plot_path(out, "losses"))),
+             ("FID and adherence vs guidance", _plot_evals(runs, plot_path(out, "fid")))]
     during = tuple(sorted({k for run in runs for k in run.curves if k.startswith(("val/adherence@", "val/fid@"))}))
-    plots.append(("during training", _plot_curves(runs, during, out.with_name(f"{out.stem}_training_metrics.png"))))
+    plots.append(("during training", _plot_curves(runs, during, plot_path(out, "training_metrics"))))
     lines += [f"\n![{title}]({path.name})" for title, path in plots if path is not None]
     out.write_text("\n".join(lines) + "\n")
     return out
@@ -208,13 +224,23 @@ class CompareCommand:
     runs: list[str]
     """Run directories (``runs/<name>``), e.g. ``--runs '[runs/minig_simple, runs/minig_hybrid]'``."""
     out: str = "reports/report.md"
-    """The markdown file to write (plots beside it)."""
+    """The markdown file to write, its plots beside it (``<stem>_losses.png``, ``<stem>_fid.png``,
+    ``<stem>_training_metrics.png``). When any of these exists already, the report is refused (an earlier
+    report's plot would sit beside this one): pass ``--overwrite true`` or another ``--out``. Other files in
+    its folder (other reports) are never touched."""
+    overwrite: bool = False
+    """Replace an earlier report at ``--out``: the report and all its plots are deleted first."""
 
     def __post_init__(self) -> None:
         if not self.runs:
             raise ValueError("runs is empty: pass --runs '[runs/<name>, ...]'")
 
     def run(self) -> Path:
-        out = write_report([load_run(r) for r in self.runs], Path(self.out))
+        """Write the report; an earlier one at ``--out`` is refused first unless ``overwrite``."""
+        output = report_output(Path(self.out))
+        output.check(self.overwrite)
+        runs = [load_run(r) for r in self.runs]
+        output.claim(self.overwrite)
+        out = write_report(runs, Path(self.out))
         print(f"wrote {out}")
         return out

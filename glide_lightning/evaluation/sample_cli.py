@@ -3,7 +3,8 @@ an image (``--inpaint_image photo.png --mask mask.png`` with an inpainting model
 regenerate; the result can be edited again).
 
 Writes one PNG per image (its prompt, seed, guidance scale, sampler, steps and checkpoint in PNG text
-chunks), a grid (rows = prompts, columns = images per prompt) and ``metadata.json``. The options are
+chunks), a grid (rows = prompts, columns = images per prompt) and ``metadata.json`` into ``--out``, which
+must be empty or new (``--overwrite true`` first deletes an earlier run's files there). The options are
 the fields of :class:`SampleCommand` (``--sampling.*``: :class:`~glide_lightning.sampling.SamplingConfig`),
 parsed by the front door, :mod:`glide_lightning.commands`.
 """
@@ -24,6 +25,7 @@ from glide_lightning.cascade import generate
 from glide_lightning.clip_guidance import GuidanceCLIP, load_guidance_clip
 from glide_lightning.data.images import image_grid, save_png, to_rgb
 from glide_lightning.editing import edit, resized_keep
+from glide_lightning.outputs import OutputFolder
 from glide_lightning.sampling import SamplingConfig, SamplingModel, Weights, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,8 @@ class SampleCommand:
     seed: int = 0
     """Image i uses seed + i."""
     out: str = "samples"
-    """Output directory."""
+    """Output directory. One holding anything already is refused before the model is loaded (the files of
+    another run would mix with this one's): pass ``--overwrite true`` or another folder."""
     upsampler: str | None = None
     """An upsampler checkpoint (ours, ``model.kind: upsample``, or glide-text2im's ``upsample.pt``) for 256 px
     images; for edits an inpainting upsampler (``upsample_inpaint``, ``upsample_inpaint.pt``)."""
@@ -115,6 +118,9 @@ class SampleCommand:
     """``cuda``, ``cpu``, … (auto: cuda when available)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """How images are drawn (guidance scale, sampler, steps, …): the sampling defaults."""
+    overwrite: bool = False
+    """Write into a non-empty ``--out``: its ``NNNN.png``, ``grid.png`` and ``metadata.json`` (an earlier
+    run's) are deleted first; files ``sample`` does not write stay."""
 
     def __post_init__(self) -> None:
         if self.num_per_prompt < 1:
@@ -129,8 +135,14 @@ class SampleCommand:
         if (self.inpaint_image is None) != (self.mask is None):
             raise ValueError("an edit needs both --inpaint_image (the picture) and --mask (white = regenerate)")
 
+    def output(self) -> OutputFolder:
+        """``--out`` and the files ``sample`` writes there (an atomic write's temporary name included)."""
+        return OutputFolder(Path(self.out), "sample", (r"\.?(\d{4,}|grid)\.png(\.tmp)?", r"metadata\.json"))
+
     def run(self) -> Path:
-        """Sample and write the images; returns the output directory."""
+        """Sample and write the images; returns the output directory. A non-empty ``--out`` is refused first
+        (:class:`~glide_lightning.outputs.OutputNotEmpty`) unless ``overwrite``."""
+        self.output().check(self.overwrite)
         prompts = read_prompts(self.prompt, self.prompts_file)
         config = self.sampling
         device = resolve_device(self.device)
@@ -149,7 +161,7 @@ class SampleCommand:
                  f"{config.upsample_temp:g})" if upsampler else "")
         images = self._edit(base, upsampler, all_prompts, seeds, clip) if editing else \
             generate(base, all_prompts, seeds, config, upsampler=upsampler, clip=clip, progress=True)
-        out = Path(self.out)
+        out = self.output().claim(self.overwrite)
         common = {"guidance_scale": config.guidance_scale, "sampler": config.sampler, "steps": config.steps,
                   "eta": config.eta, "checkpoint": base.source,
                   "upsampler": upsampler.source if upsampler else None,

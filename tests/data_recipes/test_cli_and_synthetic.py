@@ -47,7 +47,41 @@ def test_synthetic_through_the_real_cli(tmp_path):
         assert np.array_equal(np.array(Image.open(out / "fid_reference" / f"{i:06d}.png")), np.array(sample["png"]))
 
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "already holds a dataset" in again.stderr and "--overwrite" in again.stderr
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr  # one line, no traceback
+    assert again.stderr.startswith(f"error: --out {out} already holds the output of an earlier data recipe: ")
+    assert "pass --overwrite to delete that output first" in again.stderr
+
+
+def test_a_folder_holding_files_is_refused_and_overwrite_replaces_only_the_recipe_outputs(tmp_path, capsys):
+    """The files of two datasets never mix: a second run into a folder is refused before anything is written,
+    and with --overwrite the folder holds the second dataset alone, beside the user's own files."""
+    out = tmp_path / "shapes"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    first = ["synthetic", "--out", str(out), "--train", "12", "--val", "3", "--image-size", "16",
+             "--max-per-shard", "5"]  # fmt: skip
+    assert main(first) == 2  # foreign files alone make the folder not empty
+    assert "already holds 1 file it does not write (README.md); pass --overwrite" in capsys.readouterr().err
+    assert main([*first, "--overwrite"]) == 0
+    assert (out / "fid_reference").is_dir() and len(list(out.glob("train-*.tar"))) == 3
+    capsys.readouterr()
+    second = ["synthetic", "--out", str(out), "--train", "4", "--val", "0", "--image-size", "16", "--seed", "1"]
+    files = lambda: {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != ".lock"}  # noqa: E731
+    before = files()
+    assert main(second) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 file it does not write (README.md)" in err and "--overwrite" in err
+    assert files() == before  # nothing written, nothing removed (the lock names its latest holder)
+    assert main([*second, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "README.md", "manifest.json", "train-000000.tar"]
+    assert (out / "README.md").read_text() == "my notes"
+    doc = check_manifest(out)  # the manifest describes exactly the shards present
+    assert doc["args"]["seed"] == 1 and list(doc["splits"]) == ["train"]
+    assert [s["name"] for s in doc["splits"]["train"]["shards"]] == ["train-000000.tar"]
+    # embed copies shards: its --out cannot be its --shards (--overwrite would delete them first)
+    assert main(["embed", "--shards", str(out), "--out", str(out), "--overwrite", "--text-encoder", "t5",
+                 "--text-encoder-name", "none", "--text-ctx", "16"]) == 2
+    assert "is --shards" in capsys.readouterr().err and (out / "train-000000.tar").is_file()
 
 
 def test_synthetic_is_byte_identical_for_the_same_seed(tmp_path):

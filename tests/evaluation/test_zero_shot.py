@@ -171,8 +171,9 @@ def test_sweep_over_samplers_and_steps_plots_quality_against_model_evaluations(t
         glide_main(["sweep", "--ckpt", str(tiny_checkpoint), "--samplers", "[ddpm]", "--step_counts", '["ddim2"]'])
 
 
-def test_fid_command_needs_enough_captions(tiny_checkpoint, held_out, tmp_path):
+def test_fid_command_needs_enough_captions(tiny_checkpoint, held_out, tmp_path, capsys):
     root, _ = held_out
-    with pytest.raises(ValueError, match="fewer than --n 100"):
+    with pytest.raises(SystemExit) as done:  # a user's mistake: one error line, exit status 2
         glide_main(["fid", "--ckpt", str(tiny_checkpoint), "--captions", str(root / "captions.txt"), "--n", "100",
                     "--reference", str(root / "reference"), "--out", str(tmp_path)])
+    assert done.value.code == 2 and "fewer than --n 100" in capsys.readouterr().err
