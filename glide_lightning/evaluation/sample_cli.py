@@ -76,9 +76,24 @@ def read_edit_inputs(image_path: str, mask_path: str) -> tuple[torch.Tensor, tor
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device ``--device name`` means (``auto``: the GPU if there is one, else the CPU).
+
+    Raises:
+        ValueError: not a device name, or a CUDA device on a machine where torch sees no (such) GPU: said before
+            any model is loaded."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N ({error})") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: torch sees no CUDA GPU on this machine: use --device cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 @dataclass
