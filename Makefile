@@ -59,14 +59,20 @@ help:  ## list the targets
 
 setup: $(VENV)/.installed  ## create .venv and install the package, its dependencies and the dev tools
 
+# a few lines: what it installs, pip's warnings and errors, how long it took. pip's "Location '...' is ignored"
+# lines (an extra index in pip's own config that lacks a package: none of this project's business) are left out.
 $(VENV)/.installed: pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
-	touch $@
+	@echo "setup: glide_lightning[dev] (editable) and its dependencies at constraints.txt's versions into $(VENV)/"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@start=$$(date +%s); \
+	{ $(PIP) install --quiet --upgrade pip && $(PIP) install --quiet -c constraints.txt -e '.[dev]'; \
+	  echo "pip-exit-status $$?"; } 2>&1 | awk '/^pip-exit-status /{exit $$2} !/^WARNING: Location .* is ignored: /'; \
+	status=$$?; if [ $$status -ne 0 ]; then echo "setup: pip failed (exit status $$status)" >&2; exit $$status; fi; \
+	echo "setup: done in $$(( $$(date +%s) - start )) s ($$($(PY) -m pip list --format=freeze 2>/dev/null | wc -l) packages in $(VENV)/)"
+	@touch $@
 
-test: setup  ## run the test suite (offline, CPU; GPU-only tests are skipped)
-	$(PY) -m pytest -q
+test: setup  ## run the test suite (offline, CPU; GPU-only tests are skipped), then the 15 slowest tests
+	$(PY) -m pytest -q --durations=15
 
 bench: setup  ## time models, training, sampling (eager and compiled), data pipeline and FID/CLIP features against the paths before issue 12; writes bench/results.json, ~35 min on 2 cores [ARGS="--repeats 3 --compile false"]
 	$(PY) -m glide_lightning bench --out $(BENCH_OUT) $(ARGS)

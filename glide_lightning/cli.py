@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -47,6 +48,7 @@ from glide_lightning.runs import (  # RunConfig, resolve_wandb_mode, …: still 
     wandb_logger,
     write_versioned,
 )
+from glide_lightning.yaml_config import read_yaml, strict_yaml
 
 log = logging.getLogger("glide_lightning")
 
@@ -78,11 +80,12 @@ def task_of(args: list[str]) -> str:
         if name == "--task":
             task, from_flag = value, True
         elif name == "--config" and not from_flag and Path(value).is_file():
-            found = yaml.safe_load(Path(value).read_text())
+            found = read_yaml(Path(value))
             if isinstance(found, dict) and "task" in found:
                 task = found["task"]
     return task
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config fields' docstrings in --help
+strict_yaml()  # a key given twice in a config is an error, not the last one silently
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -113,6 +116,7 @@ class GlideCLI(LightningCLI):
             model_class = module_class(self.task)
         except ValueError as error:
             sys.exit(f"error: {error}")
+        kwargs.setdefault("seed_everything_default", SEED)
         super().__init__(model_class, GlideDataModule, args=args, run=run, save_config_callback=SaveRunConfig,
                          **kwargs)
 
@@ -163,7 +167,8 @@ class GlideCLI(LightningCLI):
         # the interrupt first, so that callbacks after it see `trainer.should_stop` at the stopping step
         own = [GracefulInterrupt(), *(trainer.get("callbacks") or [])]
         callbacks = [LearningRateMonitor(logging_interval="step"), images_per_second(),
-                     RunCheckpoint(run.dir / "checkpoints", every_n_train_steps=run.checkpoint_every_n_steps)]
+                     RunCheckpoint(run.dir / "checkpoints", every_n_train_steps=run.checkpoint_every_n_steps,
+                                   resumed_from=self.config_init[self.subcommand].get("ckpt_path"))]
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         config = {**trainer, **kwargs, "callbacks": own, "default_root_dir": str(run.dir), "logger": [wandb, csv]}
         return self._instantiate_trainer(config, extra + callbacks)
@@ -245,8 +250,54 @@ def _field(config: Any, key: str) -> Any:
     return getattr(config, key, None)
 
 
+SEED = 0
+"""``seed_everything``'s default (``--seed_everything N`` or ``seed_everything: N`` in an experiment picks another):
+an int, so that Lightning seeds with it rather than warning "No seed found" and falling back to 0 (its own
+default, ``True``, documented as a random seed, is 0 in Lightning 2.6); runs seeded before this keep their seed."""
+
+LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
+"""The start of the tip Lightning 2.6 logs on every run without its LitLogger
+(``LoggerConnector.configure_logger``)."""
+
+
+class _DropLogRecords(logging.Filter):
+    """Drops the log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+_LITLOGGER_TIP_FILTER = _DropLogRecords(LITLOGGER_TIP)
+
+
+def quiet_dependencies() -> None:
+    """Silence what the dependencies print on every run that tells its user nothing about it, each message by its
+    text and the module that emits it (the rest stays visible). Idempotent."""
+    # torch 2.14 deprecated LeafSpec (`isinstance(treespec, LeafSpec)` ...) and Lightning 2.6.6's CombinedLoader
+    # still builds one (lightning/pytorch/utilities/_pytree.py, `_tree_flatten`): nothing here to change
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+    # Lightning 2.6's LoggerConnector.configure_logger advertises its cloud LitLogger (rank_zero_info) whenever a
+    # run logs elsewhere: runs here log to wandb and CSV by design
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)  # rank_zero_info logs on the one of them imported last
+        if _LITLOGGER_TIP_FILTER not in logger.filters:
+            logger.addFilter(_LITLOGGER_TIP_FILTER)
+
+
 def main(args: list[str] | None = None) -> None:
+    """Train (``fit``) or validate with ``args``, the command line after the program name (``sys.argv[1:]`` when
+    None)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_dependencies()
+    if args is not None and list(args) == sys.argv[1:]:
+        # the front door hands over its own command line: LightningCLI reads that from sys.argv itself, and warns
+        # that a script mixes the two when it gets it as `args` as well
+        args = None
     try:
         GlideCLI(args=args)
     except (LockBusy, ConfigDriftError, UnreadableCheckpointError) as error:

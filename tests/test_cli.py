@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,55 @@ def test_smoke_fit_through_the_cli(synthetic_shards, tmp_path):
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and any(offline[0].rglob("*.wandb"))
     assert "wandb logs offline" in run.stderr
+
+
+# what a run printed before it was made quiet, each caused by how the project used its dependencies (or a
+# dependency's noise filtered at the CLI's start): glide_lightning/cli.py's quiet_dependencies and main, RunCheckpoint
+SILENCED = {"args and command line arguments": "LightningCLI given sys.argv as args as well",
+            "No seed found": "seed_everything left to Lightning's guess",
+            "litlogger": "Lightning's LitLogger tip",
+            "isinstance(treespec, LeafSpec)": "torch's LeafSpec deprecation, in Lightning's CombinedLoader",
+            "exists and is not empty": "ModelCheckpoint's warning about the run's own checkpoint directory"}
+
+
+def test_a_run_and_its_resume_print_none_of_the_silenced_warnings(synthetic_shards, tmp_path):
+    env = {**cli_env(tmp_path), "WANDB_MODE": "disabled"}
+    command = smoke_command(synthetic_shards, tmp_path, "--trainer.limit_val_batches", "0",
+                            "--run.checkpoint_every_n_steps", "1")
+    first = subprocess.run(command + ["--trainer.max_steps", "2"], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = subprocess.run(command + ["--trainer.max_steps", "4"], env=env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 2" in resumed.stderr  # it did resume, into the checkpoint directory it left
+    for run in (first, resumed):
+        printed = run.stdout + run.stderr
+        assert "Seed set to 0" in printed  # the seed is still said, and set
+        shown = {message: why for message, why in SILENCED.items() if message in printed}
+        assert not shown, f"{shown}\n{printed[-5000:]}"
+
+
+def test_a_checkpoint_directory_of_another_lineage_is_still_warned_about(tmp_path):
+    """The "exists and is not empty" warning stays where it says something: a session that does not resume from the
+    checkpoints already in the directory (a --ckpt_path elsewhere) and will write its own among them."""
+    from types import SimpleNamespace
+
+    from glide_lightning.callbacks import BestCheckpoint, RunCheckpoint
+
+    (tmp_path / "run/checkpoints/best").mkdir(parents=True)
+    (tmp_path / "run/checkpoints/last.ckpt").touch()
+    (tmp_path / "run/checkpoints/best/best_val_loss-step00000002.ckpt").touch()
+    for resumed_from in (tmp_path / "run/checkpoints/last.ckpt", tmp_path / "other/checkpoints/last.ckpt", None):
+        run = RunCheckpoint(tmp_path / "run/checkpoints", 1, resumed_from=resumed_from)
+        trainer = SimpleNamespace(strategy=SimpleNamespace(broadcast=lambda x: x), is_global_zero=True,
+                                  default_root_dir=str(tmp_path / "run"), callbacks=[run])
+        for callback in (run, BestCheckpoint()):  # the run's best/ (BestCheckpoint's default) follows the run
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                callback.setup(trainer, None, "fit")
+            warned = [w for w in caught if "exists and is not empty" in str(w.message)]
+            assert len(warned) == (resumed_from != tmp_path / "run/checkpoints/last.ckpt"), (callback, resumed_from)
 
 
 def test_resume_refuses_architecture_drift_and_records_optimisation_drift(synthetic_shards, tmp_path):
@@ -484,9 +534,11 @@ def test_make_train_smoke_on_a_fresh_checkout_builds_data_and_stops_at_max_time(
     venv.mkdir()
     (venv / ".installed").touch()
     recorder = {"class_path": "glide_test_probes.KeyRecorder", "init_args": {"out_dir": str(tmp_path / "keys")}}
-    args = ["--config", probe_config(tmp_path, recorder), "--run.root", str(tmp_path / "runs"),
+    # max_time's Timer on a clock of 4 s per step: 15 s run out in step 4 on any machine, however loaded
+    clock = {"class_path": "glide_test_probes.StepClock", "init_args": {"seconds_per_step": 4.0}}
+    args = ["--config", probe_config(tmp_path, recorder, clock), "--run.root", str(tmp_path / "runs"),
             "--trainer.max_time", "00:00:00:15", "--trainer.max_steps", "100000", "--trainer.limit_val_batches", "0",
-            "--run.checkpoint_every_n_steps", "2", "--data.batch_size", "4", "--data.num_workers", "0",
+            "--run.checkpoint_every_n_steps", "3", "--data.batch_size", "4", "--data.num_workers", "0",
             "--trainer.enable_progress_bar", "false"]
     env = {**cli_env(tmp_path), "PYTHONPATH": os.pathsep.join([str(checkout), str(REPO / "tests/helpers")])}
     run = subprocess.run(["make", "-s", "train", "EXP=smoke", f"VENV={venv}", f"PY={sys.executable}",
@@ -496,10 +548,12 @@ def test_make_train_smoke_on_a_fresh_checkout_builds_data_and_stops_at_max_time(
     assert "building the synthetic shards first" in run.stdout
     manifest = json.loads((checkout / "data/synthetic/manifest.json").read_text())
     assert manifest["args"]["train"] == 40  # the recipe got its own flags, and the training its ARGS
-    steps_run = len(json.loads((tmp_path / "keys/keys_rank0.json").read_text()))
-    last = torch.load(tmp_path / "runs/smoke/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
-    assert list((tmp_path / "runs/smoke/checkpoints").glob("step*.ckpt")), "periodic saves came before the stop"
-    assert 2 <= steps_run < 100000 and last["global_step"] == steps_run, "max_time saves the step it reached"
+    assert "Time limit reached" in run.stderr, run.stderr[-3000:]
+    assert len(json.loads((tmp_path / "keys/keys_rank0.json").read_text())) == 4  # steps run
+    checkpoints = tmp_path / "runs/smoke/checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["last.ckpt", "step00000003.ckpt"]
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 4, "max_time saves the step it reached, not the last periodic one"
 
 
 def readme_block(after: str) -> list[str]:

@@ -12,6 +12,9 @@ the end of training), and ``last.ckpt`` is never versioned.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +24,25 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 class RunCheckpoint(ModelCheckpoint):
     """``<dirpath>/step<N>.ckpt`` every ``every_n_train_steps`` optimizer steps (all kept) and
-    ``<dirpath>/last.ckpt`` at each of them and wherever training stops."""
+    ``<dirpath>/last.ckpt`` at each of them and wherever training stops.
 
-    def __init__(self, dirpath: str | Path, every_n_train_steps: int) -> None:
+    ``resumed_from``: the checkpoint this session resumes from, if any. Lightning warns when ``dirpath``
+    "exists and is not empty"; a run resumed from one of its own checkpoints writes on into their
+    directory as it should, so that warning is kept only where this session did not come from there
+    (a ``--ckpt_path`` elsewhere, e.g. another run's, with checkpoints of its own already here)."""
+
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int, resumed_from: str | Path | None = None) -> None:
         super().__init__(dirpath=dirpath, filename="step{step:08d}", auto_insert_metric_name=False,
                          every_n_train_steps=every_n_train_steps, save_top_k=-1, save_last=True,
                          enable_version_counter=False)
         self._last_saved_step: int | None = None
         self._start_step: int | None = None
+        self.resumes_here = resumed_from is not None and Path(resumed_from).resolve().parent == Path(dirpath).resolve()
+        """Whether this session resumes from a checkpoint of ``dirpath`` itself."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        with quiet_about_own_checkpoints(self.resumes_here):
+            super().setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -76,6 +90,20 @@ class BestCheckpoint(ModelCheckpoint):
                          filename=filename or f"best_{safe}-step{{step:08d}}", auto_insert_metric_name=False)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
-        if self.dirpath is None:
+        own_dir = self.dirpath is None
+        if own_dir:
             self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints" / "best")
-        super().setup(trainer, pl_module, stage)
+        # the run's own best/ holds the best checkpoints of the run it resumes: not worth a warning
+        resumes_here = own_dir and any(getattr(c, "resumes_here", False) for c in trainer.callbacks)
+        with quiet_about_own_checkpoints(resumes_here):
+            super().setup(trainer, pl_module, stage)
+
+
+@contextmanager
+def quiet_about_own_checkpoints(quiet: bool) -> Iterator[None]:
+    """Where ``quiet``: without ModelCheckpoint.setup's "Checkpoint directory … exists and is not empty" (a
+    resume writes on into the directory of the checkpoint it resumed from, by design)."""
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        yield

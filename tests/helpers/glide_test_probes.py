@@ -25,6 +25,24 @@ class KeyRecorder(L.Callback):
         (self.out_dir / f"keys_rank{trainer.global_rank}.json").write_text(json.dumps(self.keys))
 
 
+class StepClock(L.Callback):
+    """Runs Lightning's Timer (``trainer.max_time``) on a clock that advances ``seconds_per_step`` at each
+    training batch and stands still otherwise: a run then stops at the same step however fast the machine is
+    (the step where ``max_time`` runs out, e.g. step 4 of 4 s steps for 15 s)."""
+
+    def __init__(self, seconds_per_step: float) -> None:
+        from types import SimpleNamespace
+
+        from lightning.pytorch.callbacks import timer
+
+        self.now = 0.0
+        self.seconds_per_step = seconds_per_step
+        timer.time = SimpleNamespace(monotonic=lambda: self.now)  # the Timer's one use of its `time` module
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.now += self.seconds_per_step
+
+
 class StateProbe(L.Callback):
     """At the start of training (after a resume has restored everything), saves the step, the model,
     the EMA model, the optimizer and (just before the first step) the RNG state to

@@ -1,0 +1,59 @@
+"""A user's mistake ends in one ``error:`` line naming the input and the fix, exit status 2, no traceback, through
+the real front door (``python -m glide_lightning``); ``--debug`` shows the traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def glide(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("GLIDE_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "glide_lightning", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_error_line(run: subprocess.CompletedProcess) -> str:
+    assert run.returncode == 2, (run.returncode, run.stderr[-3000:])
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, run.stderr[-3000:]
+    return errors[0]
+
+
+def test_comparing_a_run_that_does_not_exist(tmp_path):
+    line = one_error_line(glide(tmp_path, "compare", "--runs", "[runs/nosuchrun]", "--out", str(tmp_path / "r.md")))
+    assert "runs/nosuchrun" in line
+
+
+def test_a_yaml_config_indented_with_tabs_names_the_file_the_line_and_the_fix(tmp_path):
+    config = tmp_path / "tabs.yaml"
+    config.write_text("trainer:\n\tmax_steps: 5\n")
+    line = one_error_line(glide(tmp_path, "fit", "--config", str(REPO / "experiments/smoke.yaml"), "--config",
+                                str(config)))
+    assert str(config) in line and "line 2" in line and "spaces, not tabs" in line
+
+
+def test_a_truncated_checkpoint_and_the_debug_switch(tmp_path):
+    ckpt = tmp_path / "broken.ckpt"
+    ckpt.write_bytes(b"PK\x03\x04" + b"\x00" * 100)
+    line = one_error_line(glide(tmp_path, "sample", "--ckpt", str(ckpt), "--prompt", "a", "--out", str(tmp_path / "o")))
+    assert str(ckpt) in line
+    debug = glide(tmp_path, "sample", "--ckpt", str(ckpt), "--prompt", "a", "--out", str(tmp_path / "o"), "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_a_cuda_device_on_a_machine_without_one_is_refused_before_loading(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    line = one_error_line(glide(tmp_path, "sample", "--ckpt", str(tmp_path / "absent.ckpt"), "--prompt", "a",
+                                "--device", "cuda", "--out", str(tmp_path / "o")))
+    assert "--device cuda: torch sees no CUDA GPU" in line  # said before the (missing) checkpoint is even opened
