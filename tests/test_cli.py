@@ -672,7 +672,9 @@ def test_bf16_mixed_training_resumes_bit_exactly(synthetic_shards, tmp_path):
     def run(name: str, steps: int) -> None:
         command = smoke_command(synthetic_shards, tmp_path, "--config", probe_config(tmp_path), "--run.name", name,
                                 "--trainer.precision", "bf16-mixed", "--trainer.max_steps", str(steps),
-                                "--trainer.limit_val_batches", "0", "--model.optimizer.warmup_steps", "0")
+                                "--trainer.limit_val_batches", "0", "--model.optimizer.warmup_steps", "0",
+                                # the cosine decay ends at a fixed step, not at each session's max_steps
+                                "--model.optimizer.decay_steps", "50")
         done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
 
