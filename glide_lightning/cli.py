@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
-from glide_lightning.callbacks import GracefulInterrupt, NonFiniteLossError, RunCheckpoint
+from glide_lightning.callbacks import GracefulInterrupt, NonFiniteLossError, ProgressLog, RunCheckpoint
 from glide_lightning.data.datamodule import GlideDataModule
 from glide_lightning.locks import LockBusy
 from glide_lightning.module import GlideModule
@@ -84,6 +84,17 @@ def task_of(args: list[str]) -> str:
             if isinstance(found, dict) and "task" in found:
                 task = found["task"]
     return task
+
+
+def experiment_of(args: list[str]) -> str | None:
+    """The experiment ``args`` train: the name of the first ``--config`` file in an ``experiments/`` folder
+    (``experiments/smoke.yaml``: ``smoke``), for the commands the closing line suggests; None without one."""
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+        if name == "--config" and Path(value).parent.name == "experiments":
+            return Path(value).stem
+    return None
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config fields' docstrings in --help
 strict_yaml()  # a key given twice in a config is an error, not the last one silently
 
@@ -112,6 +123,7 @@ class GlideCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         self.lock: Any = None  # the run directory's lock, held until the process ends
         self.task = task_of(list(sys.argv[1:] if args is None else args))
+        self.experiment = experiment_of(list(sys.argv[1:] if args is None else args))
         try:
             model_class = module_class(self.task)
         except ValueError as error:
@@ -168,7 +180,8 @@ class GlideCLI(LightningCLI):
         own = [GracefulInterrupt(), *(trainer.get("callbacks") or [])]
         callbacks = [LearningRateMonitor(logging_interval="step"), images_per_second(),
                      RunCheckpoint(run.dir / "checkpoints", every_n_train_steps=run.checkpoint_every_n_steps,
-                                   resumed_from=self.config_init[self.subcommand].get("ckpt_path"))]
+                                   resumed_from=self.config_init[self.subcommand].get("ckpt_path")),
+                     ProgressLog(run_dir=str(run.dir), experiment=self.experiment)]
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         config = {**trainer, **kwargs, "callbacks": own, "default_root_dir": str(run.dir), "logger": [wandb, csv]}
         return self._instantiate_trainer(config, extra + callbacks)

@@ -1,13 +1,14 @@
 """Lightning callbacks: the run's checkpoints, graceful interruption, the non-finite guard, sample grids
-and generation metrics during training, EMA with a warm-up of its decay."""
+and generation metrics during training, EMA with a warm-up of its decay, plain progress lines for logs."""
 
 from glide_lightning.callbacks.checkpoint import BestCheckpoint, RunCheckpoint
 from glide_lightning.callbacks.ema import WarmupEMA
 from glide_lightning.callbacks.interrupt import GracefulInterrupt
 from glide_lightning.callbacks.metrics import GenerationMetrics
 from glide_lightning.callbacks.nonfinite import NonFiniteGuard, NonFiniteLossError
+from glide_lightning.callbacks.progress import ProgressLog
 from glide_lightning.callbacks.samples import SampleGrid
 from glide_lightning.callbacks.steps import OptimizerStepCallback
 
 __all__ = ["BestCheckpoint", "GenerationMetrics", "GracefulInterrupt", "NonFiniteGuard", "NonFiniteLossError", "OptimizerStepCallback",
-           "RunCheckpoint", "SampleGrid", "WarmupEMA"]
+           "ProgressLog", "RunCheckpoint", "SampleGrid", "WarmupEMA"]

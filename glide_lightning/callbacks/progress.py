@@ -1,0 +1,116 @@
+"""Progress a person can read in a log file: plain lines, not a progress bar.
+
+Under ``nohup``, SLURM or ``| tee``, stdout is not a terminal and Lightning's progress bar writes carriage-return
+frames that a log shows as one endless line (or nothing until the end). :class:`ProgressLog` writes one plain
+line per interval instead::
+
+    step 120/2000 (6.0%) · loss 0.0312 · 14.2 img/s · elapsed 0:02:10 · ETA 0:34:05
+
+and, when training ends, which checkpoint holds the result and the commands to sample and evaluate it. The rate
+and the ETA count this session's optimizer steps and images (a resumed run's earlier steps are not timed again).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from glide_lightning.callbacks.steps import OptimizerStepCallback
+
+log = logging.getLogger("glide_lightning")
+
+__all__ = ["ProgressLog", "progress_line"]
+
+
+def _clock(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds))) if math.isfinite(seconds) else "?"
+
+
+def progress_line(step: int, max_steps: int | None, loss: float | None, images_per_s: float | None,
+                  elapsed_s: float, steps_per_s: float | None) -> str:
+    """``step 120/2000 (6.0%) · loss 0.0312 · 14.2 img/s · elapsed 0:02:10 · ETA 0:34:05`` (parts left out when
+    unknown: no ``max_steps``, no loss logged yet, no rate yet)."""
+    parts = [f"step {step}/{max_steps} ({100 * step / max_steps:.1f}%)" if max_steps else f"step {step}"]
+    if loss is not None and math.isfinite(loss):
+        parts.append(f"loss {loss:.4g}")
+    if images_per_s:
+        parts.append(f"{images_per_s:.1f} img/s")
+    parts.append(f"elapsed {_clock(elapsed_s)}")
+    if max_steps and steps_per_s:
+        parts.append(f"ETA {_clock((max_steps - step) / steps_per_s)}")
+    return " · ".join(parts)
+
+
+class ProgressLog(OptimizerStepCallback):
+    """Logs :func:`progress_line` every ``every_s`` seconds of training (and at the first step), then a closing
+    line naming the checkpoint to use and the ``make sample`` / ``make fid`` commands for it.
+
+    Args:
+        every_s: seconds between two lines (> 0).
+        only_without_terminal: write the periodic lines only when stdout is not a terminal (the progress bar
+            shows the same on one); the closing line is always written.
+        run_dir: the run's directory (its ``checkpoints/last.ckpt`` is named at the end); None: not named.
+        experiment: the experiment's name, for the ``make`` commands of the closing line.
+    """
+
+    def __init__(self, every_s: float = 30.0, only_without_terminal: bool = True, run_dir: str | None = None,
+                 experiment: str | None = None) -> None:
+        if every_s <= 0:
+            raise ValueError(f"ProgressLog every_s must be > 0 seconds, got {every_s}")
+        self.every_s, self.only_without_terminal = every_s, only_without_terminal
+        self.run_dir, self.experiment = run_dir, experiment
+        self._start: tuple[float, int, int] | None = None  # (time, step, images) when this session started
+        self._last_line = -math.inf
+        self._images = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = (time.monotonic(), trainer.global_step, 0)
+        self._images = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if isinstance(batch, dict) and "image" in batch:
+            self._images += int(batch["image"].shape[0]) * trainer.world_size
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_optimizer_step_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or (self.only_without_terminal and sys.stdout.isatty()):
+            return
+        now = time.monotonic()
+        if self._start is None or (now - self._last_line < self.every_s and trainer.global_step != 1 + self._start[1]):
+            return
+        self._last_line = now
+        log.info("%s", self.line(trainer, now))
+
+    def line(self, trainer: L.Trainer, now: float) -> str:
+        """The progress line at ``now`` (``time.monotonic()``)."""
+        assert self._start is not None
+        started, step0, _ = self._start
+        elapsed = max(now - started, 1e-9)
+        steps = trainer.global_step - step0
+        loss = trainer.callback_metrics.get("train/loss")
+        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        return progress_line(trainer.global_step, max_steps, float(loss) if loss is not None else None,
+                             self._images / elapsed if steps else None, elapsed, steps / elapsed if steps else None)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        if self._start is not None:
+            log.info("%s", self.line(trainer, time.monotonic()))
+        if self.run_dir is None:
+            return
+        last = Path(self.run_dir) / "checkpoints" / "last.ckpt"
+        run = Path(self.run_dir).name
+        hint = f" RUN={run}" if self.experiment and run != self.experiment else ""
+        exp = self.experiment or "<experiment>"
+        log.info("training stopped at step %d: %s. Sample it: make sample ARGS='--ckpt %s --prompt \"...\"'; "
+                 "evaluate it: make fid EXP=%s%s", trainer.global_step,
+                 f"its weights are in {last}" if last.exists() else f"checkpoints in {last.parent}", last, exp, hint)
