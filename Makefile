@@ -122,10 +122,10 @@ ablation-smoke: setup  ## hybrid vs simple arm of the smoke model (same budget, 
 		$(PY) -m glide_lightning sweep --run_dir runs/ablation_smoke_$$arm --n $(ABLATION_N) \
 			--captions data/synthetic/fid_captions.txt --reference data/synthetic/fid_reference \
 			--extractor random-conv --clip_model none --samplers '[ddpm]' --step_counts '["100", "25"]' \
-			--scales '[1, 3, 6]' || exit 1; \
+			--scales '[1, 3, 6]' --overwrite true || exit 1; \
 	done
 	$(PY) -m glide_lightning compare --runs $(call yaml_list,$(addprefix runs/ablation_smoke_,$(ABLATION_ARMS))) \
-		--out reports/ablation_smoke.md
+		--out reports/ablation_smoke.md --overwrite true  # this target remakes the committed report
 
 data: check-recipe setup  ## build shards: RECIPE=<recipe> [ARGS="..."] (python -m data_recipes RECIPE --help)
 	$(PY) -m data_recipes $(RECIPE) $(if $(filter synthetic,$(RECIPE)),$(or $(ARGS),--out data/synthetic),$(ARGS))
