@@ -57,3 +57,18 @@ def test_a_cuda_device_on_a_machine_without_one_is_refused_before_loading(tmp_pa
     line = one_error_line(glide(tmp_path, "sample", "--ckpt", str(tmp_path / "absent.ckpt"), "--prompt", "a",
                                 "--device", "cuda", "--out", str(tmp_path / "o")))
     assert "--device cuda: torch sees no CUDA GPU" in line  # said before the (missing) checkpoint is even opened
+
+
+@pytest.mark.parametrize("images", [None, 0, 1])
+def test_fid_checks_its_reference_folder_before_loading_anything(tmp_path, images):
+    reference = tmp_path / "reference"
+    if images is not None:
+        reference.mkdir()
+        for i in range(images):
+            (reference / f"{i}.png").write_bytes(b"")
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a\nb\n")
+    line = one_error_line(glide(tmp_path, "fid", "--ckpt", str(tmp_path / "absent.ckpt"), "--n", "2", "--captions",
+                                str(captions), "--reference", str(reference), "--out", str(tmp_path / "fid")))
+    assert str(reference) in line  # named before the (missing) checkpoint is opened
+    assert ("not found" in line) if images is None else (f"holds {images} image(s)" in line)

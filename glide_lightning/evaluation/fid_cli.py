@@ -29,7 +29,7 @@ from glide_lightning.runs import resolve_wandb_mode
 from glide_lightning.evaluation.fid import ReferenceStatsCache
 from glide_lightning.evaluation.results import ScaleResult
 from glide_lightning.evaluation.sample_cli import resolve_device
-from glide_lightning.evaluation.zero_shot import FIDJob, build_extractor, run
+from glide_lightning.evaluation.zero_shot import FIDJob, build_extractor, check_reference, run
 from glide_lightning.diffusion import SamplerName
 from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, RELEASED_MODELS, SamplingConfig, Weights, load_checkpoint
 
@@ -159,6 +159,7 @@ class FIDCommand:
         expected = self.res or model_image_size(self.upsampler or checkpoint)
         for folder in self.outputs(root, expected) if expected else []:
             folder.check(self.overwrite)
+        check_reference(self.reference)  # before any model is loaded or image generated
         device = resolve_device(self.device)
         base = load_checkpoint(checkpoint, device, weights=self.weights, kind="base")
         upsampler = load_checkpoint(self.upsampler, device, kind="upsample") if self.upsampler else None

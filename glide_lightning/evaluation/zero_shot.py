@@ -291,6 +291,20 @@ def _image_files(folder: str) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
 
 
+def check_reference(folder: str) -> int:
+    """The number of reference images in ``folder`` (PNG / JPEG), checked before anything is generated.
+
+    Raises:
+        FileNotFoundError: no such directory.
+        ValueError: fewer than 2 images (FID's covariance needs at least 2; a few thousand for a usable figure)."""
+    count = len(_image_files(folder))
+    if count < 2:
+        raise ValueError(f"reference directory {folder} holds {count} image(s) (.png, .jpg): FID needs at least 2 "
+                         f"(thousands for a usable figure); point --reference at a folder of images, e.g. the "
+                         f"mscoco recipe's fid_reference/")
+    return count
+
+
 def reference_batches(folder: str, resolution: int, batch_size: int = 50) -> Iterator[Tensor]:
     """uint8 batches of the reference images, centre-cropped to squares and resized to ``resolution``
     with PIL's bicubic filter (anti-aliased) where their size differs."""
