@@ -180,7 +180,7 @@ class GlideCLI(LightningCLI):
         own = [GracefulInterrupt(), *(trainer.get("callbacks") or [])]
         callbacks = [LearningRateMonitor(logging_interval="step"), images_per_second(),
                      RunCheckpoint(run.dir / "checkpoints", every_n_train_steps=run.checkpoint_every_n_steps,
-                                   resumed_from=self.config_init[self.subcommand].get("ckpt_path")),
+                                   resumed_from=self._get(self.config_init, "ckpt_path")),
                      ProgressLog(run_dir=str(run.dir), experiment=self.experiment)]
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         config = {**trainer, **kwargs, "callbacks": own, "default_root_dir": str(run.dir), "logger": [wandb, csv]}
