@@ -113,7 +113,9 @@ class SamplingConfig:
     """How images are drawn from a model: the one place these knobs have defaults."""
 
     guidance_scale: float = 3.0
-    """Classifier-free guidance scale s (1: no guidance; GLIDE samples at 3)."""
+    """Classifier-free guidance scale s (1: no guidance; GLIDE samples at 3): ε̂ = ε_u + s·(ε_c − ε_u). 0 samples
+    the unconditional model alone, so the prompt is not used (``sample`` records ``conditioning: unconditional``
+    in each image's metadata); between 0 and 1, between the unconditional and the conditional model."""
     sampler: SamplerName = "ddpm"
     """``ddpm`` (ancestral, uses the model's variance), ``ddim``, or the multistep ODE solvers
     ``dpmpp_2m`` (DPM-Solver++(2M)) and ``unipc`` (UniPC), made for 10-25 steps (they need diffusers:

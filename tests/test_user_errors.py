@@ -72,3 +72,19 @@ def test_fid_checks_its_reference_folder_before_loading_anything(tmp_path, image
                                 str(captions), "--reference", str(reference), "--out", str(tmp_path / "fid")))
     assert str(reference) in line  # named before the (missing) checkpoint is opened
     assert ("not found" in line) if images is None else (f"holds {images} image(s)" in line)
+
+
+def test_guidance_scale_0_is_recorded_as_the_unconditional_model(tiny_checkpoint, tmp_path):
+    from PIL import Image
+
+    run = glide(tmp_path, "sample", "--ckpt", str(tiny_checkpoint), "--prompt", "a red circle", "--sampling.steps",
+                "2", "--sampling.guidance_scale", "0", "--device", "cpu", "--out", str(tmp_path / "u"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "samples the unconditional model: the prompts are not used" in run.stderr
+    with Image.open(tmp_path / "u/0000.png") as image:
+        assert image.text["conditioning"].startswith("unconditional") and image.text["prompt"] == "a red circle"
+    conditional = glide(tmp_path, "sample", "--ckpt", str(tiny_checkpoint), "--prompt", "a red circle",
+                        "--sampling.steps", "2", "--device", "cpu", "--out", str(tmp_path / "c"))
+    assert conditional.returncode == 0, conditional.stderr[-3000:]
+    with Image.open(tmp_path / "c/0000.png") as image:
+        assert image.text["conditioning"] == "the prompt"

@@ -174,10 +174,16 @@ class SampleCommand:
                  f", CLIP guidance {config.clip_guidance_scale:g} with {clip.source}" if clip else "",
                  f", then {upsampler.source} ({upsample_sampler}, {config.upsample_steps} steps, temperature "
                  f"{config.upsample_temp:g})" if upsampler else "")
+        unconditional = config.guidance_scale == 0 and not clip  # ε = ε_u: the prompt reaches no network
+        if unconditional:
+            log.warning("--sampling.guidance_scale 0 samples the unconditional model: the prompts are not used "
+                        "(the images' metadata says so); 1 is the conditional model without guidance")
         images = self._edit(base, upsampler, all_prompts, seeds, clip) if editing else \
             generate(base, all_prompts, seeds, config, upsampler=upsampler, clip=clip, progress=True)
         out = self.output().claim(self.overwrite)
-        common = {"guidance_scale": config.guidance_scale, "sampler": config.sampler, "steps": config.steps,
+        common = {"conditioning": "unconditional: guidance_scale 0 does not use the prompt" if unconditional
+                  else "the prompt", "guidance_scale": config.guidance_scale, "sampler": config.sampler,
+                  "steps": config.steps,
                   "eta": config.eta, "checkpoint": base.source,
                   "upsampler": upsampler.source if upsampler else None,
                   "upsample_steps": config.upsample_steps if upsampler else None,
