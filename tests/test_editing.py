@@ -284,12 +284,12 @@ def upsample_inpaint_run(synthetic_shards, tmp_path_factory):
                 torch.nn.init.normal_(p, std=0.05)
         return made
 
-    def trainer(max_steps, *callbacks):
-        return L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False,
-                         callbacks=[EMAWeightAveraging(decay=0.5), *callbacks])
-
     folder = tmp_path_factory.mktemp("upsample_inpaint")
+
+    def trainer(max_steps, *callbacks):  # default_root_dir: Lightning's own checkpoints go here, not into the cwd
+        return L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=str(folder / "lightning"),
+                         callbacks=[EMAWeightAveraging(decay=0.5), *callbacks])
 
     def dm():
         return GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=32, text_ctx=16,
