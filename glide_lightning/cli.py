@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -68,15 +69,20 @@ def module_class(task: str) -> type:
     return GlideModule
 
 
+def _options(args: list[str]) -> Iterator[tuple[str, str]]:
+    """``(name, value)`` of each ``--name value`` / ``--name=value`` in ``args`` (a value may be another option's
+    name: callers look only at the names they know)."""
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        yield name, value if eq else (args[i + 1] if i + 1 < len(args) else "")
+
+
 def task_of(args: list[str]) -> str:
     """The task that ``args`` ask for, read before LightningCLI builds its parser (which needs the module
     class): the last ``--task``, else the last ``task:`` of the ``--config`` files, else ``diffusion``.
     The parser then checks it like any field (:meth:`GlideCLI.before_instantiate_classes`)."""
     task, from_flag = "diffusion", False
-    for i, arg in enumerate(args):
-        name, eq, value = arg.partition("=")
-        if not eq:
-            value = args[i + 1] if i + 1 < len(args) else ""
+    for name, value in _options(args):
         if name == "--task":
             task, from_flag = value, True
         elif name == "--config" and not from_flag and Path(value).is_file():
@@ -89,12 +95,10 @@ def task_of(args: list[str]) -> str:
 def experiment_of(args: list[str]) -> str | None:
     """The experiment ``args`` train: the name of the first ``--config`` file in an ``experiments/`` folder
     (``experiments/smoke.yaml``: ``smoke``), for the commands the closing line suggests; None without one."""
-    for i, arg in enumerate(args):
-        name, eq, value = arg.partition("=")
-        value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-        if name == "--config" and Path(value).parent.name == "experiments":
-            return Path(value).stem
-    return None
+    return next((Path(value).stem for name, value in _options(args)
+                 if name == "--config" and Path(value).parent.name == "experiments"), None)
+
+
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config fields' docstrings in --help
 strict_yaml()  # a key given twice in a config is an error, not the last one silently
 
@@ -122,8 +126,8 @@ class GlideCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         self.lock: Any = None  # the run directory's lock, held until the process ends
-        self.task = task_of(list(sys.argv[1:] if args is None else args))
-        self.experiment = experiment_of(list(sys.argv[1:] if args is None else args))
+        given = list(sys.argv[1:] if args is None else args)
+        self.task, self.experiment = task_of(given), experiment_of(given)
         try:
             model_class = module_class(self.task)
         except ValueError as error:
