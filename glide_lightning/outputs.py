@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["OutputFolder", "OutputNotEmpty"]
+__all__ = ["OutputFolder", "OutputNotEmpty", "OutputNotWritable"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 class OutputNotEmpty(FileExistsError):
     """An output folder holds files of an earlier run (or others the command does not write): a user's
     mistake, which the front door prints as one ``error:`` line (exit status 2), naming the fix."""
+
+
+class OutputNotWritable(PermissionError):
+    """An output folder cannot be written (a read-only file system, no permission, a file in the way): said
+    before the work, as one ``error:`` line, instead of after it with the results lost."""
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -75,6 +81,7 @@ class OutputFolder:
         where = (f"{self.command}: " if self.command else "") + (self.label or f"--out {self.path}")
         if self.path.exists() and not self.path.is_dir():
             raise OutputNotEmpty(f"{where} exists and is not a directory: choose another --out")
+        self._check_writable(where)
         ours, others = self.found()
         if overwrite or not (ours or others):
             return
@@ -85,6 +92,22 @@ class OutputFolder:
         remedy = (f"pass {self.overwrite_flag} to delete that output first{stay}" if ours
                   else f"pass {self.overwrite_flag} to write there anyway (nothing is deleted)")
         raise OutputNotEmpty(f"{where} already holds {', and '.join(held)}; {remedy}, or choose another --out")
+
+    def _check_writable(self, where: str) -> None:
+        """Create (and at once lose: an unnamed temporary file) a file in the folder, or in its nearest existing
+        parent when it does not exist yet: the one test that also holds for root and read-only mounts."""
+        existing = self.path.absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise OutputNotWritable(f"{where} cannot be created: {existing} is a file, not a folder; choose another "
+                                    f"--out")
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as error:
+            raise OutputNotWritable(f"{where} cannot be written ({error.strerror or error} in {existing}): choose a "
+                                    f"writable --out") from None
 
     def claim(self, overwrite: bool) -> Path:
         """:meth:`check`, then remove the entries the command owns and create the folder; returns its path.

@@ -88,3 +88,40 @@ def test_guidance_scale_0_is_recorded_as_the_unconditional_model(tiny_checkpoint
     assert conditional.returncode == 0, conditional.stderr[-3000:]
     with Image.open(tmp_path / "c/0000.png") as image:
         assert image.text["conditioning"] == "the prompt"
+
+
+def test_a_prompt_longer_than_the_context_is_warned_about_and_recorded_as_read(tiny_checkpoint, tmp_path):
+    import json
+
+    from glide_lightning.sampling import load_checkpoint
+
+    text_ctx = load_checkpoint(tiny_checkpoint).tokenizer.text_ctx
+    prompts = ["a red circle", " ".join(["a blue square"] * text_ctx)]  # ≥ 3 tokens a repeat: over the context
+    run = glide(tmp_path, "sample", "--ckpt", str(tiny_checkpoint), "--prompt", prompts[0], "--prompt+", prompts[1],
+                "--sampling.steps", "2", "--device", "cpu", "--out", str(tmp_path / "o"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"1 of 2 prompts are longer than the base model's context of {text_ctx} tokens" in run.stderr
+    short, long = json.loads((tmp_path / "o/metadata.json").read_text())["images"]
+    assert short["prompt_tokens"] == {"base": 5} and "prompt_used" not in short  # sot a red circle eot
+    assert long["prompt"] == prompts[1] and long["prompt_tokens"] == {"base": text_ctx}
+    used = long["prompt_used"]["base"]
+    assert prompts[1].startswith(used) and len(used.split()) == text_ctx - 2  # sot + (text_ctx - 2) words + eot
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(tmp_path):
+    probe = Path("/sys/glide_lightning_probe")
+    try:
+        probe.mkdir()
+    except OSError:
+        pass
+    else:
+        probe.rmdir()
+        pytest.skip("/sys is writable here: no read-only location to test with")
+    line = one_error_line(glide(tmp_path, "sample", "--ckpt", str(tmp_path / "absent.ckpt"), "--prompt", "a",
+                                "--out", str(probe / "samples")))
+    assert f"--out {probe / 'samples'} cannot be written" in line  # before the (missing) checkpoint is opened
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    line = one_error_line(glide(tmp_path, "sample", "--ckpt", str(tmp_path / "absent.ckpt"), "--prompt", "a",
+                                "--out", str(blocker / "samples")))
+    assert f"{blocker} is a file, not a folder" in line

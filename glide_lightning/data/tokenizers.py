@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -42,7 +43,9 @@ if TYPE_CHECKING:
     from open_clip.tokenizer import SimpleTokenizer
 
 __all__ = ["TOKENIZERS", "CLIPTokenizer", "GPT2Tokenizer", "T5Tokenizer", "Tokenizer", "TokenizerName",
-           "build_tokenizer", "tokenizer_files"]
+           "Truncation", "build_tokenizer", "check_prompt_lengths", "tokenizer_files"]
+
+log = logging.getLogger(__name__)
 
 TokenizerName = Literal["clip", "gpt2", "t5"]
 GPT2_BPE_DIR_ENV = "GLIDE_GPT2_BPE_DIR"
@@ -64,6 +67,26 @@ class Tokenizer(Protocol):
         """``batch_size`` copies of the caption classifier-free guidance drops to (see the module docstring:
         ``self([""])`` for ``gpt2`` and ``t5``, an all-padding, all-False-mask sequence for ``clip``)."""
         ...
+
+    def truncation(self, text: str) -> Truncation:
+        """How ``text`` fits ``text_ctx``: the tokens it needs (framing included) and the text the model reads."""
+        ...
+
+
+class Truncation(NamedTuple):
+    """How one caption fits a tokenizer's context (:meth:`Tokenizer.truncation`)."""
+
+    n_tokens: int
+    """Tokens the whole caption needs, framing (sot/eot, ``</s>``) included."""
+    text_ctx: int
+    """Tokens the model reads (longer captions are cut to this many)."""
+    used_text: str
+    """The text of the tokens kept: the caption itself when it fits, else its decoded first tokens."""
+
+    @property
+    def cut(self) -> bool:
+        """True when the caption needs more tokens than the context holds."""
+        return self.n_tokens > self.text_ctx
 
 
 def _as_list(texts: str | Sequence[str]) -> list[str]:
@@ -181,6 +204,12 @@ class GPT2Tokenizer:
         seqs = [self.encode(t)[: self.text_ctx] for t in _as_list(texts)]
         return _pad(seqs, self.text_ctx, self.end_token)
 
+    def truncation(self, text: str) -> Truncation:
+        """See :class:`Tokenizer`; ``used_text`` is lower-cased, as the model reads it."""
+        ids = self.encode(text)
+        cut = len(ids) > self.text_ctx
+        return Truncation(len(ids), self.text_ctx, self.encoding.decode(ids[: self.text_ctx]) if cut else text)
+
     def empty(self, batch_size: int) -> tuple[Tensor, Tensor]:
         """``batch_size`` empty captions: all ``end_token``, mask all False."""
         return _pad([[]] * batch_size, self.text_ctx, self.end_token)
@@ -231,6 +260,12 @@ class CLIPTokenizer:
         seqs = [self._frame(self.encode(t)) for t in _as_list(texts)]
         return _pad(seqs, self.text_ctx, self.pad_token)
 
+    def truncation(self, text: str) -> Truncation:
+        """See :class:`Tokenizer`: ``n_tokens`` counts sot and eot; ``used_text`` is open_clip's cleaned text."""
+        ids = self.encode(text)
+        cut = len(ids) + 2 > self.text_ctx
+        return Truncation(len(ids) + 2, self.text_ctx, self.bpe.decode(ids[: self.text_ctx - 2]).strip() if cut else text)
+
     def empty(self, batch_size: int) -> tuple[Tensor, Tensor]:
         """``batch_size`` dropped captions for classifier-free guidance: all zeros, mask all False (not
         ``self([""])``, which is ``[sot, eot]``)."""
@@ -274,6 +309,13 @@ class T5Tokenizer:
                              return_tensors="pt")
         return out["input_ids"].long(), out["attention_mask"].bool()
 
+    def truncation(self, text: str) -> Truncation:
+        """See :class:`Tokenizer`: ``n_tokens`` counts ``</s>``."""
+        ids = self.tokenizer(text, truncation=False)["input_ids"]  # ... </s>
+        cut = len(ids) > self.text_ctx
+        used = self.tokenizer.decode(ids[: self.text_ctx - 1], skip_special_tokens=True) if cut else text
+        return Truncation(len(ids), self.text_ctx, used)
+
     def empty(self, batch_size: int) -> tuple[Tensor, Tensor]:
         """``batch_size`` empty captions: ``</s>`` then padding."""
         return self([""] * batch_size)
@@ -284,6 +326,20 @@ TOKENIZERS: dict[str, Callable[..., Tokenizer]] = {
     "gpt2": GPT2Tokenizer,
     "t5": T5Tokenizer,
 }
+
+
+def check_prompt_lengths(tokenizer: Tokenizer, prompts: Sequence[str], model: str) -> list[Truncation]:
+    """How each prompt fits ``tokenizer``'s context; logs one warning naming how many are cut (and the first),
+    since a cut prompt's end never reaches the network. ``model`` names it in the warning (``base model``)."""
+    fits = [tokenizer.truncation(p) for p in prompts]
+    cut = [(p, f) for p, f in zip(prompts, fits) if f.cut]
+    if cut:
+        prompt, fit = cut[0]
+        shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        log.warning("%d of %d prompts are longer than the %s's context of %d tokens and are cut (the first, %r, needs "
+                    "%d): the model reads only their first %d tokens (recorded as prompt_used)", len(cut), len(prompts),
+                    model, fit.text_ctx, shown, fit.n_tokens, fit.text_ctx)
+    return fits
 
 
 def build_tokenizer(name: TokenizerName, text_ctx: int, **kw: Any) -> Tokenizer:

@@ -31,6 +31,7 @@ from glide_lightning.evaluation.results import ScaleResult
 from glide_lightning.evaluation.sample_cli import resolve_device
 from glide_lightning.evaluation.zero_shot import FIDJob, build_extractor, check_reference, run
 from glide_lightning.diffusion import SamplerName
+from glide_lightning.data.tokenizers import check_prompt_lengths
 from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, RELEASED_MODELS, SamplingConfig, Weights, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,9 @@ class FIDCommand:
             raise SystemExit(f"--res {self.res}, but {'the upsampler' if upsampler else 'the model'} makes "
                              f"{res} px images{hint}")
         captions = read_captions(self.captions, self.n)
+        for name, model in (("base", base), ("upsampler", upsampler)):
+            if model is not None:
+                check_prompt_lengths(model.tokenizer, captions, f"{name} model")  # a warning: FID scores what was read
         extractor = build_extractor(self.extractor, self.inception_weights, device=str(device))
         samplings = self.samplings()
         outputs = [folder.claim(self.overwrite) for folder in self.outputs(root, res)]  # checked again if not above

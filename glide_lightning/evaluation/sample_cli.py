@@ -24,6 +24,7 @@ from PIL import Image
 from glide_lightning.cascade import generate
 from glide_lightning.clip_guidance import GuidanceCLIP, load_guidance_clip
 from glide_lightning.data.images import image_grid, save_png, to_rgb
+from glide_lightning.data.tokenizers import Truncation, check_prompt_lengths
 from glide_lightning.editing import edit, resized_keep
 from glide_lightning.outputs import OutputFolder
 from glide_lightning.sampling import SamplingConfig, SamplingModel, Weights, load_checkpoint
@@ -73,6 +74,17 @@ def read_edit_inputs(image_path: str, mask_path: str) -> tuple[torch.Tensor, tor
         raise ValueError(f"--mask {mask_path} has no white pixel: nothing to regenerate (white = regenerate)")
     image = rearrange(image, "h w c -> 1 c h w") / 127.5 - 1
     return image, keep
+
+
+def prompt_use(fits: dict[str, dict[str, Truncation]], prompt: str) -> dict[str, object]:
+    """What an image's metadata records of how its prompt reached each model: ``prompt_tokens`` (tokens read,
+    per model), and where a model's context cut the prompt, ``prompt_used`` (the text that model read)."""
+    record: dict[str, object] = {"prompt_tokens": {name: min(f[prompt].n_tokens, f[prompt].text_ctx)
+                                                   for name, f in fits.items()}}
+    cut = {name: f[prompt].used_text for name, f in fits.items() if f[prompt].cut}
+    if cut:
+        record["prompt_used"] = cut
+    return record
 
 
 def resolve_device(name: str) -> torch.device:
@@ -166,6 +178,9 @@ class SampleCommand:
         upsampler = load_checkpoint(self.upsampler, device, kind="upsample_inpaint" if editing else "upsample") \
             if self.upsampler else None
         clip = load_guidance_clip(self.clip_dir, base.image_size, device) if self.clip_dir else None
+        # prompts longer than a model's context are cut: warned, and each image records what was read
+        fits = {name: dict(zip(prompts, check_prompt_lengths(model.tokenizer, prompts, f"{name} model")))
+                for name, model in (("base", base), ("upsampler", upsampler)) if model is not None}
         all_prompts = [p for p in prompts for _ in range(self.num_per_prompt)]
         seeds = [self.seed + i for i in range(len(all_prompts))]
         upsample_sampler = config.upsample_sampler_for("edit" if editing else "text2im") if upsampler else None
@@ -193,7 +208,7 @@ class SampleCommand:
                   **({"inpaint_image": self.inpaint_image, "mask": self.mask} if editing else {})}
         records = []
         for i, (image, prompt, seed) in enumerate(zip(images, all_prompts, seeds)):
-            record = {"file": f"{i:04d}.png", "prompt": prompt, "seed": seed, **common}
+            record = {"file": f"{i:04d}.png", "prompt": prompt, "seed": seed, **prompt_use(fits, prompt), **common}
             save_png(image, out / record["file"], record)
             records.append(record)
         save_png(image_grid(images, rows=len(prompts)), out / "grid.png", {"prompts": prompts, **common})

@@ -314,3 +314,27 @@ def test_t5_frames_empty_and_blank_captions_as_transformers(tiny_t5_dir: Path, t
     assert mask[0].tolist() == [True] + [False] * 7
     empty_tokens, empty_mask = tokenizer.empty(1)
     assert torch.equal(empty_tokens, tokens) and torch.equal(empty_mask, mask)
+
+
+# ---------------------------------------------------------------------------------- truncation
+@pytest.mark.parametrize("name", ["gpt2", "clip", "t5"])
+def test_truncation_counts_the_tokens_and_names_the_text_the_model_reads(name: str, gpt2_bpe_dir: Path,
+                                                                          tiny_t5_dir: Path) -> None:
+    """A caption that fits is read whole (its count is the mask's); a longer one reports how many tokens it
+    needs, and its ``used_text`` tokenizes to exactly the tokens the model reads of the whole caption."""
+    from glide_lightning.data.tokenizers import Truncation, check_prompt_lengths
+
+    files = {"gpt2": {"bpe_dir": str(gpt2_bpe_dir)}, "t5": {"path": str(tiny_t5_dir)}}.get(name, {})
+    tokenizer = build_tokenizer(name, 8, **files)
+    short = "a red circle"
+    fit = tokenizer.truncation(short)
+    assert not fit.cut and fit.used_text == short and fit.n_tokens == int(tokenizer([short])[1].sum())
+    fit = tokenizer.truncation(LONG)
+    assert fit.cut and fit.text_ctx == 8 and fit.n_tokens > 8
+    if name != "t5":  # T5's count is transformers' own
+        assert fit.n_tokens == len(tokenizer.encode(LONG)) + (2 if name == "clip" else 0)  # clip: sot, eot
+    assert len(fit.used_text) < len(LONG)
+    whole, used = tokenizer([LONG]), tokenizer([fit.used_text])
+    assert torch.equal(whole[0], used[0]) and torch.equal(whole[1], used[1])
+    fits = check_prompt_lengths(tokenizer, [short, LONG], "base model")
+    assert [f.cut for f in fits] == [False, True] and all(isinstance(f, Truncation) for f in fits)
