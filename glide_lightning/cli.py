@@ -26,11 +26,13 @@ from typing import Any, Literal, get_args
 import torch
 import yaml
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, ThroughputMonitor
+from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
 from glide_lightning.callbacks import GracefulInterrupt, NonFiniteLossError, ProgressLog, RunCheckpoint
+from glide_lightning.callbacks.progress import ModelSummary, StepProgressBar
 from glide_lightning.data.datamodule import GlideDataModule
 from glide_lightning.locks import LockBusy
 from glide_lightning.module import GlideModule
@@ -188,7 +190,7 @@ class GlideCLI(LightningCLI):
                      ProgressLog(run_dir=str(run.dir), experiment=self.experiment)]
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         config = {**trainer, **kwargs, "callbacks": own, "default_root_dir": str(run.dir), "logger": [wandb, csv]}
-        return self._instantiate_trainer(config, extra + callbacks)
+        return self._instantiate_trainer(config, extra + callbacks + readable_progress(config, own + extra))
 
     def start_run(self, run: RunConfig) -> None:
         """Lock the run, pick the checkpoint to resume and check the new config against it."""
@@ -328,6 +330,21 @@ def main(args: list[str] | None = None) -> None:
 def count_images(batch: dict[str, Any]) -> int:
     """The number of images in a training or validation batch (``ThroughputMonitor``'s batch size)."""
     return int(batch["image"].shape[0])
+
+
+def readable_progress(config: dict[str, Any], callbacks: list[Any]) -> list[Any]:
+    """The progress bar counting optimizer steps out of ``max_steps`` and the model summary whose FLOPs count one
+    image's forward pass, unless switched off (``trainer.enable_progress_bar`` / ``enable_model_summary``) or
+    given as callbacks already. ``config``'s ``enable_model_summary`` is turned off where the summary is added
+    here (otherwise Lightning announces it skips its own)."""
+    added: list[Any] = []
+    if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        added.append(StepProgressBar())
+    if config.get("enable_model_summary") is not False and not any(isinstance(c, LightningModelSummary)
+                                                                   for c in callbacks):
+        added.append(ModelSummary())
+        config["enable_model_summary"] = False
+    return added
 
 
 def images_per_second() -> ThroughputMonitor:

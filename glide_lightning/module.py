@@ -19,7 +19,7 @@ from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.diffusion.timesteps import TimestepSamplerName, build_timestep_sampler
 from glide_lightning.models import ModelConfig, build_with_text_encoder
-from glide_lightning.models.flops import training_step_flops
+from glide_lightning.models.flops import example_inputs, training_step_flops
 from glide_lightning.models.unet import set_gradient_checkpointing
 from glide_lightning.optim import OptimizerConfig, build_optimizer, regroup_optimizer_state, sync_lr
 from glide_lightning.runs import capture_rng_state, restore_rng_state
@@ -121,6 +121,9 @@ class GlideModule(L.LightningModule):
         # compiled lazily, and kept out of the module tree (its state dict is self.model's)
         self._compiled: list[Any] = [] if compile else [self.model]
         self.flops_per_batch: int | None = None  # for Lightning's ThroughputMonitor (MFU); set per batch size
+        # one image's zero inputs: Lightning's model summary runs them once and counts each layer's forward FLOPs
+        x_t, timesteps, model_kwargs = example_inputs(model, 1)
+        self.example_input_array = {"x_t": x_t, "timesteps": timesteps, **model_kwargs}
         self.diffusion = GaussianDiffusion.from_config(diffusion)
         self.timesteps = build_timestep_sampler(timestep_sampler, self.diffusion.num_timesteps)
         self.cond_drop_prob, self.low_res_noise = cond_drop_prob, low_res_noise

@@ -172,8 +172,13 @@ def wandb_logger(run: RunConfig, mode: str, attempts: int = 6, wait_s: float = 5
     run_id = id_file.read_text().strip()
 
     def make(wandb_id: str) -> WandbLogger:
-        return WandbLogger(name=run.name, project=run.project, group=run.group, tags=run.tags,
-                           save_dir=str(run.dir), id=wandb_id, resume="allow")
+        logger = WandbLogger(name=run.name, project=run.project, group=run.group, tags=run.tags,
+                             save_dir=str(run.dir), id=wandb_id, resume="allow")
+        # Lightning passes anonymous=None to wandb.init, which wandb >= 0.19 answers with "The anonymous setting
+        # has no effect" on every run: leave the setting out (None is its default anyway)
+        if getattr(logger, "_wandb_init", {}).get("anonymous", "") is None:
+            del logger._wandb_init["anonymous"]
+        return logger
 
     if mode == "disabled" or not is_launching_process():
         return make(run_id)  # other ranks never start a wandb run

@@ -8,6 +8,10 @@ line per interval instead::
 
 and, when training ends, which checkpoint holds the result and the commands to sample and evaluate it. The rate
 and the ETA count this session's optimizer steps and images (a resumed run's earlier steps are not timed again).
+
+On a terminal, :class:`StepProgressBar` is Lightning's rich bar counting what these runs count, optimizer steps out
+of ``max_steps`` (Lightning's counts batches of an epoch, "Epoch 0/-2" for a run without ``max_epochs``), and
+:class:`ModelSummary` Lightning's rich summary without the columns of example-input shapes.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from glide_lightning.callbacks.steps import OptimizerStepCallback
 
 log = logging.getLogger("glide_lightning")
 
-__all__ = ["ProgressLog", "progress_line"]
+__all__ = ["ModelSummary", "ProgressLog", "StepProgressBar", "progress_line"]
 
 
 def _clock(seconds: float) -> str:
@@ -114,3 +120,59 @@ class ProgressLog(OptimizerStepCallback):
         log.info("training stopped at step %d: %s. Sample it: make sample ARGS='--ckpt %s --prompt \"...\"'; "
                  "evaluate it: make fid EXP=%s%s", trainer.global_step,
                  f"its weights are in {last}" if last.exists() else f"checkpoints in {last.parent}", last, exp, hint)
+
+
+class StepProgressBar(RichProgressBar):
+    """One bar for the whole run: optimizer steps done out of ``max_steps`` (a resumed run starts where it
+    stopped), rich's elapsed time and time remaining, and ``train/loss`` and images per second beside it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._started: tuple[float, int] | None = None  # (time, images) at this session's first batch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.is_disabled or self.progress is None:
+            return
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        if self.train_progress_bar_id is None:
+            self.train_progress_bar_id = self._add_task(total or float("inf"), "step")
+        self.progress.update(self.train_progress_bar_id, total=total, completed=trainer.global_step)
+        self.refresh()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        images = int(batch["image"].shape[0]) * trainer.world_size if isinstance(batch, dict) and "image" in batch else 0
+        if self._started is None:
+            self._started = (time.monotonic(), 0)
+        else:
+            self._started = (self._started[0], self._started[1] + images)
+        if self.train_progress_bar_id is None:
+            self.on_train_epoch_start(trainer, pl_module)
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """``train/loss`` (and what else is logged to the bar) and ``img/s`` since this session's first batch;
+        not Lightning's ``v_num``, which says nothing to a person."""
+        metrics = {k: v for k, v in super().get_metrics(trainer, pl_module).items() if k != "v_num"}
+        if self._started is not None and self._started[1]:
+            metrics["img/s"] = f"{self._started[1] / max(time.monotonic() - self._started[0], 1e-9):.1f}"
+        return metrics
+
+
+class ModelSummary(RichModelSummary):
+    """Lightning's rich model summary, whose FLOPs column counts one forward pass of the module's
+    ``example_input_array`` (one image; attention included on the CPU too), without that input's "In sizes" /
+    "Out sizes" columns."""
+
+    def _summary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+        # torch's FLOP counter has no formula for the CPU's fused attention kernel (it would count no attention at
+        # all): the summary's one forward pass runs attention as the plain matmuls it counts, on every device
+        with sdpa_kernel(SDPBackend.MATH):
+            return super()._summary(trainer, pl_module)
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], *args: Any, **kwargs: Any) -> None:
+        kept = [(name, values) for name, values in summary_data if name not in ("In sizes", "Out sizes")]
+        RichModelSummary.summarize(kept, *args, **kwargs)

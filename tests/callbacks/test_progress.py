@@ -42,3 +42,60 @@ def test_a_fit_logs_progress_and_ends_naming_the_checkpoint_and_the_commands(syn
     closing = lines[-1]
     assert "training stopped at step 3" in closing and str(tmp_path / "myrun/checkpoints") in closing
     assert "make sample ARGS='--ckpt" in closing and "make fid EXP=smoke RUN=myrun" in closing
+
+
+class _BarProbe(L.Callback):
+    """What the bar shows after each batch: (steps done, steps in all) and its metrics."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, float | None]] = []
+        self.metrics: dict = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = trainer.progress_bar_callback
+        self.seen.append((bar.train_progress_bar.completed, bar.train_progress_bar.total))
+        self.metrics = bar.get_metrics(trainer, pl_module)
+
+
+def test_the_bar_counts_optimizer_steps_of_max_steps_across_epochs(synthetic_shards):
+    from glide_lightning.callbacks.progress import StepProgressBar
+
+    module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50))
+    probe = _BarProbe()
+    trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, limit_val_batches=0, limit_train_batches=2,
+                        callbacks=[StepProgressBar(), probe], log_every_n_steps=1)
+    dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=TINY.image_size,
+                         text_ctx=TINY.text_ctx, batch_size=2, tokenizer="clip", bpe_dir=None, num_workers=0)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.current_epoch >= 2  # 2 batches an epoch: the 5 steps span 3 epochs
+    assert probe.seen == [(step, 5) for step in range(1, 6)]  # one bar, never reset per epoch (Lightning's is)
+    assert "train/loss" in probe.metrics and float(probe.metrics["img/s"]) > 0 and "v_num" not in probe.metrics
+
+
+def test_the_model_summary_counts_one_images_forward_flops(synthetic_shards, capsys):
+    import torch
+    from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from glide_lightning.callbacks.progress import ModelSummary
+    from glide_lightning.models.config import build_model
+    from glide_lightning.models.flops import example_inputs
+
+    module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[ModelSummary()])
+    dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=TINY.image_size,
+                         text_ctx=TINY.text_ctx, batch_size=2, tokenizer="clip", bpe_dir=None, num_workers=0)
+    capsys.readouterr()
+    trainer.fit(module, datamodule=dm)
+    printed = capsys.readouterr().out
+    with torch.device("meta"):  # the same forward counted on the meta device, outside Lightning
+        network = build_model(TINY)
+        x_t, timesteps, kwargs = example_inputs(TINY, 1)
+        with FlopCounterMode(display=False) as counter:
+            network(x_t, timesteps, **kwargs)
+    assert counter.get_total_flops() > 0
+    assert f"Total FLOPs: {get_human_readable_count(counter.get_total_flops())}" in printed
+    assert "In sizes" not in printed
