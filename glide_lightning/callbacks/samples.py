@@ -80,9 +80,9 @@ def check_sampling_steps(owner: str, steps: str, pl_module: Any) -> None:
 
 
 class SampleGrid(OptimizerStepCallback):
-    """Every ``every_n_steps`` optimizer steps, draw one image per (prompt, guidance scale) with the
-    same seeds each time, log the grid (rows = prompts, columns = scales) to wandb as ``samples/grid``
-    and write it to ``<run dir>/samples/step<N>.png``.
+    """Every ``every_n_steps`` optimizer steps, and at ``max_steps`` when the run ends there, draw one image per
+    (prompt, guidance scale) with the same seeds each time, log the grid (rows = prompts, columns = scales) to
+    wandb as ``samples/grid`` and write it to ``<run dir>/samples/step<N>.png``.
 
     Upsampling and inpainting models (``model.kind`` other than ``base``) have no prompt-only samples: their
     rows are the first ``len(prompts)`` images of the data module's :meth:`preview_batch` (validation data)
@@ -117,6 +117,14 @@ class SampleGrid(OptimizerStepCallback):
     def on_optimizer_step_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # once per optimizer step (not per micro-batch), and not when the run is stopping (Ctrl-C)
         if trainer.global_step % self.every_n_steps == 0 and trainer.is_global_zero and not trainer.should_stop:
+            self.log_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a run that reached max_steps between two grids ends with one (a short run then shows a grid at all); a
+        # stopped one (Ctrl-C, max_time, non-finite loss) does not: it stops as fast as it can
+        step, last = trainer.global_step, trainer.max_steps
+        if (trainer.is_global_zero and not trainer.should_stop and last > 0 and step >= last
+                and step % self.every_n_steps != 0):
             self.log_grid(trainer, pl_module)
 
     @torch.no_grad()

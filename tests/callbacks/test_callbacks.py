@@ -196,6 +196,12 @@ def test_step_callbacks_fire_once_per_optimizer_step_under_accumulation(syntheti
     assert [m.split()[4] for m in fired] == ["2", "4"]  # not at step 0 (first micro-batch), not twice at 2
 
 
+def test_a_run_ending_at_max_steps_between_two_grids_ends_with_one(synthetic_shards, tmp_path):
+    grid = SampleGrid(prompts=PROMPTS[:1], guidance_scales=[1.0], every_n_steps=3, sampling=SamplingConfig(steps="2"))
+    accumulating_fit(tmp_path, synthetic_shards, [grid], max_steps=4, limit_val_batches=0)
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["step00000003.png", "step00000004.png"]
+
+
 def test_ctrl_c_mid_accumulation_stops_after_the_step_without_validation_or_grid(synthetic_shards, tmp_path, caplog):
     from glide_lightning.callbacks import GracefulInterrupt, RunCheckpoint
 
