@@ -25,7 +25,7 @@ from typing import Any, Literal, get_args
 
 import torch
 import yaml
-from jsonargparse import set_parsing_settings
+from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, ThroughputMonitor
 from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -51,7 +51,7 @@ from glide_lightning.runs import (  # RunConfig, resolve_wandb_mode, …: still 
     wandb_logger,
     write_versioned,
 )
-from glide_lightning.yaml_config import read_yaml, strict_yaml
+from glide_lightning.yaml_config import option_error, read_yaml, strict_yaml
 
 log = logging.getLogger("glide_lightning")
 
@@ -135,8 +135,14 @@ class GlideCLI(LightningCLI):
         except ValueError as error:
             sys.exit(f"error: {error}")
         kwargs.setdefault("seed_everything_default", SEED)
-        super().__init__(model_class, GlideDataModule, args=args, run=run, save_config_callback=SaveRunConfig,
-                         **kwargs)
+        # a parse error raises (one line, from main) instead of printing the whole usage of `fit`
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
+        try:
+            super().__init__(model_class, GlideDataModule, args=args, run=run, save_config_callback=SaveRunConfig,
+                             **kwargs)
+        except ArgumentError as error:
+            command = given[0] if given and not given[0].startswith("-") else "fit"
+            raise option_error(error, getattr(self, "parser", None), f"python -m glide_lightning {command}") from error
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--task", type=Task, default="diffusion",

@@ -1,4 +1,5 @@
-"""YAML config files and values read strictly: a key given twice in one mapping is an error.
+"""YAML config files and values read strictly (a key given twice in one mapping is an error), and a command line's
+parse error said in one line (:func:`option_error`).
 
 PyYAML (and so jsonargparse, LightningCLI and every ``--config`` of this project) keeps the last of two equal keys
 silently: ``max_steps: 5`` then ``max_steps: 7`` trains 7 steps while the file seems to say 5. :func:`strict_yaml`
@@ -8,13 +9,15 @@ the composed node tree, before anything is constructed), then loads exactly as j
 
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
 from typing import Any
 
 import jsonargparse
 import yaml
 
-__all__ = ["DuplicateKeyError", "check_duplicate_keys", "read_yaml", "strict_yaml"]
+__all__ = ["DuplicateKeyError", "check_duplicate_keys", "option_error", "read_yaml", "strict_yaml"]
 
 
 class DuplicateKeyError(yaml.constructor.ConstructorError):
@@ -79,3 +82,25 @@ def read_yaml(path: Path) -> Any:
         tab = ": YAML is indented with spaces, not tabs" if "\t" in line[: len(line) - len(line.lstrip())] or \
             "\t" in problem else ""
         raise ValueError(f"{path} is not valid YAML{where}: {problem}{tab}") from None
+
+
+def option_error(error: Exception, parser: Any, prog: str) -> ValueError:
+    """One line for a parse error of jsonargparse ``parser`` (built with ``exit_on_error=False``, so that it raises
+    instead of printing its whole usage, 130 lines for ``fit``): the error, the nearest known option for each
+    misspelt one, and where the options are listed (``prog --help``)."""
+    message = " ".join(str(error).split())  # jsonargparse folds some messages over lines
+    unknown = re.findall(r"(--[\w.\-]+)", message.split("unrecognized arguments:", 1)[1]) \
+        if "unrecognized arguments:" in message else []
+    known = [option for action in _all_actions(parser) for option in action.option_strings]
+    hints = [f"{option}: did you mean {close[0]}?" for option in unknown
+             if (close := difflib.get_close_matches(option, known, n=1, cutoff=0.75))]
+    return ValueError(f"{message}{'; ' + '; '.join(hints) if hints else ''} (`{prog} --help` lists the options)")
+
+
+def _all_actions(parser: Any) -> list[Any]:
+    """The actions of ``parser`` and of its subcommands' parsers."""
+    actions = list(getattr(parser, "_actions", []))
+    for action in list(actions):
+        for sub in (getattr(action, "_name_parser_map", None) or {}).values():
+            actions += _all_actions(sub)
+    return actions

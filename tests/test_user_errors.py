@@ -125,3 +125,11 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(tmp_p
     line = one_error_line(glide(tmp_path, "sample", "--ckpt", str(tmp_path / "absent.ckpt"), "--prompt", "a",
                                 "--out", str(blocker / "samples")))
     assert f"{blocker} is a file, not a folder" in line
+
+
+def test_a_misspelt_training_option_is_one_line_naming_the_nearest_one(tmp_path):
+    run = glide(tmp_path, "fit", "--config", str(REPO / "experiments/smoke.yaml"), "--trainer.max_stepz", "5")
+    line = one_error_line(run)
+    assert "unrecognized arguments: --trainer.max_stepz 5" in line
+    assert "did you mean --trainer.max_steps?" in line and "python -m glide_lightning fit --help" in line
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr  # not the 130 lines of fit's usage

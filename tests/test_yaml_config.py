@@ -35,3 +35,24 @@ def test_the_training_cli_refuses_a_config_with_a_duplicate_key_before_anything_
     assert run.returncode != 0
     assert "duplicate key 'max_steps' (first given at line 2)" in run.stderr, run.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
+
+
+def test_option_error_is_one_line_with_the_nearest_option_of_a_subcommand():
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    from glide_lightning.yaml_config import option_error
+
+    parser = ArgumentParser(prog="glide", exit_on_error=False)
+    subcommands = parser.add_subcommands(dest="command")
+    sub = ArgumentParser(exit_on_error=False)
+    sub.add_argument("--num_per_prompt", type=int, default=1)
+    subcommands.add_subcommand("sample", sub)
+    with pytest.raises(ArgumentError) as raised:
+        parser.parse_args(["sample", "--num_per_promt", "2"])
+    message = str(option_error(raised.value, parser, "glide sample"))
+    assert "\n" not in message and "did you mean --num_per_prompt?" in message
+    assert message.endswith("(`glide sample --help` lists the options)")
+    with pytest.raises(ArgumentError) as raised:
+        parser.parse_args(["sample", "--num_per_prompt", "two"])
+    message = str(option_error(raised.value, parser, "glide sample"))
+    assert "\n" not in message and "num_per_prompt" in message and "did you mean" not in message
