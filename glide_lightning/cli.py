@@ -177,6 +177,8 @@ class GlideCLI(LightningCLI):
         return value if isinstance(value, RunConfig) else RunConfig(**value)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
+        if self.subcommand in ("fit", "validate") and hasattr(self.datamodule, "check_shards"):
+            self.datamodule.check_shards(self.subcommand)  # a wrong data path, said before the run starts
         run = self._run_config()
         run.dir.mkdir(parents=True, exist_ok=True)
         if self.subcommand == "fit":

@@ -133,3 +133,11 @@ def test_a_misspelt_training_option_is_one_line_naming_the_nearest_one(tmp_path)
     assert "unrecognized arguments: --trainer.max_stepz 5" in line
     assert "did you mean --trainer.max_steps?" in line and "python -m glide_lightning fit --help" in line
     assert len(run.stderr.strip().splitlines()) == 1, run.stderr  # not the 130 lines of fit's usage
+
+
+def test_training_shards_that_do_not_exist_are_said_before_the_run_starts(tmp_path):
+    line = one_error_line(glide(tmp_path, "fit", "--config", str(REPO / "experiments/smoke.yaml"),
+                                "--data.train_shards", str(tmp_path / "nowhere/train-*.tar"), "--run.root",
+                                str(tmp_path / "runs")))
+    assert f"no shards match the pattern '{tmp_path / 'nowhere/train-*.tar'}'" in line
+    assert not (tmp_path / "runs").exists(), "no run folder, wandb run or log was started"

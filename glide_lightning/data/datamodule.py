@@ -225,17 +225,26 @@ class GlideDataModule(L.LightningDataModule):
         """Expand the shard specs (clear error if nothing matches), warn when ``image_size`` is far above
         the training images' size (:func:`~glide_lightning.data.shards.upscale_warning`) and load the
         tokenizer's BPE in the main process (forked workers inherit it)."""
+        self.check_shards(stage)
+        if stage == "fit" and (warning := upscale_warning(self.train_urls, self.image_size)) is not None:
+            log.warning("%s", warning)
+        self.tokenizer(["warm-up"])
+
+    def check_shards(self, stage: str) -> None:
+        """Expand the shard specs ``stage`` (``fit``, ``validate``) reads into ``train_urls`` / ``val_urls``: the
+        CLI calls it before a run starts, so that a wrong path is said before anything is written.
+
+        Raises:
+            ValueError: the stage's shards are not given.
+            FileNotFoundError: a local pattern matches no file."""
         if stage == "fit":
             if self.train_shards is None:
-                raise ValueError("GlideDataModule: train_shards is required to fit")
+                raise ValueError("GlideDataModule: train_shards is required to fit (--data.train_shards)")
             self.train_urls = expand_shards(self.train_shards)
-            if (warning := upscale_warning(self.train_urls, self.image_size)) is not None:
-                log.warning("%s", warning)
         if stage in ("fit", "validate") and self.val_shards is not None:
             self.val_urls = expand_shards(self.val_shards)
         if stage == "validate" and self.val_shards is None:
-            raise ValueError("GlideDataModule: val_shards is required to validate")
-        self.tokenizer(["warm-up"])
+            raise ValueError("GlideDataModule: val_shards is required to validate (--data.val_shards)")
 
     def train_dataloader(self) -> DataLoader:
         """The training stream, or replayed cached batches under ``Trainer(overfit_batches)``."""
