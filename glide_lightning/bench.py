@@ -4,12 +4,12 @@ For each model preset (the smoke experiment's tiny model and miniGLIDE, read fro
 ``experiments/parts``) it times, per image: the forward pass (contiguous and channels-last), a full
 training step (hybrid loss, forward + backward + AdamW step, reported as training images/second;
 also under bf16 autocast, and under bf16 autocast through ``torch.compile``) and 25-step guided sampling
-(also with ``SamplingConfig.compile``) with :func:`glide_lightning.sampling.sample_batch` (the per-batch body of
-``generate``; classifier-free guidance at the sampling default scale: a doubled batch per step,
-tokenization included), the training step and the sampling each as they are now and as they were
-before issue 12 (:func:`sample_batch_before_issue_12`, :func:`_train_step`; same weights, same run,
-runs taken in turns; wall-clock and CPU time), with their ratios; and it
-measures the data pipeline alone (read + decode + RGB + resize + tokenize) on generated shards, and the
+with :func:`glide_lightning.sampling.sample_batch` (the per-batch body of ``generate``; classifier-free
+guidance at the sampling default scale: a doubled batch per step, tokenization included; also in bf16,
+and with ``SamplingConfig.compile``), each path's runs taken in turns (wall-clock and CPU time). Against
+each, its *arithmetic floor*: the path's counted FLOPs (:mod:`glide_lightning.models.flops`) at the
+machine's measured fp32 matrix-multiply rate (:func:`matmul_flops_per_s`), and the ratio of the measured
+time to it (``<path>_over_arithmetic_floor``). It also measures the data pipeline alone (read + decode + RGB + resize + tokenize) on generated shards, and the
 training step of a UNet conditioned on a frozen T5 v1.1 base (random weights) with the encoder run per batch
 against precomputed embeddings (:func:`bench_precomputed_embeddings`).
 Figures are medians of several runs after a warm-up, written with the machine's description to a
@@ -18,9 +18,7 @@ JSON file. Timings on a shared machine are noisy: compare figures from one run o
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
 import json
 import platform
 import statistics
@@ -28,20 +26,19 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Literal
 
 import torch
 import yaml
 from torch import Tensor, nn
 
 from glide_lightning.data.tokenizers import build_tokenizer
-from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, classifier_free_guidance, get_sampler
+from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.models import ModelConfig, build_model
 from glide_lightning.models.flops import denoiser_flops, training_step_flops
-from glide_lightning.models.unet import AttentionBlock, Upsample
 from glide_lightning.optim import OptimizerConfig, build_optimizer
-from glide_lightning.sampling import SamplingConfig, SamplingModel, sample_batch, sample_generators
+from glide_lightning.sampling import SamplingConfig, SamplingModel, sample_batch
 
 PARTS = Path(__file__).resolve().parents[1] / "experiments" / "parts"
 # name: (model part of the experiments, batch size used for timing)
@@ -97,44 +94,6 @@ def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device
     return statistics.median(runs), runs
 
 
-@contextlib.contextmanager
-def modules_as_before_issue_12(model: nn.Module) -> Iterator[None]:
-    """Within the block, ``model``'s attention hands SDPA the strided query of earlier versions (its
-    unfused math kernel on CPU; :attr:`AttentionBlock.token_layout`) and its nearest upsampling
-    goes through ``F.interpolate`` (:attr:`Upsample.broadcast_copy`): today's main, to the bit."""
-    changed = [(m, "token_layout") for m in model.modules() if isinstance(m, AttentionBlock)]
-    changed += [(m, "broadcast_copy") for m in model.modules() if isinstance(m, Upsample)]
-    for module, name in changed:
-        setattr(module, name, False)
-    try:
-        yield
-    finally:
-        for module, name in changed:
-            delattr(module, name)  # back to the class default
-
-
-@torch.no_grad()
-def sample_batch_before_issue_12(loaded: SamplingModel, prompts: list[str], seeds: list[int], config: SamplingConfig,
-                                 device: torch.device) -> Tensor:
-    """The base sampling path as it was before issue 12, on the same weights, float in [-1, 1]
-    ``[B, 3, H, W]``: the caption tokens (and the empty caption's, batch 1, expanded to B) are
-    model inputs at every step, so the text encoder runs on both halves of the guided batch at every
-    step, attention takes SDPA's math kernel and upsampling ``F.interpolate``. Kept only to time the current
-    :func:`~glide_lightning.sampling.sample_batch` against it in one run (and for the test that their
-    outputs agree); the sampler loop and guidance wrapper are today's (their per-step costs were a
-    few index tensors and a token concatenation)."""
-    size = loaded.image_size
-    tokens, mask = (x.to(device) for x in loaded.tokenizer(prompts))
-    empty_tokens, empty_mask = (x.to(device) for x in loaded.tokenizer.empty(1))
-    model = classifier_free_guidance(loaded.model, config.guidance_scale, dict(tokens=empty_tokens, mask=empty_mask))
-    diffusion = GaussianDiffusion.from_config(loaded.diffusion_config, config.steps)
-    options = {"eta": config.eta} if config.sampler == "ddim" else {}
-    with modules_as_before_issue_12(loaded.model):
-        return get_sampler(config.sampler, **options)(diffusion, model, (len(prompts), 3, size, size),
-                                                      model_kwargs=dict(tokens=tokens, mask=mask),
-                                                      generator=sample_generators(seeds), device=device)
-
-
 def _interleaved(fns: dict[str, Callable[[], Tensor]], repeats: int,
                  device: torch.device) -> dict[str, tuple[list[float], list[float], Tensor]]:
     """Wall-clock and process CPU seconds of ``repeats`` runs of each function, taken in turns (A B A
@@ -169,29 +128,23 @@ def _record_interleaved(result: dict[str, object], timed: dict[str, tuple[list[f
 
 
 def _train_step(model: nn.Module, diffusion: GaussianDiffusion, x: Tensor, t: Tensor, tokens: Tensor, mask: Tensor,
-                path: Literal["now", "before", "bf16"], compile: bool = False) -> Callable[[], Tensor]:
-    """One hybrid-loss training step (forward, backward, AdamW) on a copy of ``model``'s weights, as the
-    path trains: ``now`` as :class:`~glide_lightning.module.GlideModule` with ``channels_last`` and the
-    default optimizer (:func:`~glide_lightning.optim.build_optimizer`: decay / no-decay groups, the fused
-    AdamW kernel), ``bf16`` the same under bf16 autocast, ``before`` as before issue 12 (one parameter
-    group, for-loop AdamW, contiguous, :func:`modules_as_before_issue_12`); ``compile`` calls the network
-    through ``torch.compile`` as ``GlideModule(compile=True)`` does. Returns the step, which returns its
-    loss (detached); its first calls compile."""
+                precision: Literal["fp32", "bf16"] = "fp32", compile: bool = False) -> Callable[[], Tensor]:
+    """One hybrid-loss training step (forward, backward, AdamW) on a copy of ``model``'s weights, as
+    :class:`~glide_lightning.module.GlideModule` trains with ``channels_last`` and the default optimizer
+    (:func:`~glide_lightning.optim.build_optimizer`: decay / no-decay groups, the fused AdamW kernel), in
+    fp32 or under bf16 autocast (``precision``); ``compile`` calls the network through ``torch.compile`` as
+    ``GlideModule(compile=True)`` does. Returns the step, which returns its loss (detached); its first calls
+    compile."""
     model = copy.deepcopy(model).train()
     kwargs = dict(tokens=tokens, mask=mask)
-    if path == "before":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
-        modules = functools.partial(modules_as_before_issue_12, model)
-    else:
-        optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4))["optimizer"]
-        model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-        modules = contextlib.nullcontext
+    optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4))["optimizer"]
+    model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
     net = torch.compile(model) if compile else model
 
     def step() -> Tensor:
         optimizer.zero_grad(set_to_none=True)
-        with modules(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=path == "bf16"):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = training_losses(diffusion, net, x, t, kwargs)["loss"].mean()
         loss.backward()
         optimizer.step()
@@ -213,7 +166,9 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
                 compile: bool = True, matmul_flops: float | None = None) -> dict[str, object]:
     """``name``'s forward, training step and guided sampling, timed as :class:`BenchCommand` describes;
     with ``matmul_flops`` (FLOP/s, :func:`matmul_flops_per_s`) also the training step's and guided
-    sampling's arithmetic floors: their counted FLOPs (:mod:`glide_lightning.models.flops`) at that rate."""
+    sampling's arithmetic floors (their counted FLOPs, :mod:`glide_lightning.models.flops`, at that rate)
+    and, for each timed path of either, ``<path>_over_arithmetic_floor``: its measured seconds per image
+    over its floor (1 would be the fp32 matmul rate throughout; bf16 paths may go below it)."""
     config, batch = preset_config(name), PRESETS[name][1]
     model = random_model(config, device)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(steps=1000))
@@ -234,13 +189,11 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
         record("forward_channels_last", lambda: model(x_cl, t, tokens=tokens, mask=mask), batch)
         model.to(memory_format=torch.contiguous_format)
 
-    # the training step now (AdamW with decay / no-decay groups on its fused kernel, channels-last) against
-    # the one before issue 12 (one group, for-loop AdamW, contiguous, the old attention and upsampling
-    # kernels), each on its own copy of the same weights and batch, taken in turns; bf16 autocast is timed
-    # as well (the same step under torch.autocast: bf16-mixed, on CPUs with AVX512-BF16 / AMX too), and
-    # with compile, that step through torch.compile (its compilation is in the warm-up run, not timed)
-    training = {"train_step": _train_step(model, diffusion, x, t, tokens, mask, "now"),
-                "train_step_before_issue_12": _train_step(model, diffusion, x, t, tokens, mask, "before"),
+    # the training step (AdamW with decay / no-decay groups on its fused kernel, channels-last) in fp32 and
+    # under bf16 autocast (bf16-mixed, on CPUs with AVX512-BF16 / AMX too), each on its own copy of the same
+    # weights and batch, taken in turns; with compile, the bf16 step through torch.compile too (its
+    # compilation is in the warm-up run, not timed)
+    training = {"train_step": _train_step(model, diffusion, x, t, tokens, mask, "fp32"),
                 "train_step_bf16_autocast": _train_step(model, diffusion, x, t, tokens, mask, "bf16")}
     if compile:
         training["train_step_bf16_autocast_compile"] = _train_step(model, diffusion, x, t, tokens, mask, "bf16",
@@ -248,11 +201,6 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
     timed = _interleaved(training, repeats, device)
     _record_interleaved(result, timed, batch)
     result["train_images_per_s"] = 1.0 / result["train_step_s_per_image"]
-    for key in [k for k in training if k != "train_step_before_issue_12"]:
-        result[f"{key}_speedup_vs_before_issue_12"] = (result["train_step_before_issue_12_s_per_image"]
-                                                       / result[f"{key}_s_per_image"])
-        result[f"{key}_cpu_speedup_vs_before_issue_12"] = (result["train_step_before_issue_12_cpu_s_per_image"]
-                                                           / result[f"{key}_cpu_s_per_image"])
 
     model.eval()
     # guided sampling through sample_batch, the body of the one generate() the sample command and FID harness use
@@ -262,13 +210,11 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
     result["sample_guidance_scale"] = sampling.guidance_scale
     key = f"sample_{sample_steps}_steps_cfg"
     seeds = list(range(batch))
-    before = f"{key}_before_issue_12"
-    # bf16: SamplingConfig.precision="bf16" (autocast; AMX on this project's CPU), an opt-in whose images
+    # bf16: SamplingConfig.precision="bf16" (autocast; AMX on CPUs that have it), an opt-in whose images
     # differ from fp32 by bf16 rounding carried along the chain (far more than float rounding, and more
     # with random weights), so it is timed and its distance recorded, but held to no tolerance
     bf16 = replace(sampling, precision="bf16")
     paths = {key: lambda: sample_batch(loaded, prompts, seeds, sampling, device),
-             before: lambda: sample_batch_before_issue_12(loaded, prompts, seeds, sampling, device),
              f"{key}_bf16": lambda: sample_batch(loaded, prompts, seeds, bf16, device)}
     if compile:  # SamplingConfig.compile (its compilation is in the warm-up run, not timed)
         compiled = replace(sampling, compile=True)
@@ -276,12 +222,10 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
     with torch.no_grad():  # sample_batch: the per-batch body of generate (tokenization included)
         timed = _interleaved(paths, repeats, device)
     _record_interleaved(result, timed, batch)
-    for path in [p for p in paths if p != before]:
-        result[f"{path}_speedup_vs_before_issue_12"] = result[f"{before}_s_per_image"] / result[f"{path}_s_per_image"]
-        result[f"{path}_cpu_speedup_vs_before_issue_12"] = (result[f"{before}_cpu_s_per_image"]
-                                                            / result[f"{path}_cpu_s_per_image"])
-        # how far the paths' images are apart (float rounding, amplified along the chain), in [-1, 1] units
-        result[f"{path}_max_abs_diff_vs_before_issue_12"] = (timed[path][2] - timed[before][2]).abs().max().item()
+    for path in [p for p in paths if p != key]:
+        # how far the path's images are from the eager fp32 path's (rounding, amplified along the chain), in
+        # [-1, 1] units
+        result[f"{path}_max_abs_diff_vs_eager"] = (timed[path][2] - timed[key][2]).abs().max().item()
     result["forward_channels_last_speedup"] = result["forward_s_per_image"] / result["forward_channels_last_s_per_image"]
     # sampling cost is linear in the number of steps: the 100-step rate (GLIDE's setting) from the measured one
     result["guided_generation_images_per_s_100_steps"] = sample_steps / (100 * result[f"sample_{sample_steps}_steps_cfg_s_per_image"])
@@ -291,8 +235,11 @@ def bench_model(name: str, repeats: int, device: torch.device, sample_steps: int
     result["train_step_gflop_per_image"] = training_step_flops(config, 1) / 1e9
     result[f"{key}_gflop_per_image"] = 2 * sample_steps * denoiser_flops(config, 1) / 1e9
     if matmul_flops:
-        for path in ("train_step", key):
-            result[f"{path}_arithmetic_floor_s_per_image"] = result[f"{path}_gflop_per_image"] * 1e9 / matmul_flops
+        for floor, timed_paths in (("train_step", training), (key, paths)):
+            result[f"{floor}_arithmetic_floor_s_per_image"] = result[f"{floor}_gflop_per_image"] * 1e9 / matmul_flops
+            for path in timed_paths:  # how far each measured path is from the arithmetic it has to do
+                result[f"{path}_over_arithmetic_floor"] = (result[f"{path}_s_per_image"]
+                                                           / result[f"{floor}_arithmetic_floor_s_per_image"])
     return result
 
 
@@ -428,7 +375,7 @@ class BenchCommand:
     """Do not benchmark the FID / CLIP feature extractors."""
     compile: bool = True
     """Also time the training step (bf16 autocast) and guided sampling through ``torch.compile``
-    (compiling takes about a minute per preset on a CPU, more for miniGLIDE; not in the timings)."""
+    (compiling takes a while per preset on a CPU, longer for miniGLIDE; not in the timings)."""
     skip_precomputed: bool = False
     """Do not time training with a frozen T5 v1.1 base run per batch against precomputed embeddings (needs
     ``pip install 'glide_lightning[text]'``; skipped with a note without it)."""
@@ -456,7 +403,7 @@ class BenchCommand:
             report["models"][name] = bench_model(name, self.repeats, device, self.sample_steps,  # type: ignore[index]
                                                  self.compile, matmul_flops)
             summary = {k: v for k, v in report["models"][name].items()  # type: ignore[index]
-                       if k.endswith(("_per_image", "per_s", "steps")) or "speedup" in k}
+                       if k.endswith(("_per_image", "per_s", "steps", "_over_arithmetic_floor")) or "speedup" in k}
             print(json.dumps({name: summary}, indent=1), flush=True)
         if not self.skip_precomputed:
             try:

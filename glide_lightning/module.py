@@ -21,7 +21,7 @@ from glide_lightning.diffusion.timesteps import TimestepSamplerName, build_times
 from glide_lightning.models import ModelConfig, build_with_text_encoder
 from glide_lightning.models.flops import example_inputs, training_step_flops
 from glide_lightning.models.unet import set_gradient_checkpointing
-from glide_lightning.optim import OptimizerConfig, build_optimizer, regroup_optimizer_state, sync_lr
+from glide_lightning.optim import OptimizerConfig, build_optimizer, sync_lr
 from glide_lightning.runs import capture_rng_state, restore_rng_state
 from glide_lightning.sampling import load_checkpoint
 
@@ -295,15 +295,11 @@ class GlideModule(L.LightningModule):
         # applied when training starts: restoring here would be undone by what runs in between
         self._pending_rng_state = checkpoint.get("rng")
         self.wall_time_s = float(checkpoint.get("wall_time_s", 0.0))
-        if "optimizer_states" in checkpoint:  # checkpoints from before the decay / no-decay groups
-            checkpoint["optimizer_states"] = [regroup_optimizer_state(state, self.model, self.optimizer_config)
-                                              for state in checkpoint["optimizer_states"]]
-        # an upsample_inpaint checkpoint from before issue 22 (no input_order): weights, EMA and AdamW moments
-        from glide_lightning.input_order import convert_input_order
+        # older checkpoint forms (one AdamW group, another network input order) brought to the current one
+        from glide_lightning.migrations import migrate_training_state
 
         where = str(getattr(self._trainer, "ckpt_path", None) or "the checkpoint")
-        convert_input_order(checkpoint, self.model, self.model_config.kind, where=where,
-                            weight_decay=self.optimizer_config.weight_decay)
+        migrate_training_state(checkpoint, self.model, self.model_config.kind, self.optimizer_config, where=where)
 
     def on_train_start(self) -> None:
         self._session_start = time.monotonic()

@@ -149,14 +149,12 @@ class SamplingConfig:
     ``mode="reduce-overhead"`` (CUDA graphs: small batches stop paying per-kernel launch costs), on
     the CPU with inductor's ``freezing`` (inference only: oneDNN convolutions fused with their
     neighbouring pointwise ops; later weight changes, such as an EMA swap, are still followed:
-    tested). The first call compiles (tens of seconds to minutes on a CPU). Tolerance: fused kernels
-    round differently, ~1e-6 relative per forward (as eager channels-last does); a sampling chain
-    carries that to ~1e-5 on average and a few pixels further, most with few steps (the first step's
-    x̂_0 multiplies ε's rounding by 1/√ᾱ_T, 2e4 on the 1000-step cosine schedule) and random weights:
-    up to ~2e-2 at 2 steps, as eager sampling's own change of kernels does (``tests/test_bench.py``).
-    On this project's 2-core CPU, from NCHW (``memory_format`` ``auto``), guided sampling measured 1.12x
-    eager for the tiny preset and 1.01x for miniGLIDE (from NHWC 1.05x and 0.99x; without freezing it
-    was slower than eager); ``make bench`` times it as ``sample_25_steps_cfg_compile``."""
+    tested). The first call compiles, which takes a while on a CPU: an option for long runs (an FID run),
+    not for a few images. Outputs equal eager ones within float rounding: fused kernels round
+    differently (as eager channels-last does) and a sampling chain carries that further, most with few
+    steps (the first step's x̂_0 multiplies ε's rounding by 1/√ᾱ_T, 2e4 on the 1000-step cosine schedule)
+    and random weights (``tests/test_bench.py`` bounds it). How much faster than eager it samples depends on
+    the machine and the model: ``make bench`` times it as ``sample_25_steps_cfg_compile``."""
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """The denoiser's arithmetic: ``fp32``; ``bf16`` autocast (the sampler's own math stays fp32);
     ``auto``: bf16 on GPUs that support it, fp32 elsewhere."""
@@ -167,11 +165,10 @@ class SamplingConfig:
     [-1, 1] clip does, see :func:`~glide_lightning.diffusion.dynamic_threshold`). None: the static clip only."""
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     """The UNet's activation layout while sampling: ``channels_last`` (NHWC) or ``contiguous`` (NCHW).
-    ``auto``: channels_last on the CPU, where it measured faster in eager guided sampling (tiny preset
-    about 1.2x, miniGLIDE about 1.05x; oneDNN convolutions skip their layout reorders); contiguous with
-    ``compile`` (inductor's freezing lays out the convolutions itself, and its fused kernels measured
-    faster from NCHW: tiny 1.07x over compiled channels-last) and on GPUs (not measured here). Outputs
-    equal within float rounding; the network's own memory format is restored after each call."""
+    ``auto``: channels_last on the CPU, where eager guided sampling is faster in it (oneDNN convolutions skip
+    their layout reorders); contiguous with ``compile`` (inductor's freezing lays out the convolutions
+    itself, and its fused kernels are faster from NCHW) and on GPUs. Outputs equal within float rounding;
+    the network's own memory format is restored after each call."""
 
     clip_guidance_scale: float = 0.0
     """CLIP guidance scale s (GLIDE §2.3): each ancestral step's mean moves by s·Σ·∇_{x_t} of a noised
@@ -286,7 +283,7 @@ def load_checkpoint(checkpoint: str | Path, device: torch.device | str = "cpu", 
         ValueError: the file is neither kind of checkpoint, cannot be read with
             ``torch.load(weights_only=True)``, holds a model of another ``kind``, or ``weights`` is unknown; or
             a glide_lightning checkpoint in an older input order cannot be converted
-            (:func:`~glide_lightning.input_order.convert_input_order`; glide-text2im's files are never converted).
+            (:func:`~glide_lightning.migrations.convert_input_order`; glide-text2im's files are never converted).
         CheckpointMismatchError: ``kind`` is given and the file is a state dict that matches no
             released model; the error lists its differences from the released model of that kind.
     """
@@ -323,23 +320,24 @@ def check_kind(loaded: SamplingModel, kind: ModelKind, role: str) -> None:
 
 
 def _read_lightning(path: Path, state: dict[str, Any], weights: Weights) -> SamplingModel:
-    """A GlideModule checkpoint: its hyper-parameters rebuild the network, process and tokenizer. One written
-    before its network's input order was recorded (an ``upsample_inpaint`` one from before issue 22) has its
-    weights converted to glide-text2im's order, with a warning
-    (:func:`~glide_lightning.input_order.convert_input_order`); a reorder that is not sound raises ``ValueError``."""
-    from glide_lightning.input_order import convert_input_order
+    """A GlideModule checkpoint: its hyper-parameters rebuild the network, process and tokenizer. An older
+    checkpoint form is brought to the current one first (:mod:`glide_lightning.migrations`: hyper-parameters
+    added since, the weights of an ``upsample_inpaint`` one written before its network's input order was
+    recorded, with a warning); a conversion that is not sound raises ``ValueError``."""
+    from glide_lightning.migrations import migrate_hyper_parameters, migrate_weights
 
     hp = state["hyper_parameters"]
     if not isinstance(hp, dict) or not {"model", "diffusion", "tokenizer"} <= hp.keys():
         raise ValueError(f"{path} is a Lightning checkpoint, but not of a GlideModule (its hyper_parameters lack "
                          f"model, diffusion and tokenizer)")
+    migrate_hyper_parameters(state, where=str(path))
     config = ModelConfig(**hp["model"])
     has_ema = "current_model_state" in state  # Lightning's WeightAveraging: EMA in state_dict, raw moved aside
     use_ema = has_ema and weights == "ema"
     what = ("EMA weights" if use_ema else "raw weights" if has_ema or weights == "raw"
             else "raw weights: this run kept no EMA")
     model, _ = build_with_text_encoder(config)  # a frozen encoder is not in the file: reloaded from what it records
-    convert_input_order(state, model, config.kind, where=str(path))  # the weights only (state_dict, raw ones)
+    migrate_weights(state, model, config.kind, where=str(path))  # the weights only (state_dict, raw ones)
     source = state["current_model_state"] if has_ema and not use_ema else state["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in source.items() if k.startswith("model.")},
                           strict=True)

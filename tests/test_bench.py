@@ -26,51 +26,45 @@ def test_bench_writes_per_image_medians(tmp_path):
         assert len(runs) == 1 and all(r > 0 for r in runs)
         assert tiny[f"{key}_s_per_image"] * tiny["batch"] <= max(runs)
     assert tiny["train_images_per_s"] == 1 / tiny["train_step_s_per_image"]
-    before = tiny["train_step_before_issue_12_s_per_image"]  # the old training step, timed in the same run
-    for key in ["train_step", "train_step_bf16_autocast"]:
-        assert tiny[f"{key}_speedup_vs_before_issue_12"] == pytest.approx(before / tiny[f"{key}_s_per_image"])
-        assert tiny[f"{key}_cpu_speedup_vs_before_issue_12"] > 0
     assert tiny["guided_generation_images_per_s_100_steps"] == pytest.approx(
         4 / (100 * tiny["sample_4_steps_cfg_s_per_image"]))
     assert tiny["guided_generation_100_steps_extrapolated_from"] == 4
-    before = tiny["sample_4_steps_cfg_before_issue_12_s_per_image"]  # the old path, timed in the same run
-    assert before > 0 and tiny["sample_4_steps_cfg_speedup_vs_before_issue_12"] == pytest.approx(
-        before / tiny["sample_4_steps_cfg_s_per_image"])
-    # other kernels, the same images: apart by float rounding along the chain, under half an 8-bit level
-    assert tiny["sample_4_steps_cfg_max_abs_diff_vs_before_issue_12"] < 1 / 255
-    assert len(tiny["sample_4_steps_cfg_cpu_runs_s"]) == 1 and tiny["sample_4_steps_cfg_cpu_speedup_vs_before_issue_12"] > 0
-    bf16 = tiny["sample_4_steps_cfg_bf16_s_per_image"]  # the opt-in bf16 sampler, timed in the same turns
-    assert tiny["sample_4_steps_cfg_bf16_speedup_vs_before_issue_12"] == pytest.approx(before / bf16)
-    assert tiny["sample_4_steps_cfg_bf16_max_abs_diff_vs_before_issue_12"] > 0  # bf16 rounding: held to no tolerance
+    for key in ["train_step_bf16_autocast", "sample_4_steps_cfg_bf16"]:  # bf16 timed in the same turns
+        assert len(tiny[f"{key}_runs_s"]) == len(tiny[f"{key}_cpu_runs_s"]) == 1 and tiny[f"{key}_s_per_image"] > 0
+    assert tiny["sample_4_steps_cfg_bf16_max_abs_diff_vs_eager"] > 0  # bf16 rounding: held to no tolerance
     assert not any("compile" in key for key in tiny)  # --compile false: no compiled paths timed
-    # the arithmetic floors: the counted FLOPs per image at the machine's measured fp32 matmul rate
+    assert not any("before" in key or "speedup_vs" in key for key in tiny)  # absolute timings, no old code paths
+    # the arithmetic floors: the counted FLOPs per image at the machine's measured fp32 matmul rate, and how far
+    # each measured path is above its floor
     peak = report["machine"]["fp32_matmul_gflop_per_s"]
     assert tiny["sample_4_steps_cfg_gflop_per_image"] == pytest.approx(2 * 4 * denoiser_flops(bench.preset_config("tiny"), 1) / 1e9)
     assert tiny["train_step_gflop_per_image"] == pytest.approx(training_step_flops(bench.preset_config("tiny"), 1) / 1e9)
-    for key in ["train_step", "sample_4_steps_cfg"]:
-        assert tiny[f"{key}_arithmetic_floor_s_per_image"] == pytest.approx(tiny[f"{key}_gflop_per_image"] / peak)
-        assert tiny[f"{key}_arithmetic_floor_s_per_image"] < tiny[f"{key}_s_per_image"]  # no path beats its arithmetic
+    for floor, paths in [("train_step", ["train_step", "train_step_bf16_autocast"]),
+                         ("sample_4_steps_cfg", ["sample_4_steps_cfg", "sample_4_steps_cfg_bf16"])]:
+        assert tiny[f"{floor}_arithmetic_floor_s_per_image"] == pytest.approx(tiny[f"{floor}_gflop_per_image"] / peak)
+        for path in paths:
+            ratio = tiny[f"{path}_over_arithmetic_floor"]
+            # (not held to > 1: with one repeat on a shared machine the matmul rate and the path are timed at
+            # different loads, and the tiny preset runs near that rate)
+            assert 0 < ratio < float("inf") and ratio == pytest.approx(
+                tiny[f"{path}_s_per_image"] / tiny[f"{floor}_arithmetic_floor_s_per_image"])
     data = report["data_pipeline"]
     assert data["images_per_s_workers0"] > 0 and data["images_per_s_workers2"] > 0
 
 
 @pytest.mark.slow
-def test_bench_times_the_compiled_training_step_and_sampling_against_the_old_paths():
+def test_bench_times_the_compiled_training_step_and_sampling():
     """With compile (the default of ``make bench``) the bf16 training step and guided sampling are also timed
-    through torch.compile, in the same interleaved runs, with their ratios to the paths before issue 12; the
-    compiled sampler's images are as close to the old path's as the eager sampler's are."""
-    tiny = bench.bench_model("tiny", 1, torch.device("cpu"), sample_steps=2, compile=True)
-    for key, before in [("train_step_bf16_autocast_compile", "train_step_before_issue_12"),
-                        ("sample_2_steps_cfg_compile", "sample_2_steps_cfg_before_issue_12")]:
+    through torch.compile, in the same interleaved runs, against their arithmetic floors; the compiled sampler's
+    images are the eager sampler's up to float rounding."""
+    peak = bench.matmul_flops_per_s(torch.device("cpu"), 1)
+    tiny = bench.bench_model("tiny", 1, torch.device("cpu"), sample_steps=2, compile=True, matmul_flops=peak)
+    for key in ["train_step_bf16_autocast_compile", "sample_2_steps_cfg_compile"]:
         assert len(tiny[f"{key}_runs_s"]) == 1 and tiny[f"{key}_s_per_image"] > 0
-        assert tiny[f"{key}_speedup_vs_before_issue_12"] == pytest.approx(
-            tiny[f"{before}_s_per_image"] / tiny[f"{key}_s_per_image"])
-        assert tiny[f"{key}_cpu_speedup_vs_before_issue_12"] > 0
+        assert tiny[f"{key}_cpu_s_per_image"] > 0 and tiny[f"{key}_over_arithmetic_floor"] > 0
     # other kernels, the same images: two steps from x_T amplify float rounding most (the first x̂_0 by
-    # 1/√ᾱ_T = 2e4 on the cosine schedule, before clipping), so the compiled path is held to the eager
-    # path's own distance from the old one (about 1e-2 here), not to a fixed bound
-    eager, compiled = (tiny[f"sample_2_steps_cfg{path}_max_abs_diff_vs_before_issue_12"] for path in ("", "_compile"))
-    assert 0 < compiled < 2 * eager + 1e-3 and eager < 5e-2
+    # 1/√ᾱ_T = 2e4 on the cosine schedule, before clipping), so the bound is loose
+    assert tiny["sample_2_steps_cfg_compile_max_abs_diff_vs_eager"] < 5e-2
 
 
 def test_feature_extractor_bench():

@@ -121,33 +121,6 @@ def test_adamw_kernels_and_groups_give_the_closed_form_update(implementation):
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
 
 
-def test_a_one_group_optimizer_state_is_regrouped_with_its_moments():
-    """A checkpoint from before the decay groups (every parameter in one group, indexed in
-    model.parameters() order) resumes: its moments land on the same parameters in the two groups."""
-    from glide_lightning.models import ModelConfig, build_model
-    from glide_lightning.optim import regroup_optimizer_state
-
-    torch.manual_seed(0)
-    model, config = build_model(ModelConfig(**TINY)), OptimizerConfig(weight_decay=0.01)
-    optimizer = build_optimizer(model, config)["optimizer"]
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    optimizer.step()
-    grouped = optimizer.state_dict()
-    by_param = {id(p): grouped["state"][i] for i, p in
-                enumerate(p for group in optimizer.param_groups for p in group["params"])}
-    params = list(model.parameters())
-    one_group = {"state": {i: by_param[id(p)] for i, p in enumerate(params)},
-                 "param_groups": [{**grouped["param_groups"][0], "params": list(range(len(params)))}]}
-    regrouped = regroup_optimizer_state(one_group, model, config)
-    assert [g["params"] for g in regrouped["param_groups"]] == [g["params"] for g in grouped["param_groups"]]
-    assert [g["weight_decay"] for g in regrouped["param_groups"]] == [0.01, 0.0]
-    for index, state in grouped["state"].items():
-        torch.testing.assert_close(regrouped["state"][index]["exp_avg"], state["exp_avg"], rtol=0, atol=0)
-    optimizer.load_state_dict(regrouped)  # accepted by torch: the shapes match parameter for parameter
-    assert regroup_optimizer_state(grouped, model, config) is grouped  # already grouped: unchanged
-
-
 TINY = {"image_size": 32, "model_channels": 32, "num_res_blocks": 1, "channel_mult": (1, 2),
         "attention_resolutions": [16], "dropout": 0.0, "text_ctx": 16, "xf_width": 32, "xf_layers": 1, "xf_heads": 2}
 

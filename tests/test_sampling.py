@@ -220,33 +220,49 @@ def test_every_broken_rule_is_named_once():
 
 
 # ----------------------------------------------------------------------------------- the fast path
-def test_fast_path_equals_the_path_before_issue_12(tiny_checkpoint):
-    """Captions encoded once, guided encodings paired once, SDPA's fused kernel, channels-last on the
-    CPU: the same images as the path before (tokens at every step), to 1e-6 with the same attention
-    kernel and memory format (bit for bit on this CPU), within float rounding otherwise."""
-    from glide_lightning.bench import modules_as_before_issue_12, sample_batch_before_issue_12
+@torch.no_grad()
+def _tokens_at_every_step(loaded, prompts, seeds, config, device):
+    """Guided sampling written out the direct way: the caption tokens (and the empty caption's, batch 1, expanded
+    by the guidance wrapper) are model inputs at every step, so the text encoder runs on both halves of the guided
+    batch at every step; the network contiguous."""
+    from glide_lightning.diffusion import GaussianDiffusion, classifier_free_guidance, get_sampler
+    from glide_lightning.sampling import sample_generators
 
+    size = loaded.image_size
+    tokens, mask = loaded.tokenizer(prompts)
+    empty_tokens, empty_mask = loaded.tokenizer.empty(1)
+    model = classifier_free_guidance(loaded.model, config.guidance_scale, dict(tokens=empty_tokens, mask=empty_mask))
+    diffusion = GaussianDiffusion.from_config(loaded.diffusion_config, config.steps)
+    return get_sampler(config.sampler)(diffusion, model, (len(prompts), 3, size, size),
+                                       model_kwargs=dict(tokens=tokens, mask=mask),
+                                       generator=sample_generators(seeds), device=device)
+
+
+def test_fast_path_equals_encoding_the_captions_at_every_step(tiny_checkpoint):
+    """Captions encoded once, guided encodings paired once, channels-last on the CPU: the same images as
+    sampling with the tokens as model inputs at every step, to 1e-6 in the same memory format (bit for bit on
+    this CPU), within float rounding otherwise."""
     loaded = load_checkpoint(tiny_checkpoint)
     prompts, seeds, cpu = ["a large red circle", "a small blue square", ""], [0, 1, 2], torch.device("cpu")
     config = SamplingConfig(steps="25", batch_size=3)
-    before = sample_batch_before_issue_12(loaded, prompts, seeds, config, cpu)
+    direct = _tokens_at_every_step(loaded, prompts, seeds, config, cpu)
     now = sample_batch(loaded, prompts, seeds, config, cpu)
-    # the kernels differ by ~1e-6 per forward; 25 steps of the chain carry that to ~2e-5 at most, and up to
+    # the layouts differ by ~1e-6 per forward; 25 steps of the chain carry that to ~2e-5 at most, and up to
     # ~2e-4 on a pixel or two where guidance at 3 amplifies it (the "" caption, framed [sot, eot] as open_clip
     # does, is not the empty caption of the unconditional half)
-    torch.testing.assert_close(now, before, atol=5e-4, rtol=0)
-    assert (now - before).abs().mean() < 1e-5
+    torch.testing.assert_close(now, direct, atol=5e-4, rtol=0)
+    assert (now - direct).abs().mean() < 1e-5
     # one thread: with several, a GEMM's rounding depends on the batch it is given (the text encoder runs on
-    # 3 + 1 captions once here, on 6 at every step before), which is not the difference under test
+    # 3 + 1 captions once in sample_batch, on 6 at every step in the direct path), which is not the difference
+    # under test
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        before = sample_batch_before_issue_12(loaded, prompts, seeds, config, cpu)
-        with modules_as_before_issue_12(loaded.model):
-            same_kernels = sample_batch(loaded, prompts, seeds, replace(config, memory_format="contiguous"), cpu)
+        direct = _tokens_at_every_step(loaded, prompts, seeds, config, cpu)
+        same_layout = sample_batch(loaded, prompts, seeds, replace(config, memory_format="contiguous"), cpu)
     finally:
         torch.set_num_threads(threads)
-    torch.testing.assert_close(same_kernels, before, atol=1e-6, rtol=0)
+    torch.testing.assert_close(same_layout, direct, atol=1e-6, rtol=0)
 
 
 def test_text_encoder_runs_once_per_batch_with_the_empty_caption(tiny_checkpoint):

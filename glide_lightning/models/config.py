@@ -123,8 +123,8 @@ class ModelConfig:
     """t5 only: the hub revision (branch, tag or commit) to pin; None: the default branch."""
     text_encoder_precision: TextEncoderPrecision = "fp32"
     """t5 / clip: the frozen encoder's arithmetic, ``fp32`` or ``bf16`` (bf16 autocast over fp32 weights: faster on
-    GPUs with bf16 and on CPUs with AVX512-BF16 / AMX; embeddings ~1 % off fp32's; needs such a GPU, Ampere or
-    later). Either way the encoder runs outside the caller's autocast (``trainer.precision``, the sampling
+    GPUs with bf16 and on CPUs with AVX512-BF16 / AMX; embeddings off fp32's by bf16 rounding; needs such a GPU,
+    Ampere or later). Either way the encoder runs outside the caller's autocast (``trainer.precision``, the sampling
     ``precision``) and returns float32 embeddings. fp16 is not offered: T5 v1.1's feed-forward activations exceed
     fp16's range (65504), so under fp16 (``16-mixed``) its embeddings become inf / NaN. It changes the embeddings
     (a resume refuses a change of it; zero-shot FID keys its images by it). Checkpoints without it mean ``fp32``."""

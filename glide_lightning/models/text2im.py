@@ -388,9 +388,9 @@ class InpaintText2ImUNet(Text2ImUNet):
 class SuperResInpaintText2ImUNet(SuperResText2ImUNet):
     """Text-conditional super-resolution inpainting: known pixels, mask and upsampled low-res join ``x``, in
     glide-text2im's order (``SuperResInpaintText2ImUnet.forward``): ``[x, inpaint_image * inpaint_mask,
-    inpaint_mask, upsampled]``, 3C + 1 channels. Checkpoints of this project written before that order (issue 22:
-    ``[x, upsampled, inpaint_image * inpaint_mask, inpaint_mask]``) are converted when read, see
-    :mod:`glide_lightning.input_order`.
+    inpaint_mask, upsampled]``, 3C + 1 channels. Checkpoints of this project written before the network's input
+    order was recorded, in its earlier order ``[x, upsampled, inpaint_image * inpaint_mask, inpaint_mask]``, are
+    converted when read, see :func:`glide_lightning.migrations.convert_input_order`.
 
     Args:
         **kwargs: as :class:`SuperResText2ImUNet`.

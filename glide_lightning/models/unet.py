@@ -88,20 +88,15 @@ class Upsample(nn.Module):
         if use_conv:
             self.conv = nn.Conv2d(channels, self.out_channels, 3, padding=1)
 
-    broadcast_copy: bool = True
-    """Upsample by one broadcast copy (:func:`nearest_upsample_2x`). False: ``F.interpolate``, as
-    earlier versions (bit-identical, slower on CPU): kept only so that the benchmark can time
-    today's path against the old one in one run (see :mod:`glide_lightning.bench`)."""
-
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        x = nearest_upsample_2x(x) if self.broadcast_copy else F.interpolate(x, scale_factor=2, mode="nearest")
+        x = nearest_upsample_2x(x)
         return self.conv(x) if self.use_conv else x
 
 
 def nearest_upsample_2x(x: Tensor) -> Tensor:
     """``F.interpolate(x, scale_factor=2, mode="nearest")`` for ``[B, C, H, W]`` → ``[B, C, 2H, 2W]``,
-    bit for bit: each pixel repeated 2x2 by one broadcast copy, 3-5x faster than the interpolation
-    kernel on CPU (a channels-last ``x`` keeps that kernel, which keeps its layout)."""
+    bit for bit: each pixel repeated 2x2 by one broadcast copy, faster than the interpolation kernel on
+    CPU (a channels-last ``x`` keeps that kernel, which keeps its layout)."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return F.interpolate(x, scale_factor=2, mode="nearest")
     b, c, h, w = x.shape
@@ -207,11 +202,6 @@ class AttentionBlock(nn.Module):
     zero-initialised and added to the input.
     """
 
-    token_layout: bool = True
-    """Attend over ``[B, T, C]`` pixel tokens (see :meth:`forward`). False reproduces the layout of
-    earlier versions (the unfused math kernel on CPU, equal within float rounding): kept only so that the
-    benchmark can time today's path against the old one in one run (see :mod:`glide_lightning.bench`)."""
-
     def __init__(
         self,
         channels: int,
@@ -241,13 +231,11 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor, encoder_out: Tensor | None = None, encoder_mask: Tensor | None = None) -> Tensor:
         """``x`` ``[B, C, H, W]``; ``encoder_out`` ``[B, encoder_channels, S]`` or None; ``encoder_mask`` bool
         ``[B, S]`` (True: attend to that token; the image's own keys are always attended to) or None."""
-        if not self.token_layout:
-            return self._forward_before_issue_12(x, encoder_out, encoder_mask)
         b, c, height, width = x.shape
         # Tokens are channels-last pixels: a view of a channels-last x, and the 1x1 projections are
         # matmuls over them (F.linear on the Conv1d weights, so checkpoints are unchanged): no layout
-        # copies, and a query SDPA's fused kernel takes as it is (tiny's forward measured 1.08x faster
-        # than through Conv1d on [B, C, T], whose qkv ran at half the convolutions' FLOP rate on CPU).
+        # copies, and a query SDPA's fused kernel takes as it is (Conv1d on [B, C, T] gives it a query
+        # strided along c, which sends SDPA to its unfused math kernel on CPU).
         tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")  # [B, T, C]
         qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)  # [B, T, 3C]
         q, k, v = rearrange(qkv, "b t (h three c) -> three b h t c", h=self.num_heads, three=3)
@@ -271,23 +259,6 @@ class AttentionBlock(nn.Module):
             return None
         keep = torch.cat([encoder_mask.bool(), encoder_mask.new_ones(encoder_mask.shape[0], pixels, dtype=torch.bool)], 1)
         return rearrange(keep, "b s -> b 1 1 s")  # [B, 1, 1, S + T]
-
-    def _forward_before_issue_12(self, x: Tensor, encoder_out: Tensor | None, encoder_mask: Tensor | None) -> Tensor:
-        """The layout of earlier versions: ``[B, C, T]`` through Conv1d, a query strided along c (SDPA's
-        unfused math kernel on CPU). Equal to :meth:`forward` within float rounding; kept only for the
-        benchmark's old path (:attr:`token_layout`)."""
-        b, c, height, width = x.shape
-        x_flat = rearrange(x, "b c h w -> b c (h w)")  # [B, C, T]
-        qkv = self.qkv(self.norm(x_flat))  # [B, 3C, T]
-        q, k, v = rearrange(qkv, "b (h three c) t -> three b h t c", h=self.num_heads, three=3)
-        if encoder_out is not None:
-            ekv = self.encoder_kv(encoder_out.to(qkv.dtype))  # [B, 2C, S]
-            ek, ev = rearrange(ekv, "b (h two c) s -> two b h s c", h=self.num_heads, two=2)
-            k = torch.cat([ek, k], dim=2)  # [B, heads, S + T, c]
-            v = torch.cat([ev, v], dim=2)  # [B, heads, S + T, c]
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=self._attn_mask(encoder_out, encoder_mask, height * width))
-        h = self.proj_out(rearrange(a, "b h t c -> b (h c) t"))  # [B, C, T]
-        return x + rearrange(h, "b c (h w) -> b c h w", h=height, w=width)  # [B, C, H, W]
 
 
 class UNetModel(nn.Module):
