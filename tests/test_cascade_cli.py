@@ -1,5 +1,5 @@
 """Every model kind trains through the real CLI on synthetic shards (the tiny presets, a few steps) and its
-checkpoint samples through ``python -m glide_lightning sample``: the upsampler in a cascade (and in ``fid``,
+checkpoint samples through the ``sample`` command (the front door's ``main``, in-process): the upsampler in a cascade (and in ``fid``,
 whose results say which upsampler, steps and temperature made them), the inpainting models in edits,
 chained from the command line."""
 
@@ -18,6 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
+from hang_guard import HANG_GUARD_S
 from tiny_model_config import TINY
 from test_cli import cli_env
 
@@ -36,17 +37,22 @@ def fit(experiment: str, shards: Path, root: Path, *extra: str) -> Path:
                "--data.val_shards", f"{shards}/val-*.tar", "--data.num_workers", "0", "--data.batch_size", "4",
                "--run.root", str(root), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra]
-    run = subprocess.run(command, env=cli_env(root), cwd=root, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, env=cli_env(root), cwd=root, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr[-3000:]
     name = next((extra[i + 1] for i, a in enumerate(extra) if a == "--run.name"), experiment)
     return root / name
 
 
-def glide(root: Path, *args: str) -> subprocess.CompletedProcess:
-    run = subprocess.run([sys.executable, "-m", "glide_lightning", *args, "--device", "cpu"], env=cli_env(root),
-                         cwd=root, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
+def glide(root: Path, *args: str) -> None:
+    """``python -m glide_lightning <args> --device cpu`` in ``root``, run in this process (the front door's own
+    ``main``; a user error would end it with SystemExit 2 and fail the test): a fresh interpreter's import
+    costs more than these tiny commands, and their claims are the files they write."""
+    from glide_lightning.commands import main as glide_main
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setattr(sys, "argv", ["glide_lightning", *args, "--device", "cpu"])
+        glide_main([*args, "--device", "cpu"])
 
 
 def grid_size(run_dir: Path) -> tuple[int, int]:
@@ -163,7 +169,7 @@ def test_an_edit_needs_an_inpainting_model_and_both_files(tiny_checkpoint, tmp_p
                      capsys.readouterr().err)
     Image.new("L", (16, 8), 255).save(tmp_path / "wide_mask.png")
     with pytest.raises(ValueError, match="--mask is 16x8 px but --inpaint_image is 32x32: .* aspect ratio"):
-        from glide_lightning.evaluation.sample_cli import read_edit_inputs
+        from glide_lightning.sampling.command import read_edit_inputs
 
         read_edit_inputs(str(tmp_path / "photo.png"), str(tmp_path / "wide_mask.png"))
 
@@ -171,7 +177,7 @@ def test_an_edit_needs_an_inpainting_model_and_both_files(tiny_checkpoint, tmp_p
 def test_the_mask_of_an_edit_serves_to_edit_its_smaller_result_again(tmp_path):
     """README's chained edit: photo.png (64 px) and mask.png edited by a 16 px model give a 16 px result, which is
     edited again with the same mask.png: the mask is resized to the picture, kept only where wholly kept."""
-    from glide_lightning.evaluation.sample_cli import read_edit_inputs
+    from glide_lightning.sampling.command import read_edit_inputs
 
     white = np.zeros((64, 64), np.uint8)
     white[16:48, 18:48] = 255  # columns 18..47: the 16 px pixel of columns 16..19 is partly white

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from glide_lightning.clip_guidance import GLIDE_CLIP_PROCESS, clip_timesteps, load_guidance_clip
 from glide_lightning.commands import main as glide_main
 from glide_lightning.commands import parse
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.models.clip import GLIDE_DOWNLOAD_CLIP_FILES, NoisedCLIP, NoisedCLIPConfig, save_noised_clip
-from glide_lightning.cascade import generate
-from glide_lightning.sampling import SamplingConfig, load_checkpoint
+from glide_lightning.sampling import (GLIDE_CLIP_PROCESS, SamplingConfig, clip_timesteps, generate, load_checkpoint,
+                                     load_guidance_clip)
 
 TINY_CLIP = NoisedCLIPConfig(image_size=32, patch_size=8, image_width=32, image_layers=1, text_width=32, text_layers=1,
                              head_channels=16, embed_dim=16, n_vocab=49408, text_ctx=16, n_timesteps=50,

@@ -15,9 +15,7 @@ from glide_lightning.data.images import to_uint8
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.diffusion.inpainting import keep_known
 from glide_lightning.models import ModelConfig, build_model
-from glide_lightning.editing import edit
-from glide_lightning.cascade import generate
-from glide_lightning.sampling import SamplingConfig, SamplingModel, load_checkpoint, sample_conditioned
+from glide_lightning.sampling import SamplingConfig, SamplingModel, edit, generate, load_checkpoint, sample_conditioned
 
 from tiny_model_config import TINY
 
@@ -78,7 +76,7 @@ def test_edit_through_an_inpainting_upsampler_keeps_the_source_at_its_size():
 
 
 def test_an_edit_with_dynamic_thresholding_thresholds_each_step_then_keeps_the_known_pixels(monkeypatch):
-    import glide_lightning.sampling as sampling_module
+    import glide_lightning.sampling.batch as sampling_module
     from glide_lightning.diffusion import dynamic_threshold
 
     model = tiny("inpaint")

@@ -22,14 +22,14 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from glide_lightning.clip_guidance import GLIDE_CLIP_PROCESS, GuidanceCLIP
 from glide_lightning.data import build_tokenizer
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, get_named_beta_schedule, space_timesteps
 from glide_lightning.models import GLIDE_OPTIONS, ModelConfig, build_model
 from glide_lightning.models.clip import CLIP_MEAN, CLIP_STD, NoisedCLIP, NoisedCLIPConfig
 from glide_lightning.models.config import DEFAULT_CHANNEL_MULT
 from glide_lightning.models.nn import GroupNorm32
-from glide_lightning.sampling import RELEASED_MODELS, SamplingConfig, SamplingModel, sample_conditioned, sample_generators
+from glide_lightning.sampling import (GLIDE_CLIP_PROCESS, RELEASED_MODELS, GuidanceCLIP, SamplingConfig, SamplingModel,
+                                     sample_conditioned, sample_generators)
 
 from tiny_model_config import TINY
 
@@ -223,7 +223,7 @@ def test_solvers_note_on_glides_cosine_respaced_to_five_steps() -> None:
 # ----------------------------------------------------------------------------------- released models' settings
 @pytest.mark.parametrize("kind", ["base", "upsample", "base-inpaint", "upsample-inpaint"])
 def test_released_process_and_architecture_are_model_and_diffusion_defaults(kind: str) -> None:
-    """sampling.py RELEASED_MODELS / models/glide_text2im.py GLIDE_OPTIONS against glide-text2im's defaults
+    """sampling/checkpoints.py RELEASED_MODELS / models/glide_text2im.py GLIDE_OPTIONS against glide-text2im's defaults
     functions written out here (the existing tests compare with the fixture's copy of them), with what the options
     imply: out_channels 6 read as ε then the learned-range value (text2im_model / p_mean_variance), so
     ``prediction`` ε and ``learned_range``; the channel multipliers create_model picks for the image size."""
@@ -323,7 +323,7 @@ def test_minig_upsample_has_glides_upsampler_process() -> None:
 
 # ----------------------------------------------------------------------------------- sampling defaults
 def test_sampling_defaults_are_the_text2im_notebooks() -> None:
-    """sampling.py SamplingConfig / README "The pipeline, stage by stage": guidance 3, ancestral (p_sample_loop) over
+    """sampling/config.py SamplingConfig / README "The pipeline, stage by stage": guidance 3, ancestral (p_sample_loop) over
     '100' for the base model, 'fast27' and temperature 0.997 for the upsampler, DDIM's η 0."""
     config = SamplingConfig()
     assert config.guidance_scale == TEXT2IM_GUIDANCE
@@ -334,7 +334,7 @@ def test_sampling_defaults_are_the_text2im_notebooks() -> None:
 
 def guidance_scale_used(monkeypatch: pytest.MonkeyPatch, run: Any) -> float:
     """The scale the base stage hands classifier_free_guidance when ``run()`` samples (stopped right there)."""
-    import glide_lightning.sampling as sampling_module
+    import glide_lightning.sampling.batch as sampling_module
 
     seen: list[float] = []
 
@@ -349,7 +349,7 @@ def guidance_scale_used(monkeypatch: pytest.MonkeyPatch, run: Any) -> float:
 
 
 def test_text_to_image_guides_at_the_text2im_notebooks_scale_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    from glide_lightning.cascade import generate
+    from glide_lightning.sampling import generate
 
     base = tiny_sampling_model("base", RELEASED_MODELS["base"].diffusion)
     assert guidance_scale_used(monkeypatch, lambda: generate(base, ["a corgi"], [0])) == TEXT2IM_GUIDANCE
@@ -487,10 +487,10 @@ class RecordingUpsampler(nn.Module):
 
 
 def test_upsampler_stage_gets_the_notebooks_inputs_by_default() -> None:
-    """cascade.py upsample_batch with the default SamplingConfig on the released upsampler process (1000 linear
+    """sampling/cascade.py upsample_batch with the default SamplingConfig on the released upsampler process (1000 linear
     steps): the network sees fast27's original steps (respace.py's rule, noisiest first), ``low_res`` rounded to 8
     bits exactly as text2im.ipynb's ((samples + 1)·127.5).round()/127.5 − 1, and starts from noise × 0.997."""
-    from glide_lightning.cascade import upsample_batch
+    from glide_lightning.sampling import upsample_batch
 
     recorder = RecordingUpsampler()
     config = ModelConfig(**{**TINY.to_dict(), "kind": "upsample"})
@@ -513,7 +513,7 @@ def test_upsampler_stage_gets_the_notebooks_inputs_by_default() -> None:
 # ----------------------------------------------------------------------------------- CLIP guidance
 def test_noised_clip_defaults_are_clip_config_yaml() -> None:
     """models/clip.py NoisedCLIPConfig ("the defaults are glide-text2im's released one (its clip/config.yaml)"),
-    clip_guidance.py GLIDE_CLIP_PROCESS ("squaredcos_cap_v2, 1000 steps"), clip_module.py / README ("logit scale
+    sampling/clip_guidance.py GLIDE_CLIP_PROCESS ("squaredcos_cap_v2, 1000 steps"), clip_module.py / README ("logit scale
     100"), models/clip.py CLIP_MEAN / CLIP_STD: against config.yaml and encoders.py. Widths are heads × head state
     (clip/model_creation.py builds TextEncoder / ImageEncoder with n_head and n_head_state)."""
     c, y = NoisedCLIPConfig(), GLIDE_CLIP_YAML
@@ -555,7 +555,7 @@ def test_clip_image_embedding_normalises_pixels_as_glide_text2im() -> None:
 
 
 def test_clip_guidance_gradient_is_clip_models_cond_fn() -> None:
-    """clip_guidance.py / README "s·Σ·∇_{x_t}(logit_scale · f(x_t, t)·g(c))": clip/model_creation.py CLIPModel.cond_fn
+    """sampling/clip_guidance.py / README "s·Σ·∇_{x_t}(logit_scale · f(x_t, t)·g(c))": clip/model_creation.py CLIPModel.cond_fn
     is grad_scale · ∇_x [exp(log 100) · Σ (z_t · z_i)] with z = e / (‖e‖ + 1e-12), at the timesteps SpacedDiffusion's
     _WrappedModel passes (the released base model's original steps, which index the CLIP's own 1000 cosine steps
     unchanged)."""

@@ -4,6 +4,9 @@ statement counts, also lazy ones inside functions and ``if TYPE_CHECKING:`` bloc
 - ``diffusion/`` imports neither ``models/`` nor Lightning;
 - ``models/`` does not import ``diffusion/``;
 - ``evaluation/`` imports neither the training CLI (``glide_lightning.cli``) nor ``callbacks/``;
+- ``sampling/`` (checkpoints to images, the ``sample`` command) imports none of its consumers: ``evaluation/``,
+  ``callbacks/``, the training module and CLI, the benchmark and the front door (``commands.py``);
+- the package keeps its concepts in folders: at most ``MAX_TOP_LEVEL_MODULES`` top-level files;
 - no import cycle between files, nor between folders (each top-level file counts as its own folder).
 """
 
@@ -15,6 +18,10 @@ from pathlib import Path
 
 PACKAGE = "glide_lightning"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
+SAMPLING_CONSUMERS = ("evaluation", "callbacks", "module", "cli", "bench", "commands", "clip_module")
+"""What uses ``sampling/`` and so must stay out of it (folders and top-level modules of the package)."""
+MAX_TOP_LEVEL_MODULES = 15
+"""``glide_lightning/*.py``, ``__init__`` and ``__main__`` included: a new concept gets a folder or joins one."""
 
 
 
@@ -106,7 +113,8 @@ def edges(graph: dict[str, set[str]]) -> Iterable[tuple[str, str]]:
 def test_the_graph_sees_every_kind_of_import():
     """The checker is not vacuous: top-level, lazy (inside functions) and package-level imports all appear."""
     graph, external = import_graph(package_modules())
-    assert "glide_lightning.diffusion" in graph["glide_lightning.sampling"]  # from glide_lightning.diffusion import …
+    assert "glide_lightning.diffusion" in graph["glide_lightning.sampling.batch"]  # from glide_lightning.diffusion import …
+    assert "glide_lightning.sampling.cascade" in graph["glide_lightning.sampling"]  # a package's __init__ re-exporting
     assert "glide_lightning.evaluation.fid" in graph["glide_lightning.callbacks.metrics"]  # lazy, in a method
     assert "glide_lightning.diffusion.gaussian" in graph["glide_lightning.diffusion.losses"]
     assert "lightning" in external["glide_lightning.module"] and "torch" in external["glide_lightning.diffusion.losses"]
@@ -132,6 +140,9 @@ def test_folders_import_only_what_the_layout_allows():
         if in_folder(name, "evaluation"):
             violations += [f"{name} imports {t} (evaluation/ must not import the training CLI or callbacks/)"
                            for t in graph[name] if t == f"{PACKAGE}.cli" or in_folder(t, "callbacks")]
+        if in_folder(name, "sampling"):
+            violations += [f"{name} imports {t} (sampling/ must not import what uses it)"
+                           for t in graph[name] if any(in_folder(t, consumer) for consumer in SAMPLING_CONSUMERS)]
     assert not violations, "\n".join(sorted(violations))
 
 
@@ -153,3 +164,17 @@ def test_no_import_cycle_between_folders():
             folders[folder(a)].add(folder(b))
     cycle = find_cycle(folders)
     assert cycle is None, "import cycle between folders: " + " -> ".join(cycle)
+
+
+def test_the_sampling_rule_sees_an_upward_import():
+    """The sampling rule is not vacuous: the graph holds the sampling files, and their consumers import them."""
+    graph, _ = import_graph(package_modules())
+    assert {"glide_lightning.sampling.command", "glide_lightning.sampling.checkpoints"} <= graph.keys()
+    assert "glide_lightning.sampling.command" in graph["glide_lightning.commands"]
+    assert any(in_folder(t, "sampling") for t in graph["glide_lightning.evaluation.zero_shot"])
+
+
+def test_top_level_modules_stay_few():
+    top_level = sorted(p.name for p in ROOT.glob("*.py"))
+    assert len(top_level) <= MAX_TOP_LEVEL_MODULES, (
+        f"{len(top_level)} top-level modules ({', '.join(top_level)}): put a new one in the folder of its concept")

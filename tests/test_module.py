@@ -121,8 +121,7 @@ def test_hparams_round_trip_through_a_weights_only_checkpoint(tmp_path):
 def test_a_v_prediction_run_checkpoints_its_target_for_sampling(synthetic_shards, tmp_path):
     """Trained 2 steps with v (and min-SNR) through the real Trainer, saved, read back by the one
     checkpoint reader: the diffusion config says v, so every sampler reads the outputs as v."""
-    from glide_lightning.cascade import generate
-    from glide_lightning.sampling import SamplingConfig, load_checkpoint
+    from glide_lightning.sampling import SamplingConfig, generate, load_checkpoint
 
     diffusion = DiffusionConfig(steps=50, loss_type="hybrid", prediction="v", min_snr_gamma=5.0)
     trainer, _ = fit(GlideModule(model=TINY, diffusion=diffusion), f"{synthetic_shards}/train-*.tar", 2)

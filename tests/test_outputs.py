@@ -16,6 +16,7 @@ import pytest
 from glide_lightning.commands import main as glide_main
 from glide_lightning.data.images import read_png_metadata
 from glide_lightning.outputs import OutputFolder, OutputNotEmpty
+from hang_guard import HANG_GUARD_S
 from test_cli import cli_env
 
 
@@ -67,7 +68,8 @@ def test_sample_refuses_an_earlier_runs_folder_before_loading_and_overwrite_keep
     # the real CLI, with a checkpoint that does not exist: the refusal comes first, so nothing is loaded
     command = [sys.executable, "-m", "glide_lightning", "sample", "--ckpt", str(tmp_path / "missing.ckpt"),
                "--num_per_prompt", "2", *common]
-    run = subprocess.run(command, env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
+                         timeout=HANG_GUARD_S)
     assert run.returncode == 2 and "Traceback" not in run.stderr and "not found" not in run.stderr, run.stderr
     message = run.stderr.strip().splitlines()[-1]
     assert message.startswith(f"error: sample: --out {out} already holds the output of an earlier sample: 6 files")

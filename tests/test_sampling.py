@@ -15,8 +15,7 @@ from glide_lightning.data.images import read_png_metadata
 from glide_lightning.commands import main as glide_main
 from glide_lightning.models import CheckpointMismatchError
 from glide_lightning.models.glide_text2im import glide_config
-from glide_lightning.cascade import generate
-from glide_lightning.sampling import (RELEASED_MODELS, SamplingConfig, load_checkpoint, released_model,
+from glide_lightning.sampling import (RELEASED_MODELS, SamplingConfig, generate, load_checkpoint, released_model,
                                      sample_batch)
 
 FAST = SamplingConfig(steps="5", batch_size=2)
@@ -383,7 +382,7 @@ def test_compiled_denoiser_samples_within_its_documented_tolerance(tiny_checkpoi
 def test_dynamic_thresholding_reaches_every_sampler(tiny_checkpoint, monkeypatch, sampler, steps):
     """Every sampler post-processes pred_xstart with it once per step (a probe around the real function);
     off by default; at guidance 8 it changes the images, which stay finite."""
-    import glide_lightning.sampling as sampling_module
+    import glide_lightning.sampling.batch as sampling_module
     from glide_lightning.diffusion import dynamic_threshold
 
     calls: list[float] = []

@@ -19,9 +19,8 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from glide_lightning.cascade import generate
 from glide_lightning.data.images import to_uint8
-from glide_lightning.sampling import SamplingConfig
+from glide_lightning.sampling import SamplingConfig, generate
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,8 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
 from glide_lightning.callbacks.steps import OptimizerStepCallback
-from glide_lightning.cascade import generate
 from glide_lightning.data.images import image_grid, save_png, to_pil, to_uint8
-from glide_lightning.sampling import (DEFAULT_GUIDANCE_SWEEP, SamplingConfig, SamplingModel, load_checkpoint,
+from glide_lightning.sampling import (DEFAULT_GUIDANCE_SWEEP, SamplingConfig, SamplingModel, generate, load_checkpoint,
                                      sample_conditioned)
 
 log = logging.getLogger(__name__)

@@ -28,11 +28,11 @@ from glide_lightning.outputs import OutputFolder
 from glide_lightning.runs import resolve_wandb_mode
 from glide_lightning.evaluation.fid import ReferenceStatsCache
 from glide_lightning.evaluation.results import ScaleResult
-from glide_lightning.evaluation.sample_cli import resolve_device
 from glide_lightning.evaluation.zero_shot import FIDJob, build_extractor, check_reference, run
 from glide_lightning.diffusion import SamplerName
 from glide_lightning.data.tokenizers import check_prompt_lengths
 from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, RELEASED_MODELS, SamplingConfig, Weights, load_checkpoint
+from glide_lightning.sampling.command import resolve_device
 
 log = logging.getLogger(__name__)
 

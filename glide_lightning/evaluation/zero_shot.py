@@ -29,7 +29,6 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from glide_lightning.cascade import generate
 from glide_lightning.data.images import save_png
 from glide_lightning.data.synthetic import parse_caption
 from glide_lightning.evaluation.adherence import score_batch
@@ -42,7 +41,7 @@ from glide_lightning.evaluation.features import (
 )
 from glide_lightning.evaluation.fid import ReferenceStatsCache, feature_stats, fid_from_stats
 from glide_lightning.evaluation.results import ScaleResult, write_results
-from glide_lightning.sampling import SamplingConfig, SamplingModel, model_evaluations
+from glide_lightning.sampling import SamplingConfig, SamplingModel, generate, model_evaluations
 
 log = logging.getLogger(__name__)
 

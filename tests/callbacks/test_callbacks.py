@@ -16,8 +16,7 @@ from glide_lightning.callbacks import GenerationMetrics, SampleGrid
 from glide_lightning.callbacks.samples import sampling_model
 from glide_lightning.data import GlideDataModule
 from glide_lightning.diffusion import DiffusionConfig
-from glide_lightning.cascade import generate
-from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, SamplingConfig
+from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, SamplingConfig, generate
 from glide_lightning.models import ModelConfig
 from glide_lightning.module import GlideModule
 

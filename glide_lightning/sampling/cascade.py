@@ -1,8 +1,9 @@
 """The cascade (GLIDE's base model, then optionally its upsampler): :func:`generate`, the one text-to-image
 entry behind ``python -m glide_lightning sample``, ``fid`` / ``sweep`` and the training callbacks; the
 upsampler's stage (:func:`upsample_batch`); and the check that the models fit the task (:func:`check_cascade`),
-which editing (:func:`glide_lightning.editing.edit`, the inpainting cascade) shares. One model's batch is
-:func:`glide_lightning.sampling.sample_batch`."""
+which editing (:func:`~glide_lightning.sampling.editing.edit`, the inpainting cascade) shares. One model's batch is
+:func:`~glide_lightning.sampling.batch.sample_batch`; both stages call their network through the one
+:func:`~glide_lightning.sampling.batch.denoiser` (``compile``, ``precision``, ``memory_format``)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from glide_lightning.clip_guidance import GuidanceCLIP
 from glide_lightning.conditioning import sampling_low_res_kwargs
 from glide_lightning.data.images import to_uint8
 from glide_lightning.diffusion import GaussianDiffusion, get_sampler
 from glide_lightning.models import ModelKind
-from glide_lightning.sampling import (
-    CascadeTask,
-    SamplingConfig,
-    SamplingModel,
-    check_kind,
-    sample_batch,
-    sample_generators,
-)
+from glide_lightning.sampling.checkpoints import SamplingModel, check_kind
+from glide_lightning.sampling.clip_guidance import GuidanceCLIP
+from glide_lightning.sampling.config import CascadeTask, SamplingConfig
+from glide_lightning.sampling.batch import denoiser, sample_batch, sample_generators
 
 __all__ = ["check_cascade", "generate", "upsample_batch"]
 
@@ -35,7 +31,7 @@ def generate(base: SamplingModel, prompts: list[str], seeds: list[int], config: 
     """Images for ``prompts`` (one per prompt, uint8 [N, 3, H, W]), guided at ``config.guidance_scale``.
 
     Image i depends on ``prompts[i]`` and ``seeds[i]`` only (see
-    :func:`~glide_lightning.sampling.sample_generators`), up to floating-point differences between batch sizes
+    :func:`~glide_lightning.sampling.batch.sample_generators`), up to floating-point differences between batch sizes
     (a pixel level here and there). With ``upsampler``, the base samples are upsampled (conditioned on the
     prompt, unguided, GLIDE's ``fast27`` and temperature by default). ``clip``: the noised CLIP of CLIP guidance
     at ``config.clip_guidance_scale`` (base stage only). The upsampler stage runs
@@ -61,8 +57,8 @@ def generate(base: SamplingModel, prompts: list[str], seeds: list[int], config: 
 def check_cascade(task: str, base: SamplingModel, base_kind: ModelKind, upsampler: SamplingModel | None,
                   upsampler_kind: ModelKind, config: SamplingConfig) -> None:
     """Raise ``ValueError`` when the models are not of the kinds ``task`` needs (the message starts with ``task``;
-    :func:`~glide_lightning.sampling.check_kind`), or ``upsample_noise`` is set for an upsampler trained without
-    noise augmentation."""
+    :func:`~glide_lightning.sampling.checkpoints.check_kind`), or ``upsample_noise`` is set for an upsampler
+    trained without noise augmentation."""
     check_kind(base, base_kind, f"{task}: the base model")
     if upsampler is not None:
         check_kind(upsampler, upsampler_kind, "the upsampler")
@@ -79,8 +75,10 @@ def upsample_batch(loaded: SamplingModel, low_res: Tensor, prompts: list[str], s
     ``config.upsample_steps`` of the sampler :meth:`SamplingConfig.upsample_sampler_for` ``task`` names (by
     default glide-text2im's: DDIM with η = 0 for ``text2im``, ancestral for ``edit``); an upsampler trained with
     noise augmentation gets ``low_res`` noised at ``config.upsample_noise`` and told so. ``image_kwargs`` /
-    ``denoised_fn``: an inpainting upsampler's inputs and its known pixels (:func:`glide_lightning.editing.edit`).
-    Image i's noise comes from ``seeds[i]``."""
+    ``denoised_fn``: an inpainting upsampler's inputs and its known pixels
+    (:func:`~glide_lightning.sampling.editing.edit`).
+    Image i's noise comes from ``seeds[i]``. The network runs as the base stage's does, through
+    :func:`~glide_lightning.sampling.batch.denoiser` (``config.compile``, ``precision``, ``memory_format``)."""
     device = low_res.device
     size = loaded.image_size
     tokens, mask = (x.to(device) for x in loaded.tokenizer(prompts))
@@ -92,6 +90,7 @@ def upsample_batch(loaded: SamplingModel, low_res: Tensor, prompts: list[str], s
     diffusion = GaussianDiffusion.from_config(loaded.diffusion_config, config.upsample_steps)
     name = config.upsample_sampler_for(task)
     sampler = get_sampler("ddim", eta=0.0) if name == "ddim" else get_sampler("ddpm")
-    return sampler(diffusion, loaded.model, (len(prompts), 3, size, size), model_kwargs=model_kwargs,
-                   noise_scale=config.upsample_temp, generator=generators, progress=progress, device=device,
-                   denoised_fn=denoised_fn)
+    with denoiser(loaded.model, config, device) as net:
+        return sampler(diffusion, net, (len(prompts), 3, size, size), model_kwargs=model_kwargs,
+                       noise_scale=config.upsample_temp, generator=generators, progress=progress, device=device,
+                       denoised_fn=denoised_fn)

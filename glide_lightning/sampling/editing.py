@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from glide_lightning.cascade import check_cascade, upsample_batch
-from glide_lightning.clip_guidance import GuidanceCLIP
 from glide_lightning.data.images import to_uint8
 from glide_lightning.diffusion.inpainting import keep_known
-from glide_lightning.sampling import SamplingConfig, SamplingModel, sample_conditioned
+from glide_lightning.sampling.cascade import check_cascade, upsample_batch
+from glide_lightning.sampling.checkpoints import SamplingModel
+from glide_lightning.sampling.clip_guidance import GuidanceCLIP
+from glide_lightning.sampling.config import SamplingConfig
+from glide_lightning.sampling.batch import sample_conditioned
 
 __all__ = ["edit", "resized", "resized_keep"]
 
@@ -29,7 +31,8 @@ def edit(base: SamplingModel, images: Tensor, keep: Tensor, prompts: list[str], 
             bicubically resized, antialiased, to its own size unless they have it already).
         keep: ``[B, 1, H, W]``, 1 where the pixel is kept, 0 where it is regenerated. Resized to a model's
             size, a pixel is kept only where it was wholly kept (area average == 1).
-        prompts, seeds: one per image (image i depends on them alone, see :func:`~glide_lightning.sampling.sample_generators`).
+        prompts, seeds: one per image (image i depends on them alone, see
+            :func:`~glide_lightning.sampling.batch.sample_generators`).
         config: guidance (the base stage only, as GLIDE; its default, 3, is text2im.ipynb's: glide-text2im's
             inpaint.ipynb edits at 5), sampler and steps; the upsampler stage is
             unguided, with ``upsample_steps``, ``upsample_temp`` and ``upsample_sampler_for("edit")``

@@ -5,7 +5,7 @@ regenerate; the result can be edited again).
 Writes one PNG per image (its prompt, seed, guidance scale, sampler, steps and checkpoint in PNG text
 chunks), a grid (rows = prompts, columns = images per prompt) and ``metadata.json`` into ``--out``, which
 must be empty or new (``--overwrite true`` first deletes an earlier run's files there). The options are
-the fields of :class:`SampleCommand` (``--sampling.*``: :class:`~glide_lightning.sampling.SamplingConfig`),
+the fields of :class:`SampleCommand` (``--sampling.*``: :class:`~glide_lightning.sampling.config.SamplingConfig`),
 parsed by the front door, :mod:`glide_lightning.commands`.
 """
 
@@ -21,13 +21,14 @@ import torch
 from einops import rearrange
 from PIL import Image
 
-from glide_lightning.cascade import generate
-from glide_lightning.clip_guidance import GuidanceCLIP, load_guidance_clip
 from glide_lightning.data.images import image_grid, save_png, to_rgb
 from glide_lightning.data.tokenizers import Truncation, check_prompt_lengths
-from glide_lightning.editing import edit, resized_keep
 from glide_lightning.outputs import OutputFolder
-from glide_lightning.sampling import SamplingConfig, SamplingModel, Weights, load_checkpoint
+from glide_lightning.sampling.cascade import generate
+from glide_lightning.sampling.checkpoints import SamplingModel, Weights, load_checkpoint
+from glide_lightning.sampling.clip_guidance import GuidanceCLIP, load_guidance_clip
+from glide_lightning.sampling.config import SamplingConfig
+from glide_lightning.sampling.editing import edit, resized_keep
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def read_prompts(prompts: str | list[str] | None, prompts_file: str | None) -> l
 def read_edit_inputs(image_path: str, mask_path: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The picture to edit as float ``[1, 3, H, W]`` in [-1, 1] and its keep-mask ``[1, 1, H, W]`` (1 = keep):
     mask pixels whose gray level is at least 128 (white) are regenerated, darker ones kept. A mask of another
-    size but the picture's aspect ratio is resized to the picture (:func:`~glide_lightning.editing.resized_keep`),
+    size but the picture's aspect ratio is resized to the picture (:func:`~glide_lightning.sampling.editing.resized_keep`),
     so the mask of an edit also serves to edit its result again (which has the model's size).
 
     Raises:

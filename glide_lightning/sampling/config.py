@@ -1,0 +1,171 @@
+"""The sampling options: :class:`SamplingConfig`, the one place their defaults are written (the training
+callbacks, the ``fid`` / ``sweep`` commands and ``sample`` may override them but define none of their own),
+the default guidance sweep, and what a config costs (:func:`model_evaluations`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, SamplerName
+from glide_lightning.diffusion.guidance import edm_sigma
+from glide_lightning.diffusion.samplers import SAMPLER_NAMES
+from glide_lightning.diffusion.schedules import parse_respacing
+from glide_lightning.diffusion.solvers import diffusers_available
+
+__all__ = ["DEFAULT_GUIDANCE_SWEEP", "UPSAMPLE_SAMPLERS", "CascadeTask", "SamplingConfig", "model_evaluations"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How images are drawn from a model: the one place these knobs have defaults."""
+
+    guidance_scale: float = 3.0
+    """Classifier-free guidance scale s (1: no guidance; GLIDE samples at 3): ε̂ = ε_u + s·(ε_c − ε_u). 0 samples
+    the unconditional model alone, so the prompt is not used (``sample`` records ``conditioning: unconditional``
+    in each image's metadata); between 0 and 1, between the unconditional and the conditional model."""
+    sampler: SamplerName = "ddpm"
+    """``ddpm`` (ancestral, uses the model's variance), ``ddim``, or the multistep ODE solvers
+    ``dpmpp_2m`` (DPM-Solver++(2M)) and ``unipc`` (UniPC), made for 10-25 steps (they need diffusers:
+    ``pip install 'glide_lightning[solvers]'``)."""
+    steps: str = "100"
+    """Sampling steps as a respacing of the training process: ``"100"``, ``"ddim50"``, ``"fast27"``…
+    (one model evaluation per step, two where guided)."""
+    eta: float = 0.0
+    """DDIM's η (0: deterministic)."""
+    batch_size: int = 16
+    """Images generated per forward batch (guidance doubles the model's batch)."""
+    upsample_steps: str = "fast27"
+    """Respacing of the upsampler's process (GLIDE: ``fast27``)."""
+    upsample_temp: float = 0.997
+    """Scale of the upsampler's initial noise (GLIDE: 0.997)."""
+    upsample_sampler: Literal["auto", "ddim", "ddpm"] = "auto"
+    """The upsampler stage's sampler, started from noise × ``upsample_temp``: ``ddim`` (deterministic, η = 0)
+    or ``ddpm`` (ancestral). ``auto``: what glide-text2im's notebooks run at that stage, ``ddim`` for
+    text-to-image (``text2im.ipynb`` and ``clip_guided.ipynb``: ``ddim_sample_loop``) and ``ddpm`` for edits
+    (``inpaint.ipynb``: ``p_sample_loop``). Results and cached images record the sampler used."""
+    upsample_noise: float = 0.0
+    """For upsamplers trained with noise augmentation of their low-res input (``model.low_res_noise``):
+    the base samples are noised (``q_sample``) at this fraction of the upsampler's process and the
+    network is told that level (``low_res_t``); 0: the process's first step. Other upsamplers: must be 0."""
+    guidance_interval: tuple[float, float] | None = None
+    """Guide only at steps whose noise level σ = √((1 - ᾱ_t) / ᾱ_t) lies in (low, high]; elsewhere the
+    conditional model runs alone (half the forward passes there). Kynkäänniemi et al. 2024 guide
+    EDM2 in (0.28, 5.42]. None: guide at every step."""
+    compile: bool = False
+    """``torch.compile`` the denoiser, of every stage (not the once-per-call text encoder); on CUDA with
+    ``mode="reduce-overhead"`` (CUDA graphs: small batches stop paying per-kernel launch costs), on
+    the CPU with inductor's ``freezing`` (inference only: oneDNN convolutions fused with their
+    neighbouring pointwise ops; later weight changes, such as an EMA swap, are still followed:
+    tested). The first call compiles, which takes a while on a CPU: an option for long runs (an FID run),
+    not for a few images. Outputs equal eager ones within float rounding: fused kernels round
+    differently (as eager channels-last does) and a sampling chain carries that further, most with few
+    steps (the first step's x̂_0 multiplies ε's rounding by 1/√ᾱ_T, 2e4 on the 1000-step cosine schedule)
+    and random weights (``tests/test_bench.py`` bounds it). How much faster than eager it samples depends on
+    the machine and the model: ``make bench`` times it as ``sample_25_steps_cfg_compile``."""
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """The denoiser's arithmetic: ``fp32``; ``bf16`` autocast (the sampler's own math stays fp32);
+    ``auto``: bf16 on GPUs that support it, fp32 elsewhere."""
+    dynamic_threshold: float | None = None
+    """Imagen's dynamic thresholding: the percentile p in (0, 1] (Imagen: 0.995) of ``|pred_xstart|`` per
+    sample that becomes the clipping bound s (at least 1), then ``pred_xstart / s``; keeps high guidance
+    scales from saturating. Every sampler gets it (it post-processes ``pred_xstart`` where the static
+    [-1, 1] clip does, see :func:`~glide_lightning.diffusion.dynamic_threshold`). None: the static clip only."""
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
+    """The UNet's activation layout while sampling: ``channels_last`` (NHWC) or ``contiguous`` (NCHW).
+    ``auto``: channels_last on the CPU, where eager guided sampling is faster in it (oneDNN convolutions skip
+    their layout reorders); contiguous with ``compile`` (inductor's freezing lays out the convolutions
+    itself, and its fused kernels are faster from NCHW) and on GPUs. Outputs equal within float rounding;
+    the network's own memory format is restored after each call."""
+
+    clip_guidance_scale: float = 0.0
+    """CLIP guidance scale s (GLIDE §2.3): each ancestral step's mean moves by s·Σ·∇_{x_t} of a noised
+    CLIP's ``logit_scale · cos(f(x_t, t), g(caption))`` (the CLIP comes from ``sample --clip_dir``).
+    0: off. Needs sampler ``ddpm``; adds one CLIP forward and backward per step. GLIDE's CLIP-guided
+    samples use no classifier-free guidance: set ``guidance_scale`` 1 for CLIP guidance alone."""
+
+    def __post_init__(self) -> None:
+        """Options that contradict each other are errors when the config is made (parse time)."""
+        problems = []
+        if self.clip_guidance_scale < 0:
+            problems.append(f"clip_guidance_scale must be >= 0 (0: off), got {self.clip_guidance_scale}")
+        elif self.clip_guidance_scale > 0 and self.sampler != "ddpm":
+            problems.append(f"clip_guidance_scale {self.clip_guidance_scale} shifts the ancestral step's mean, but "
+                            f"sampler is {self.sampler!r}: use sampler 'ddpm' or clip_guidance_scale 0")
+        if self.sampler not in SAMPLER_NAMES:
+            problems.append(f"sampler {self.sampler!r} is unknown: choose one of {', '.join(SAMPLER_NAMES)}")
+        elif self.sampler in ("dpmpp_2m", "unipc") and not diffusers_available():
+            problems.append(f"sampler {self.sampler!r} needs Hugging Face diffusers: pip install "
+                            f"'glide_lightning[solvers]'")
+        if self.guidance_interval is not None:
+            low, high = self.guidance_interval
+            if not 0 <= low < high:
+                problems.append(f"guidance_interval (low, high] needs 0 <= low < high, got {self.guidance_interval}")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            problems.append(f"precision {self.precision!r} is unknown: choose fp32, bf16 or auto")
+        if self.memory_format not in ("auto", "contiguous", "channels_last"):
+            problems.append(f"memory_format {self.memory_format!r} is unknown: choose auto, contiguous or "
+                            f"channels_last")
+        for name in ("steps", "upsample_steps"):
+            try:
+                parse_respacing(getattr(self, name))
+            except ValueError as error:
+                problems.append(f"{name}: {error}")
+        if self.steps.strip().startswith("ddim") and self.sampler != "ddim":
+            problems.append(f"steps {self.steps!r} is DDIM's stride spacing but sampler is {self.sampler!r}: use "
+                            f"sampler 'ddim', or steps '{self.steps.strip()[4:]}' for evenly spaced {self.sampler} steps")
+        if self.eta < 0:
+            problems.append(f"eta must be >= 0, got {self.eta}")
+        elif self.eta != 0 and self.sampler != "ddim":
+            problems.append(f"eta {self.eta} is DDIM's noise level, but sampler is {self.sampler!r}: use sampler "
+                            f"'ddim' or leave eta at 0")
+        if self.dynamic_threshold is not None and not 0 < self.dynamic_threshold <= 1:
+            problems.append(f"dynamic_threshold is a percentile p in (0, 1] (Imagen: 0.995), got "
+                            f"{self.dynamic_threshold}")
+        if self.guidance_scale < 0:
+            problems.append(f"guidance_scale must be >= 0 (1: no guidance), got {self.guidance_scale}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.upsample_noise <= 1:
+            problems.append(f"upsample_noise must be in [0, 1] (a fraction of the upsampler's process), got "
+                            f"{self.upsample_noise}")
+        if self.upsample_sampler not in UPSAMPLE_SAMPLERS:
+            problems.append(f"upsample_sampler {self.upsample_sampler!r} is unknown: choose one of "
+                            f"{', '.join(UPSAMPLE_SAMPLERS)}")
+        if self.upsample_temp <= 0:
+            problems.append(f"upsample_temp must be > 0 (GLIDE: 0.997), got {self.upsample_temp}")
+        if problems:
+            raise ValueError("bad sampling options:\n  - " + "\n  - ".join(problems))
+
+
+    def upsample_sampler_for(self, task: CascadeTask) -> str:
+        """The upsampler stage's sampler for ``task`` (``text2im`` or ``edit``): ``upsample_sampler``, with
+        ``auto`` resolved as glide-text2im's notebooks do (``ddim`` for text-to-image, ``ddpm`` for edits)."""
+        if self.upsample_sampler != "auto":
+            return self.upsample_sampler
+        return {"text2im": "ddim", "edit": "ddpm"}[task]
+
+
+UPSAMPLE_SAMPLERS: tuple[str, ...] = ("auto", "ddim", "ddpm")
+CascadeTask = Literal["text2im", "edit"]
+"""What a cascade makes: images from text (``generate``) or edits of given images (``edit``)."""
+
+DEFAULT_GUIDANCE_SWEEP: tuple[float, ...] = (1.0, 3.0, 6.0, 12.0)
+"""The guidance scales swept by default (GLIDE / dogGLIDE's 1 / 3 / 6 / 12): the columns of
+:class:`~glide_lightning.callbacks.SampleGrid` and the scales of the ``sweep`` command (and so of
+``make sweep``); the one place this list is written."""
+
+
+def model_evaluations(config: SamplingConfig, diffusion_config: DiffusionConfig) -> int:
+    """Network evaluations per image (NFE) of base sampling with ``config`` on a model trained with
+    ``diffusion_config``: one per step, two per guided step (the guided batch doubles; outside
+    ``guidance_interval`` the conditional half runs alone)."""
+    diffusion = GaussianDiffusion.from_config(diffusion_config, config.steps)
+    steps = diffusion.num_timesteps
+    if config.guidance_scale == 1.0:
+        return steps
+    if config.guidance_interval is None:
+        return 2 * steps
+    low, high = config.guidance_interval
+    sigma = edm_sigma(diffusion.base_alphas_cumprod[diffusion.timestep_map])
+    return steps + int(((sigma > low) & (sigma <= high)).sum())
