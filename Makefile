@@ -20,7 +20,7 @@ SCALES     ?= 5 8
 EVAL_EXTRA ?= --sampling.sampler ddim --sampling.steps ddim50 --sampling.dynamic_threshold 0.995
 endif
 # guidance scales, e.g. SCALES="1.5 3"; empty: the command's default (fid: the sampling default scale,
-# sweep: DEFAULT_GUIDANCE_SWEEP in glide_lightning/sampling.py; the one list of it)
+# sweep: DEFAULT_GUIDANCE_SWEEP in glide_lightning/sampling/config.py; the one list of it)
 SCALES ?=
 # sweep only: samplers and step counts to sweep as well, e.g. SAMPLERS="ddpm ddim dpmpp_2m unipc" STEPS="10 25 50"
 # (quality against model evaluations per image: <out>/nfe_sweep.png); empty: the sampling config's own
@@ -48,7 +48,8 @@ EVAL_ARGS = --run_dir $(RUN_DIR) $(if $(CKPT),--ckpt $(CKPT)) --n $(N) $(if $(RE
             --captions $(CAPTIONS) --reference $(REFERENCE) $(EVAL_EXTRA) \
             $(if $(strip $(SCALES)),--scales $(call yaml_list,$(SCALES)))
 EXPERIMENTS := $(sort $(basename $(notdir $(wildcard experiments/*.yaml))))
-RECIPES     := synthetic folder mscoco stanford_dogs sbucaptions embed
+# the data recipes: every module of data_recipes/ but common.py and _private ones (its registry's rule)
+RECIPES     := $(sort $(filter-out common,$(basename $(notdir $(filter-out data_recipes/_%,$(wildcard data_recipes/*.py))))))
 
 .PHONY: help setup test bench bench-gpu bench-learning train data sample fid sweep compare ablation-smoke check-exp check-run check-recipe clean
 
@@ -71,16 +72,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	echo "setup: done in $$(( $$(date +%s) - start )) s ($$($(PY) -m pip list --format=freeze 2>/dev/null | wc -l) packages in $(VENV)/)"
 	@touch $@
 
-test: setup  ## run the test suite (offline, CPU; GPU-only tests are skipped), then the 15 slowest tests
-	$(PY) -m pytest -q --durations=15
+test: setup  ## run the test suite (offline, CPU; GPU-only tests are skipped) on one pytest-xdist worker per core, a test file each, then the 15 slowest tests
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=15
 
-bench: setup  ## time models, training, sampling (eager and compiled), data pipeline and FID/CLIP features against the paths before issue 12; writes bench/results.json, ~35 min on 2 cores [ARGS="--repeats 3 --compile false"]
+bench: setup  ## time models, training, sampling (eager and compiled), data pipeline and FID/CLIP features against their arithmetic floors; writes bench/results.json, ~35 min on 2 cores [ARGS="--repeats 3 --compile false"]
 	$(PY) -m glide_lightning bench --out $(BENCH_OUT) $(ARGS)
 
 # the synthetic shards of the smoke experiment and the toy ablation, built when missing
 SYNTHETIC_DATA = @if ! ls data/synthetic/train-*.tar >/dev/null 2>&1; then \
 		echo "data/synthetic is empty: building the synthetic shards first"; \
-		$(PY) -m data_recipes synthetic --out data/synthetic $(SMOKE_DATA_ARGS); fi
+		$(PY) -m glide_lightning data synthetic --out data/synthetic $(SMOKE_DATA_ARGS); fi
 
 bench-gpu: setup  ## on a machine with a CUDA GPU: miniGLIDE bf16 training images/s and MFU with and without compile, guided sampling images/s with and without CUDA graphs at batch 1 and 64: bench/results-gpu.json [ARGS=]
 	$(PY) scripts/bench_gpu.py --out bench/results-gpu.json $(ARGS)
@@ -127,8 +128,8 @@ ablation-smoke: setup  ## hybrid vs simple arm of the smoke model (same budget, 
 	$(PY) -m glide_lightning compare --runs $(call yaml_list,$(addprefix runs/ablation_smoke_,$(ABLATION_ARMS))) \
 		--out reports/ablation_smoke.md --overwrite true  # this target remakes the committed report
 
-data: check-recipe setup  ## build shards: RECIPE=<recipe> [ARGS="..."] (python -m data_recipes RECIPE --help)
-	$(PY) -m data_recipes $(RECIPE) $(if $(filter synthetic,$(RECIPE)),$(or $(ARGS),--out data/synthetic),$(ARGS))
+data: check-recipe setup  ## build shards: RECIPE=<recipe> [ARGS="..."] (python -m glide_lightning data RECIPE --help)
+	$(PY) -m glide_lightning data $(RECIPE) $(if $(filter synthetic,$(RECIPE)),$(or $(ARGS),--out data/synthetic),$(ARGS))
 
 check-exp:
 	@if [ -z "$(EXP)" ] || [ ! -f "experiments/$(EXP).yaml" ]; then \

@@ -1,8 +1,9 @@
-"""Helpers shared by the recipes: output dir, image loading, skip accounting, splits, CLI args."""
+"""Helpers shared by the recipes: their options (:class:`Recipe`, :class:`ImageRecipe`), output dir, image
+loading, skip accounting, splits, the checks of images and captions against the model."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import hashlib
 import io
 import logging
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from PIL import ExifTags, Image, ImageOps
 
@@ -57,13 +58,23 @@ RECIPE_OUTPUTS: tuple[str, ...] = (
 """What the recipes write in ``--out`` (names, as regular expressions): what ``--overwrite`` deletes."""
 
 
-class RecipeError(Exception):
-    """A user-facing problem with a recipe's input or arguments (printed without a traceback)."""
+class RecipeError(ValueError):
+    """A user-facing problem with a recipe's input or arguments: a ``ValueError``, so the front door
+    (:mod:`glide_lightning.commands`) prints it as one ``error: ...`` line, without a traceback."""
+
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip", ".gz", ".7z")
 
 
 def require_dir(path: Path, what: str, hint: str = "") -> Path:
-    """``path`` if it is a directory, else a :class:`RecipeError` naming ``what`` it should be."""
+    """``path`` if it is a directory, else a :class:`RecipeError` naming ``what`` it should be (and, for an
+    archive, how to extract it)."""
+    path = Path(path)
     if not path.is_dir():
+        if path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES):
+            how = "unzip" if path.name.lower().endswith(".zip") else "tar -xf"
+            raise RecipeError(f"{what} {path} is an archive, not a directory: extract it first ({how} {path}) and "
+                              f"pass the extracted folder")
         state = "is not a directory" if path.exists() else "does not exist"
         raise RecipeError(f"{what} {path} {state}{'; ' + hint if hint else ''}")
     return path
@@ -71,6 +82,7 @@ def require_dir(path: Path, what: str, hint: str = "") -> Path:
 
 def require_file(path: Path, what: str, hint: str = "") -> Path:
     """``path`` if it is a file, else a :class:`RecipeError` naming ``what`` it should be."""
+    path = Path(path)
     if not path.is_file():
         state = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise RecipeError(f"{what} {path} {state}{'; ' + hint if hint else ''}")
@@ -79,8 +91,7 @@ def require_file(path: Path, what: str, hint: str = "") -> Path:
 
 def out_folder(out: Path) -> OutputFolder:
     """``--out`` of a recipe: :data:`RECIPE_OUTPUTS` are its files; its lock is neither counted nor removed."""
-    return OutputFolder(out, "", RECIPE_OUTPUTS, kept=(re.escape(LOCK_NAME),), writers="data recipe",
-                        overwrite_flag="--overwrite")
+    return OutputFolder(out, "", RECIPE_OUTPUTS, kept=(re.escape(LOCK_NAME),), writers="data recipe")
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> Path:
@@ -155,7 +166,7 @@ class SkipCounter:
         self.counts[reason] += 1
         ex = self.examples.setdefault(reason, [])
         if len(ex) < self.examples_per_reason:
-            ex.append(f"{source}: {detail}" if detail else source)
+            ex.append(capped(f"{source}: {detail}" if detail else source))
 
     @property
     def total(self) -> int:
@@ -265,44 +276,160 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: 
             yield pending.popleft().result()
 
 
-OUT_RULE = "one that holds files already is refused (the files of two datasets must not mix): see --overwrite"
-OUT_HELP = f"output directory for shards + manifest.json; {OUT_RULE}"
-OVERWRITE_HELP = ("write into a non-empty --out: the recipe outputs there (shards, manifest.json, fid_captions.txt, "
-                  "fid_reference/, ...) are deleted first; other files stay")
+def capped(text: str, limit: int | None = None) -> str:
+    """``text`` cut to ``limit`` characters (default :data:`MANIFEST_TEXT_CHARS`), saying how long it was: what
+    the manifest and the log record of a caption or a path (a 1 MB caption is not copied whole)."""
+    limit = MANIFEST_TEXT_CHARS if limit is None else limit
+    return text if len(text) <= limit else f"{text[:limit]}... [{len(text)} characters in all]"
 
 
-def add_output_args(parser: argparse.ArgumentParser, max_per_shard: int = 1000) -> None:
-    """``--out``, ``--max-per-shard``, ``--overwrite``."""
-    parser.add_argument("--out", type=Path, required=True, help=OUT_HELP)
-    parser.add_argument(
-        "--max-per-shard", type=int, default=max_per_shard, help=f"samples per shard (default {max_per_shard})"
-    )
-    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+MANIFEST_TEXT_CHARS = 300
+"""The most characters of one caption (or skip example) the manifest records."""
 
 
-def add_image_args(parser: argparse.ArgumentParser, seed_help: str = "seed of the sample order") -> None:
-    """``--max-size``, ``--reencode``, ``--workers``, ``--seed``."""
-    parser.add_argument(
-        "--max-size", type=int, default=None, help="downscale so the shorter side is at most this (default: keep)"
-    )
-    parser.add_argument(
-        "--reencode", action="store_true", help="re-encode RGB JPEGs at quality 95 even when they need no change"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=1, help="processes decoding images (default 1; output is identical)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default 0)")
+def json_value(value: Any) -> Any:
+    """An option as JSON (paths as str)."""
+    return str(value) if isinstance(value, os.PathLike) else value
 
 
-def args_to_json(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
-    """Recipe arguments as JSON-friendly values (paths as str), without argparse internals."""
-    items = vars(args).items() if isinstance(args, argparse.Namespace) else args.items()
-    out: dict[str, Any] = {}
-    for k, v in items:
-        if k.startswith("_") or callable(v) or k in ("quiet", "recipe"):
-            continue
-        out[k] = str(v) if isinstance(v, os.PathLike) else v
-    return out
+@dataclass(kw_only=True)
+class Recipe:
+    """The options every recipe has: where it writes."""
+
+    NAME: ClassVar[str] = ""
+    """The recipe's name on the command line (``python -m glide_lightning data NAME``)."""
+
+    out: Path
+    """Output directory for the shards and manifest.json. One that holds files already is refused (the files
+    of two datasets must not mix): see ``--overwrite``."""
+    overwrite: bool = False
+    """Write into a non-empty ``--out``: the recipe outputs there (shards, manifest.json, fid_captions.txt,
+    fid_reference/, ...) are deleted first; other files stay."""
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+
+    def options(self) -> dict[str, Any]:
+        """The options as the manifest records them (``args``): JSON values, ``overwrite`` left out."""
+        return {f.name: json_value(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.init and f.name != "overwrite"}
+
+    def run(self) -> Any:
+        """Write the dataset; returns its manifest."""
+        raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class ShardRecipe(Recipe):
+    """A recipe that writes shards."""
+
+    max_per_shard: int = 1000
+    """Samples per shard."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_per_shard < 1:
+            raise RecipeError(f"--max_per_shard must be >= 1, got {self.max_per_shard}")
+
+
+@dataclass(kw_only=True)
+class ImageRecipe(ShardRecipe):
+    """A recipe that shards images from disk: their preprocessing, and the model they are checked against."""
+
+    max_size: int | None = None
+    """Downscale so the shorter side is at most this many pixels (default: keep the size)."""
+    reencode: bool = False
+    """Re-encode RGB JPEGs at quality 95 even when they need no change."""
+    workers: int = 1
+    """Processes decoding images (the output is identical for any number)."""
+    seed: int = 0
+    """Seed of the sample order."""
+    image_size: int = 64
+    """The image size of the model these shards are for (``model.model.image_size``; GLIDE's base: 64). Nothing
+    is resized to it (see ``--max_size``): images whose shorter side is under half of it are counted and warned
+    about."""
+    text_ctx: int = 128
+    """The caption length of the model in tokens (``model.model.text_ctx``; GLIDE's GPT-2 BPE: 128, the CLIP
+    BPE: 77): captions longer than that are counted and warned about (training keeps their first tokens)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_size is not None and self.max_size < 1:
+            raise RecipeError(f"--max_size must be >= 1 (or left out to keep the size), got {self.max_size}")
+        if self.workers < 1:
+            raise RecipeError(f"--workers must be >= 1, got {self.workers}")
+        if self.image_size < 1 or self.text_ctx < 1:
+            raise RecipeError(f"--image_size and --text_ctx must be >= 1, got {self.image_size} and {self.text_ctx}")
+
+    def checks(self) -> DataChecks:
+        """The checks of this run's images and captions against the model (:class:`DataChecks`)."""
+        return DataChecks(self.image_size, self.text_ctx)
+
+
+_PIECE = re.compile(r"\w+|[^\w\s]+")
+
+
+def min_tokens(caption: str) -> int:
+    """A lower bound of the BPE tokens of ``caption``: its runs of word characters and of punctuation, each at
+    least one token of GPT-2's and of CLIP's BPE (which split letters, digits and punctuation further)."""
+    return sum(1 for _ in _PIECE.finditer(caption))
+
+
+@dataclass
+class DataChecks:
+    """The images and captions of a recipe run measured against the model they are for: images far below its
+    ``image_size`` and captions over its ``text_ctx`` are counted, warned about (:meth:`report`) and recorded in
+    the manifest (``checks``)."""
+
+    image_size: int
+    text_ctx: int
+    sizes: ImageSizes = field(default_factory=lambda: ImageSizes())
+    small_images: int = 0
+    smallest: tuple[int, int] | None = None
+    long_captions: int = 0
+    longest_caption: int = 0
+    """Tokens (at least) of the longest caption over the context."""
+
+    def image(self, native: tuple[int, int], stored: tuple[int, int]) -> None:
+        """Count one written image (its size on disk and in the shards)."""
+        self.sizes.add(native, stored)
+        if 2 * min(stored) < self.image_size:
+            self.small_images += 1
+            if self.smallest is None or min(stored) < min(self.smallest):
+                self.smallest = (int(stored[0]), int(stored[1]))
+
+    def caption(self, text: str) -> None:
+        """Count one written caption."""
+        if len(text) <= self.text_ctx:  # fewer characters than the context: fewer tokens too
+            return
+        tokens = min_tokens(text)
+        if tokens > self.text_ctx:
+            self.long_captions += 1
+            self.longest_caption = max(self.longest_caption, tokens)
+
+    def report(self) -> dict[str, Any]:
+        """Log a warning for each problem found; returns the manifest entry ``checks``."""
+        images = len(self.sizes.stored)
+        if self.small_images:
+            w, h = self.smallest or (0, 0)
+            log.warning("%d of %d images are far smaller than the model's %d px (shorter side under %d px, the "
+                        "smallest %dx%d px): the model would learn from blurry upscales; use larger images, or a "
+                        "model of a smaller image_size (--image_size here, model.model.image_size in training)",
+                        self.small_images, images, self.image_size, self.image_size // 2 + self.image_size % 2, w, h)
+        if self.long_captions:
+            log.warning("%d caption(s) are longer than the model's context of %d tokens (the longest at least %d "
+                        "tokens): training keeps their first %d tokens and cuts the rest (the manifest records at "
+                        "most %d characters of a caption)", self.long_captions, self.text_ctx,
+                        self.longest_caption, self.text_ctx, MANIFEST_TEXT_CHARS)
+        return {"image_size": self.image_size, "text_ctx": self.text_ctx,
+                "images_under_half_image_size": self.small_images,
+                "smallest_image": list(self.smallest) if self.smallest else None,
+                "captions_over_text_ctx": self.long_captions}
+
+
+def _capped_split(split: SplitManifest) -> SplitManifest:
+    examples = tuple(capped(e) for e in split.captions.examples)
+    return dataclasses.replace(split, captions=dataclasses.replace(split.captions, examples=examples))
 
 
 def finish(
@@ -312,15 +439,21 @@ def finish(
     splits: Sequence[SplitManifest],
     skips: SkipCounter | None = None,
     extra: Mapping[str, Any] | None = None,
+    checks: DataChecks | None = None,
 ) -> Manifest:
-    """Write the manifest, log a summary, and return the parsed manifest."""
+    """Write the manifest (captions in it capped at :data:`MANIFEST_TEXT_CHARS`), log a summary and the
+    warnings of ``checks``, and return the parsed manifest."""
     extra = dict(extra or {})
     if skips is not None:
         extra["skipped"] = skips.to_dict()
         skips.report()
+    if checks is not None:
+        extra["image_sizes"] = checks.sizes.to_dict()
+        extra["checks"] = checks.report()
     if not any(s.num_samples for s in splits):
         raise RecipeError(f"no sample could be written (every input was skipped); no manifest written in {out}")
-    write_manifest(out, recipe, args_to_json(args), [s for s in splits if s.num_samples], extra=extra)
+    kept = [_capped_split(s) for s in splits if s.num_samples]
+    write_manifest(out, recipe, {k: json_value(v) for k, v in args.items()}, kept, extra=extra)
     release_lock(out)  # the dataset is complete: the directory is free again
     for s in splits:
         log.info("%s: %d samples in %d shard(s)", s.split, s.num_samples, len(s.shards))
@@ -378,7 +511,7 @@ class ImageOptions:
 
     def __post_init__(self) -> None:
         if self.max_size is not None and self.max_size < 1:
-            raise RecipeError(f"--max-size must be >= 1 (or left out to keep the size), got {self.max_size}")
+            raise RecipeError(f"--max_size must be >= 1 (or left out to keep the size), got {self.max_size}")
 
     def load(self, path: Path) -> LoadedImage | ImageFailure:
         """:func:`load_image` with these options (picklable, for worker processes)."""
@@ -415,12 +548,12 @@ def image_samples(
     opts: ImageOptions,
     skips: SkipCounter,
     workers: int = 1,
-    sizes: ImageSizes | None = None,
+    checks: DataChecks | None = None,
 ) -> Iterator[Sample]:
     """Decode ``entries`` (in order, on ``workers`` processes) into samples, one per caption.
 
     Images that fail to decode are counted in ``skips`` (reason ``unreadable image``) and left out;
-    the sizes of the others are added to ``sizes`` when given.
+    the others and their captions are counted in ``checks`` when given.
     """
     from functools import partial
 
@@ -428,8 +561,10 @@ def image_samples(
         if isinstance(result, ImageFailure):
             skips.add(result.reason, entry.source_id, result.detail)
             continue
-        if sizes is not None:
-            sizes.add(result.original_size, result.size)
+        if checks is not None:
+            checks.image(result.original_size, result.size)
+            for _, caption in entry.captions:
+                checks.caption(caption)
         meta = {
             "source_id": entry.source_id,
             "original_size": list(result.original_size),
@@ -448,21 +583,21 @@ def write_entries(
     *,
     workers: int = 1,
     max_per_shard: int = 1000,
-    sizes: ImageSizes | None = None,
+    checks: DataChecks | None = None,
 ) -> list[SplitManifest]:
-    """:func:`write_shards` for each split's entries (splits without entries are skipped); the sizes of
-    the images written are added to ``sizes`` when given."""
+    """:func:`write_shards` for each split's entries (splits without entries are skipped); the images and
+    captions written are counted in ``checks`` when given."""
     if workers < 1:
         raise RecipeError(f"--workers must be >= 1, got {workers}")
     if max_per_shard < 1:
-        raise RecipeError(f"--max-per-shard must be >= 1, got {max_per_shard}")
+        raise RecipeError(f"--max_per_shard must be >= 1, got {max_per_shard}")
     manifests = []
     for split, entries in entries_by_split.items():
         if not entries:
             continue
         n = sum(len(e.captions) for e in entries)
         log.info("%s: %d images, %d captions", split, len(entries), n)
-        samples = image_samples(entries, opts, skips, workers, sizes)
+        samples = image_samples(entries, opts, skips, workers, checks)
         manifests.append(
             write_shards(samples, out, split, max_per_shard=max_per_shard, image_format=opts.image_format)
         )

@@ -1,6 +1,6 @@
 """mscoco: MS-COCO captions (2014 or 2017) → training shards + a zero-shot FID caption/reference set.
 
-Input layout (--coco-dir ROOT; image folders may also sit under ROOT/images/):
+Input layout (--coco_dir ROOT; image folders may also sit under ROOT/images/):
   2014: ROOT/annotations/captions_train2014.json, captions_val2014.json,
         ROOT/train2014/COCO_train2014_000000xxxxxx.jpg, ROOT/val2014/COCO_val2014_000000xxxxxx.jpg
   2017: ROOT/annotations/captions_train2017.json, captions_val2017.json,
@@ -9,33 +9,34 @@ Input layout (--coco-dir ROOT; image folders may also sit under ROOT/images/):
 
 Output in --out:
   train-*.tar   from the train split: one sample per image-caption pair (key
-                <image_id:012d>_<annotation_id>), or --captions-per-image N random captions per
+                <image_id:012d>_<annotation_id>), or --captions_per_image N random captions per
                 image; image order shuffled with --seed; RGB JPEG, txt, json {source_id, image_id,
                 file_name, original_size, size}. Images are NOT EXIF-rotated (COCO's captions and
                 the usual FID references use the stored pixel orientation).
-  val-*.tar     --val-images images of the val split with one caption each (for validation loss).
-  fid_captions.txt        zero-shot FID prompts from the val split: --fid-n captions (default
+  val-*.tar     --val_images images of the val split with one caption each (for validation loss).
+  fid_captions.txt        zero-shot FID prompts from the val split: --fid_n captions (default
                           30000, as in GLIDE), one line each, one per distinct image, images and
                           captions drawn with --seed (deterministic).
   fid_reference/NNNNNN.png  the matching reference images, line i ↔ fid_reference/{i:06d}.png:
                           RGB, largest centred square crop (side min(w, h), left (w-side)//2,
-                          top (h-side)//2), resized to --fid-resolution² with PIL BICUBIC (antialiased).
+                          top (h-side)//2), resized to --fid_resolution² with PIL BICUBIC (antialiased).
   fid_reference.jsonl     per line: index, image_id, file_name, caption.
   manifest.json           also records the FID set and its exact preprocessing.
-  The val set of 2017 has 5000 images: a larger --fid-n is reduced to what exists (with a warning).
+  The val set of 2017 has 5000 images: a larger --fid_n is reduced to what exists (with a warning).
 
 Examples:
-  python -m data_recipes mscoco --coco-dir /data/coco --year 2014 --out data/coco64 --max-size 128 --workers 2
-  python -m data_recipes mscoco --coco-dir /data/coco --out data/coco --captions-per-image 1 --fid-n 5000
+  python -m glide_lightning data mscoco --coco_dir /data/coco --year 2014 --out data/coco64 --max_size 128 \\
+      --workers 2
+  python -m glide_lightning data mscoco --coco_dir /data/coco --out data/coco --captions_per_image 1 --fid_n 5000
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import random
 import shutil
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -46,10 +47,9 @@ from data_recipes.common import (
     Entry,
     ImageFailure,
     ImageOptions,
+    ImageRecipe,
     RecipeError,
     SkipCounter,
-    add_image_args,
-    add_output_args,
     check_out_dir,
     clean_caption,
     finish,
@@ -63,44 +63,12 @@ from glide_lightning.data.images import to_rgb
 from glide_lightning.data.shards import Manifest, sha256_file
 
 NAME = "mscoco"
-SUMMARY = "MS-COCO 2014/2017 captions: train shards + zero-shot FID captions and reference images"
 Year = Literal["2014", "2017"]
 FID_PREPROCESSING = (
     "decode with PIL, convert to RGB, no EXIF rotation; crop the largest centred square (side = min(w, h), "
     "left = (w - side) // 2, top = (h - side) // 2); resize to resolution x resolution with PIL "
     "Image.Resampling.BICUBIC (antialiased); save as PNG"
 )
-
-
-def _captions_arg(text: str) -> int | None:
-    if text == "all":
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected 'all' or a positive integer, got {text!r}")
-    return n
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of this recipe."""
-    add_output_args(parser)
-    parser.add_argument("--coco-dir", type=Path, required=True, help="COCO root (holds annotations/)")
-    parser.add_argument("--year", choices=("2014", "2017"), default=None, help="default: detect")
-    parser.add_argument(
-        "--captions-per-image",
-        type=_captions_arg,
-        default=None,
-        metavar="all|N",
-        help="'all' (default): one sample per image-caption pair; N: N random captions per image",
-    )
-    parser.add_argument("--max-train-images", type=int, default=None, help="random subset of train images")
-    parser.add_argument("--val-images", type=int, default=1000, help="val-split images as val shards (default 1000)")
-    parser.add_argument("--fid-n", type=int, default=30000, help="FID captions/images (default 30000; 0: none)")
-    parser.add_argument("--fid-resolution", type=int, default=256, help="FID reference side (default 256)")
-    add_image_args(parser, seed_help="seed of sample order, caption choice and FID subset")
 
 
 def _detect_year(ann_dir: Path, year: str | None) -> Year:
@@ -212,7 +180,7 @@ def _write_fid(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
     )
     if len(records) < n:
-        log.warning("FID set has %d images, fewer than --fid-n %d (not enough readable val images)", len(records), n)
+        log.warning("FID set has %d images, fewer than --fid_n %d (not enough readable val images)", len(records), n)
     log.info("FID: %d captions in %s, references in %s/", len(records), captions_path.name, ref_dir.name)
     return {
         "n": len(records),
@@ -227,98 +195,97 @@ def _write_fid(
     }
 
 
-def build(
-    out: Path,
-    *,
-    coco_dir: Path,
-    year: Year | None = None,
-    captions_per_image: int | None = None,
-    max_train_images: int | None = None,
-    val_images: int = 1000,
-    fid_n: int = 30000,
-    fid_resolution: int = 256,
-    seed: int = 0,
-    max_size: int | None = None,
-    reencode: bool = False,
-    workers: int = 1,
-    max_per_shard: int = 1000,
-    overwrite: bool = False,
-) -> Manifest:
-    """Shard COCO's train captions into ``out`` and write the zero-shot FID set from its val split."""
-    if captions_per_image is not None and captions_per_image < 1:
-        raise RecipeError(f"--captions-per-image must be 'all' or >= 1, got {captions_per_image}")
-    if min(val_images, fid_n) < 0 or fid_resolution < 1 or (max_train_images is not None and max_train_images < 1):
-        raise RecipeError("--val-images and --fid-n must be >= 0, --fid-resolution and --max-train-images >= 1")
-    root = require_dir(coco_dir, "--coco-dir", "it should contain annotations/ and train2014/ (or 2017)")
-    ann_dir = require_dir(root / "annotations", "annotations folder")
-    year = _detect_year(ann_dir, year)
-    check_out_dir(out, overwrite)
-    skips = SkipCounter()
+@dataclass(kw_only=True)
+class MSCOCO(ImageRecipe):
+    """MS-COCO 2014/2017 captions: train shards and the zero-shot FID captions and reference images."""
 
-    train_dir = _image_dir(root, f"train{year}")
-    train = _existing(_load_split(ann_dir / f"captions_train{year}.json", skips), train_dir, skips)
-    random.Random(seed).shuffle(train)
-    if max_train_images is not None:
-        train = train[:max_train_images]
-    train_entries = []
-    for image_id, file_name, caps in train:
-        if captions_per_image is not None and captions_per_image < len(caps):
-            caps = sorted(random.Random(f"{seed}-captions-{image_id}").sample(caps, captions_per_image))
-        keyed = tuple((f"{image_id:012d}_{ann_id}", text) for ann_id, text in caps)
-        meta = {"image_id": image_id, "file_name": file_name, "coco_split": f"train{year}"}
-        train_entries.append(Entry(train_dir / file_name, file_name, keyed, meta))
-    if not train_entries:
-        raise RecipeError(f"no usable training images in {train_dir} ({dict(skips.counts)})")
+    NAME = NAME
+    coco_dir: Path
+    """COCO root (holds annotations/ and train2014/, val2014/ or their 2017 folders)."""
+    year: Year | None = None
+    """2014 or 2017 (default: the year whose annotation files are present)."""
+    captions_per_image: int | Literal["all"] = "all"
+    """``all``: one sample per image-caption pair; N: N random captions per image."""
+    max_train_images: int | None = None
+    """A random subset of this many train images (default: all)."""
+    val_images: int = 1000
+    """Val-split images written as val shards (one caption each, for the validation loss)."""
+    fid_n: int = 30000
+    """FID captions and reference images, as in GLIDE (0: none)."""
+    fid_resolution: int = 256
+    """Side of the FID reference images in pixels."""
+    seed: int = 0
+    """Seed of the sample order, the caption choice and the FID subset."""
 
-    val: list[tuple[int, str, list[tuple[int, str]]]] = []
-    val_dir = None
-    if val_images or fid_n:
-        val_dir = _image_dir(root, f"val{year}")
-        val = _existing(_load_split(ann_dir / f"captions_val{year}.json", skips), val_dir, skips)
-        random.Random(f"{seed}-fid").shuffle(val)
-    val_entries = []
-    for image_id, file_name, caps in val[:val_images]:
-        ann_id, text = random.Random(f"{seed}-fid-{image_id}").choice(caps)
-        meta = {"image_id": image_id, "file_name": file_name, "coco_split": f"val{year}"}
-        assert val_dir is not None
-        val_entries.append(Entry(val_dir / file_name, file_name, ((f"{image_id:012d}_{ann_id}", text),), meta))
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.coco_dir = Path(self.coco_dir)
+        cpi = self.captions_per_image
+        if cpi is None:  # (Python callers) the same as "all"
+            self.captions_per_image = "all"
+        elif cpi != "all" and (not isinstance(cpi, int) or cpi < 1):
+            raise RecipeError(f"--captions_per_image must be 'all' or >= 1, got {cpi!r}")
+        if min(self.val_images, self.fid_n) < 0 or self.fid_resolution < 1 or (
+                self.max_train_images is not None and self.max_train_images < 1):
+            raise RecipeError("--val_images and --fid_n must be >= 0, --fid_resolution and --max_train_images >= 1")
 
-    prepare_out_dir(out, overwrite)
-    opts = ImageOptions(image_format="jpg", max_size=max_size, exif_transpose=False, reencode=reencode)
-    splits = write_entries(
-        out, {"train": train_entries, "val": val_entries}, opts, skips, workers=workers, max_per_shard=max_per_shard
-    )
-    extra: dict[str, Any] = {"preprocessing": opts.to_dict(), "coco_year": year}
-    if fid_n:
-        if fid_n > len(val):
-            log.warning("--fid-n %d exceeds the %d usable val%s images: using all of them", fid_n, len(val), year)
-        assert val_dir is not None
-        extra["fid"] = _write_fid(out, val, val_dir, min(fid_n, len(val)), fid_resolution, seed, workers, skips)
-        extra["fid"].update(source=f"val{year}", requested_n=fid_n)
-    args = {
-        "out": out, "coco_dir": coco_dir, "year": year, "captions_per_image": captions_per_image or "all",
-        "max_train_images": max_train_images, "val_images": val_images, "fid_n": fid_n,
-        "fid_resolution": fid_resolution, "seed": seed, "max_size": max_size, "reencode": reencode,
-        "workers": workers, "max_per_shard": max_per_shard,
-    }  # fmt: skip
-    return finish(out, NAME, args, splits, skips, extra)
+    def run(self) -> Manifest:
+        """Shard COCO's train captions into ``out`` and write the zero-shot FID set from its val split."""
+        out, seed, val_images, fid_n = self.out, self.seed, self.val_images, self.fid_n
+        captions_per_image = None if self.captions_per_image == "all" else int(self.captions_per_image)
+        root = require_dir(self.coco_dir, "--coco_dir", "it should contain annotations/ and train2014/ (or 2017)")
+        ann_dir = require_dir(root / "annotations", "annotations folder")
+        year = _detect_year(ann_dir, None if self.year is None else str(self.year))
+        check_out_dir(out, self.overwrite)
+        skips = SkipCounter()
+
+        train_dir = _image_dir(root, f"train{year}")
+        train = _existing(_load_split(ann_dir / f"captions_train{year}.json", skips), train_dir, skips)
+        random.Random(seed).shuffle(train)
+        if self.max_train_images is not None:
+            train = train[:self.max_train_images]
+        train_entries = []
+        for image_id, file_name, caps in train:
+            if captions_per_image is not None and captions_per_image < len(caps):
+                caps = sorted(random.Random(f"{seed}-captions-{image_id}").sample(caps, captions_per_image))
+            keyed = tuple((f"{image_id:012d}_{ann_id}", text) for ann_id, text in caps)
+            meta = {"image_id": image_id, "file_name": file_name, "coco_split": f"train{year}"}
+            train_entries.append(Entry(train_dir / file_name, file_name, keyed, meta))
+        if not train_entries:
+            raise RecipeError(f"no usable training images in {train_dir} ({dict(skips.counts)})")
+
+        val: list[tuple[int, str, list[tuple[int, str]]]] = []
+        val_dir = None
+        if val_images or fid_n:
+            val_dir = _image_dir(root, f"val{year}")
+            val = _existing(_load_split(ann_dir / f"captions_val{year}.json", skips), val_dir, skips)
+            random.Random(f"{seed}-fid").shuffle(val)
+        val_entries = []
+        for image_id, file_name, caps in val[:val_images]:
+            ann_id, text = random.Random(f"{seed}-fid-{image_id}").choice(caps)
+            meta = {"image_id": image_id, "file_name": file_name, "coco_split": f"val{year}"}
+            assert val_dir is not None
+            val_entries.append(Entry(val_dir / file_name, file_name, ((f"{image_id:012d}_{ann_id}", text),), meta))
+
+        prepare_out_dir(out, self.overwrite)
+        opts = ImageOptions(image_format="jpg", max_size=self.max_size, exif_transpose=False, reencode=self.reencode)
+        checks = self.checks()
+        splits = write_entries(out, {"train": train_entries, "val": val_entries}, opts, skips, workers=self.workers,
+                               max_per_shard=self.max_per_shard, checks=checks)
+        extra: dict[str, Any] = {"preprocessing": opts.to_dict(), "coco_year": year}
+        if fid_n:
+            if fid_n > len(val):
+                log.warning("--fid_n %d exceeds the %d usable val%s images: using all of them", fid_n, len(val), year)
+            assert val_dir is not None
+            extra["fid"] = _write_fid(out, val, val_dir, min(fid_n, len(val)), self.fid_resolution, seed,
+                                      self.workers, skips)
+            extra["fid"].update(source=f"val{year}", requested_n=fid_n)
+        return finish(out, NAME, {**self.options(), "year": year}, splits, skips, extra, checks)
 
 
-def run(args: argparse.Namespace) -> Manifest:
-    """CLI entry point."""
-    return build(
-        args.out,
-        coco_dir=args.coco_dir,
-        year=args.year,
-        captions_per_image=args.captions_per_image,
-        max_train_images=args.max_train_images,
-        val_images=args.val_images,
-        fid_n=args.fid_n,
-        fid_resolution=args.fid_resolution,
-        seed=args.seed,
-        max_size=args.max_size,
-        reencode=args.reencode,
-        workers=args.workers,
-        max_per_shard=args.max_per_shard,
-        overwrite=args.overwrite,
-    )
+RECIPE = MSCOCO
+
+
+def build(out: Path, **options: Any) -> Manifest:
+    """:class:`MSCOCO` (its fields are the options) written to ``out``; returns the manifest."""
+    return MSCOCO(out=out, **options).run()

@@ -3,44 +3,44 @@
 Input: the two line-aligned text files of the dataset (line i of one belongs to line i of the other):
   SBU_captioned_photo_dataset_urls.txt       one Flickr image URL per line
   SBU_captioned_photo_dataset_captions.txt   one caption per line
-  (--sbu-dir DIR holding both, or --urls FILE --captions FILE), and the images either
-  local       --images-dir DIR: images found recursively under DIR, named by their 0-based line
+  (--sbu_dir DIR holding both, or --urls FILE --captions FILE), and the images either
+  local       --images_dir DIR: images found recursively under DIR, named by their 0-based line
               index (123.jpg, 000000123.jpg, 00000/000000123.jpg as img2dataset writes them; use
-              --first-index 1 for 1-based names) or by their URL's basename
+              --first_index 1 for 1-based names) or by their URL's basename
               (4385058960_b0f2a26e2b.jpg); --naming auto tries both.
-  download    --download --images-dir DIR: fetch them first with img2dataset into DIR (needs
+  download    --download true --images_dir DIR: fetch them first with img2dataset into DIR (needs
               `pip install img2dataset` and internet access; resized so the shorter side is at
-              most --download-size), then proceed as "local". Where an img2dataset .json sidecar
+              most --download_size), then proceed as "local". Where an img2dataset .json sidecar
               records a URL that is not the line's, the image goes to the line of that URL (and
               is skipped if the URL is not in the list).
 Lines whose image is missing or unreadable, or whose caption is empty, are skipped and counted.
 
-Output:  train-*.tar (and val-*.tar with --val-fraction > 0, a stable hash of the URL), RGB JPEG,
+Output:  train-*.tar (and val-*.tar with --val_fraction > 0, a stable hash of the URL), RGB JPEG,
          txt, json {source_id (URL), line, original_size, size}; manifest.json. Sample keys are
          the line index; the order is shuffled with --seed.
 
 Examples:
-  python -m data_recipes sbucaptions --sbu-dir /data/sbu --images-dir /data/sbu/images --out data/sbu64 \\
-      --max-size 96 --val-fraction 0.01 --workers 2
-  python -m data_recipes sbucaptions --sbu-dir /data/sbu --download --images-dir /data/sbu/images --out data/sbu
+  python -m glide_lightning data sbucaptions --sbu_dir /data/sbu --images_dir /data/sbu/images \\
+      --out data/sbu64 --max_size 96 --val_fraction 0.01 --workers 2
+  python -m glide_lightning data sbucaptions --sbu_dir /data/sbu --download true --images_dir /data/sbu/images \\
+      --out data/sbu
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from data_recipes.common import (
     IMAGE_EXTENSIONS,
     Entry,
     ImageOptions,
+    ImageRecipe,
     RecipeError,
     SkipCounter,
-    add_image_args,
-    add_output_args,
     check_fraction,
     check_out_dir,
     clean_caption,
@@ -55,31 +55,9 @@ from data_recipes.common import (
 from glide_lightning.data.shards import Manifest
 
 NAME = "sbucaptions"
-SUMMARY = "SBU captions: line-aligned URL + caption files, images local or fetched with img2dataset"
 URLS_FILE = "SBU_captioned_photo_dataset_urls.txt"
 CAPTIONS_FILE = "SBU_captioned_photo_dataset_captions.txt"
 Naming = Literal["auto", "index", "basename"]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of this recipe."""
-    add_output_args(parser)
-    parser.add_argument("--sbu-dir", type=Path, default=None, help="directory holding the URL and caption files")
-    parser.add_argument("--urls", type=Path, default=None, help=f"URL list (default: <sbu-dir>/{URLS_FILE})")
-    parser.add_argument("--captions", type=Path, default=None, help=f"captions (default: <sbu-dir>/{CAPTIONS_FILE})")
-    parser.add_argument(
-        "--images-dir", type=Path, required=True, help="local images (the download target with --download)"
-    )
-    parser.add_argument(
-        "--naming", choices=get_args(Naming), default="auto", help="index, basename or auto (default: try both)"
-    )
-    parser.add_argument("--first-index", type=int, default=0, help="number of the first line in index names (0 or 1)")
-    parser.add_argument("--download", action="store_true", help="fetch the images with img2dataset first (internet)")
-    parser.add_argument("--download-size", type=int, default=256, help="img2dataset: max shorter side (default 256)")
-    parser.add_argument("--download-processes", type=int, default=2, help="img2dataset processes (default 2)")
-    parser.add_argument("--download-threads", type=int, default=64, help="img2dataset threads per process (default 64)")
-    parser.add_argument("--val-fraction", type=float, default=0.0, help="share of lines in val (default 0)")
-    add_image_args(parser)
 
 
 def read_lines(path: Path) -> list[str]:
@@ -101,7 +79,7 @@ def download_images(
     except ImportError as e:
         raise RecipeError(
             "--download needs img2dataset, which is not installed: `pip install img2dataset` (downloading also "
-            "needs internet access). Or fetch the images yourself and pass --images-dir without --download"
+            "needs internet access). Or fetch the images yourself and pass --images_dir without --download"
         ) from e
     images_dir.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s into %s with img2dataset", urls, images_dir)
@@ -142,125 +120,120 @@ def _sidecar_url(path: Path) -> str | None:
     return url if isinstance(url, str) else None
 
 
-def build(
-    out: Path,
-    *,
-    images_dir: Path,
-    sbu_dir: Path | None = None,
-    urls: Path | None = None,
-    captions: Path | None = None,
-    naming: Naming = "auto",
-    first_index: int = 0,
-    download: bool = False,
-    download_size: int = 256,
-    download_processes: int = 2,
-    download_threads: int = 64,
-    val_fraction: float = 0.0,
-    seed: int = 0,
-    max_size: int | None = None,
-    reencode: bool = False,
-    workers: int = 1,
-    max_per_shard: int = 1000,
-    overwrite: bool = False,
-) -> Manifest:
-    """Shard SBU captions (images in ``images_dir``, fetched first when ``download``) into ``out``."""
-    if naming not in get_args(Naming):
-        raise RecipeError(f"--naming must be one of {get_args(Naming)}, got {naming!r}")
-    check_fraction(val_fraction, "--val-fraction")
-    if sbu_dir is None and (urls is None or captions is None):
-        raise RecipeError("give --sbu-dir DIR (holding the URL and caption files) or both --urls and --captions")
-    if sbu_dir is not None:
-        require_dir(sbu_dir, "--sbu-dir")
-        urls, captions = urls or sbu_dir / URLS_FILE, captions or sbu_dir / CAPTIONS_FILE
-    assert urls is not None and captions is not None
-    require_file(urls, "URL list", f"expected {URLS_FILE}")
-    require_file(captions, "captions file", f"expected {CAPTIONS_FILE}")
-    url_lines, caption_lines = read_lines(urls), read_lines(captions)
-    if len(url_lines) != len(caption_lines):
-        raise RecipeError(
-            f"{urls.name} has {len(url_lines)} lines but {captions.name} has {len(caption_lines)}: "
-            "the files must be line-aligned (line i of one describes line i of the other)"
-        )
-    check_out_dir(out, overwrite)
-    if download:
-        download_images(
-            urls, images_dir, image_size=download_size, processes=download_processes, threads=download_threads
-        )
-    require_dir(images_dir, "--images-dir", "pass the folder holding the images, or add --download to fetch them")
+@dataclass(kw_only=True)
+class SBUCaptions(ImageRecipe):
+    """SBU captions: line-aligned URL and caption files, images local or fetched with img2dataset."""
 
-    by_index, by_name = _scan(images_dir)
-    url_to_line: dict[str, int] = {}
-    for i, u in enumerate(url_lines):
-        url_to_line.setdefault(u.strip(), i)
-    skips = SkipCounter()
-    found: dict[int, Path] = {}
-    for number, path in by_index.items():
-        if naming == "basename":
-            break
-        line = number - first_index
-        recorded = _sidecar_url(path)
-        if recorded is not None and not (0 <= line < len(url_lines) and url_lines[line].strip() == recorded):
-            if recorded not in url_to_line:
-                skips.add("url not in the list", path.name, recorded)
-                continue
-            line = url_to_line[recorded]
-        found.setdefault(line, path)
-    entries: list[Entry] = []
-    for i, (url, raw_caption) in enumerate(zip(url_lines, caption_lines)):
-        url = url.strip()
-        path = found.get(i)
-        if path is None and naming != "index":
-            path = by_name.get(url.rsplit("/", 1)[-1].split("?", 1)[0])
-        caption = clean_caption(raw_caption)
-        if not url:
-            skips.add("empty url line", f"line {i}")
-        elif path is None:
-            skips.add("missing image", f"line {i}", url)
-        elif not caption:
-            skips.add("no caption", f"line {i}", url)
-        else:
-            entries.append(Entry(path, url, ((f"{i:07d}", caption),), {"line": i, "url": url}))
-    if not entries:
-        raise RecipeError(
-            f"none of the {len(url_lines)} lines has an image in {images_dir} (naming {naming!r}: files named by "
-            f"0-based line index or URL basename); skipped: {dict(skips.counts)}"
-        )
-    random.Random(seed).shuffle(entries)
-    by_split: dict[str, list[Entry]] = {"train": [], "val": []}
-    for entry in entries:
-        by_split[hash_split(entry.source_id, val_fraction)].append(entry)
+    NAME = NAME
+    images_dir: Path
+    """The local images (the download target with ``--download true``)."""
+    sbu_dir: Path | None = None
+    """Directory holding the URL and caption files."""
+    urls: Path | None = None
+    """The URL list (default: ``<sbu_dir>/SBU_captioned_photo_dataset_urls.txt``)."""
+    captions: Path | None = None
+    """The captions (default: ``<sbu_dir>/SBU_captioned_photo_dataset_captions.txt``)."""
+    naming: Naming = "auto"
+    """How image files are named: ``index`` (line number), ``basename`` (the URL's), or ``auto`` (try both)."""
+    first_index: int = 0
+    """Number of the first line in index names (0 or 1)."""
+    download: bool = False
+    """Fetch the images with img2dataset first (needs internet access)."""
+    download_size: int = 256
+    """img2dataset: the most pixels of the shorter side."""
+    download_processes: int = 2
+    """img2dataset processes."""
+    download_threads: int = 64
+    """img2dataset threads per process."""
+    val_fraction: float = 0.0
+    """Share of lines in the val split."""
 
-    prepare_out_dir(out, overwrite)
-    opts = ImageOptions(image_format="jpg", max_size=max_size, reencode=reencode)
-    splits = write_entries(out, by_split, opts, skips, workers=workers, max_per_shard=max_per_shard)
-    args: dict[str, Any] = {
-        "out": out, "images_dir": images_dir, "urls": urls, "captions": captions, "naming": naming,
-        "first_index": first_index, "download": download, "download_size": download_size,
-        "val_fraction": val_fraction, "seed": seed, "max_size": max_size, "reencode": reencode,
-        "workers": workers, "max_per_shard": max_per_shard,
-    }  # fmt: skip
-    return finish(out, NAME, args, splits, skips, {"preprocessing": opts.to_dict(), "lines": len(url_lines)})
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.images_dir = Path(self.images_dir)
+        self.sbu_dir, self.urls, self.captions = (None if p is None else Path(p)
+                                                  for p in (self.sbu_dir, self.urls, self.captions))
+        check_fraction(self.val_fraction, "--val_fraction")
+        if self.sbu_dir is None and (self.urls is None or self.captions is None):
+            raise RecipeError("give --sbu_dir DIR (holding the URL and caption files) or both --urls and --captions")
+
+    def run(self) -> Manifest:
+        """Shard SBU captions (images in ``images_dir``, fetched first when ``download``) into ``out``."""
+        out, images_dir, naming, urls, captions = self.out, self.images_dir, self.naming, self.urls, self.captions
+        if self.sbu_dir is not None:
+            require_dir(self.sbu_dir, "--sbu_dir")
+            urls, captions = urls or self.sbu_dir / URLS_FILE, captions or self.sbu_dir / CAPTIONS_FILE
+        assert urls is not None and captions is not None
+        require_file(urls, "URL list", f"expected {URLS_FILE}")
+        require_file(captions, "captions file", f"expected {CAPTIONS_FILE}")
+        url_lines, caption_lines = read_lines(urls), read_lines(captions)
+        if len(url_lines) != len(caption_lines):
+            raise RecipeError(
+                f"{urls.name} has {len(url_lines)} lines but {captions.name} has {len(caption_lines)}: "
+                "the files must be line-aligned (line i of one describes line i of the other)"
+            )
+        check_out_dir(out, self.overwrite)
+        if self.download:
+            download_images(urls, images_dir, image_size=self.download_size, processes=self.download_processes,
+                            threads=self.download_threads)
+        require_dir(images_dir, "--images_dir", "pass the folder holding the images, or add --download true to fetch "
+                                                "them")
+
+        by_index, by_name = _scan(images_dir)
+        url_to_line: dict[str, int] = {}
+        for i, u in enumerate(url_lines):
+            url_to_line.setdefault(u.strip(), i)
+        skips = SkipCounter()
+        found: dict[int, Path] = {}
+        for number, path in by_index.items():
+            if naming == "basename":
+                break
+            line = number - self.first_index
+            recorded = _sidecar_url(path)
+            if recorded is not None and not (0 <= line < len(url_lines) and url_lines[line].strip() == recorded):
+                if recorded not in url_to_line:
+                    skips.add("url not in the list", path.name, recorded)
+                    continue
+                line = url_to_line[recorded]
+            found.setdefault(line, path)
+        entries: list[Entry] = []
+        for i, (url, raw_caption) in enumerate(zip(url_lines, caption_lines)):
+            url = url.strip()
+            path = found.get(i)
+            if path is None and naming != "index":
+                path = by_name.get(url.rsplit("/", 1)[-1].split("?", 1)[0])
+            caption = clean_caption(raw_caption)
+            if not url:
+                skips.add("empty url line", f"line {i}")
+            elif path is None:
+                skips.add("missing image", f"line {i}", url)
+            elif not caption:
+                skips.add("no caption", f"line {i}", url)
+            else:
+                entries.append(Entry(path, url, ((f"{i:07d}", caption),), {"line": i, "url": url}))
+        if not entries:
+            raise RecipeError(
+                f"none of the {len(url_lines)} lines has an image in {images_dir} (naming {naming!r}: files named by "
+                f"0-based line index or URL basename); skipped: {dict(skips.counts)}"
+            )
+        random.Random(self.seed).shuffle(entries)
+        by_split: dict[str, list[Entry]] = {"train": [], "val": []}
+        for entry in entries:
+            by_split[hash_split(entry.source_id, self.val_fraction)].append(entry)
+
+        prepare_out_dir(out, self.overwrite)
+        opts = ImageOptions(image_format="jpg", max_size=self.max_size, reencode=self.reencode)
+        checks = self.checks()
+        splits = write_entries(out, by_split, opts, skips, workers=self.workers, max_per_shard=self.max_per_shard,
+                               checks=checks)
+        args = {**self.options(), "urls": str(urls), "captions": str(captions)}
+        extra = {"preprocessing": opts.to_dict(), "lines": len(url_lines)}
+        return finish(out, NAME, args, splits, skips, extra, checks)
 
 
-def run(args: argparse.Namespace) -> Manifest:
-    """CLI entry point."""
-    return build(
-        args.out,
-        images_dir=args.images_dir,
-        sbu_dir=args.sbu_dir,
-        urls=args.urls,
-        captions=args.captions,
-        naming=args.naming,
-        first_index=args.first_index,
-        download=args.download,
-        download_size=args.download_size,
-        download_processes=args.download_processes,
-        download_threads=args.download_threads,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        max_size=args.max_size,
-        reencode=args.reencode,
-        workers=args.workers,
-        max_per_shard=args.max_per_shard,
-        overwrite=args.overwrite,
-    )
+RECIPE = SBUCaptions
+
+
+def build(out: Path, **options: Any) -> Manifest:
+    """:class:`SBUCaptions` (its fields are the options) written to ``out``; returns the manifest."""
+    return SBUCaptions(out=out, **options).run()

@@ -1,6 +1,6 @@
 """stanford_dogs: Stanford Dogs (120 breeds) → shards captioned "a photo of a <breed>".
 
-Input layout (--dogs-dir ROOT, as extracted from images.tar and lists.tar):
+Input layout (--dogs_dir ROOT, as extracted from images.tar and lists.tar):
   ROOT/Images/<synset>-<Breed_name>/<synset>_<n>.jpg
       e.g. ROOT/Images/n02085620-Chihuahua/n02085620_10074.jpg
   (ROOT/images/, ROOT/images/Images/ or ROOT itself holding the breed folders also work)
@@ -13,7 +13,7 @@ n02088094-Afghan_hound → "a photo of an afghan hound"); change the wording wit
 Split (--split):
   official  train_list.mat → train, test_list.mat → val. The lists are MATLAB files: reading them
             needs scipy (`pip install scipy`), which this environment does not install.
-  hash      a deterministic split hashing each image's path: --val-fraction of the images in val.
+  hash      a deterministic split hashing each image's path: --val_fraction of the images in val.
   auto      (default) official when scipy is importable and both lists are present, else hash.
 
 Output:  train-*.tar, val-*.tar (RGB JPEG, txt, json {source_id, breed, synset, original_size,
@@ -21,26 +21,25 @@ Output:  train-*.tar, val-*.tar (RGB JPEG, txt, json {source_id, breed, synset, 
          and counted.
 
 Example:
-  python -m data_recipes stanford_dogs --dogs-dir /data/stanford_dogs --out data/dogs --max-size 128
+  python -m glide_lightning data stanford_dogs --dogs_dir /data/stanford_dogs --out data/dogs --max_size 128
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from data_recipes.common import (
     IMAGE_EXTENSIONS,
     Entry,
     ImageOptions,
+    ImageRecipe,
     RecipeError,
     SkipCounter,
-    add_image_args,
-    add_output_args,
     check_fraction,
     check_out_dir,
     finish,
@@ -53,7 +52,6 @@ from data_recipes.common import (
 from glide_lightning.data.shards import Manifest
 
 NAME = "stanford_dogs"
-SUMMARY = "Stanford Dogs Images/<synset>-<breed>/ tree, captions 'a photo of a <breed>'"
 SplitMode = Literal["auto", "official", "hash"]
 DEFAULT_TEMPLATE = "a photo of {article} {breed}"
 NUM_BREEDS = 120
@@ -76,25 +74,6 @@ def article(word: str) -> str:
 def breed_caption(breed: str, template: str = DEFAULT_TEMPLATE) -> str:
     """``template`` with ``{breed}`` and ``{article}`` filled in."""
     return template.format(breed=breed, article=article(breed))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of this recipe."""
-    add_output_args(parser)
-    parser.add_argument("--dogs-dir", type=Path, required=True, help="dataset root (holds Images/)")
-    parser.add_argument(
-        "--split",
-        choices=get_args(SplitMode),
-        default="auto",
-        help="official (.mat lists; needs scipy, not installed here), hash, or auto (default)",
-    )
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="val share for the hash split (default 0.1)")
-    parser.add_argument(
-        "--template",
-        default=DEFAULT_TEMPLATE,
-        help=f"caption template with {{breed}} and {{article}} (default {DEFAULT_TEMPLATE!r})",
-    )
-    add_image_args(parser)
 
 
 def _images_root(root: Path) -> Path:
@@ -139,96 +118,89 @@ def _official_lists(root: Path, mode: SplitMode) -> tuple[set[str], set[str]] | 
             )
     elif None in lists or not has_scipy:
         why = "scipy is not installed" if has_scipy is False else "train_list.mat/test_list.mat not found"
-        log.info("using the hash split (--val-fraction) because %s", why)
+        log.info("using the hash split (--val_fraction) because %s", why)
         return None
     assert lists[0] is not None and lists[1] is not None
     return _read_mat_list(lists[0]), _read_mat_list(lists[1])
 
 
-def build(
-    out: Path,
-    *,
-    dogs_dir: Path,
-    split: SplitMode = "auto",
-    val_fraction: float = 0.1,
-    template: str = DEFAULT_TEMPLATE,
-    seed: int = 0,
-    max_size: int | None = None,
-    reencode: bool = False,
-    workers: int = 1,
-    max_per_shard: int = 1000,
-    overwrite: bool = False,
-) -> Manifest:
-    """Shard the Stanford Dogs images under ``dogs_dir`` into ``out``."""
-    if split not in get_args(SplitMode):
-        raise RecipeError(f"--split must be one of {get_args(SplitMode)}, got {split!r}")
-    check_fraction(val_fraction, "--val-fraction")
-    if "{breed}" not in template:
-        raise RecipeError(f"--template must contain {{breed}}, got {template!r}")
-    try:
-        breed_caption("dog", template)
-    except (KeyError, IndexError, ValueError) as e:
-        raise RecipeError(f"--template {template!r} may use only {{breed}} and {{article}} ({e!r})") from e
-    root = require_dir(dogs_dir, "--dogs-dir", "it should contain Images/<synset>-<breed>/")
-    images_root = _images_root(root)
-    check_out_dir(out, overwrite)
-    official = _official_lists(root, split)
+@dataclass(kw_only=True)
+class StanfordDogs(ImageRecipe):
+    """Stanford Dogs' Images/<synset>-<breed>/ tree, captioned "a photo of a <breed>"."""
 
-    skips = SkipCounter()
-    entries: list[tuple[str, Entry]] = []
-    breeds: set[str] = set()
-    for folder in sorted(p for p in images_root.iterdir() if p.is_dir()):
-        if not _BREED_DIR.match(folder.name):
-            skips.add("not a breed folder", folder.name)
-            continue
-        breed, synset = breed_name(folder.name), folder.name.split("-", 1)[0]
-        breeds.add(breed)
-        for path in sorted(folder.iterdir()):
-            if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+    NAME = NAME
+    dogs_dir: Path
+    """Dataset root (holds Images/)."""
+    split: SplitMode = "auto"
+    """``official`` (the .mat lists; needs scipy, not installed here), ``hash``, or ``auto``."""
+    val_fraction: float = 0.1
+    """Share of images in val for the hash split."""
+    template: str = DEFAULT_TEMPLATE
+    """Caption template with ``{breed}`` and ``{article}``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.dogs_dir = Path(self.dogs_dir)
+        check_fraction(self.val_fraction, "--val_fraction")
+        if "{breed}" not in self.template:
+            raise RecipeError(f"--template must contain {{breed}}, got {self.template!r}")
+        try:
+            breed_caption("dog", self.template)
+        except (KeyError, IndexError, ValueError) as e:
+            raise RecipeError(f"--template {self.template!r} may use only {{breed}} and {{article}} ({e!r})") from e
+
+    def run(self) -> Manifest:
+        """Shard the Stanford Dogs images under ``dogs_dir`` into ``out``."""
+        out, template = self.out, self.template
+        root = require_dir(self.dogs_dir, "--dogs_dir", "it should contain Images/<synset>-<breed>/")
+        images_root = _images_root(root)
+        check_out_dir(out, self.overwrite)
+        official = _official_lists(root, self.split)
+
+        skips = SkipCounter()
+        entries: list[tuple[str, Entry]] = []
+        breeds: set[str] = set()
+        for folder in sorted(p for p in images_root.iterdir() if p.is_dir()):
+            if not _BREED_DIR.match(folder.name):
+                skips.add("not a breed folder", folder.name)
                 continue
-            rel = f"{folder.name}/{path.name}"
-            if official is None:
-                which = hash_split(rel, val_fraction)
-            elif rel in official[0] or rel in official[1]:
-                which = "train" if rel in official[0] else "val"
-            else:
-                skips.add("not in the official lists", rel)
-                continue
-            meta = {"breed": breed, "synset": synset}
-            entries.append((which, Entry(path, rel, ((path.stem, breed_caption(breed, template)),), meta)))
-    if not entries:
-        raise RecipeError(f"no images found in the breed folders under {images_root}")
-    if len(breeds) != NUM_BREEDS:
-        log.warning("found %d breeds, Stanford Dogs has %d", len(breeds), NUM_BREEDS)
-    random.Random(seed).shuffle(entries)
-    by_split: dict[str, list[Entry]] = {"train": [], "val": []}
-    for which, entry in entries:
-        by_split[which].append(entry)
+            breed, synset = breed_name(folder.name), folder.name.split("-", 1)[0]
+            breeds.add(breed)
+            for path in sorted(folder.iterdir()):
+                if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                rel = f"{folder.name}/{path.name}"
+                if official is None:
+                    which = hash_split(rel, self.val_fraction)
+                elif rel in official[0] or rel in official[1]:
+                    which = "train" if rel in official[0] else "val"
+                else:
+                    skips.add("not in the official lists", rel)
+                    continue
+                meta = {"breed": breed, "synset": synset}
+                entries.append((which, Entry(path, rel, ((path.stem, breed_caption(breed, template)),), meta)))
+        if not entries:
+            raise RecipeError(f"no images found in the breed folders under {images_root}")
+        if len(breeds) != NUM_BREEDS:
+            log.warning("found %d breeds, Stanford Dogs has %d", len(breeds), NUM_BREEDS)
+        random.Random(self.seed).shuffle(entries)
+        by_split: dict[str, list[Entry]] = {"train": [], "val": []}
+        for which, entry in entries:
+            by_split[which].append(entry)
 
-    prepare_out_dir(out, overwrite)
-    opts = ImageOptions(image_format="jpg", max_size=max_size, reencode=reencode)
-    splits = write_entries(out, by_split, opts, skips, workers=workers, max_per_shard=max_per_shard)
-    args: dict[str, Any] = {
-        "out": out, "dogs_dir": dogs_dir, "split": "official" if official else "hash",
-        "val_fraction": val_fraction, "template": template, "seed": seed, "max_size": max_size,
-        "reencode": reencode, "workers": workers, "max_per_shard": max_per_shard,
-    }  # fmt: skip
-    extra = {"preprocessing": opts.to_dict(), "breeds": sorted(breeds)}
-    return finish(out, NAME, args, splits, skips, extra)
+        prepare_out_dir(out, self.overwrite)
+        opts = ImageOptions(image_format="jpg", max_size=self.max_size, reencode=self.reencode)
+        checks = self.checks()
+        splits = write_entries(out, by_split, opts, skips, workers=self.workers, max_per_shard=self.max_per_shard,
+                               checks=checks)
+        args: dict[str, Any] = {**self.options(), "split": "official" if official else "hash"}
+        extra = {"preprocessing": opts.to_dict(), "breeds": sorted(breeds)}
+        return finish(out, NAME, args, splits, skips, extra, checks)
 
 
-def run(args: argparse.Namespace) -> Manifest:
-    """CLI entry point."""
-    return build(
-        args.out,
-        dogs_dir=args.dogs_dir,
-        split=args.split,
-        val_fraction=args.val_fraction,
-        template=args.template,
-        seed=args.seed,
-        max_size=args.max_size,
-        reencode=args.reencode,
-        workers=args.workers,
-        max_per_shard=args.max_per_shard,
-        overwrite=args.overwrite,
-    )
+RECIPE = StanfordDogs
+
+
+def build(out: Path, **options: Any) -> Manifest:
+    """:class:`StanfordDogs` (its fields are the options) written to ``out``; returns the manifest."""
+    return StanfordDogs(out=out, **options).run()

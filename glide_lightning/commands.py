@@ -9,28 +9,37 @@ the sampling knobs are the fields of :class:`~glide_lightning.sampling.SamplingC
 contradict each other fail when the command line is parsed, naming the field. Option names may be
 spelled with hyphens (``--clip-dir`` for ``--clip_dir``), and a sampling field without its group where the
 command has no field of that name (``--clip-guidance-scale 3`` for ``--sampling.clip_guidance_scale 3``).
+
+``data <recipe>`` builds webdataset shards with one of the data recipes (:mod:`data_recipes`): each recipe is a
+dataclass too (its module's ``RECIPE``), parsed the same way (``--help``, ``--config``, ``--print_config``), and
+its module docstring (input layout, output, examples) heads its ``--help``. A recipe's bool options may also be
+given bare (``--overwrite`` for ``--overwrite true``).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import os
 import re
 import sys
 from collections import Counter
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
+from jsonargparse import (ActionConfigFile, ArgumentError, ArgumentParser, DefaultHelpFormatter, Namespace,
+                          set_parsing_settings)
 
+from data_recipes import RECIPES, load_recipe, recipe_class
 from glide_lightning.bench import BenchCommand
 from glide_lightning.evaluation.fid_cli import FIDCommand, SweepCommand
 from glide_lightning.evaluation.report import CompareCommand
-from glide_lightning.evaluation.sample_cli import SampleCommand
-from glide_lightning.yaml_config import strict_yaml
+from glide_lightning.sampling.command import SampleCommand
+from glide_lightning.yaml_config import option_error, strict_yaml
 
-__all__ = ["COMMANDS", "TRAINING_COMMANDS", "build_parser", "command_parser", "main", "parse"]
+__all__ = ["COMMANDS", "DATA_HELP", "TRAINING_COMMANDS", "build_parser", "command_parser", "main", "parse",
+           "recipe_parser"]
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the fields' docstrings in --help
 strict_yaml()  # a key given twice in a config is an error, not the last one silently
@@ -42,65 +51,129 @@ TRAINING_COMMANDS = {"fit": "train a model (LightningCLI): python -m glide_light
                             "experiments/<name>.yaml; `fit --help` lists every field",
                      "validate": "validate a checkpoint (LightningCLI): python -m glide_lightning validate "
                                  "--config ... --ckpt_path ..."}
+DATA_HELP = ("build webdataset shards from a dataset with a recipe: python -m glide_lightning data <recipe> --help "
+             "(recipes: " + ", ".join(RECIPES) + ")")
 
 
 def command_parser(name: str) -> ArgumentParser:
     """The parser of one :data:`COMMANDS` entry: its dataclass's fields, docstrings and defaults."""
     command = COMMANDS[name]
     doc = " ".join((command.__doc__ or "").split())
-    parser = ArgumentParser(prog=f"python -m glide_lightning {name}", description=doc)
+    parser = ArgumentParser(prog=f"python -m glide_lightning {name}", description=doc, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (later flags win)")
     parser.add_class_arguments(command, fail_untyped=True)
     return parser
 
 
+class _KeepLayout(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help, with a description's own line breaks kept (a recipe's input layout and examples)."""
+
+
+def _summary(doc: str | None) -> str:
+    """The first sentence of a docstring."""
+    return re.split(r"\. ", " ".join((doc or "").split()))[0].rstrip(".")
+
+
+def recipe_parser(recipe: str) -> ArgumentParser:
+    """The parser of ``data <recipe>``: the fields, docstrings and defaults of the recipe's dataclass, under its
+    module docstring."""
+    parser = ArgumentParser(prog=f"python -m glide_lightning data {recipe}", description=load_recipe(recipe).__doc__,
+                            formatter_class=_KeepLayout, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (later flags win)")
+    parser.add_class_arguments(recipe_class(recipe), fail_untyped=True)
+    return parser
+
+
 def build_parser() -> ArgumentParser:
     """The parser of every command but ``fit`` / ``validate`` (listed in its help, handed to LightningCLI)."""
-    parser = ArgumentParser(prog="python -m glide_lightning", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m glide_lightning", description=__doc__.split("\n\n")[0],
+                            exit_on_error=False)  # parse errors raise: one line from parse(), not the usage
     subcommands = parser.add_subcommands(dest="command", required=True)
     for name, help_text in TRAINING_COMMANDS.items():
-        subcommands.add_subcommand(name, ArgumentParser(description=help_text), help=help_text)
+        subcommands.add_subcommand(name, ArgumentParser(description=help_text, exit_on_error=False), help=help_text)
     for name in COMMANDS:
         sub = command_parser(name)
         subcommands.add_subcommand(name, sub, help=re.split(r"[.:;] ", sub.description or "")[0])
+    data = ArgumentParser(prog="python -m glide_lightning data", description=f"Data recipes: {DATA_HELP}.",
+                          exit_on_error=False)
+    subcommands.add_subcommand("data", data, help=DATA_HELP)  # (before its own subcommands: jsonargparse's order)
+    recipes = data.add_subcommands(dest="recipe", required=True)
+    for name in RECIPES:
+        sub = recipe_parser(name)
+        recipes.add_subcommand(name, sub, help=_summary(recipe_class(name).__doc__))
+        sub.formatter_class = _KeepLayout  # (add_subcommand gives it the parent's)
     return parser
 
 
 def parse(argv: list[str]) -> Any:
-    """The command object (a :data:`COMMANDS` dataclass) that ``argv`` describes; parse errors, and
-    values the dataclasses refuse (one line per broken rule), exit with status 2 naming the field."""
+    """The command object (a :data:`COMMANDS` dataclass) that ``argv`` describes. Parse errors, and values the
+    dataclasses refuse, exit with status 2 and one ``error:`` line naming the option (the nearest known one for a
+    misspelt option) and where the options are listed."""
     parser = build_parser()
     argv = spelled(argv)
-    config = parser.parse_args(argv)
+    known = argv[:1] and argv[0] in {*COMMANDS, *TRAINING_COMMANDS, "data"}
+    prog = " ".join(["python -m glide_lightning", *(argv[:2] if argv[:1] == ["data"] else argv[:1] if known else [])])
+    try:
+        config = parser.parse_args(argv)
+    except ArgumentError as error:
+        _refuse(str(option_error(error, parser, prog)))
     name = config.command
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    if name == "data":
+        return _recipe(config, instantiate, prog)
     repeated = _repeated_list_options(COMMANDS[name], argv)  # (argv already canonical)
     if repeated:
-        command_parser(name).error("; ".join(f"--{o} is given more than once, and a later one would replace the "
-                                             f"earlier: add the others with --{o}+ VALUE (or --{o} '[a, b]')"
-                                             for o in repeated))
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+        _refuse("; ".join(f"--{o} is given more than once, and a later one would replace the earlier: add the "
+                          f"others with --{o}+ VALUE (or --{o} '[a, b]')" for o in repeated))
     try:
         made: Namespace = instantiate(config)[name]
         command = COMMANDS[name]
         return command(**{f.name: made[f.name] for f in dataclasses.fields(command) if f.init})
     except ValueError as error:
-        command_parser(name).error(f"{name}: {error}")  # the command's own usage, then the broken rules
+        _refuse(f"{name}: {error} (`{prog} --help` lists the options)")
+
+
+def _refuse(message: str) -> NoReturn:
+    """A user's mistake found while parsing: one ``error:`` line on stderr (a multi-line message joined), exit 2."""
+    print(f"error: {'; '.join(line.strip() for line in message.strip().splitlines() if line.strip())}",
+          file=sys.stderr)
+    sys.exit(2)
+
+
+def _recipe(config: Namespace, instantiate: Any, prog: str) -> Any:
+    """The recipe object (a :mod:`data_recipes` dataclass) of a parsed ``data <recipe> ...``; a value the recipe
+    refuses exits with status 2 naming the option, as the other commands' do."""
+    recipe = config.data.recipe
+    command = recipe_class(recipe)
+    try:
+        made: Namespace = instantiate(config)["data"][recipe]
+        return command(**{f.name: made[f.name] for f in dataclasses.fields(command) if f.init})
+    except ValueError as error:
+        _refuse(f"data {recipe}: {error} (`{prog} --help` lists the options)")
 
 
 def spelled(argv: list[str]) -> list[str]:
     """``argv`` with the accepted spellings of option names made canonical (see the module docstring)."""
-    if not argv or argv[0] not in COMMANDS:
+    if argv[:1] == ["data"] and len(argv) > 1 and argv[1] in RECIPES:
+        head, command = argv[:2], recipe_class(argv[1])
+    elif argv and argv[0] in COMMANDS:
+        head, command = argv[:1], COMMANDS[argv[0]]
+    else:
         return argv
-    fields = {f.name: f for f in dataclasses.fields(COMMANDS[argv[0]])}
+    fields = {f.name: f for f in dataclasses.fields(command)}
     grouped = {f.name for f in dataclasses.fields(fields["sampling"].default_factory())} if "sampling" in fields else set()
-    out = [argv[0]]
-    for arg in argv[1:]:
+    bare_bools = {name for name, f in fields.items() if f.type in (bool, "bool")} if head[0] == "data" else set()
+    out = list(head)
+    rest = argv[len(head):]
+    for i, arg in enumerate(rest):
         if arg.startswith("--"):
             name, eq, value = arg[2:].partition("=")
             plus = "+" if name.endswith("+") else ""
             name = name.removesuffix("+").replace("-", "_")
             if name not in fields and name in grouped:
                 name = f"sampling.{name}"
+            if name in bare_bools and not eq and (i + 1 == len(rest) or rest[i + 1].startswith("--")):
+                eq, value = "=", "true"  # a recipe's bare flag: --overwrite
             arg = f"--{name}{plus}{eq}{value}"
         out.append(arg)
     return out

@@ -76,7 +76,7 @@ def caption_kwargs(batch: dict[str, Any], *, identity: str | None, cond_drop_pro
     wrong = sorted(set(batch["text_encoder"]) - {identity})
     if wrong:
         raise ValueError(f"the shards' precomputed embeddings are {wrong[0]}'s, but the model conditions on "
-                         f"{identity}: embed the shards again with the model's encoder (python -m data_recipes "
+                         f"{identity}: embed the shards again with the model's encoder (python -m glide_lightning data "
                          f"embed) or train on the shards without embeddings")
     emb, mask = batch["text_emb"], batch["text_mask"]
     dropped = torch.rand(emb.shape[0], device=emb.device) < cond_drop_prob if cond_drop_prob is not None else \

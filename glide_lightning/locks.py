@@ -101,7 +101,7 @@ def release_lock(directory: str | os.PathLike[str]) -> None:
 
 def holder_info() -> dict[str, Any]:
     """What a refused process is told about this one."""
-    command = " ".join(getattr(sys, "orig_argv", sys.argv))  # as typed: `python -m data_recipes …`
+    command = " ".join(getattr(sys, "orig_argv", sys.argv))  # as typed: `python -m glide_lightning data …`
     return {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 

@@ -94,7 +94,7 @@ def smoke(work: Path, n: int, extra: list[str]) -> dict[str, object]:
     py = sys.executable
     run_dir = work / "smoke"
     if not list((REPO / "data/synthetic").glob("train-*.tar")):
-        run([py, "-m", "data_recipes", "synthetic", "--out", "data/synthetic"], work / "smoke_data.log")
+        run([py, "-m", "glide_lightning", "data", "synthetic", "--out", "data/synthetic"], work / "smoke_data.log")
     fit = [py, "-m", "glide_lightning", "fit", "--config", "experiments/smoke.yaml", "--run.root", str(work),
            "--run.name", "smoke", *extra]
     wall = run(fit, work / "smoke_fit.log")
@@ -128,7 +128,7 @@ def grayscale(work: Path, count: int, n: int, extra: list[str]) -> dict[str, obj
     for sample in synthetic_samples(7, count, image_size=32):
         sample.image.convert("L").save(pictures / f"{sample.key}.png")
         (pictures / f"{sample.key}.txt").write_text(sample.caption)
-    recipe = [py, "-m", "data_recipes", "folder", "--images", str(pictures), "--out", str(shards)]
+    recipe = [py, "-m", "glide_lightning", "data", "folder", "--images", str(pictures), "--out", str(shards)]
     run(recipe, work / "gray_recipe.log")
     fit = [py, "-m", "glide_lightning", "fit", "--config", "experiments/laptop_folder.yaml", "--run.root", str(work),
            "--run.name", "gray", "--data.train_shards", f"{shards}/train-*.tar", *extra]

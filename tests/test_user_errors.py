@@ -141,3 +141,19 @@ def test_training_shards_that_do_not_exist_are_said_before_the_run_starts(tmp_pa
                                 str(tmp_path / "runs")))
     assert f"no shards match the pattern '{tmp_path / 'nowhere/train-*.tar'}'" in line
     assert not (tmp_path / "runs").exists(), "no run folder, wandb run or log was started"
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["sample", "--ckpt", "x", "--promt", "a"], "did you mean --prompt?"),
+    (["sample", "--ckpt", "x", "--prompt", "a", "--num_per_prompt", "0"], "num_per_prompt must be >= 1"),
+    (["data", "folder", "--imags", "x"], "did you mean --images?"),
+    (["nosuch"], "invalid choice: 'nosuch'"),
+])
+def test_a_command_line_mistake_of_the_other_commands_is_one_line(argv, said, capsys):
+    from glide_lightning.commands import main
+
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and said in err, err
+    assert "--help` lists the options" in err and "usage:" not in err

@@ -1,6 +1,6 @@
 """Precomputed frozen text-encoder embeddings in the shards (the frozen encoder's cost paid once): the format.
 
-The ``embed`` data recipe (``python -m data_recipes embed``, :mod:`data_recipes.embed`) copies a recipe's
+The ``embed`` data recipe (``python -m glide_lightning data embed``, :mod:`data_recipes.embed`) copies a recipe's
 shards and adds to every sample, next to its image and caption (:func:`embedding_members`):
 
 - ``emb.npy``: float16 ``[n, D]``, the encoder's embeddings of the caption's ``n`` real tokens,

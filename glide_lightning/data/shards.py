@@ -372,11 +372,13 @@ def load_manifest(dataset_dir: str | os.PathLike[str]) -> Manifest:
     root = Path(dataset_dir)
     path = root / MANIFEST_NAME
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset directory {root} does not exist; build one with `python -m data_recipes`")
+        raise FileNotFoundError(f"dataset directory {root} does not exist; build one with "
+                                "`python -m glide_lightning data <recipe>`")
     if not path.is_file():
         raise FileNotFoundError(
             f"no {MANIFEST_NAME} in {root}: it is written last by a data recipe, so the directory is not a "
-            "finished dataset (interrupted run?). Re-run the recipe, e.g. `python -m data_recipes synthetic --out DIR`"
+            "finished dataset (interrupted run?). Re-run the recipe, e.g. "
+            "`python -m glide_lightning data synthetic --out DIR`"
         )
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))

@@ -63,6 +63,18 @@ def check_manifest(out: Path) -> dict[str, Any]:
     return doc
 
 
+def data_cli(*argv: object) -> int:
+    """``python -m glide_lightning data ARGV`` in-process (the front door, :func:`glide_lightning.commands.main`):
+    its exit status."""
+    from glide_lightning.commands import main
+
+    try:
+        main(["data", *map(str, argv)])
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+    return 0
+
+
 def shard_bytes(out: Path) -> dict[str, bytes]:
     """Contents of every shard in ``out`` by name."""
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}

@@ -1,7 +1,9 @@
-"""The `python -m data_recipes` CLI (a real subprocess) and the synthetic recipe."""
+"""``python -m glide_lightning data <recipe>`` (a real subprocess, and in-process), its alias ``python -m
+data_recipes``, and the synthetic recipe."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -10,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 import pytest
-from recipe_helpers import check_manifest, read_split, shard_bytes
+import yaml
+from recipe_helpers import check_manifest, data_cli, read_split, shard_bytes
 
 from data_recipes import RECIPES, load_recipe
-from data_recipes.__main__ import main
 from data_recipes.synthetic import build
 from glide_lightning.data.synthetic import parse_caption, synthetic_sample
 
@@ -22,8 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_synthetic_through_the_real_cli(tmp_path):
     out = tmp_path / "shapes"
-    cmd = [sys.executable, "-m", "data_recipes", "synthetic", "--out", str(out), "--train", "25", "--val", "6",
-           "--image-size", "32", "--seed", "3", "--max-per-shard", "10"]  # fmt: skip
+    cmd = [sys.executable, "-m", "glide_lightning", "data", "synthetic", "--out", str(out), "--train", "25", "--val",
+           "6", "--image_size", "32", "--seed", "3", "--max_per_shard", "10"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -49,7 +51,12 @@ def test_synthetic_through_the_real_cli(tmp_path):
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr  # one line, no traceback
     assert again.stderr.startswith(f"error: --out {out} already holds the output of an earlier data recipe: ")
-    assert "pass --overwrite to delete that output first" in again.stderr
+    assert "pass --overwrite true to delete that output first" in again.stderr
+    before = shard_bytes(out)
+    alias = subprocess.run([sys.executable, "-m", "data_recipes", *cmd[4:], "--overwrite"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)  # the old spelling: a bare --overwrite
+    assert alias.returncode == 0, alias.stderr
+    assert shard_bytes(out) == before  # the same dataset, written again
 
 
 def test_a_folder_holding_files_is_refused_and_overwrite_replaces_only_the_recipe_outputs(tmp_path, capsys):
@@ -58,29 +65,29 @@ def test_a_folder_holding_files_is_refused_and_overwrite_replaces_only_the_recip
     out = tmp_path / "shapes"
     out.mkdir()
     (out / "README.md").write_text("my notes")
-    first = ["synthetic", "--out", str(out), "--train", "12", "--val", "3", "--image-size", "16",
-             "--max-per-shard", "5"]  # fmt: skip
-    assert main(first) == 2  # foreign files alone make the folder not empty
-    assert "already holds 1 file it does not write (README.md); pass --overwrite" in capsys.readouterr().err
-    assert main([*first, "--overwrite"]) == 0
+    first = ["synthetic", "--out", str(out), "--train", "12", "--val", "3", "--image_size", "16",
+             "--max_per_shard", "5"]  # fmt: skip
+    assert data_cli(*first) == 2  # foreign files alone make the folder not empty
+    assert "already holds 1 file it does not write (README.md); pass --overwrite true" in capsys.readouterr().err
+    assert data_cli(*first, "--overwrite", "true") == 0
     assert (out / "fid_reference").is_dir() and len(list(out.glob("train-*.tar"))) == 3
     capsys.readouterr()
-    second = ["synthetic", "--out", str(out), "--train", "4", "--val", "0", "--image-size", "16", "--seed", "1"]
+    second = ["synthetic", "--out", str(out), "--train", "4", "--val", "0", "--image_size", "16", "--seed", "1"]
     files = lambda: {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != ".lock"}  # noqa: E731
     before = files()
-    assert main(second) == 2
+    assert data_cli(*second) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "1 file it does not write (README.md)" in err and "--overwrite" in err
     assert files() == before  # nothing written, nothing removed (the lock names its latest holder)
-    assert main([*second, "--overwrite"]) == 0
+    assert data_cli(*second, "--overwrite") == 0  # a recipe's bool may be given bare
     assert sorted(p.name for p in out.iterdir()) == [".lock", "README.md", "manifest.json", "train-000000.tar"]
     assert (out / "README.md").read_text() == "my notes"
     doc = check_manifest(out)  # the manifest describes exactly the shards present
     assert doc["args"]["seed"] == 1 and list(doc["splits"]) == ["train"]
     assert [s["name"] for s in doc["splits"]["train"]["shards"]] == ["train-000000.tar"]
     # embed copies shards: its --out cannot be its --shards (--overwrite would delete them first)
-    assert main(["embed", "--shards", str(out), "--out", str(out), "--overwrite", "--text-encoder", "t5",
-                 "--text-encoder-name", "none", "--text-ctx", "16"]) == 2
+    assert data_cli("embed", "--shards", out, "--out", out, "--overwrite", "true", "--text_encoder", "t5",
+                    "--text_encoder_name", "none", "--text_ctx", "16") == 2
     assert "is --shards" in capsys.readouterr().err and (out / "train-000000.tar").is_file()
 
 
@@ -96,32 +103,55 @@ def test_synthetic_is_byte_identical_for_the_same_seed(tmp_path):
 
 
 def test_unknown_recipe_lists_the_available_ones(capsys):
-    assert main(["imagenet", "--out", "x"]) == 2
+    assert data_cli("imagenet", "--out", "x") == 2
     err = capsys.readouterr().err
-    assert "unknown recipe 'imagenet'" in err and all(name in err for name in RECIPES)
-    with pytest.raises(KeyError, match="available recipes: synthetic"):
+    assert "invalid choice: 'imagenet'" in err and all(name in err for name in RECIPES)
+    with pytest.raises(KeyError, match="available recipes: embed"):
         load_recipe("imagenet")
 
 
+def test_the_recipes_are_the_modules_of_the_folder_and_the_makefile_lists_them():
+    """Adding a recipe is adding its module: the registry, the front door and the Makefile all follow."""
+    modules = {p.stem for p in (REPO / "data_recipes").glob("*.py")} - {"__init__", "__main__", "common"}
+    assert set(RECIPES) == modules
+    assert all(load_recipe(name).RECIPE.NAME == name for name in RECIPES)
+    made = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    listed = next(line for line in made.stdout.splitlines() if line.strip().startswith("recipes:"))
+    assert listed.split(":", 1)[1].split() == sorted(RECIPES)
+
+
 def test_help_lists_recipes_and_each_recipe_documents_itself(capsys):
+    from glide_lightning.commands import main
+
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
+    assert "data" in capsys.readouterr().out
+    assert data_cli("--help") == 0
     out = capsys.readouterr().out
     assert all(name in out for name in RECIPES)
     for name in RECIPES:
-        with pytest.raises(SystemExit):
-            main([name, "--help"])
+        assert data_cli(name, "--help") == 0
         text = capsys.readouterr().out
-        assert "--out" in text and "Example" in text, name
+        assert "--out" in text and "Example" in text and "python -m glide_lightning data " + name in text, name
+        assert "--print_config" in text and "--config" in text, name
+        for field in dataclasses.fields(load_recipe(name).RECIPE):
+            assert f"--{field.name} " in text, (name, field.name)  # every field is an option, as written
+    assert data_cli("folder", "--out", "o", "--images", "p", "--val_fraction", "0.1", "--print_config") == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["val_fraction"] == 0.1 and printed["images"] == "p" and printed["image_size"] == 64
 
 
 def test_input_errors_are_reported_without_traceback(tmp_path, capsys):
-    assert main(["folder", "--images", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert data_cli("folder", "--images", tmp_path / "missing", "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err
-    assert "error: --images directory" in err and "does not exist" in err and "Traceback" not in err
-    assert main(["synthetic", "--out", str(tmp_path / "o"), "--image-size", "8"]) == 2
-    assert "--image-size must be >= 16" in capsys.readouterr().err
+    assert err.startswith("error: --images directory") and "does not exist" in err and "Traceback" not in err
+    assert err.count("\n") == 1
+    assert data_cli("synthetic", "--out", tmp_path / "o", "--image_size", "8") == 2
+    err = capsys.readouterr().err  # a value refused when the command line is parsed: one line, not the usage
+    assert err.count("\n") == 1 and err.startswith("error: data synthetic: --image_size must be >= 16 (shapes get "
+                                                    "unrecognisable), got 8 (`python -m glide_lightning data "
+                                                    "synthetic --help` lists the options)"), err
 
 
 def test_two_recipes_writing_one_directory_one_is_refused_naming_the_other(tmp_path):
@@ -130,8 +160,8 @@ def test_two_recipes_writing_one_directory_one_is_refused_naming_the_other(tmp_p
     from glide_lightning.data.shards import verify_manifest
 
     out = tmp_path / "shapes"
-    cmd = [sys.executable, "-m", "data_recipes", "synthetic", "--out", str(out), "--train", "20000", "--val", "0",
-           "--image-size", "16", "--max-per-shard", "2000"]  # fmt: skip  (a few seconds of rendering)
+    cmd = [sys.executable, "-m", "glide_lightning", "data", "synthetic", "--out", str(out), "--train", "20000",
+           "--val", "0", "--image_size", "16", "--max_per_shard", "2000"]  # fmt: skip  (a few seconds of rendering)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     both = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     errors = [p.communicate(timeout=180)[1] for p in both]
@@ -139,5 +169,5 @@ def test_two_recipes_writing_one_directory_one_is_refused_naming_the_other(tmp_p
     assert sorted(codes) == [0, 2], errors
     winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
     assert f"is in use by pid {both[winner].pid} on " in errors[loser], errors[loser]
-    assert "data_recipes synthetic --out" in errors[loser]  # the holder's command
+    assert "glide_lightning data synthetic --out" in errors[loser]  # the holder's command
     assert verify_manifest(out) == [] and not list(out.glob(".*.partial"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from recipe_helpers import check_manifest, corrupt_file, read_split, save_image, shard_bytes
+from recipe_helpers import check_manifest, corrupt_file, data_cli, read_split, save_image, shard_bytes
 
 from data_recipes.common import RecipeError
 from data_recipes.mscoco import build
@@ -108,7 +108,7 @@ def test_coco_2017_layout_and_fid_n_larger_than_val(tmp_path):
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(RecipeError, match="--coco-dir .* does not exist"):
+    with pytest.raises(RecipeError, match="--coco_dir .* does not exist"):
         build(tmp_path / "o", coco_dir=tmp_path / "nope")
     (tmp_path / "c" / "annotations").mkdir(parents=True)
     with pytest.raises(RecipeError, match="no captions_train2014.json or captions_train2017.json"):
@@ -123,19 +123,20 @@ def test_clear_errors(tmp_path):
 
 
 def test_cli_wiring(tmp_path):
-    from data_recipes.__main__ import main
-
     make_coco(tmp_path / "coco", n_train=2, n_val=2)
-    argv = ["mscoco", "--coco-dir", str(tmp_path / "coco"), "--out", str(tmp_path / "o"), "--captions-per-image", "2",
-            "--fid-n", "2", "--fid-resolution", "8", "--val-images", "1", "--seed", "1"]  # fmt: skip
-    assert main(argv) == 0
+    argv = ["mscoco", "--coco_dir", str(tmp_path / "coco"), "--out", str(tmp_path / "o"), "--captions_per_image", "2",
+            "--fid_n", "2", "--fid_resolution", "8", "--val_images", "1", "--seed", "1"]  # fmt: skip
+    assert data_cli(*argv) == 0
     doc = check_manifest(tmp_path / "o")
     assert doc["splits"]["train"]["num_samples"] == 4 and doc["args"]["captions_per_image"] == 2
 
 
-def test_captions_per_image_flag_validation():
-    from data_recipes.mscoco import _captions_arg
+def test_captions_per_image_flag_validation(capsys):
+    from glide_lightning.commands import parse
 
-    assert _captions_arg("all") is None and _captions_arg("3") == 3
-    with pytest.raises(Exception, match="expected 'all' or a positive integer"):
-        _captions_arg("0")
+    base = ["data", "mscoco", "--coco_dir", "coco", "--out", "o", "--captions_per_image"]
+    assert parse([*base, "all"]).captions_per_image == "all" and parse([*base, "3"]).captions_per_image == 3
+    for bad in ("0", "some"):
+        with pytest.raises(SystemExit) as done:
+            parse([*base, bad])
+        assert done.value.code == 2 and "captions_per_image" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
-from recipe_helpers import check_manifest, corrupt_file, read_split, save_image, shard_bytes
+from recipe_helpers import check_manifest, corrupt_file, data_cli, read_split, save_image, shard_bytes
 
 from data_recipes.common import RecipeError
 from data_recipes.sbucaptions import CAPTIONS_FILE, URLS_FILE, build
@@ -95,12 +95,12 @@ def test_download_calls_img2dataset_then_reads_its_files(tmp_path, monkeypatch):
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(RecipeError, match="give --sbu-dir"):
+    with pytest.raises(RecipeError, match="give --sbu_dir"):
         build(tmp_path / "o", images_dir=tmp_path)
     with pytest.raises(RecipeError, match="URL list .*does not exist"):
         build(tmp_path / "o", sbu_dir=tmp_path, images_dir=tmp_path)
     sbu = make_sbu(tmp_path / "sbu")
-    with pytest.raises(RecipeError, match="--images-dir .*does not exist.*--download"):
+    with pytest.raises(RecipeError, match="--images_dir .*does not exist.*--download"):
         build(tmp_path / "o", sbu_dir=sbu, images_dir=tmp_path / "nope")
     (sbu / CAPTIONS_FILE).write_text("only one caption\n")
     with pytest.raises(RecipeError, match="8 lines but .* has 1: the files must be line-aligned"):
@@ -112,11 +112,9 @@ def test_clear_errors(tmp_path):
 
 
 def test_cli_wiring(tmp_path):
-    from data_recipes.__main__ import main
-
     sbu = make_sbu(tmp_path / "sbu")
     img2dataset_layout(tmp_path / "images", [0])
     argv = ["sbucaptions", "--urls", str(sbu / URLS_FILE), "--captions", str(sbu / CAPTIONS_FILE),
-            "--images-dir", str(tmp_path / "images"), "--naming", "index", "--out", str(tmp_path / "o")]  # fmt: skip
-    assert main(argv) == 0
+            "--images_dir", str(tmp_path / "images"), "--naming", "index", "--out", str(tmp_path / "o")]  # fmt: skip
+    assert data_cli(*argv) == 0
     assert [s["txt"] for s in read_split(tmp_path / "o", "train")] == [CAPTIONS[0].strip()]

@@ -76,7 +76,7 @@ def test_official_split_without_scipy_is_a_clear_error_and_auto_falls_back(tmp_p
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(RecipeError, match="--dogs-dir .*nope does not exist"):
+    with pytest.raises(RecipeError, match="--dogs_dir .*nope does not exist"):
         build(tmp_path / "o", dogs_dir=tmp_path / "nope")
     (tmp_path / "empty" / "Images").mkdir(parents=True)
     with pytest.raises(RecipeError, match="no breed folders such as Images/n02085620-Chihuahua"):
@@ -89,6 +89,7 @@ def test_clear_errors(tmp_path):
 
 
 def test_cli_wiring(tmp_path):
+    """Through the alias ``python -m data_recipes``, with the old hyphenated spellings of the options."""
     from data_recipes.__main__ import main
 
     root = make_dogs(tmp_path / "dogs", per_breed=1)
