@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -6,6 +7,14 @@ import torch
 from glide_lightning.models import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs pytest-xdist workers, one per core:
+        # one thread each (torch's default is one per core), and for the processes the tests start (the CLI's
+        # fits and samples, whose images some tests compare with this process's own bit for bit)
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):

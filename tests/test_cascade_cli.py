@@ -1,7 +1,7 @@
 """Every model kind trains through the real CLI on synthetic shards (the tiny presets, a few steps) and its
-checkpoint samples through the ``sample`` command (the front door's ``main``, in-process): the upsampler in a cascade (and in ``fid``,
-whose results say which upsampler, steps and temperature made them), the inpainting models in edits,
-chained from the command line."""
+checkpoint samples through the ``sample`` command (the front door's ``main``, in-process): the upsampler in a
+cascade (and in ``fid``, whose results say which upsampler, steps and temperature made them), the inpainting
+models in edits, chained from the command line."""
 
 from __future__ import annotations
 

@@ -3,7 +3,9 @@ graceful SIGINT / SIGTERM, 2-process DDP, and every shipped experiment's YAML.""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import re
@@ -24,6 +26,7 @@ from glide_lightning.diffusion import DiffusionConfig
 from glide_lightning.models import ModelConfig
 from glide_lightning.models.clip import NoisedCLIPConfig
 from glide_lightning.optim import OptimizerConfig
+from hang_guard import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
@@ -36,6 +39,36 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
                WANDB_DATA_DIR=str(tmp_path / "wandb_data"), WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"),
                PYTHONPATH=os.pathsep.join([str(REPO / "tests/helpers"), env.get("PYTHONPATH", "")]))
     return env
+
+
+def parse_in_process(args: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``python -m glide_lightning fit … --print_config`` run in this process (the same ``main``, with ``sys.argv``
+    and the working directory it would have): its exit status, stdout and stderr as the interpreter would leave
+    them (a ``SystemExit`` with a message prints it to stderr, status 1). For commands that only parse: the
+    ~7 s import of a fresh interpreter is most of such a command's cost. Only the ``fit`` subcommand's parser is
+    built (LightningCLI builds fit, validate, test and predict ones otherwise; fit's is the same either way)."""
+    from glide_lightning.cli import GlideCLI
+    from glide_lightning.commands import main
+
+    assert args[0] == "fit" and "--print_config" in args, args
+    out, err, code = io.StringIO(), io.StringIO(), None
+    environ = dict(os.environ)
+    only_fit = {"fit": GlideCLI.subcommands()["fit"]}
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        patch.chdir(cwd)
+        patch.setattr(sys, "argv", ["glide_lightning", *args])
+        patch.setattr(GlideCLI, "subcommands", staticmethod(lambda: only_fit))
+        try:
+            main(args)
+        except SystemExit as exit_:
+            code = exit_.code
+        finally:
+            os.environ.clear()
+            os.environ.update(environ)
+    if code is not None and not isinstance(code, int):
+        print(code, file=err)
+        code = 1
+    return subprocess.CompletedProcess(args, code or 0, out.getvalue(), err.getvalue())
 
 
 def smoke_command(shards: Path, root: Path, *extra: str) -> list[str]:
@@ -65,7 +98,7 @@ def read_csv_metrics(run_dir: Path) -> list[dict[str, str]]:
 def test_smoke_fit_through_the_cli(synthetic_shards, tmp_path):
     run = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--trainer.max_steps", "7",
                                        "--trainer.val_check_interval", "6", "--run.checkpoint_every_n_steps", "3"),
-                         env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                         env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr[-3000:]
     run_dir = tmp_path / "smoke"
     names = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
@@ -100,18 +133,21 @@ SILENCED = {"args and command line arguments": "LightningCLI given sys.argv as a
             "No seed found": "seed_everything left to Lightning's guess",
             "litlogger": "Lightning's LitLogger tip",
             "isinstance(treespec, LeafSpec)": "torch's LeafSpec deprecation, in Lightning's CombinedLoader",
-            "exists and is not empty": "ModelCheckpoint's warning about the run's own checkpoint directory"}
+            "exists and is not empty": "ModelCheckpoint's warning about the run's own checkpoint directory",
+            "The anonymous setting has no effect": "wandb, told anonymous=None by Lightning's WandbLogger",
+            "Epoch 0/-2": "Lightning's bar counting an epoch's batches of a step-based run",
+            "Total FLOPs: 0": "the model summary without an example input"}
 
 
 def test_a_run_and_its_resume_print_none_of_the_silenced_warnings(synthetic_shards, tmp_path):
-    env = {**cli_env(tmp_path), "WANDB_MODE": "disabled"}
+    env = {**cli_env(tmp_path), "WANDB_MODE": "offline"}  # wandb's own warnings are printed too
     command = smoke_command(synthetic_shards, tmp_path, "--trainer.limit_val_batches", "0",
                             "--run.checkpoint_every_n_steps", "1")
     first = subprocess.run(command + ["--trainer.max_steps", "2"], env=env, cwd=tmp_path, capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=HANG_GUARD_S)
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = subprocess.run(command + ["--trainer.max_steps", "4"], env=env, cwd=tmp_path, capture_output=True,
-                             text=True, timeout=300)
+                             text=True, timeout=HANG_GUARD_S)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at step 2" in resumed.stderr  # it did resume, into the checkpoint directory it left
     for run in (first, resumed):
@@ -147,14 +183,14 @@ def test_resume_refuses_architecture_drift_and_records_optimisation_drift(synthe
     env = cli_env(tmp_path)
     first = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--trainer.max_steps", "2",
                                          "--trainer.val_check_interval", "1000", "--trainer.num_sanity_val_steps", "0"),
-                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "smoke"
     config = (run_dir / "config.yaml").read_bytes()
     last = (run_dir / "checkpoints/last.ckpt").read_bytes()
     refused = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--trainer.max_steps", "4",
                                            "--model.model.model_channels", "64", "--model.diffusion.steps", "1000"),
-                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert refused.returncode == 2
     assert "model.model.model_channels: 32 → 64" in refused.stderr
     assert "model.diffusion.steps: 100 → 1000" in refused.stderr
@@ -165,7 +201,7 @@ def test_resume_refuses_architecture_drift_and_records_optimisation_drift(synthe
     warned = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--trainer.max_steps", "3",
                                           "--trainer.val_check_interval", "1000", "--trainer.num_sanity_val_steps",
                                           "0", "--data.batch_size", "6", "--model.optimizer.lr", "5e-4"),
-                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert warned.returncode == 0, warned.stderr[-3000:]
     assert "with changed settings" in warned.stderr and "data.batch_size: 4 → 6" in warned.stderr
     record = json.loads((run_dir / "config_changes.jsonl").read_text())
@@ -180,7 +216,7 @@ def test_a_nonfinite_loss_stops_the_run_and_never_reaches_a_checkpoint(synthetic
                                        "--model.optimizer.warmup_steps", "0", "--model.max_nonfinite_steps", "3",
                                        "--trainer.max_steps", "60", "--run.checkpoint_every_n_steps", "2",
                                        "--trainer.val_check_interval", "1000", "--trainer.num_sanity_val_steps", "0"),
-                         env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                         env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 1, run.stderr[-3000:]
     assert "were all non-finite (3 in a row, model.max_nonfinite_steps=3)" in run.stderr
     assert re.search(r"loss: \[[^\]]*(nan|inf)[^\]]*\] \(\d of 4 non-finite\)", run.stderr)
@@ -199,7 +235,7 @@ def test_a_nonfinite_loss_stops_the_run_and_never_reaches_a_checkpoint(synthetic
     assert skipped[0] == 0.0 and {1.0, 2.0} <= set(skipped)
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = HANG_GUARD_S) -> None:
     deadline = time.time() + timeout
     while not path.exists():
         if process.poll() is not None:
@@ -227,9 +263,13 @@ def assert_resumed_state(probe_file: Path, checkpoint: dict) -> None:
     assert torch.equal(probe["torch_rng"], checkpoint["rng"]["torch"])
 
 
+LONG_RUN_STEPS = "100000"
+
+
 def start_long_run(shards: Path, tmp_path: Path, checkpoint_every: int, *extra: str, new_session: bool = False,
                    env_extra: dict[str, str] | None = None) -> tuple[list[str], dict, subprocess.Popen]:
-    """A smoke run of 1000 slowed-down steps (0.3 s each) with a StateProbe; returns its command (to
+    """A smoke run of LONG_RUN_STEPS slowed-down steps (0.3 s each: hours, however fast the machine, so it is
+    still running whenever a test acts on it; the tests stop it) with a StateProbe; returns its command (to
     resume it), environment and process (``new_session``: in a process group of its own, as a
     terminal's foreground job is)."""
     env = {**cli_env(tmp_path), **(env_extra or {})}
@@ -238,7 +278,7 @@ def start_long_run(shards: Path, tmp_path: Path, checkpoint_every: int, *extra: 
     command = smoke_command(shards, tmp_path, "--config", probe_config(tmp_path, probes),
                             "--run.checkpoint_every_n_steps", str(checkpoint_every), "--trainer.val_check_interval",
                             "1000", *extra)
-    process = subprocess.Popen(command + ["--trainer.max_steps", "1000"], env=env, cwd=tmp_path,
+    process = subprocess.Popen(command + ["--trainer.max_steps", LONG_RUN_STEPS], env=env, cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                start_new_session=new_session)
     return command, env, process
@@ -246,7 +286,7 @@ def start_long_run(shards: Path, tmp_path: Path, checkpoint_every: int, *extra: 
 
 def resume(command: list[str], env: dict, tmp_path: Path, max_steps: int) -> subprocess.CompletedProcess:
     run = subprocess.run(command + ["--trainer.max_steps", str(max_steps)], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr[-3000:]
     return run
 
@@ -300,7 +340,7 @@ def test_preempted_run_trains_on_the_batches_and_ends_in_the_state_of_an_uninter
         config = tmp_path / f"{name}_{kill_after}.yaml"
         config.write_text(Path(probe_config(tmp_path, *probes)).read_text())
         command = smoke_command(synthetic_shards, tmp_path, "--config", str(config), "--run.name", name, *extra, *more)
-        return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
     uninterrupted = run("whole", None)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
@@ -332,8 +372,8 @@ def test_a_second_writer_is_refused_and_a_killed_run_resumes_at_its_saved_step(s
     checkpoints = tmp_path / "smoke/checkpoints"
     wait_for(checkpoints / "step00000008.ckpt", first)
     # one writer per run: the same command again is refused, naming the process that trains it
-    second = subprocess.run(command + ["--trainer.max_steps", "1000"], env=env, cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300)
+    second = subprocess.run(command + ["--trainer.max_steps", LONG_RUN_STEPS], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert second.returncode == 2 and f"is in use by pid {first.pid} on " in second.stderr, second.stderr[-3000:]
     assert first.poll() is None, "the refused process left the running one alone"
     first.kill()  # SIGKILL: no chance to save anything more (nor to release its lock: the kernel does)
@@ -372,7 +412,7 @@ def test_interrupt_saves_a_resumable_checkpoint(synthetic_shards, tmp_path, sign
     wait_for(checkpoints / "step00000003.ckpt", first)
     time.sleep(0.45)  # somewhere inside a later step
     os.killpg(first.pid, signum)
-    first.wait(timeout=120)
+    first.wait(timeout=HANG_GUARD_S)
     stderr = first.stderr.read()
     assert first.returncode == 0, stderr[-5000:]
     assert stderr.count(f"received {signal.Signals(signum).name}") == 1, "one message, not one per worker"
@@ -399,7 +439,7 @@ def test_two_process_ddp_fit_splits_the_data(synthetic_shards, tmp_path):
                                        "--trainer.accelerator", "cpu", "--trainer.devices", "2",
                                        "--trainer.strategy", "ddp", "--trainer.max_steps", "3",
                                        "--trainer.val_check_interval", "3"),
-                         env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                         env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"keys/keys_rank{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 3
@@ -416,10 +456,8 @@ def test_two_process_ddp_fit_splits_the_data(synthetic_shards, tmp_path):
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_parses_against_the_code(name, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "glide_lightning", "fit", "--config",
-                          str(REPO / f"experiments/{name}.yaml"), "--print_config"],
-                         env=cli_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_every_experiment_parses_against_the_code(name):
+    run = parse_in_process(["fit", "--config", str(REPO / f"experiments/{name}.yaml"), "--print_config"])
     assert run.returncode == 0, run.stderr[-3000:]
     config = yaml.safe_load(run.stdout)
     model = config["model"]
@@ -441,7 +479,7 @@ def test_laptop_folder_trains_on_a_folder_dataset_through_the_cli(folder_shards,
                           "--data.num_workers", "0", "--data.batch_size", "4", "--run.root", str(tmp_path),
                           "--model.model.image_size", "32", "--trainer.max_steps", "2",
                           "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false"],
-                         env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                         env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "model.model.image_size 32 is 4.0x the median size of the training images (8 px" in run.stderr
     last = torch.load(tmp_path / "laptop_folder/checkpoints/last.ckpt", weights_only=True)
@@ -479,15 +517,13 @@ def test_the_smoke_upsampler_and_inpainting_model_are_smoke_of_another_kind(name
     assert other == smoke
 
 
-def test_the_toy_ablation_arms_are_smoke_with_another_loss_and_variance(tmp_path):
+def test_the_toy_ablation_arms_are_smoke_with_another_loss_and_variance():
     """`make ablation-smoke` gives each arm's file after smoke.yaml: the resolved configs differ in the
     run's name and tags and in the loss and variance only."""
     configs = {}
     for arm in ("hybrid", "simple"):
-        run = subprocess.run([sys.executable, "-m", "glide_lightning", "fit", "--config",
-                              str(REPO / "experiments/smoke.yaml"), "--config",
-                              str(REPO / f"experiments/ablation_smoke/{arm}.yaml"), "--print_config"],
-                             env=cli_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=120)
+        run = parse_in_process(["fit", "--config", str(REPO / "experiments/smoke.yaml"), "--config",
+                                str(REPO / f"experiments/ablation_smoke/{arm}.yaml"), "--print_config"])
         assert run.returncode == 0, run.stderr[-3000:]
         configs[arm] = yaml.safe_load(run.stdout)
     hybrid, simple = configs["hybrid"], configs["simple"]
@@ -501,17 +537,16 @@ def test_the_toy_ablation_arms_are_smoke_with_another_loss_and_variance(tmp_path
     assert hybrid == simple
 
 
-def test_bad_config_value_fails_at_parse_time_with_the_choices(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "glide_lightning", "fit", "--config",
-                          str(REPO / "experiments/smoke.yaml"), "--model.diffusion.loss_type", "hybird",
-                          "--print_config"], env=cli_env(tmp_path), cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+def test_bad_config_value_fails_at_parse_time_with_the_choices():
+    run = parse_in_process(["fit", "--config", str(REPO / "experiments/smoke.yaml"), "--model.diffusion.loss_type",
+                            "hybird", "--print_config"])
     assert run.returncode != 0
     assert "hybird" in run.stderr and "hybrid" in run.stderr
 
 
 def test_make_train_with_an_unknown_experiment_lists_the_available_ones():
-    run = subprocess.run(["make", "-s", "train", "EXP=nope"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(["make", "-s", "train", "EXP=nope"], cwd=REPO, capture_output=True, text=True,
+                         timeout=HANG_GUARD_S)
     assert run.returncode != 0
     assert "unknown experiment 'nope'" in run.stderr
     for name in EXPERIMENTS:
@@ -547,7 +582,8 @@ def test_make_train_smoke_on_a_fresh_checkout_builds_data_and_stops_at_max_time(
     env = {**cli_env(tmp_path), "PYTHONPATH": os.pathsep.join([str(checkout), str(REPO / "tests/helpers")])}
     run = subprocess.run(["make", "-s", "train", "EXP=smoke", f"VENV={venv}", f"PY={sys.executable}",
                           "SMOKE_DATA_ARGS=--train 40 --val 8 --image-size 32 --max-per-shard 20",
-                          f"ARGS={' '.join(args)}"], cwd=checkout, env=env, capture_output=True, text=True, timeout=600)
+                          f"ARGS={' '.join(args)}"], cwd=checkout, env=env, capture_output=True, text=True,
+                         timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "building the synthetic shards first" in run.stdout
     manifest = json.loads((checkout / "data/synthetic/manifest.json").read_text())
@@ -588,7 +624,7 @@ def test_readme_quick_start_runs_as_written_on_a_fresh_checkout(tmp_path):
     for command in commands:
         target = command.split()[1]
         run = subprocess.run([*shlex.split(command), "-s", f"VENV={venv}", f"PY={sys.executable}", *TINY[target]],
-                             cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
+                             cwd=checkout, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert run.returncode == 0, f"{command}:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}"
         if target == "sweep":  # the command's own default scales (4: the Makefile has no list), announced first
             assert "4 scale(s) x 8 captions, ddpm 2 steps: 32 images to generate" in run.stderr
@@ -601,12 +637,12 @@ def test_readme_quick_start_runs_as_written_on_a_fresh_checkout(tmp_path):
     # RUN= evaluates a run by its directory name (one started with --run.name), EXP= picks the settings
     shutil.copytree(checkout / "runs/smoke/checkpoints", checkout / "runs/renamed/checkpoints")
     run = subprocess.run(["make", "-s", "fid", "RUN=renamed", "EXP=smoke", f"VENV={venv}", f"PY={sys.executable}",
-                          *TINY["sweep"]], cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
+                          *TINY["sweep"]], cwd=checkout, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "1 scale(s) x 8 captions" in run.stderr  # fid: the sampling default scale alone
     assert (checkout / "runs/renamed/fid/res32_ddpm2_n8/results.json").is_file()
     run = subprocess.run(["make", "-s", "fid", "RUN=nope", f"VENV={venv}"], cwd=checkout, capture_output=True,
-                         text=True, timeout=60)
+                         text=True, timeout=HANG_GUARD_S)
     assert run.returncode != 0 and "no run directory runs/nope" in run.stderr and "renamed" in run.stderr
 
 
@@ -679,7 +715,7 @@ def test_bf16_mixed_training_resumes_bit_exactly(synthetic_shards, tmp_path):
                                 "--trainer.limit_val_batches", "0", "--model.optimizer.warmup_steps", "0",
                                 # the cosine decay ends at a fixed step, not at each session's max_steps
                                 "--model.optimizer.decay_steps", "50")
-        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert done.returncode == 0, done.stderr[-3000:]
 
     run("whole", 4)
@@ -701,14 +737,14 @@ def test_a_run_whose_only_checkpoint_is_unreadable_stops_instead_of_starting_ove
     env = {**cli_env(tmp_path), "WANDB_MODE": "disabled"}
     first = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--trainer.max_steps", "1",
                                          "--trainer.limit_val_batches", "0"),
-                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert first.returncode == 0, first.stderr[-3000:]
     last = tmp_path / "smoke/checkpoints/last.ckpt"
     with open(last, "r+b") as f:
         f.truncate(last.stat().st_size // 2)
     damaged = last.read_bytes()
     again = subprocess.run(smoke_command(synthetic_shards, tmp_path, "--trainer.max_steps", "2"),
-                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert again.returncode == 2, again.stderr[-3000:]
     assert "none of its checkpoints can be read" in again.stderr and "--run.resume false" in again.stderr
     assert "Traceback" not in again.stderr

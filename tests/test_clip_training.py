@@ -13,14 +13,13 @@ import torch
 import yaml
 
 from glide_lightning.cli import task_of
-from glide_lightning.clip_guidance import load_guidance_clip
 from glide_lightning.clip_module import NoisedCLIPModule, contrastive_loss
 from glide_lightning.diffusion import DiffusionConfig
 from glide_lightning.models.clip import NoisedCLIPConfig, load_noised_clip
-from glide_lightning.cascade import generate
-from glide_lightning.sampling import SamplingConfig, load_checkpoint
+from glide_lightning.sampling import SamplingConfig, generate, load_checkpoint, load_guidance_clip
 
-from test_cli import REPO, cli_env, read_csv_metrics
+from hang_guard import HANG_GUARD_S
+from test_cli import REPO, cli_env, parse_in_process, read_csv_metrics
 
 TINY_PRESET = REPO / "experiments/parts/tiny_clip_model.yaml"
 BATCH = 16
@@ -72,8 +71,7 @@ def test_the_task_is_read_from_flags_and_config_files(tmp_path):
 
 
 def test_an_unknown_task_names_the_choices(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "glide_lightning", "fit", "--task", "clip", "--print_config"],
-                         env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    run = parse_in_process(["fit", "--task", "clip", "--print_config"], cwd=tmp_path)
     assert run.returncode != 0 and "unknown task 'clip': choose one of diffusion, noised_clip" in run.stderr
 
 
@@ -89,7 +87,7 @@ def trained_clip(synthetic_shards, tmp_path_factory):
                           "--trainer.val_check_interval", "300", "--trainer.log_every_n_steps", "5",
                           "--model.optimizer.warmup_steps", "0", "--model.optimizer.lr", "1e-3",
                           "--model.optimizer.weight_decay", "0", "--trainer.enable_progress_bar", "false"],
-                         env=cli_env(root), cwd=root, capture_output=True, text=True, timeout=600)
+                         env=cli_env(root), cwd=root, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr[-3000:]
     return root / "noised_clip"
 
@@ -123,7 +121,7 @@ def test_the_exported_encoders_drive_clip_guided_sampling(trained_clip, tiny_che
                           "--prompt", "a large red circle", "--clip_dir", str(trained_clip / "clip"),
                           "--sampling.clip_guidance_scale", "10", "--sampling.guidance_scale", "1",
                           "--sampling.steps", "10", "--out", str(out), "--device", "cpu"],
-                         env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                         env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr[-3000:]
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["config"]["clip_guidance_scale"] == 10 and "noised_clip export" in meta["images"][0]["clip"]

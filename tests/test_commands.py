@@ -9,8 +9,8 @@ import yaml
 
 from glide_lightning.commands import COMMANDS, build_parser, main, parse
 from glide_lightning.evaluation.fid_cli import FIDCommand, SweepCommand
-from glide_lightning.evaluation.sample_cli import SampleCommand
 from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, SamplingConfig
+from glide_lightning.sampling.command import SampleCommand
 
 REQUIRED = {"sample": ["--ckpt", "model.ckpt"], "compare": ["--runs", "[runs/a]"]}
 

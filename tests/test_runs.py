@@ -14,15 +14,17 @@ import pytest
 import torch
 
 from glide_lightning.locks import DirectoryLock, LockBusy
+from hang_guard import HANG_GUARD_S
 from glide_lightning.runs import ConfigDriftError, RunConfig, check_resume, write_versioned
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def hold_lock(directory: Path) -> subprocess.Popen:
-    """Another process that takes the directory's lock, says so, and waits to be killed."""
+    """Another process that takes the directory's lock, says so, and waits to be killed (however long the test
+    takes to get there: it holds the lock until then)."""
     code = ("import sys, time; from glide_lightning.locks import DirectoryLock; "
-            "DirectoryLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)")
+            f"DirectoryLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep({HANG_GUARD_S})")
     process = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(REPO)})
     assert process.stdout.readline().strip() == "locked"

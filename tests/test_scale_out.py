@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from hang_guard import HANG_GUARD_S
 from test_cli import assert_identical, cli_env, smoke_command, step_keys
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -42,7 +43,7 @@ def test_two_torchrun_nodes_train_as_one_node_with_two_processes(synthetic_shard
     # one node, two processes: Lightning's own launcher
     one_node = ddp_command(synthetic_shards, tmp_path / "one_node", tmp_path / "one_node/keys{rank}.jsonl")
     run = subprocess.run(one_node + ["--trainer.devices", "2"], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr[-3000:]
     # two nodes of one process each: torchrun sets the ranks, the CLI is unchanged but for num_nodes
     two_nodes = ddp_command(synthetic_shards, tmp_path / "two_nodes", tmp_path / "two_nodes/keys{rank}.jsonl")
@@ -53,7 +54,7 @@ def test_two_torchrun_nodes_train_as_one_node_with_two_processes(synthetic_shard
                               env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for node in (0, 1)]
     for node in nodes:
-        _, err = node.communicate(timeout=300)
+        _, err = node.communicate(timeout=HANG_GUARD_S)
         assert node.returncode == 0, err[-3000:]
 
     keys = {layout: [step_keys(tmp_path / layout / f"keys{rank}.jsonl") for rank in (0, 1)]

@@ -20,8 +20,8 @@ from glide_lightning.data import GlideDataModule
 from glide_lightning.diffusion import DiffusionConfig
 from glide_lightning.models import ModelConfig, build_model
 from glide_lightning.module import GlideModule
-from glide_lightning.cascade import generate
-from glide_lightning.sampling import SamplingConfig, load_checkpoint
+from glide_lightning.sampling import SamplingConfig, generate, load_checkpoint
+from hang_guard import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=32, model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=[16],
@@ -131,7 +131,7 @@ def test_imagen_experiments_fit_through_the_cli_and_sample_after_reload(experime
            "--trainer.val_check_interval", "3", "--trainer.num_sanity_val_steps", "0",
            "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
            "--trainer.log_every_n_steps", "1"]
-    run = subprocess.run(fit, env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(fit, env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr[-3000:]
     run_dir = tmp_path / experiment
     last = run_dir / "checkpoints/last.ckpt"
@@ -149,7 +149,7 @@ def test_imagen_experiments_fit_through_the_cli_and_sample_after_reload(experime
     if kind == "t5":  # the run resumes: the recorded encoder settings (text_encoder_dim filled in) are no drift
         more = [a if a != "3" or fit[i - 1] != "--trainer.max_steps" else "4" for i, a in enumerate(fit)]
         resumed = subprocess.run(more, env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
-                                 timeout=300)
+                                 timeout=HANG_GUARD_S)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "resuming imagen_p2" in resumed.stderr
         assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
@@ -159,7 +159,7 @@ def test_imagen_experiments_fit_through_the_cli_and_sample_after_reload(experime
                              "a large red circle", "--num_per_prompt", "2", "--sampling.sampler", "ddim",
                              "--sampling.steps", "ddim5", "--sampling.guidance_scale", "8",
                              "--sampling.dynamic_threshold", "0.995", "--out", str(out)],
-                            env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                            env=cli_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert f"text encoder {kind}" in json.loads((out / "metadata.json").read_text())["images"][0]["checkpoint"]
     expected = generate(load_checkpoint(last), ["a large red circle"] * 2, [0, 1],
@@ -172,12 +172,14 @@ def test_imagen_experiments_fit_through_the_cli_and_sample_after_reload(experime
 # ----------------------------------------------------------------------------- precomputed embeddings
 @pytest.fixture(scope="module")
 def embedded_shards(synthetic_shards, tiny_t5_dir, tmp_path_factory) -> Path:
-    """The synthetic shards with the tiny T5's embeddings added by the ``embed`` recipe (its CLI entry point)."""
-    from data_recipes.__main__ import main as recipes_main
+    """The synthetic shards with the tiny T5's embeddings added by the ``embed`` recipe (through the front door,
+    ``python -m glide_lightning data embed``)."""
+    from glide_lightning.commands import main
 
     out = tmp_path_factory.mktemp("embedded")
-    assert recipes_main(["embed", "--shards", str(synthetic_shards), "--out", str(out), "--text-encoder", "t5",
-                         "--text-encoder-name", str(tiny_t5_dir), "--text-ctx", "16", "--batch-size", "32"]) == 0
+    manifest = main(["data", "embed", "--shards", str(synthetic_shards), "--out", str(out), "--text_encoder", "t5",
+                     "--text_encoder_name", str(tiny_t5_dir), "--text_ctx", "16", "--batch_size", "32"])
+    assert manifest["text_encoder"]["identity"] == f"t5:{tiny_t5_dir}"
     return out
 
 

@@ -417,15 +417,17 @@ def test_ddp_two_processes(train_dir: Path, tmp_path: Path) -> None:
     import subprocess
     import sys
 
+    from hang_guard import HANG_GUARD_S  # (here: the scripts of other tests import this module on their own path)
+
     script = tmp_path / "ddp_fit.py"
     script.write_text(DDP_SCRIPT)
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")}
     try:
         run = subprocess.run([sys.executable, str(script), str(train_dir), str(tmp_path)], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=180)
+                             capture_output=True, text=True, timeout=HANG_GUARD_S)
     except subprocess.TimeoutExpired as hung:  # seen once in a full suite: say where the ranks stood
-        pytest.fail(f"the two-process DDP fit hung for 180 s; its output:\n{(hung.stderr or b'')[-4000:]!r}")
+        pytest.fail(f"the two-process DDP fit hung for {HANG_GUARD_S} s; its output:\n{(hung.stderr or b'')[-4000:]!r}")
     assert run.returncode == 0, run.stderr[-3000:]
     runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for run_of_rank in runs:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from glide_lightning.data.datamodule import GlideDataModule
+from hang_guard import HANG_GUARD_S
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_datamodule import make_dm, train_dir  # noqa: E402, F401 (train_dir: the module's shards fixture)
@@ -33,6 +34,24 @@ def wait_until_gone(pid: int, seconds: float) -> bool:
     return False
 
 
+def wait_until_taken(pid: int, signum: int) -> None:
+    """Until process ``pid`` has taken a signal sent to it (no longer pending: handled, dropped, or died of it),
+    however slow the machine; the kernel queues a signal before ``kill`` returns."""
+    status = Path(f"/proc/{pid}/status")
+    deadline = time.monotonic() + HANG_GUARD_S
+    while time.monotonic() < deadline:
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if fields["State"].strip().startswith(("Z", "X")):
+            return
+        if not any(int(fields[mask], 16) >> (signum - 1) & 1 for mask in ("ShdPnd", "SigPnd")):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"signal {signum} still pending in process {pid} after {HANG_GUARD_S} s")
+
+
 def test_workers_ignore_a_sigterm_from_others_and_obey_one_from_their_parent(train_dir: Path) -> None:
     dm: GlideDataModule = make_dm(train_dir, num_workers=2, samples_per_epoch=40)
     dataloader = dm.train_dataloader()
@@ -41,13 +60,15 @@ def test_workers_ignore_a_sigterm_from_others_and_obey_one_from_their_parent(tra
     workers = list(dataloader._iterator._workers)  # the worker processes (persistent: the loader keeps its iterator)
     # A SIGTERM sent by another process (as `kill -- -PGID` or scancel do) leaves the workers running...
     subprocess.run(["kill", "-TERM", *(str(w.pid) for w in workers)], check=True)
+    for worker in workers:  # taken (a worker that died of it would be dying now), however slow the machine
+        wait_until_taken(worker.pid, signal.SIGTERM)
     time.sleep(1.0)
     assert all(w.is_alive() for w in workers)
     batches = [next(loader) for _ in range(4)]
     assert all(b["image"].shape[0] == 4 for b in batches)
     # ...one from the parent (the DataLoader's shutdown, multiprocessing's exit) ends a worker at once.
     workers[0].terminate()
-    workers[0].join(timeout=120)  # a hang guard: it ends at once, however loaded the machine
+    workers[0].join(timeout=HANG_GUARD_S)  # a hang guard: it ends at once, however loaded the machine
     assert workers[0].exitcode == 0
     del loader, dataloader
 
@@ -67,10 +88,10 @@ def test_the_interpreter_exits_while_workers_are_alive(train_dir: Path, tmp_path
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=HANG_GUARD_S)  # a hang guard (a hang is forever), not a budget
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        pytest.fail("the interpreter did not exit within 60 s of its last line: a worker ignored its parent's SIGTERM")
+        pytest.fail(f"the interpreter did not exit within {HANG_GUARD_S} s: a worker ignored its parent's SIGTERM")
     assert proc.returncode == 0, err
     assert "exiting with live workers" in out

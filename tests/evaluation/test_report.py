@@ -7,6 +7,7 @@ from pathlib import Path
 from glide_lightning.data.synthetic import synthetic_samples
 from glide_lightning.commands import main as glide_main
 from glide_lightning.evaluation.report import load_run
+from hang_guard import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,7 +22,7 @@ def test_report_on_two_tiny_runs(synthetic_shards, tmp_path, monkeypatch):
                    "--data.batch_size", "4", "--run.root", str(tmp_path / "runs"), "--run.name", f"tiny_{arm}",
                    "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
                    "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false", *extra]
-        run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert run.returncode == 0, run.stderr[-3000:]
     reference = tmp_path / "reference"
     reference.mkdir()
