@@ -60,14 +60,16 @@ help:  ## list the targets
 
 setup: $(VENV)/.installed  ## create .venv and install the package, its dependencies and the dev tools
 
-# a few lines: what it installs, pip's warnings and errors, how long it took. pip's "Location '...' is ignored"
-# lines (an extra index in pip's own config that lacks a package: none of this project's business) are left out.
+# a few lines: what it installs, pip's warnings and errors, how long it took. Left out: pip's "Location '...' is
+# ignored" lines (an extra index in pip's own config that lacks a package: none of this project's business) and
+# setuptools' 10-line advice that editable installs of a flat layout prefer same-named folders of the working
+# directory (true of every editable install from a checkout; this one imports from its checkout by design).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@echo "setup: glide_lightning[dev] (editable) and its dependencies at constraints.txt's versions into $(VENV)/"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@start=$$(date +%s); \
 	{ $(PIP) install --quiet --upgrade pip && $(PIP) install --quiet -c constraints.txt -e '.[dev]'; \
-	  echo "pip-exit-status $$?"; } 2>&1 | awk '/^pip-exit-status /{exit $$2} !/^WARNING: Location .* is ignored: /'; \
+	  echo "pip-exit-status $$?"; } 2>&1 | awk '/^pip-exit-status /{exit $$2} /BuildBackendWarning: Editable/{skip=1} !skip && !/^WARNING: Location .* is ignored: /; /with strategy, WheelFile/{skip=0}'; \
 	status=$$?; if [ $$status -ne 0 ]; then echo "setup: pip failed (exit status $$status)" >&2; exit $$status; fi; \
 	echo "setup: done in $$(( $$(date +%s) - start )) s ($$($(PY) -m pip list --format=freeze 2>/dev/null | wc -l) packages in $(VENV)/)"
 	@touch $@
