@@ -15,27 +15,19 @@ RUNS   ?=
 RUN    ?=
 CKPT   ?=
 RES    ?=
-ifneq ($(filter imagen_p2 imagen_p2_clip,$(EXP)),)  # the Imagen-style arm: DDIM at the study's guidance 5 and 8
-SCALES     ?= 5 8
-EVAL_EXTRA ?= --sampling.sampler ddim --sampling.steps ddim50 --sampling.dynamic_threshold 0.995
-endif
-# guidance scales, e.g. SCALES="1.5 3"; empty: the command's default (fid: the sampling default scale,
-# sweep: DEFAULT_GUIDANCE_SWEEP in glide_lightning/sampling/config.py; the one list of it)
+# evaluation settings per experiment: experiments/eval/<EXP>.yaml, read by `fid|sweep --config` (absent: the
+# commands' defaults, the MSCOCO set); N=, CAPTIONS=, REFERENCE=, SCALES= and ARGS= given here override it
+EVAL_CONFIG = $(wildcard experiments/eval/$(EXP).yaml)
+# guidance scales, e.g. SCALES="1.5 3"; empty: the eval config's, else the command's default (fid: the sampling
+# default scale, sweep: DEFAULT_GUIDANCE_SWEEP in glide_lightning/sampling/config.py; the one list of it)
 SCALES ?=
 # sweep only: samplers and step counts to sweep as well, e.g. SAMPLERS="ddpm ddim dpmpp_2m unipc" STEPS="10 25 50"
 # (quality against model evaluations per image: <out>/nfe_sweep.png); empty: the sampling config's own
 SAMPLERS ?=
 STEPS  ?=
-ifeq ($(EXP),smoke)  # held-out synthetic shapes; random features (no weights to download), labelled as such
-# CPU-sized: 64 images x 4 scales x 25 steps of the tiny model take ~2 min on a laptop CPU
-N         ?= 64
-CAPTIONS  ?= data/synthetic/fid_captions.txt
-REFERENCE ?= data/synthetic/fid_reference
-EVAL_EXTRA ?= --extractor random-conv --clip_model none --sampling.steps 25
-endif
-N      ?= 5000
-CAPTIONS  ?= data/mscoco/fid_captions.txt
-REFERENCE ?= data/mscoco/fid_reference
+N         ?=
+CAPTIONS  ?=
+REFERENCE ?=
 empty :=
 space := $(empty) $(empty)
 comma := ,
@@ -44,9 +36,9 @@ yaml_list = '[$(subst $(space),$(comma),$(strip $(1)))]'
 yaml_str_list = '[$(subst $(space),$(comma),$(patsubst %,"%",$(strip $(1))))]'
 SWEEP_ARGS = $(if $(strip $(SAMPLERS)),--samplers $(call yaml_list,$(SAMPLERS))) \
              $(if $(strip $(STEPS)),--step_counts $(call yaml_str_list,$(STEPS)))
-EVAL_ARGS = --run_dir $(RUN_DIR) $(if $(CKPT),--ckpt $(CKPT)) --n $(N) $(if $(RES),--res $(RES)) \
-            --captions $(CAPTIONS) --reference $(REFERENCE) $(EVAL_EXTRA) \
-            $(if $(strip $(SCALES)),--scales $(call yaml_list,$(SCALES)))
+EVAL_ARGS = $(if $(EVAL_CONFIG),--config $(EVAL_CONFIG)) --run_dir $(RUN_DIR) $(if $(CKPT),--ckpt $(CKPT)) \
+            $(if $(N),--n $(N)) $(if $(RES),--res $(RES)) $(if $(CAPTIONS),--captions $(CAPTIONS)) \
+            $(if $(REFERENCE),--reference $(REFERENCE)) $(if $(strip $(SCALES)),--scales $(call yaml_list,$(SCALES)))
 EXPERIMENTS := $(sort $(basename $(notdir $(wildcard experiments/*.yaml))))
 # the data recipes: every module of data_recipes/ but common.py and _private ones (its registry's rule)
 RECIPES     := $(sort $(filter-out common,$(basename $(notdir $(filter-out data_recipes/_%,$(wildcard data_recipes/*.py))))))
@@ -114,7 +106,8 @@ compare: setup  ## ablation report from the runs' own files: RUNS="minig_simple 
 	$(PY) -m glide_lightning compare --runs $(call yaml_list,$(addprefix runs/,$(RUNS))) \
 		--out reports/$(subst $(space),_vs_,$(strip $(RUNS))).md $(ARGS)
 
-# toy-scale miniGLIDE ablation: arms in experiments/ablation_smoke/, evaluated on ABLATION_N held-out captions
+# toy-scale miniGLIDE ablation: arms in experiments/ablation_smoke/, each swept as experiments/eval/ablation_smoke.yaml
+# says, on ABLATION_N held-out captions
 ABLATION_ARMS := hybrid simple
 ABLATION_N    ?= 64
 ablation-smoke: setup  ## hybrid vs simple arm of the smoke model (same budget, seed, data): train both, evaluate at 100 and 25 DDPM steps over guidance 1/3/6, write reports/ablation_smoke.md [ARGS= to both fits]
@@ -122,10 +115,8 @@ ablation-smoke: setup  ## hybrid vs simple arm of the smoke model (same budget, 
 	@for arm in $(ABLATION_ARMS); do \
 		$(PY) -m glide_lightning fit --config experiments/smoke.yaml --config experiments/ablation_smoke/$$arm.yaml \
 			$(ARGS) || exit 1; \
-		$(PY) -m glide_lightning sweep --run_dir runs/ablation_smoke_$$arm --n $(ABLATION_N) \
-			--captions data/synthetic/fid_captions.txt --reference data/synthetic/fid_reference \
-			--extractor random-conv --clip_model none --samplers '[ddpm]' --step_counts '["100", "25"]' \
-			--scales '[1, 3, 6]' --overwrite true || exit 1; \
+		$(PY) -m glide_lightning sweep --config experiments/eval/ablation_smoke.yaml \
+			--run_dir runs/ablation_smoke_$$arm --n $(ABLATION_N) --overwrite true || exit 1; \
 	done
 	$(PY) -m glide_lightning compare --runs $(call yaml_list,$(addprefix runs/ablation_smoke_,$(ABLATION_ARMS))) \
 		--out reports/ablation_smoke.md --overwrite true  # this target remakes the committed report

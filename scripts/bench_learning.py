@@ -98,9 +98,9 @@ def smoke(work: Path, n: int, extra: list[str]) -> dict[str, object]:
     fit = [py, "-m", "glide_lightning", "fit", "--config", "experiments/smoke.yaml", "--run.root", str(work),
            "--run.name", "smoke", *extra]
     wall = run(fit, work / "smoke_fit.log")
-    fid = [py, "-m", "glide_lightning", "fid", "--run_dir", str(run_dir), "--n", str(n),
-           "--captions", "data/synthetic/fid_captions.txt", "--reference", "data/synthetic/fid_reference",
-           "--extractor", "random-conv", "--clip_model", "none", "--sampling.steps", "25", "--scales", "[1, 3]"]
+    # the smoke experiment's own evaluation settings (experiments/eval/smoke.yaml, as `make fid EXP=smoke` reads them)
+    fid = [py, "-m", "glide_lightning", "fid", "--config", str(REPO / "experiments/eval/smoke.yaml"),
+           "--run_dir", str(run_dir), "--n", str(n), "--scales", "[1, 3]"]
     run(fid, work / "smoke_fid.log")
     results = {r["guidance_scale"]: r for path in run_dir.glob("fid/*/results.json")
                for r in json.loads(path.read_text())["results"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,6 +13,7 @@ from glide_lightning.evaluation.fid_cli import FIDCommand, SweepCommand
 from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, SamplingConfig
 from glide_lightning.sampling.command import SampleCommand
 
+REPO = Path(__file__).resolve().parents[1]
 REQUIRED = {"sample": ["--ckpt", "model.ckpt"], "compare": ["--runs", "[runs/a]"]}
 
 
@@ -81,3 +83,37 @@ def test_fit_and_validate_are_listed_and_handed_to_lightning_cli(capsys):
     text = capsys.readouterr().out
     for name in ("fit", "validate", *COMMANDS):
         assert name in text
+
+
+EVAL_CONFIGS = sorted((REPO / "experiments/eval").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", EVAL_CONFIGS, ids=lambda path: path.stem)
+def test_each_experiments_evaluation_settings_are_a_config_of_the_evaluation_commands(config):
+    """experiments/eval/<name>.yaml belongs to an experiment (or an ablation's arms) and parses as ``sweep``'s
+    config (and as ``fid``'s where it sets no sweep-only option); ``make fid|sweep EXP=<name>`` passes it first."""
+    import subprocess
+
+    assert (REPO / "experiments" / f"{config.stem}.yaml").is_file() or (REPO / "experiments" / config.stem).is_dir()
+    values = yaml.safe_load(config.read_text())
+    sweep = parse(["sweep", "--config", str(config), "--run_dir", "runs/x"])
+    assert sweep.n == values.get("n", sweep.n) and sweep.scales == values.get("scales", sweep.scales)
+    for key, value in (values.get("sampling") or {}).items():
+        assert getattr(sweep.sampling, key) == value, key
+    if not {"samplers", "step_counts"} & values.keys():
+        assert parse(["fid", "--config", str(config), "--run_dir", "runs/x", "--n", "7"]).n == 7  # flags win
+        if (REPO / "experiments" / f"{config.stem}.yaml").is_file():
+            made = subprocess.run(["make", "-n", "fid", f"EXP={config.stem}", "N=7"], cwd=REPO, capture_output=True,
+                                  text=True, check=True).stdout
+            command = next(line for line in made.splitlines() if " -m glide_lightning fid " in line)
+            assert f"fid --config experiments/eval/{config.stem}.yaml" in command and "--n 7" in command
+
+
+def test_an_experiment_without_evaluation_settings_is_evaluated_with_the_commands_defaults():
+    import subprocess
+
+    made = subprocess.run(["make", "-n", "fid", "EXP=minig_hybrid"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout
+    command = next(line for line in made.splitlines() if " -m glide_lightning fid " in line)
+    assert "--config" not in command and "--run_dir runs/minig_hybrid" in command
+    assert parse(["fid", "--run_dir", "runs/minig_hybrid"]).captions == "data/mscoco/fid_captions.txt"
