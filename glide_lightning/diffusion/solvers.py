@@ -1,5 +1,7 @@
 """Multistep ODE solvers (DPM-Solver++(2M), UniPC) on our processes, with Hugging Face diffusers'
-schedulers as the backend (``pip install 'glide_lightning[solvers]'``).
+schedulers as the backend (``pip install 'glide_lightning[solvers]'``). They are samplers like the others
+through their entries in :data:`~glide_lightning.diffusion.samplers.SAMPLERS` (backend ``DIFFUSERS``): this
+module is the backend only, and names its solvers for itself.
 
 How our process maps onto theirs: a diffusers scheduler is built on *this* process (for a respaced
 process, the K kept steps of the original) with ``num_train_timesteps`` = K and

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from glide_lightning.conditioning import sampling_low_res_kwargs
 from glide_lightning.diffusion import GaussianDiffusion, classifier_free_guidance, dynamic_threshold, get_sampler
+from glide_lightning.diffusion.samplers import sampler_options
 from glide_lightning.diffusion.inpainting import keep_known
 from glide_lightning.sampling.checkpoints import SamplingModel
 from glide_lightning.sampling.clip_guidance import GuidanceCLIP
@@ -108,10 +109,8 @@ def sample_batch(loaded: SamplingModel, prompts: list[str], seeds: list[int], co
 def _run_sampler(config: SamplingConfig, diffusion: GaussianDiffusion, model: Any, shape: tuple[int, ...],
                  model_kwargs: dict[str, Any], seeds: list[int], progress: bool, device: torch.device,
                  cond_fn: Any = None, denoised_fn: Any = None) -> Tensor:
-    options = {"eta": config.eta} if config.sampler == "ddim" else {}
-    if cond_fn is not None:
-        options["cond_fn"] = cond_fn
-    sampler = get_sampler(config.sampler, **options)
+    # the registry binds what config.sampler takes (eta where it has one; cond_fn where it applies it), drops nothing
+    sampler = get_sampler(config.sampler, **sampler_options(config.sampler, eta=config.eta, cond_fn=cond_fn))
     return sampler(diffusion, model, shape, model_kwargs=model_kwargs, generator=sample_generators(seeds),
                    progress=progress, device=device, denoised_fn=_denoised_fn(config, denoised_fn))
 

@@ -15,6 +15,7 @@ from torch import Tensor
 from glide_lightning.conditioning import sampling_low_res_kwargs
 from glide_lightning.data.images import to_uint8
 from glide_lightning.diffusion import GaussianDiffusion, get_sampler
+from glide_lightning.diffusion.samplers import sampler_options
 from glide_lightning.models import ModelKind
 from glide_lightning.sampling.checkpoints import SamplingModel, check_kind
 from glide_lightning.sampling.clip_guidance import GuidanceCLIP
@@ -89,7 +90,7 @@ def upsample_batch(loaded: SamplingModel, low_res: Tensor, prompts: list[str], s
     model_kwargs = dict(**encoded, **low_res_kwargs, **(image_kwargs or {}))
     diffusion = GaussianDiffusion.from_config(loaded.diffusion_config, config.upsample_steps)
     name = config.upsample_sampler_for(task)
-    sampler = get_sampler("ddim", eta=0.0) if name == "ddim" else get_sampler("ddpm")
+    sampler = get_sampler(name, **sampler_options(name, eta=0.0))  # η = 0 where the sampler has one (DDIM)
     with denoiser(loaded.model, config, device) as net:
         return sampler(diffusion, net, (len(prompts), 3, size, size), model_kwargs=model_kwargs,
                        noise_scale=config.upsample_temp, generator=generators, progress=progress, device=device,
