@@ -13,6 +13,8 @@ it becomes:
 
 - :func:`add_missing_hyper_parameters`: ``hyper_parameters`` without the model and diffusion fields added after the
   first checkpoints (:data:`HYPER_PARAMETERS_ADDED_LATER`) → those fields, at the values the checkpoint's run used;
+- :func:`spell_weighting`: ``diffusion`` hyper-parameters without ``weighting`` (``loss_type: p2``, or
+  ``min_snr_gamma`` alone) → ``loss_type`` simple / hybrid and ``weighting``;
 - :func:`regroup_optimizer_state`: an AdamW state with all parameters in one group → the decay / no-decay groups of
   :func:`~glide_lightning.optim.parameter_groups`;
 - :func:`convert_input_order`: an ``upsample_inpaint`` checkpoint whose first convolution takes the network's input
@@ -31,13 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from glide_lightning.diffusion.config import modern_loss_spelling
 from glide_lightning.input_order import FIRST_CONV, INPUT_ORDER_KEY
 from glide_lightning.models import Text2ImUNet
 from glide_lightning.optim import OptimizerConfig, parameter_groups
 
 __all__ = ["HYPER_PARAMETERS_ADDED_LATER", "UNMARKED_INPUT_ORDER", "add_missing_hyper_parameters",
            "convert_input_order", "migrate_hyper_parameters", "migrate_training_state", "migrate_weights",
-           "regroup_optimizer_state"]
+           "regroup_optimizer_state", "spell_weighting"]
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +48,9 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- the readers' entry points
 def migrate_hyper_parameters(checkpoint: dict[str, Any], *, where: str) -> list[str]:
     """Bring a Lightning checkpoint's ``hyper_parameters`` to the current form, in place, before a reader builds
-    the network and the process from them. Returns the fields added (:func:`add_missing_hyper_parameters`)."""
-    return add_missing_hyper_parameters(checkpoint, where=where)
+    the network and the process from them (or compares them with a resume's, ``runs.check_resume``). Returns the
+    fields added (:func:`add_missing_hyper_parameters`) and respelled (:func:`spell_weighting`)."""
+    return add_missing_hyper_parameters(checkpoint, where=where) + spell_weighting(checkpoint, where=where)
 
 
 def migrate_weights(checkpoint: dict[str, Any], model: Text2ImUNet, kind: str, *, where: str) -> list[str]:
@@ -140,6 +144,27 @@ def add_missing_hyper_parameters(checkpoint: dict[str, Any], *, where: str) -> l
 def _added_value(name: str) -> Any:
     section, field = name.split(".", 1)
     return HYPER_PARAMETERS_ADDED_LATER[section][field]
+
+
+# ----------------------------------------------------------------------------- the MSE weighting as a field
+def spell_weighting(checkpoint: dict[str, Any], *, where: str) -> list[str]:
+    """Old form: ``diffusion`` hyper-parameters written before ``weighting`` existed, where the P2 weighting was
+    ``loss_type: p2`` (with the VLB term where the variance was learned) and min-SNR-γ was ``min_snr_gamma`` alone.
+    New form: ``loss_type`` ``simple`` / ``hybrid`` and ``weighting`` ``none`` / ``p2`` / ``min_snr``
+    (:func:`~glide_lightning.diffusion.config.modern_loss_spelling`, the mapping ``DiffusionConfig`` applies to
+    old YAML too): the same loss. In place; run after :func:`add_missing_hyper_parameters`. Returns the fields
+    changed (``diffusion.loss_type``, ``diffusion.weighting``), logged at info level."""
+    hp = checkpoint.get("hyper_parameters")
+    values = hp.get("diffusion") if isinstance(hp, dict) else None
+    if not isinstance(values, dict):
+        return []
+    spelled = modern_loss_spelling(values)
+    changed = [name for name in ("loss_type", "weighting") if name in spelled and values.get(name) != spelled[name]]
+    if changed:
+        log.info("%s: diffusion hyper-parameters in the spelling from before the weighting field; read as %s",
+                 where, ", ".join(f"{name}={spelled[name]!r}" for name in changed))
+        values.update({name: spelled[name] for name in changed})
+    return [f"diffusion.{name}" for name in changed]
 
 
 # ----------------------------------------------------------------------------- one AdamW parameter group

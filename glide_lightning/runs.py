@@ -247,9 +247,15 @@ def changes(old: Mapping[str, Any], new: Mapping[str, Any], keys: Iterable[str] 
 
 def check_resume(run: RunConfig, checkpoint_path: str | os.PathLike[str], model_hparams: Mapping[str, Any],
                  data_hparams: Mapping[str, Any], trainer_config: Mapping[str, Any]) -> list[Change]:
-    """Compare a resume's settings with the checkpoint's; refuse (``ConfigDriftError``) model, diffusion
-    and tokenizer changes; warn about and record (``config_changes.jsonl``) the other ones; return those."""
+    """Compare a resume's settings with the checkpoint's (brought to the current form first:
+    ``migrations.migrate_hyper_parameters``, so an old spelling of the same setting is no change); refuse
+    (``ConfigDriftError``) model, diffusion and tokenizer changes; warn about and record (``config_changes.jsonl``)
+    the other ones; return those."""
+    from glide_lightning.migrations import migrate_hyper_parameters
+
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+    # the checkpoint's settings in the current form (fields added since, the current spelling), as the run reads them
+    migrate_hyper_parameters(checkpoint, where=str(checkpoint_path))
     old = {**flatten("model", checkpoint.get("hyper_parameters", {})),
            **flatten("data", checkpoint.get("datamodule_hyper_parameters", {}))}
     new = {**flatten("model", model_hparams), **flatten("data", data_hparams)}

@@ -5,7 +5,7 @@ converts, is read through the real readers (``load_checkpoint``, a Lightning res
 from __future__ import annotations
 
 import copy
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ from glide_lightning.migrations import (
     add_missing_hyper_parameters,
     convert_input_order,
     regroup_optimizer_state,
+    spell_weighting,
 )
 from glide_lightning.models import ModelConfig, build_model
 from glide_lightning.optim import OptimizerConfig, build_optimizer, parameter_groups
@@ -137,6 +138,70 @@ def test_hyper_parameters_present_are_kept():
     assert checkpoint["hyper_parameters"]["model"]["groupnorm_min_channels"] == 4
     assert checkpoint["hyper_parameters"]["diffusion"]["prediction"] == "v"
     assert "model.groupnorm_min_channels" not in added and "model.low_res_noise_cond" in added
+
+
+# ----------------------------------------------------------------------------- the weighting as a field
+def _old_loss_spelling(checkpoint: dict, **diffusion) -> dict:
+    """The checkpoint as written before ``weighting`` existed: no such field, the weighting spelled by ``diffusion``
+    (``loss_type="p2"``, or ``min_snr_gamma``)."""
+    old = copy.copy(checkpoint)
+    old["hyper_parameters"] = {k: dict(v) if isinstance(v, dict) else v
+                               for k, v in checkpoint["hyper_parameters"].items()}
+    del old["hyper_parameters"]["diffusion"]["weighting"]
+    old["hyper_parameters"]["diffusion"].update(diffusion)
+    return old
+
+
+@pytest.mark.parametrize("old,current", [
+    (dict(loss_type="p2"), dict(loss_type="hybrid", weighting="p2")),  # the run's variance is learned: p2 added vb
+    (dict(min_snr_gamma=5.0), dict(loss_type="hybrid", weighting="min_snr", min_snr_gamma=5.0)),
+    ({}, dict(loss_type="hybrid", weighting="none")),
+])
+def test_a_checkpoint_with_the_old_weighting_spelling_loads_as_the_current_form(run, tmp_path, caplog, old, current):
+    torch.save(_old_loss_spelling(run["new"], **old), tmp_path / "old.ckpt")
+    with caplog.at_level("INFO", logger="glide_lightning.migrations"):
+        loaded = load_checkpoint(tmp_path / "old.ckpt")
+    assert loaded.diffusion_config == DiffusionConfig(steps=20, **current)
+    [message] = _migration_warnings(caplog)
+    assert "before the weighting field" in message and f"weighting={current['weighting']!r}" in message
+    # the oldest hyper-parameters too: also without the fields added later (min_snr_gamma, prediction)
+    torch.save(_without_later_hyper_parameters(_old_loss_spelling(run["new"], loss_type="p2")), tmp_path / "o.ckpt")
+    assert load_checkpoint(tmp_path / "o.ckpt").diffusion_config == DiffusionConfig(steps=20, weighting="p2")
+
+
+def test_spelling_the_weighting_changes_old_forms_only():
+    p2 = {"hyper_parameters": {"diffusion": {"loss_type": "p2", "variance_type": "fixed_small", "min_snr_gamma": None}}}
+    assert spell_weighting(p2, where="x.ckpt") == ["diffusion.loss_type", "diffusion.weighting"]
+    assert p2["hyper_parameters"]["diffusion"] == {"loss_type": "simple", "variance_type": "fixed_small",
+                                                   "min_snr_gamma": None, "weighting": "p2"}
+    assert spell_weighting(p2, where="x.ckpt") == []  # now the current form
+    current = {"hyper_parameters": {"diffusion": asdict(DiffusionConfig(min_snr_gamma=5.0))}}
+    assert spell_weighting(current, where="x.ckpt") == [] and current["hyper_parameters"]["diffusion"]["weighting"] == \
+        "min_snr"
+    assert spell_weighting({"state_dict": {}}, where="x.pt") == []  # no hyper-parameters: not a GlideModule's
+
+
+def test_resuming_an_old_spelling_run_with_the_same_settings_is_no_drift(tmp_path):
+    """``check_resume`` compares the checkpoint's settings in the current form: a run trained with ``loss_type:
+    p2`` (written before ``weighting``, ``prediction`` and ``min_snr_gamma`` existed) resumed by this code, from its
+    own YAML, is the same run; changing its weighting is still refused."""
+    from glide_lightning.runs import ConfigDriftError, RunConfig, check_resume
+
+    resumed = DiffusionConfig(steps=100, variance_type="fixed_small", loss_type="p2", p2_gamma=0.5)
+    written = {k: v for k, v in asdict(resumed).items() if k not in ("weighting", "prediction", "min_snr_gamma")}
+    written["loss_type"] = "p2"
+    run = RunConfig(name="r", root=str(tmp_path))
+    run.dir.mkdir()
+    model = {"model_channels": 32}
+    torch.save({"global_step": 7, "hyper_parameters": {"model": model, "diffusion": written},
+                "datamodule_hyper_parameters": {"batch_size": 4}}, run.dir / "last.ckpt")
+    assert resumed.loss_type == "simple"  # what the module records: the current spelling
+    hparams = {"model": model, "diffusion": asdict(resumed)}
+    assert check_resume(run, run.dir / "last.ckpt", hparams, {"batch_size": 4}, {}) == []
+    other = {"model": model, "diffusion": asdict(DiffusionConfig(steps=100, variance_type="fixed_small",
+                                                                 loss_type="simple", p2_gamma=0.5))}
+    with pytest.raises(ConfigDriftError, match="model.diffusion.weighting: 'p2' → 'none'"):
+        check_resume(run, run.dir / "last.ckpt", other, {"batch_size": 4}, {})
 
 
 # ----------------------------------------------------------------------------- one AdamW parameter group

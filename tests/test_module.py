@@ -115,7 +115,8 @@ def test_hparams_round_trip_through_a_weights_only_checkpoint(tmp_path):
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)
     loaded = GlideModule(**checkpoint["hyper_parameters"])
-    assert loaded.model_config == TINY and loaded.diffusion_config.loss_type == "p2"
+    assert loaded.model_config == TINY and loaded.diffusion_config == module.diffusion_config
+    assert (loaded.diffusion_config.loss_type, loaded.diffusion_config.weighting) == ("simple", "p2")  # loss_type p2
 
 
 def test_a_v_prediction_run_checkpoints_its_target_for_sampling(synthetic_shards, tmp_path):

@@ -6,8 +6,9 @@ from the YAML to :class:`~glide_lightning.diffusion.config.DiffusionConfig` (a t
 checked when parsed) to :data:`LOSSES` here.
 
 Every loss's ``mse`` is the MSE of the model's first C channels against the config's prediction
-target (:func:`training_target`: ε, or v), unweighted; ``loss`` applies the weighting: min-SNR-γ
-(:func:`min_snr_weight`, a knob of its own that composes with ``simple`` and ``hybrid``) or P2.
+target (:func:`training_target`: ε, or v), unweighted; its ``loss`` holds that MSE times the config's
+``weighting`` (:data:`~glide_lightning.diffusion.weightings.WEIGHTINGS`: none, P2, min-SNR-γ), computed
+on one path (:func:`weighted_mse`), plus, for ``hybrid``, the unweighted VLB term.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from glide_lightning.diffusion.gaussian import GaussianDiffusion, ModelFn
+from glide_lightning.diffusion.weightings import WEIGHTINGS, min_snr_weight  # noqa: F401  (re-exported by the package)
 
 LossFn = Callable[[GaussianDiffusion, Tensor, Tensor, Tensor, Tensor, Tensor], dict[str, Tensor]]
 
@@ -73,31 +75,23 @@ def training_target(diffusion: GaussianDiffusion, x_start: Tensor, t: Tensor, no
     return diffusion.v_target(x_start, t, noise) if diffusion.config.prediction == "v" else noise
 
 
-def min_snr_weight(diffusion: GaussianDiffusion, t: Tensor) -> Tensor:
-    """Min-SNR-γ weights of the MSE term, [B] (Hang et al. 2023, written for each target):
-    min(SNR(t), γ)/SNR(t) for ε, min(SNR(t), γ)/(SNR(t) + 1) for v; both are min(SNR(t), γ) times
-    the x_0 MSE, since ‖x_0 − x̂_0‖² = ‖ε − ε̂‖²/SNR = ‖v − v̂‖²/(SNR + 1). Ones without
-    ``min_snr_gamma``. The ε form is computed as min(1, γ/SNR), finite where SNR(t) → 0."""
-    snr = diffusion.snr(t)
-    gamma = diffusion.config.min_snr_gamma
-    if gamma is None:
-        return torch.ones_like(snr)
-    if diffusion.config.prediction == "v":
-        return snr.clamp(max=gamma) / (snr + 1)
-    return (gamma / snr).clamp(max=1.0)
-
-
 def _target_mse(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor, t: Tensor,
                 noise: Tensor) -> Tensor:
     target = training_target(diffusion, x_start, t, noise)
     return mean_flat((target - model_output[:, : target.shape[1]]) ** 2)
 
 
-def _weighted_mse(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor, t: Tensor,
-                  noise: Tensor) -> tuple[Tensor, Tensor]:
-    """The unweighted target MSE and its min-SNR-weighted form (the same without ``min_snr_gamma``), [B] each."""
+def mse_weights(diffusion: GaussianDiffusion, t: Tensor) -> Tensor:
+    """The weights of the target MSE at steps ``t``, [B]: the config's ``weighting``'s (ones for ``none``)."""
+    return WEIGHTINGS[diffusion.config.weighting](diffusion, t)
+
+
+def weighted_mse(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor, t: Tensor,
+                 noise: Tensor) -> tuple[Tensor, Tensor]:
+    """The target MSE, unweighted and weighted by the config's ``weighting`` (:func:`mse_weights`), [B] each: the
+    one place a loss weights its MSE."""
     mse = _target_mse(diffusion, model_output, x_start, t, noise)
-    return mse, min_snr_weight(diffusion, t).to(mse.dtype) * mse
+    return mse, mse_weights(diffusion, t).to(mse.dtype) * mse
 
 
 def _frozen_mean_vb(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
@@ -110,46 +104,31 @@ def _frozen_mean_vb(diffusion: GaussianDiffusion, model_output: Tensor, x_start:
 
 def simple_loss(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor,
                 noise: Tensor) -> dict[str, Tensor]:
-    """L_simple: ‖ε - ε_θ(x_t, t)‖² (or the v MSE) averaged over pixels, min-SNR weighted when set."""
-    mse, weighted = _weighted_mse(diffusion, model_output, x_start, t, noise)
+    """L_simple: ‖ε - ε_θ(x_t, t)‖² (or the v MSE) averaged over pixels, times the ``weighting``."""
+    mse, weighted = weighted_mse(diffusion, model_output, x_start, t, noise)
     return {"loss": weighted, "mse": mse}
 
 
 def hybrid_loss(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor,
                 noise: Tensor) -> dict[str, Tensor]:
     """L_hybrid = L_simple + λ·L_vlb. L_vlb = Σ_t L_t is estimated from one uniformly drawn t as
-    T·L_t, so the per-sample loss is mse + λ·T·vb (λ = ``vlb_weight``); with ``min_snr_gamma`` the
-    MSE is min-SNR weighted and the VLB term, which trains only the variance, is not."""
-    mse, weighted = _weighted_mse(diffusion, model_output, x_start, t, noise)
+    T·L_t, so the per-sample loss is weighting·mse + λ·T·vb (λ = ``vlb_weight``): the MSE takes the
+    ``weighting``, the VLB term, which trains only the variance, does not (as in P2's learned-Σ models)."""
+    mse, weighted = weighted_mse(diffusion, model_output, x_start, t, noise)
     vb = _frozen_mean_vb(diffusion, model_output, x_start, x_t, t)
     weight = diffusion.config.vlb_weight * diffusion.num_timesteps
     return {"loss": weighted + weight * vb, "mse": mse, "vb": vb}
 
 
-def p2_loss(diffusion: GaussianDiffusion, model_output: Tensor, x_start: Tensor, x_t: Tensor, t: Tensor,
-            noise: Tensor) -> dict[str, Tensor]:
-    """P2 weighting (Choi et al. 2022): ε MSE weighted by 1/(k + SNR(t))^γ; where the variance is
-    learned, the hybrid VLB term is added as in the paper's learned-Σ models."""
-    cfg = diffusion.config
-    mse = _target_mse(diffusion, model_output, x_start, t, noise)  # the ε MSE: p2 requires prediction eps
-    weight = (cfg.p2_k + diffusion.snr(t)) ** -cfg.p2_gamma
-    terms = {"loss": weight.to(mse.dtype) * mse, "mse": mse}
-    if cfg.variance_type == "learned_range":
-        vb = _frozen_mean_vb(diffusion, model_output, x_start, x_t, t)
-        terms["vb"] = vb
-        terms["loss"] = terms["loss"] + cfg.vlb_weight * diffusion.num_timesteps * vb
-    return terms
-
-
-LOSSES: dict[str, LossFn] = {"simple": simple_loss, "hybrid": hybrid_loss, "p2": p2_loss}
+LOSSES: dict[str, LossFn] = {"simple": simple_loss, "hybrid": hybrid_loss}
 
 
 def training_losses(diffusion: GaussianDiffusion, model: ModelFn, x_start: Tensor, t: Tensor,
                     model_kwargs: dict[str, Any] | None = None, noise: Tensor | None = None) -> dict[str, Tensor]:
     """Per-sample terms ([B] each) of ``diffusion.config.loss_type`` at steps ``t`` ([B], indices of
-    ``diffusion``'s steps): ``loss``, ``mse`` and, where the variance is learned, ``vb`` (the VLB term
-    L_t in bits per dimension). ``x_start`` [B, C, H, W] in [-1, 1]; ``noise`` defaults to fresh
-    N(0, I) draws; ``model(x_t, timesteps, **model_kwargs)`` is the network."""
+    ``diffusion``'s steps): ``loss`` (its MSE weighted by ``weighting``), ``mse`` and, where the variance
+    is learned, ``vb`` (the VLB term L_t in bits per dimension). ``x_start`` [B, C, H, W] in [-1, 1];
+    ``noise`` defaults to fresh N(0, I) draws; ``model(x_t, timesteps, **model_kwargs)`` is the network."""
     noise = torch.randn_like(x_start) if noise is None else noise
     x_t = diffusion.q_sample(x_start, t, noise)
     out = diffusion.call_model(model, x_t, t, model_kwargs)

@@ -8,7 +8,7 @@ configurations are :data:`glide_lightning.models.glide_text2im.GLIDE_OPTIONS`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 from glide_lightning.models.encoders import (
     FROZEN_TEXT_ENCODERS,
@@ -54,6 +54,18 @@ IMAGE_CHANNELS = 3
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a GLIDE-style text-conditional UNet (validated on construction)."""
+
+    CHANGES_IMAGES: ClassVar[frozenset[str]] = frozenset({
+        "kind", "image_size", "model_channels", "num_res_blocks", "channel_mult", "attention_resolutions", "num_heads",
+        "num_head_channels", "num_heads_upsample", "use_scale_shift_norm", "resblock_updown", "groupnorm_min_channels",
+        "learn_sigma", "text_ctx", "xf_width", "xf_layers", "xf_heads", "xf_final_ln", "xf_padding", "n_vocab",
+        "text_encoder", "text_encoder_name", "text_encoder_pretrained", "text_encoder_revision",
+        "text_encoder_precision", "text_encoder_dim", "low_res_noise_cond"})
+    """Fields that change what a checkpoint samples: the network's function (the zero-shot FID image cache is keyed
+    by them)."""
+    KEEPS_IMAGES: ClassVar[frozenset[str]] = frozenset({"dropout"})
+    """Fields that only change training (dropout is off while sampling). Every field is in one of the two sets (a
+    test checks it)."""
 
     kind: ModelKind = "base"
     """``base`` (text → image), ``upsample`` (also conditioned on a low-resolution image),

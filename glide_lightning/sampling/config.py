@@ -5,13 +5,12 @@ the default guidance sweep, and what a config costs (:func:`model_evaluations`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, SamplerName
 from glide_lightning.diffusion.guidance import edm_sigma
-from glide_lightning.diffusion.samplers import SAMPLER_NAMES
+from glide_lightning.diffusion.samplers import check_sampler_options, sampler_names, sampler_spec
 from glide_lightning.diffusion.schedules import parse_respacing
-from glide_lightning.diffusion.solvers import diffusers_available
 
 __all__ = ["DEFAULT_GUIDANCE_SWEEP", "UPSAMPLE_SAMPLERS", "CascadeTask", "SamplingConfig", "model_evaluations"]
 
@@ -19,6 +18,15 @@ __all__ = ["DEFAULT_GUIDANCE_SWEEP", "UPSAMPLE_SAMPLERS", "CascadeTask", "Sampli
 @dataclass(frozen=True)
 class SamplingConfig:
     """How images are drawn from a model: the one place these knobs have defaults."""
+
+    CHANGES_IMAGES: ClassVar[frozenset[str]] = frozenset({
+        "guidance_scale", "sampler", "steps", "eta", "batch_size", "upsample_steps", "upsample_temp",
+        "upsample_sampler", "upsample_noise", "guidance_interval", "compile", "precision", "dynamic_threshold",
+        "memory_format", "clip_guidance_scale"})
+    """Fields that change the images drawn (if only by float rounding: ``compile``, ``precision``, ``memory_format``;
+    the zero-shot FID image cache is keyed by them)."""
+    KEEPS_IMAGES: ClassVar[frozenset[str]] = frozenset()
+    """Fields that leave the images as they are (none yet). Every field is in one of the two sets (a test checks it)."""
 
     guidance_scale: float = 3.0
     """Classifier-free guidance scale s (1: no guidance; GLIDE samples at 3): ε̂ = ε_u + s·(ε_c − ε_u). 0 samples
@@ -89,14 +97,9 @@ class SamplingConfig:
         problems = []
         if self.clip_guidance_scale < 0:
             problems.append(f"clip_guidance_scale must be >= 0 (0: off), got {self.clip_guidance_scale}")
-        elif self.clip_guidance_scale > 0 and self.sampler != "ddpm":
-            problems.append(f"clip_guidance_scale {self.clip_guidance_scale} shifts the ancestral step's mean, but "
-                            f"sampler is {self.sampler!r}: use sampler 'ddpm' or clip_guidance_scale 0")
-        if self.sampler not in SAMPLER_NAMES:
-            problems.append(f"sampler {self.sampler!r} is unknown: choose one of {', '.join(SAMPLER_NAMES)}")
-        elif self.sampler in ("dpmpp_2m", "unipc") and not diffusers_available():
-            problems.append(f"sampler {self.sampler!r} needs Hugging Face diffusers: pip install "
-                            f"'glide_lightning[solvers]'")
+        # what the sampler takes (the registry's rules): CLIP guidance, its backend, ddimN steps, eta
+        problems += check_sampler_options(self.sampler, eta=self.eta, clip_guidance_scale=self.clip_guidance_scale,
+                                          steps=self.steps)
         if self.guidance_interval is not None:
             low, high = self.guidance_interval
             if not 0 <= low < high:
@@ -111,14 +114,6 @@ class SamplingConfig:
                 parse_respacing(getattr(self, name))
             except ValueError as error:
                 problems.append(f"{name}: {error}")
-        if self.steps.strip().startswith("ddim") and self.sampler != "ddim":
-            problems.append(f"steps {self.steps!r} is DDIM's stride spacing but sampler is {self.sampler!r}: use "
-                            f"sampler 'ddim', or steps '{self.steps.strip()[4:]}' for evenly spaced {self.sampler} steps")
-        if self.eta < 0:
-            problems.append(f"eta must be >= 0, got {self.eta}")
-        elif self.eta != 0 and self.sampler != "ddim":
-            problems.append(f"eta {self.eta} is DDIM's noise level, but sampler is {self.sampler!r}: use sampler "
-                            f"'ddim' or leave eta at 0")
         if self.dynamic_threshold is not None and not 0 < self.dynamic_threshold <= 1:
             problems.append(f"dynamic_threshold is a percentile p in (0, 1] (Imagen: 0.995), got "
                             f"{self.dynamic_threshold}")
@@ -129,9 +124,9 @@ class SamplingConfig:
         if not 0 <= self.upsample_noise <= 1:
             problems.append(f"upsample_noise must be in [0, 1] (a fraction of the upsampler's process), got "
                             f"{self.upsample_noise}")
-        if self.upsample_sampler not in UPSAMPLE_SAMPLERS:
+        if self.upsample_sampler not in upsample_sampler_choices():
             problems.append(f"upsample_sampler {self.upsample_sampler!r} is unknown: choose one of "
-                            f"{', '.join(UPSAMPLE_SAMPLERS)}")
+                            f"{', '.join(upsample_sampler_choices())}")
         if self.upsample_temp <= 0:
             problems.append(f"upsample_temp must be > 0 (GLIDE: 0.997), got {self.upsample_temp}")
         if problems:
@@ -146,7 +141,14 @@ class SamplingConfig:
         return {"text2im": "ddim", "edit": "ddpm"}[task]
 
 
-UPSAMPLE_SAMPLERS: tuple[str, ...] = ("auto", "ddim", "ddpm")
+def upsample_sampler_choices() -> tuple[str, ...]:
+    """``upsample_sampler``'s choices: ``auto`` and the registry's samplers for the upsampler stage
+    (:attr:`~glide_lightning.diffusion.samplers.SamplerSpec.upsample_stage`), sorted."""
+    return ("auto", *sorted(sampler_names(upsample_stage=True)))
+
+
+UPSAMPLE_SAMPLERS: tuple[str, ...] = upsample_sampler_choices()
+"""``upsample_sampler``'s choices when the package was imported (the field's ``Literal``; tested equal)."""
 CascadeTask = Literal["text2im", "edit"]
 """What a cascade makes: images from text (``generate``) or edits of given images (``edit``)."""
 
@@ -158,14 +160,15 @@ DEFAULT_GUIDANCE_SWEEP: tuple[float, ...] = (1.0, 3.0, 6.0, 12.0)
 
 def model_evaluations(config: SamplingConfig, diffusion_config: DiffusionConfig) -> int:
     """Network evaluations per image (NFE) of base sampling with ``config`` on a model trained with
-    ``diffusion_config``: one per step, two per guided step (the guided batch doubles; outside
-    ``guidance_interval`` the conditional half runs alone)."""
+    ``diffusion_config``: one per step (the sampler's ``evaluations_per_step``: 1 for every sampler so far), two
+    per guided step (the guided batch doubles; outside ``guidance_interval`` the conditional half runs alone)."""
     diffusion = GaussianDiffusion.from_config(diffusion_config, config.steps)
+    per_step = sampler_spec(config.sampler).evaluations_per_step
     steps = diffusion.num_timesteps
     if config.guidance_scale == 1.0:
-        return steps
+        return per_step * steps
     if config.guidance_interval is None:
-        return 2 * steps
+        return per_step * 2 * steps
     low, high = config.guidance_interval
     sigma = edm_sigma(diffusion.base_alphas_cumprod[diffusion.timestep_map])
-    return steps + int(((sigma > low) & (sigma <= high)).sum())
+    return per_step * (steps + int(((sigma > low) & (sigma <= high)).sum()))

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, discretized_gaussian_log_likelihood, mean_flat
-from glide_lightning.diffusion.losses import min_snr_weight, training_losses, training_target
+from glide_lightning.diffusion.config import WEIGHTING_NAMES, modern_loss_spelling
+from glide_lightning.diffusion.losses import mse_weights, training_losses, training_target
+from glide_lightning.diffusion.weightings import WEIGHTINGS, min_snr_weight
 
 
 def make(loss, variance, **kw):
@@ -87,9 +89,9 @@ def test_p2_weighting():
     # γ = 0 gives L_simple
     flat = training_losses(make("p2", "fixed_small", p2_gamma=0.0), model, x_start, t, noise=noise)
     torch.testing.assert_close(flat["loss"], flat["mse"])
-    # with a learned variance the VLB term is added
+    # with a learned variance the (unweighted) VLB term is added, as the paper's learned-Σ models do
     learned = training_losses(make("p2", "learned_range"), Linear1x1(6), x_start, t, noise=noise)
-    assert "vb" in learned
+    torch.testing.assert_close(learned["loss"], learned["mse"] / (1 + snr) + 1e-3 * 50 * learned["vb"])
 
 
 @pytest.mark.parametrize("loss,variance,channels,kw", [("simple", "fixed_small", 3, {}),
@@ -128,8 +130,8 @@ def test_min_snr_weights_equal_the_closed_form(prediction):
     assert (expected[:2] < 1).all() and expected[0] < 0.1  # low noise (SNR ≫ γ) is down-weighted
     if prediction == "eps":
         assert (expected[-2:] == 1).all()  # SNR < γ: ε MSE unweighted
-    # without the knob, every weight is 1
-    assert torch.equal(min_snr_weight(make("simple", "fixed_small"), t), torch.ones(6))
+    # without a weighting, every weight is 1
+    assert torch.equal(mse_weights(make("simple", "fixed_small"), t), torch.ones(6))
 
 
 def test_min_snr_simple_loss_is_the_weighted_eps_mse_by_hand():
@@ -184,10 +186,76 @@ def test_v_prediction_loss_targets_v_and_the_true_v_scores_zero():
     (dict(loss_type="simple", variance_type="fixed_small", min_snr_gamma=0.0), "min_snr_gamma must be > 0"),
     (dict(loss_type="p2", variance_type="fixed_small", prediction="v"), "prediction 'eps'"),
     (dict(loss_type="simple", variance_type="fixed_small", prediction="x0"), "prediction 'x0'; choose one of eps"),
+    # the current spelling: the same rules, from the registry's entries
+    (dict(loss_type="simple", variance_type="fixed_small", weighting="p2", min_snr_gamma=5.0), "both weight the MSE"),
+    (dict(loss_type="simple", variance_type="fixed_small", weighting="p2", prediction="v"), "prediction 'eps'"),
+    (dict(loss_type="simple", variance_type="fixed_small", weighting="min_snr"), "needs min_snr_gamma"),
+    (dict(loss_type="p2", variance_type="fixed_small", weighting="min_snr", min_snr_gamma=5.0), "both weight the MSE"),
+    (dict(loss_type="simple", variance_type="fixed_small", weighting="snr"), "unknown weighting 'snr'; choose one of"),
+    (dict(loss_type="simple", variance_type="learned_range", weighting="p2"), "leaves a learned variance untrained"),
 ])
 def test_contradictory_weighting_and_target_fail_when_the_config_is_made(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DiffusionConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------- the weighting registry, old spellings
+def test_the_weighting_names_are_the_registry():
+    assert WEIGHTING_NAMES == tuple(WEIGHTINGS) and DiffusionConfig().weighting == "none"
+    for name, entry in WEIGHTINGS.items():
+        assert entry.weights.__doc__ and entry.paper in entry.weights.__doc__, name  # each cites its paper
+
+
+@pytest.mark.parametrize("name", list(WEIGHTINGS))
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_a_weighting_is_accepted_for_exactly_the_predictions_it_declares(name, prediction):
+    def make_config():
+        return DiffusionConfig(steps=50, loss_type="simple", variance_type="fixed_small", weighting=name,
+                               prediction=prediction, min_snr_gamma=5.0 if name == "min_snr" else None)
+
+    if prediction in WEIGHTINGS[name].predictions:
+        diffusion = GaussianDiffusion.from_config(make_config())
+        t = torch.tensor([0, 25, 49])
+        weights = mse_weights(diffusion, t)
+        assert weights.shape == (3,) and weights.dtype == torch.float32 and (weights > 0).all()
+    else:
+        with pytest.raises(ValueError, match=f"weighting '{name}' .* is defined for prediction"):
+            make_config()
+
+
+@pytest.mark.parametrize("old,new", [
+    (dict(loss_type="p2", variance_type="fixed_small", p2_gamma=0.5),
+     dict(loss_type="simple", variance_type="fixed_small", weighting="p2", p2_gamma=0.5)),
+    (dict(loss_type="p2", variance_type="learned_range"), dict(loss_type="hybrid", weighting="p2")),
+    (dict(loss_type="simple", variance_type="fixed_small", min_snr_gamma=5.0),
+     dict(loss_type="simple", variance_type="fixed_small", weighting="min_snr", min_snr_gamma=5.0)),
+    (dict(loss_type="hybrid", prediction="v", min_snr_gamma=2.0),
+     dict(loss_type="hybrid", prediction="v", weighting="min_snr", min_snr_gamma=2.0)),
+])
+def test_the_old_spellings_make_the_same_config_and_loss(old, new):
+    assert DiffusionConfig(**old) == DiffusionConfig(**new)
+    assert DiffusionConfig(**old).loss_type in ("simple", "hybrid")
+    assert modern_loss_spelling(old)["weighting"] == new["weighting"]
+    assert modern_loss_spelling(new) == {**new, "weighting": new["weighting"]}  # the current spelling: as it is
+
+
+def test_the_old_spellings_parse_from_yaml_as_the_cli_reads_them():
+    """jsonargparse (LightningCLI's parser) reads a ``model.diffusion`` section of either spelling."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--diffusion", type=DiffusionConfig)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+
+    def read(yaml: str) -> DiffusionConfig:
+        return instantiate(parser.parse_string(f"diffusion:\n{yaml}")).diffusion
+
+    old = read("  variance_type: fixed_small\n  loss_type: p2\n  p2_gamma: 0.5\n")
+    assert old == read("  variance_type: fixed_small\n  loss_type: simple\n  weighting: p2\n  p2_gamma: 0.5\n")
+    assert (old.loss_type, old.weighting) == ("simple", "p2")
+    assert read("  min_snr_gamma: 5\n").weighting == "min_snr"
+    with pytest.raises(Exception, match="weighting"):  # a typo fails at parse time
+        parser.parse_string("diffusion:\n  weighting: p3\n")
 
 
 # ----------------------------------------------------------------------------- mixed precision
