@@ -11,6 +11,8 @@ Inception-v3, pool3 2048-d, with the standard weights file).
   with feature ``"2048"``: the Inception graph of the original TTUR FID code with its weights ported from
   TensorFlow; it resizes every input to 299 x 299 itself with TF1-compatible bilinear interpolation (no
   antialiasing) and maps 0..255 to [-1, 1]. Give it uint8 images at the evaluation resolution.
+- :class:`Dinov2Features`: DINOv2 CLS features through transformers' ``Dinov2Model`` from user-supplied
+  weights, for FD_DINOv2.
 - :class:`ModuleFeatures`: any ``nn.Module`` (tests use a small random conv net; users may plug in other
   extractors, whose distances are then not "FID").
 """
@@ -281,6 +283,78 @@ class ModuleFeatures(FeatureExtractor):
         if out.dim() == 2:
             self._feature_dim = out.shape[1]
         return out
+
+
+DINOV2_ABSENT = ("not computed: no DINOv2 weights given (pass --dinov2 with a local directory or hub name of a "
+                 "transformers Dinov2Model, e.g. facebook/dinov2-large saved for offline use)")
+"""``fd_dinov2_reason`` in results.json when FD_DINOv2 was not computed."""
+
+
+class Dinov2Features(FeatureExtractor):
+    """FD_DINOv2 features (Stein et al. 2023): the final-layer-normed CLS token of a DINOv2 ViT, loaded by
+    transformers' ``Dinov2Model.from_pretrained`` from a user-supplied directory or hub name (no weights ship here).
+
+    Preprocessing follows torch-fidelity's ``FeatureExtractorDinoV2`` (its ``dinov2-vit-*-14`` extractors): uint8
+    images resized to ``resolution`` (224) with TF1-compatible bilinear interpolation, ImageNet mean/std
+    normalisation, then the model; ``pooler_output`` of ``Dinov2Model`` is the layer-normed CLS token, what the
+    torch-hub DINOv2 model returns. The published FD_DINOv2 uses ViT-L/14 (``facebook/dinov2-large``, 1024-d).
+
+    Args:
+        source: a directory written by ``save_pretrained`` or a hub name (downloaded when online).
+        device: where the model runs (features come back on the CPU, float64).
+        pretrained: False marks the weights as random (tests): every FD_DINOv2 is then labelled NOT real.
+        resolution: the side the images are resized to (224: the standard; a multiple of the patch size).
+    """
+
+    standard = False
+
+    def __init__(self, source: str | os.PathLike[str], device: str | torch.device = "cpu", *, pretrained: bool = True,
+                 resolution: int = 224) -> None:
+        from transformers import Dinov2Model
+
+        if resolution < 1:
+            raise ValueError(f"resolution must be positive, got {resolution}.")
+        try:
+            model = Dinov2Model.from_pretrained(str(source))
+        except Exception as e:
+            raise RuntimeError(
+                f"Could not load DINOv2 weights from {str(source)!r} ({type(e).__name__}: {e}). Pass a directory "
+                f"written by transformers' Dinov2Model.save_pretrained (e.g. facebook/dinov2-large downloaded on a "
+                f"machine with internet) or a hub name reachable from here."
+            ) from e
+        config = model.config
+        self.source = str(source)
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.resolution = int(resolution)
+        self.random_weights = not pretrained
+        self.name = (f"dinov2-d{config.hidden_size}-l{config.num_hidden_layers}-p{config.patch_size}-"
+                     f"{self.resolution}px-cls")
+        self._weights_id = sha256_state_dict(self.model)
+        self._feature_dim = int(config.hidden_size)
+
+    @property
+    def weights_id(self) -> str:
+        """sha256 over the model's state dict (hashed once, when loaded)."""
+        return self._weights_id
+
+    @property
+    def feature_dim(self) -> int:
+        """The model's hidden size (1024 for ViT-L/14)."""
+        return self._feature_dim
+
+    def _features(self, images: Tensor) -> Tensor:
+        from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+        x = images.to(self.device).float()
+        x = interpolate_bilinear_2d_like_tensorflow1x(x, size=(self.resolution, self.resolution), align_corners=False)
+        mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1) * 255
+        return self.model(pixel_values=(x - mean) / std).pooler_output
+
+    def describe(self) -> dict[str, object]:
+        """:meth:`FeatureExtractor.describe` plus where the weights came from."""
+        return {**super().describe(), "source": self.source}
 
 
 @contextmanager

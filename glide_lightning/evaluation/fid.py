@@ -12,6 +12,11 @@ unbiased N-1 covariance) and compared by ``torch_fidelity.metric_fid.fid_statist
 - :class:`ReferenceStatsCache`: reference statistics keyed by dataset, resolution, count and extractor weights
   (torch-fidelity's own cache key ignores the weights and the data).
 - :func:`fid_torchmetrics`: the same distance through torchmetrics, to cross-check the two libraries.
+- :func:`kid_from_stats` → :class:`KIDResult` and :func:`precision_recall_from_stats` →
+  :class:`PrecisionRecallResult`: KID (Bińkowski et al. 2018) and precision/recall (Kynkäänniemi et al. 2019)
+  from the same features FID uses (:attr:`FeatureStats.features`, kept when asked for), computed by
+  torch-fidelity's own ``kid_features_to_metric`` and ``prc_features_to_metric``.
+- :func:`fd_dinov2_from_stats`: the Fréchet distance on DINOv2 features (Stein et al. 2023), labelled as such.
 """
 
 from __future__ import annotations
@@ -68,6 +73,9 @@ class FeatureStats:
     random_weights: bool = False
     standard: bool = False
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    features: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    """The raw features ``[n, D]`` (float64) the statistics were reduced from, when kept
+    (``feature_stats(keep_features=True)``): KID and precision/recall need them, not just mu and sigma."""
 
     def __post_init__(self) -> None:
         self.mu = np.asarray(self.mu, dtype=np.float64)
@@ -75,6 +83,10 @@ class FeatureStats:
         d = self.mu.shape[0] if self.mu.ndim == 1 else -1
         if self.mu.ndim != 1 or self.sigma.shape != (d, d):
             raise ValueError(f"FeatureStats needs mu [D] and sigma [D, D], got {self.mu.shape} and {self.sigma.shape}.")
+        if self.features is not None:
+            self.features = np.asarray(self.features, dtype=np.float64)
+            if self.features.shape != (self.n, d):
+                raise ValueError(f"FeatureStats features must be [n={self.n}, D={d}], got {self.features.shape}.")
 
     def describe(self) -> dict[str, Any]:
         """Everything but the arrays, JSON-ready."""
@@ -83,12 +95,18 @@ class FeatureStats:
                 "standard": self.standard, "method": STATS_METHOD, "meta": self.meta}
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write ``path`` (``.npz``: mu, sigma, metadata) and a ``.json`` sidecar next to it, atomically."""
+        """Write ``path`` (``.npz``: mu, sigma, metadata, and the raw features when kept) and a ``.json`` sidecar
+        next to it, atomically. Features are stored as float32 when that is exact (extractors compute in float32:
+        half the disk, the same numbers), else as float64."""
         path = Path(path)
         if path.suffix != ".npz":
             raise ValueError(f"FeatureStats files end in .npz, got {path}.")
         info = self.describe()
-        _atomic_write(path, lambda f: np.savez(f, mu=self.mu, sigma=self.sigma, info=np.array(json.dumps(info))))
+        arrays: dict[str, np.ndarray] = {"mu": self.mu, "sigma": self.sigma, "info": np.array(json.dumps(info))}
+        if self.features is not None:
+            f32 = self.features.astype(np.float32)
+            arrays["features"] = f32 if np.array_equal(f32, self.features) else self.features
+        _atomic_write(path, lambda f: np.savez(f, **arrays))
         _atomic_write(path.with_suffix(".json"), lambda f: json.dump(info, f, indent=2), mode="w")
         return path
 
@@ -104,7 +122,8 @@ class FeatureStats:
             return cls(mu=data["mu"], sigma=data["sigma"], n=int(info["n"]), extractor_name=info["extractor_name"],
                        weights_id=info["weights_id"], resolution=int(info["resolution"]),
                        random_weights=bool(info["random_weights"]), standard=bool(info["standard"]),
-                       meta=dict(info.get("meta", {})))
+                       meta=dict(info.get("meta", {})),
+                       features=data["features"] if "features" in data.files else None)
 
 
 def iter_image_batches(images: ImageSource, batch_size: int = 50) -> Iterator[Tensor]:
@@ -140,11 +159,13 @@ def iter_image_batches(images: ImageSource, batch_size: int = 50) -> Iterator[Te
 
 
 def feature_stats(extractor: FeatureExtractor, images: ImageSource, batch_size: int = 50, *,
-                  max_images: int | None = None, meta: dict[str, Any] | None = None) -> FeatureStats:
+                  max_images: int | None = None, meta: dict[str, Any] | None = None,
+                  keep_features: bool = False) -> FeatureStats:
     """Features of ``images`` (at most ``max_images``) reduced by torch-fidelity's ``fid_features_to_statistics``.
 
     All images must be square and share one resolution (it is recorded: FID compares sets at one resolution).
-    Features are kept in memory as float64 (N x D x 8 bytes: 30k Inception features ≈ 0.5 GB).
+    Features are kept in memory as float64 (N x D x 8 bytes: 30k Inception features ≈ 0.5 GB) and, with
+    ``keep_features``, returned in :attr:`FeatureStats.features` (KID and precision/recall need them).
     """
     from torch_fidelity.metric_fid import fid_features_to_statistics
 
@@ -175,7 +196,8 @@ def feature_stats(extractor: FeatureExtractor, images: ImageSource, batch_size: 
     assert hw is not None
     return FeatureStats(mu=stats["mu"], sigma=stats["sigma"], n=count, extractor_name=extractor.name,
                         weights_id=extractor.weights_id, resolution=hw[0], random_weights=extractor.random_weights,
-                        standard=extractor.standard, meta=dict(meta or {}))
+                        standard=extractor.standard, meta=dict(meta or {}),
+                        features=features.numpy() if keep_features else None)
 
 
 def _check_same_extractor(a: FeatureStats, b: FeatureStats) -> None:
@@ -247,6 +269,196 @@ def fid_from_stats(generated: FeatureStats, reference: FeatureStats) -> FIDResul
                                   "torch-fidelity"))
 
 
+KID_METHOD = "torch_fidelity.metric_kid.kid_features_to_metric"
+PRC_METHOD = "torch_fidelity.metric_prc.prc_features_to_metric"
+KID_SEED = 2020
+"""torch-fidelity's default ``rng_seed``: which random subsets KID draws (fixed, so a rerun gives the same KID)."""
+EXTRA_METRICS = ("kid", "prc")
+"""The metrics computed beside FID from the same features: ``kid`` and ``prc`` (precision and recall)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricOptions:
+    """Which metrics to compute beside FID (always computed) from the same features, and their settings."""
+
+    metrics: tuple[str, ...] = EXTRA_METRICS
+    """Any of :data:`EXTRA_METRICS`; empty: FID alone (the reference features are then not needed)."""
+    kid_subset_size: int | None = None
+    """Samples per KID subset; None: min(1000, n generated, n reference) (torch-fidelity's default is 1000)."""
+    kid_subsets: int = 100
+    """Random subsets KID averages over (torch-fidelity's default; the std is over them)."""
+    prc_neighborhood: int = 3
+    """k of the k-NN radii of precision/recall (k = 3 in Kynkäänniemi et al. 2019 and torch-fidelity)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metrics", tuple(self.metrics))
+        unknown = sorted(set(self.metrics) - set(EXTRA_METRICS))
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}: choose from {list(EXTRA_METRICS)} (FID is always computed)")
+        if self.kid_subset_size is not None and self.kid_subset_size < 2:
+            raise ValueError(f"kid_subset_size must be >= 2 (KID's unbiased MMD needs 2 samples), got "
+                             f"{self.kid_subset_size}")
+        if self.kid_subsets < 1:
+            raise ValueError(f"kid_subsets must be >= 1, got {self.kid_subsets}")
+        if self.prc_neighborhood < 1:
+            raise ValueError(f"prc_neighborhood must be >= 1, got {self.prc_neighborhood}")
+
+    @property
+    def needs_features(self) -> bool:
+        """True when a metric needs the raw features, not just their mean and covariance."""
+        return bool(self.metrics)
+
+
+@dataclasses.dataclass(frozen=True)
+class KIDResult:
+    """Kernel Inception Distance: mean and std over random subsets of the unbiased MMD² with the cubic polynomial
+    kernel ``k(x, y) = (x·y / D + 1)³`` (Bińkowski et al. 2018), on the features FID uses."""
+
+    mean: float
+    std: float
+    subset_size: int
+    subsets: int
+    n_generated: int
+    n_reference: int
+    extractor_name: str
+    weights_id: str
+    random_weights: bool
+    method: str
+    label: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionRecallResult:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): precision is the fraction of generated samples
+    inside the real manifold (the union of balls around each reference feature reaching its k-th nearest
+    reference neighbour), recall the fraction of reference samples inside the generated manifold."""
+
+    precision: float
+    recall: float
+    neighborhood: int
+    n_generated: int
+    n_reference: int
+    extractor_name: str
+    weights_id: str
+    random_weights: bool
+    method: str
+    label: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return dataclasses.asdict(self)
+
+
+def _metric_label(metric: str, value: str, generated: FeatureStats, reference: FeatureStats) -> str:
+    """The label of a metric computed from the same features as FID: says when they are not real."""
+    random = generated.random_weights or reference.random_weights
+    setup = (f"{generated.n} generated vs {reference.n} reference images at {generated.resolution} px, "
+             f"{generated.extractor_name} features, computed with torch-fidelity")
+    if random:
+        return f"NOT a real {metric} (random feature extractor): {value} ({setup})"
+    if not (generated.standard and reference.standard):
+        return f"{metric} {value} on non-Inception features, not comparable to published {metric}s ({setup})"
+    return f"{metric} {value} (Inception-v3 pool3 2048-d, weights sha256 {generated.weights_id[:12]}; {setup})"
+
+
+def _features_of(generated: FeatureStats, reference: FeatureStats, metric: str) -> tuple[Tensor, Tensor]:
+    _check_same_extractor(generated, reference)
+    if generated.resolution != reference.resolution:
+        raise ValueError(f"Generated images are {generated.resolution} px but reference images are "
+                         f"{reference.resolution} px: {metric} compares both sets at one resolution.")
+    for name, s in (("generated", generated), ("reference", reference)):
+        if s.features is None:
+            raise ValueError(f"{metric} needs the raw features of the {name} set, not just their statistics: compute "
+                             f"them with feature_stats(..., keep_features=True) (the reference cache keeps them).")
+    assert generated.features is not None and reference.features is not None
+    return torch.from_numpy(generated.features), torch.from_numpy(reference.features)
+
+
+def kid_features(generated: Tensor, reference: Tensor, subset_size: int | None = None, subsets: int = 100,
+                 seed: int = KID_SEED) -> tuple[float, float, int]:
+    """KID's (mean, std, subset size) of two feature arrays ``[N, D]`` by torch-fidelity's ``kid_features_to_metric``
+    (polynomial kernel of degree 3, gamma 1/D, coef0 1; ``subsets`` subsets of ``subset_size`` drawn without
+    replacement by ``np.random.RandomState(seed)``). ``subset_size`` None: min(1000, N generated, N reference)."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    size = min(1000, len(generated), len(reference)) if subset_size is None else int(subset_size)
+    if size > min(len(generated), len(reference)):
+        raise ValueError(f"KID subset size {size} is larger than the {len(generated)} generated or "
+                         f"{len(reference)} reference samples: pass a smaller kid_subset_size.")
+    if size < 2:
+        raise ValueError(f"KID needs subsets of at least 2 samples, got {size}.")
+    out = kid_features_to_metric(generated, reference, kid_subsets=subsets, kid_subset_size=size, rng_seed=seed,
+                                 verbose=False)
+    return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD]), size
+
+
+def precision_recall_features(generated: Tensor, reference: Tensor, neighborhood: int = 3,
+                              batch_size: int = 10000, device: str | torch.device | None = None) -> tuple[float, float]:
+    """(precision, recall) of generated against reference features ``[N, D]`` by torch-fidelity's
+    ``prc_features_to_metric`` (generated first: its convention). Distances are computed on ``device`` (default:
+    where the features are) in blocks of ``batch_size`` rows, and the whole pairwise matrix is built only when
+    both sets fit in one block (torch-fidelity's ``save_cpu_ram`` path otherwise; both give the same numbers)."""
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+    smallest = min(len(generated), len(reference))
+    if smallest <= neighborhood:
+        raise ValueError(f"precision/recall with k={neighborhood} needs more than {neighborhood} samples in each set, "
+                         f"got {len(generated)} generated and {len(reference)} reference: lower prc_neighborhood "
+                         f"or use more images.")
+    if device is not None:
+        generated, reference = generated.to(device), reference.to(device)
+    out = prc_features_to_metric(generated, reference, prc_neighborhood=neighborhood, prc_batch_size=batch_size,
+                                 save_cpu_ram=max(len(generated), len(reference)) > batch_size, verbose=False)
+    return float(out[KEY_METRIC_PRECISION]), float(out[KEY_METRIC_RECALL])
+
+
+def kid_from_stats(generated: FeatureStats, reference: FeatureStats, subset_size: int | None = None,
+                   subsets: int = 100, seed: int = KID_SEED) -> KIDResult:
+    """:func:`kid_features` of the raw features two :class:`FeatureStats` kept, plus provenance."""
+    mean, std, size = kid_features(*_features_of(generated, reference, "KID"), subset_size, subsets, seed)
+    method = (f"{KID_METHOD} (polynomial kernel degree 3, gamma 1/D, coef0 1; unbiased MMD² over {subsets} subsets "
+              f"of {size}, rng_seed {seed})")
+    return KIDResult(mean=mean, std=std, subset_size=size, subsets=subsets, n_generated=generated.n,
+                     n_reference=reference.n, extractor_name=generated.extractor_name,
+                     weights_id=generated.weights_id, random_weights=generated.random_weights
+                     or reference.random_weights, method=method,
+                     label=_metric_label("KID", f"{mean:.5f} ± {std:.5f} ({subsets} subsets of {size})", generated,
+                                         reference))
+
+
+def precision_recall_from_stats(generated: FeatureStats, reference: FeatureStats, neighborhood: int = 3,
+                                device: str | torch.device | None = None) -> PrecisionRecallResult:
+    """:func:`precision_recall_features` of the raw features two :class:`FeatureStats` kept, plus provenance."""
+    precision, recall = precision_recall_features(*_features_of(generated, reference, "precision/recall"),
+                                                  neighborhood, device=device)
+    return PrecisionRecallResult(
+        precision=precision, recall=recall, neighborhood=neighborhood, n_generated=generated.n,
+        n_reference=reference.n, extractor_name=generated.extractor_name, weights_id=generated.weights_id,
+        random_weights=generated.random_weights or reference.random_weights,
+        method=f"{PRC_METHOD} (k={neighborhood} nearest-neighbour radii, float64 Euclidean distances)",
+        label=_metric_label("precision/recall", f"{precision:.3f} / {recall:.3f} (k={neighborhood})", generated,
+                            reference))
+
+
+def fd_dinov2_from_stats(generated: FeatureStats, reference: FeatureStats) -> FIDResult:
+    """The Fréchet distance of DINOv2 features (FD_DINOv2, Stein et al. 2023), computed as FID is
+    (:func:`fid_from_stats`) and labelled as FD_DINOv2: NOT real when the DINOv2 weights are random."""
+    result = fid_from_stats(generated, reference)
+    setup = (f"{generated.n} generated vs {reference.n} reference images at {generated.resolution} px, "
+             f"{generated.extractor_name} CLS features, weights sha256 {generated.weights_id[:12]}, computed with "
+             f"torch-fidelity")
+    if result.random_weights:
+        label = f"NOT a real FD_DINOv2 (random DINOv2 weights): {result.fid:.4f} ({setup})"
+    else:
+        label = (f"FD_DINOv2 {result.fid:.4f} ({setup}; comparable to published FD_DINOv2 only with the ViT-L/14 "
+                 f"weights at 224 px)")
+    return dataclasses.replace(result, label=label)
+
+
 class ReferenceStatsCache:
     """Reference statistics on disk, keyed by dataset id, resolution, sample count, extractor name and weights.
 
@@ -269,11 +481,14 @@ class ReferenceStatsCache:
         return self.root / f"ref-{digest[:24]}.npz"
 
     def get_or_compute(self, dataset_id: str, resolution: int, n: int, extractor: FeatureExtractor,
-                       images_fn: Callable[[], ImageSource], batch_size: int = 50) -> FeatureStats:
+                       images_fn: Callable[[], ImageSource], batch_size: int = 50, *,
+                       need_features: bool = False) -> FeatureStats:
         """Cached statistics for the key, else statistics of the first ``n`` images of ``images_fn()``.
 
         ``images_fn`` is only called on a miss; its images must be ``resolution`` px squares and there must be
-        at least ``n`` of them.
+        at least ``n`` of them. The raw features are always stored with the statistics (same file, same key);
+        with ``need_features`` (KID, precision/recall) an entry written without them (before they were kept)
+        counts as a miss and is recomputed.
         """
         if not dataset_id:
             raise ValueError("dataset_id must name the reference data (e.g. 'coco2014-val-30k-center256').")
@@ -284,15 +499,20 @@ class ReferenceStatsCache:
         if path.is_file():
             try:
                 stats = FeatureStats.load(path)
-                if stats.meta.get("cache_key") == key:
+                if stats.meta.get("cache_key") == key and (stats.features is not None or not need_features):
                     log.info("reference stats cache hit: %s (%s)", path, key)
                     return stats
-                log.warning("reference stats file %s holds another key (%s); recomputing", path,
-                            stats.meta.get("cache_key"))
+                if stats.meta.get("cache_key") == key:
+                    log.info("reference stats file %s has no raw features (written before they were kept; KID and "
+                             "precision/recall need them); recomputing", path)
+                else:
+                    log.warning("reference stats file %s holds another key (%s); recomputing", path,
+                                stats.meta.get("cache_key"))
             except Exception as e:  # unreadable: recompute and overwrite
                 log.warning("reference stats file %s is unreadable (%s: %s); recomputing", path, type(e).__name__, e)
         log.info("reference stats cache miss: computing %s", key)
-        stats = feature_stats(extractor, images_fn(), batch_size, max_images=n, meta={"cache_key": key})
+        stats = feature_stats(extractor, images_fn(), batch_size, max_images=n, meta={"cache_key": key},
+                              keep_features=True)
         if stats.n != n:
             raise ValueError(f"Reference dataset {dataset_id!r} gave {stats.n} images, fewer than n={n}.")
         if stats.resolution != resolution:

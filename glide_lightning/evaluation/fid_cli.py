@@ -1,4 +1,5 @@
-"""``python -m glide_lightning fid|sweep``: zero-shot FID, CLIP score and adherence over guidance scales.
+"""``python -m glide_lightning fid|sweep``: zero-shot FID (with KID, precision/recall and, given DINOv2 weights,
+FD_DINOv2), CLIP score and adherence over guidance scales.
 
 ``fid`` writes ``results.json`` (and the run's wandb summary) into one folder per evaluation setting,
 ``<out>/res<R>_<sampler><steps>_n<N>/``, beside the setting's image cache ``images-<key>/``; ``sweep`` also
@@ -26,10 +27,11 @@ from glide_lightning.models import ModelConfig
 from glide_lightning.models.glide_text2im import detect_glide_kind
 from glide_lightning.outputs import OutputFolder
 from glide_lightning.runs import resolve_wandb_mode
-from glide_lightning.evaluation.fid import ReferenceStatsCache
+from glide_lightning.evaluation.fid import MetricOptions, ReferenceStatsCache
 from glide_lightning.evaluation.results import ScaleResult
 from glide_lightning.evaluation.zero_shot import FIDJob, build_extractor, check_reference, run
 from glide_lightning.diffusion import SamplerName
+from glide_lightning.diffusion.samplers import sampler_names
 from glide_lightning.data.tokenizers import check_prompt_lengths
 from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, RELEASED_MODELS, SamplingConfig, Weights, load_checkpoint
 from glide_lightning.sampling.command import resolve_device
@@ -94,6 +96,22 @@ class FIDCommand:
     """``inception``: the standard FID features; ``random-conv``: no weights needed, NOT a real FID."""
     inception_weights: str | None = None
     """A local Inception weights file (offline machines)."""
+    metrics: list[Literal["kid", "prc"]] | None = None
+    """Metrics beside FID (always computed), from the same features: ``kid`` (Kernel Inception Distance, mean and
+    std over subsets) and ``prc`` (precision and recall, k-NN manifolds); ``[]``: FID alone. Default: both, ``prc``
+    only where ``n`` exceeds ``prc_neighborhood`` (named explicitly, a too small ``n`` is an error)."""
+    kid_subset_size: int | None = None
+    """Samples per KID subset (default: min(1000, n, reference images))."""
+    kid_subsets: int = 100
+    """KID's random subsets (its std is over them)."""
+    prc_neighborhood: int = 3
+    """k of precision/recall's k-nearest-neighbour radii (3, as in the paper and torch-fidelity)."""
+    dinov2: str | None = None
+    """DINOv2 weights for FD_DINOv2 (the Fréchet distance of DINOv2 ViT CLS features): a directory written by
+    transformers' ``Dinov2Model.save_pretrained`` (e.g. ``facebook/dinov2-large``) or a hub name. Not given: no
+    FD_DINOv2, and ``results.json`` says ``fd_dinov2: null`` with the reason."""
+    dinov2_pretrained: bool = True
+    """``false``: the ``--dinov2`` weights are random or untrained (tests): FD_DINOv2 is labelled NOT real."""
     clip_model: str | None = "ViT-B-32"
     """open_clip model of the CLIP score (``none``: no CLIP score)."""
     clip_pretrained: str | None = "openai"
@@ -131,6 +149,19 @@ class FIDCommand:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.scales is not None and (not self.scales or min(self.scales) < 0):
             raise ValueError(f"scales must be a non-empty list of guidance scales >= 0, got {self.scales}")
+        options = self.metric_options()  # checks the metric options at parse time
+        if self.metrics is not None and "prc" in options.metrics and self.n <= self.prc_neighborhood:
+            raise ValueError(f"precision/recall with --prc_neighborhood {self.prc_neighborhood} needs --n > "
+                             f"{self.prc_neighborhood}; lower it or drop prc from --metrics")
+        if "kid" in options.metrics and self.kid_subset_size is not None and self.kid_subset_size > self.n:
+            raise ValueError(f"--kid_subset_size {self.kid_subset_size} is larger than --n {self.n}")
+
+    def metric_options(self) -> MetricOptions:
+        """The metrics computed beside FID, and their settings."""
+        chosen = self.metrics if self.metrics is not None else \
+            ["kid", *(["prc"] if self.n > self.prc_neighborhood else [])]  # k-NN radii need more than k images
+        return MetricOptions(metrics=tuple(dict.fromkeys(chosen)), kid_subset_size=self.kid_subset_size,
+                             kid_subsets=self.kid_subsets, prc_neighborhood=self.prc_neighborhood)
 
     def samplings(self) -> list[SamplingConfig]:
         """The sampling settings evaluated, one output folder each (``fid``: ``sampling`` alone)."""
@@ -174,6 +205,11 @@ class FIDCommand:
             if model is not None:
                 check_prompt_lengths(model.tokenizer, captions, f"{name} model")  # a warning: FID scores what was read
         extractor = build_extractor(self.extractor, self.inception_weights, device=str(device))
+        dinov2 = None
+        if self.dinov2:
+            from glide_lightning.evaluation.features import Dinov2Features
+
+            dinov2 = Dinov2Features(self.dinov2, device=device, pretrained=self.dinov2_pretrained)
         samplings = self.samplings()
         outputs = [folder.claim(self.overwrite) for folder in self.outputs(root, res)]  # checked again if not above
         everything: list[ScaleResult] = []
@@ -182,7 +218,8 @@ class FIDCommand:
                          scales=list(self.scales or [sampling.guidance_scale]), sampling=sampling, seed=self.seed,
                          clip_model=None if self.clip_model in _NONE else self.clip_model,
                          clip_pretrained=None if self.clip_pretrained in _NONE else self.clip_pretrained)
-            results = run(job, base, extractor, ReferenceStatsCache(self.cache_dir), upsampler=upsampler)
+            results = run(job, base, extractor, ReferenceStatsCache(self.cache_dir), upsampler=upsampler,
+                          metrics=self.metric_options(), dinov2=dinov2)
             if results is None:  # another rank: it generated its share, rank 0 scores
                 continue
             if run_dir is not None:
@@ -211,7 +248,8 @@ class SweepCommand(FIDCommand):
     scales: list[float] | None = field(default_factory=lambda: list(DEFAULT_GUIDANCE_SWEEP))
     """Guidance scales (default: the sampling module's ``DEFAULT_GUIDANCE_SWEEP``)."""
     samplers: list[SamplerName] | None = None
-    """Samplers to sweep (default: ``sampling.sampler`` alone); DDIM's ``eta`` applies to ``ddim`` only."""
+    """Samplers to sweep (default: ``sampling.sampler`` alone); ``sampling.eta`` (DDIM's η) applies to the samplers
+    that take it (``ddim``), the others sample at 0."""
     step_counts: list[str] | None = None
     """Step counts (respacings: ``"10"``, ``"25"``, ``"ddim50"``…) to sweep for every sampler (default:
     ``sampling.steps`` alone)."""
@@ -227,9 +265,10 @@ class SweepCommand(FIDCommand):
 
     def samplings(self) -> list[SamplingConfig]:  # noqa: D102
         configs = []
+        takes_eta = sampler_names(takes_eta=True)  # the registry's: a new stochastic sampler gets the sweep's eta
         for sampler in self.samplers or [self.sampling.sampler]:
             for steps in self.step_counts or [self.sampling.steps]:
-                eta = self.sampling.eta if sampler == "ddim" else 0.0
+                eta = self.sampling.eta if sampler in takes_eta else 0.0
                 configs.append(replace(self.sampling, sampler=sampler, steps=str(steps), eta=eta))
         return configs
 
@@ -245,6 +284,14 @@ def log_to_wandb(run_dir: Path, results: list[ScaleResult], suffix: str = "") ->
     for r in results:
         s = f"{r.guidance_scale:g}"
         summary[f"eval/fid@{s}"] = r.fid.fid
+        if r.kid is not None:
+            summary[f"eval/kid@{s}"] = r.kid.mean
+            summary[f"eval/kid_std@{s}"] = r.kid.std
+        if r.precision_recall is not None:
+            summary[f"eval/precision@{s}"] = r.precision_recall.precision
+            summary[f"eval/recall@{s}"] = r.precision_recall.recall
+        if r.fd_dinov2 is not None:
+            summary[f"eval/fd_dinov2@{s}"] = r.fd_dinov2.fid
         if r.clip_score is not None:
             summary[f"eval/clip_score@{s}"] = r.clip_score.mean
         if r.adherence is not None:
@@ -253,7 +300,9 @@ def log_to_wandb(run_dir: Path, results: list[ScaleResult], suffix: str = "") ->
     summary.update({"eval/n": first.n, "eval/resolution": first.resolution, "eval/sampler": first.sampler,
                     "eval/steps": first.steps, "eval/extractor": first.fid.extractor_name,
                     "eval/upsampler": first.upsampled() or "none",
-                    "eval/fid_label": first.fid.label})
+                    "eval/fid_label": first.fid.label,
+                    "eval/fd_dinov2_label": first.fd_dinov2.label if first.fd_dinov2 is not None
+                    else first.fd_dinov2_reason or "not computed"})
     run = wandb.init(project=run_cfg.get("project", "glide_lightning"), group=run_cfg.get("group"),
                      name=f"{name}-eval{suffix}", job_type="eval", dir=str(run_dir), tags=run_cfg.get("tags"),
                      mode=resolve_wandb_mode(run_cfg.get("wandb_mode", "auto")),
@@ -272,18 +321,50 @@ def _pyplot() -> Any:
     return plt
 
 
+SCORE_COLUMNS = ["FID", "CLIP score", "adherence", "KID", "precision", "recall", "FD_DINOv2"]
+"""The score columns of the sweep tables (:func:`_score_cells`), after the setting's own columns."""
+
+
+def metric_notes(first: ScaleResult) -> list[str]:
+    """How KID, precision/recall and FD_DINOv2 of a table were computed (or why FD_DINOv2 was not), as quoted
+    lines: the FID label already says whether the shared features are real."""
+    notes = []
+    if first.kid is not None:
+        notes.append(f"> KID: {first.kid.method}; "
+                     f"{'NOT a real KID (random features)' if first.kid.random_weights else 'same features as FID'}")
+    if first.precision_recall is not None:
+        prc = first.precision_recall
+        notes.append(f"> precision/recall: {prc.method}; "
+                     f"{'NOT real (random features)' if prc.random_weights else 'same features as FID'}")
+    if first.fd_dinov2 is not None:
+        notes.append(f"> {first.fd_dinov2.label}")
+    elif first.fd_dinov2_reason:
+        notes.append(f"> FD_DINOv2 {first.fd_dinov2_reason}")
+    return notes
+
+
 def _table_head(title: str, first: ScaleResult, settings: str, columns: list[str]) -> list[str]:
-    """A sweep table's title, settings, FID label and header row (``columns`` right-aligned)."""
+    """A sweep table's title, settings, FID label (and the other metrics' notes) and header row (``columns``
+    right-aligned)."""
     return [f"# {title}: {first.checkpoint}", "", f"N = {first.n}, {first.resolution} px, {settings}features: "
-            f"{first.fid.extractor_name}", "", f"> {first.fid.label}", "", "| " + " | ".join(columns) + " |",
-            "|" + "---:|" * len(columns)]
+            f"{first.fid.extractor_name}", "", f"> {first.fid.label}", *metric_notes(first), "",
+            "| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
+
+
+def score_cells(r: ScaleResult) -> list[str]:
+    """A result's cells under :data:`SCORE_COLUMNS` ('–' where not measured; KID as mean ± std over subsets)."""
+    def fmt(value: float | None, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+
+    kid = "–" if r.kid is None else f"{r.kid.mean:.4f} ± {r.kid.std:.4f}"
+    return [f"{r.fid.fid:.2f}", fmt(r.clip_score.mean if r.clip_score is not None else None, ".2f"),
+            fmt(r.adherence, ".3f"), kid, fmt(r.precision, ".3f"), fmt(r.recall, ".3f"),
+            fmt(r.fd_dinov2.fid if r.fd_dinov2 is not None else None, ".2f")]
 
 
 def _score_cells(r: ScaleResult) -> str:
-    """A row's FID, CLIP score and adherence cells ('–' where not measured)."""
-    clip = f"{r.clip_score.mean:.2f}" if r.clip_score is not None else "–"
-    adherence = f"{r.adherence:.3f}" if r.adherence is not None else "–"
-    return f"{r.fid.fid:.2f} | {clip} | {adherence}"
+    """A row's score cells, joined (:func:`score_cells`)."""
+    return " | ".join(score_cells(r))
 
 
 def write_sweep(out: Path, results: list[ScaleResult]) -> None:
@@ -292,7 +373,7 @@ def write_sweep(out: Path, results: list[ScaleResult]) -> None:
     first = results[0]
     upsampled = f"{first.upsampled()}, " if first.upsampler else ""
     lines = _table_head("Guidance sweep", first, f"{first.sampler} {first.steps} steps, {upsampled}",
-                        ["guidance", "FID", "CLIP score", "adherence"])
+                        ["guidance", *SCORE_COLUMNS])
     for r in results:
         lines.append(f"| {r.guidance_scale:g} | {_score_cells(r)} |")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
@@ -320,7 +401,7 @@ def write_nfe_sweep(out: Path, results: list[ScaleResult]) -> None:
     rows = sorted(results, key=lambda r: (r.sampler, r.guidance_scale, r.nfe or 0))
     lines = _table_head("Quality against model evaluations", first,
                         "NFE = network evaluations per image (a guided step counts two), ",
-                        ["sampler", "steps", "guidance", "NFE", "FID", "CLIP score", "adherence"])
+                        ["sampler", "steps", "guidance", "NFE", *SCORE_COLUMNS])
     for r in rows:
         lines.append(f"| {r.sampler} | {r.steps} | {r.guidance_scale:g} | {r.nfe} | {_score_cells(r)} |")
     out.mkdir(parents=True, exist_ok=True)

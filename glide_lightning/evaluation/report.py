@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from glide_lightning.diffusion.config import modern_loss_spelling
 from glide_lightning.evaluation.results import ScaleResult, read_results
 from glide_lightning.outputs import OutputFolder
 
@@ -168,6 +169,14 @@ def _plot_evals(runs: list[RunSummary], out: Path) -> Path | None:
     return out
 
 
+def _loss(diffusion: dict[str, Any]) -> str:
+    """The loss trained, from a run's ``model.diffusion`` settings in either spelling: ``hybrid``, ``simple + p2``…"""
+    if "loss_type" not in diffusion:
+        return "?"
+    spelled = modern_loss_spelling(diffusion)
+    return spelled["loss_type"] + ("" if spelled["weighting"] == "none" else f" + {spelled['weighting']}")
+
+
 def write_report(runs: list[RunSummary], out: Path) -> Path:
     """The markdown report and its plots beside it (``<out stem>_losses.png``: train/val loss and the
     vb term; ``<out stem>_fid.png``: FID and adherence against the guidance scale; ``<out
@@ -175,7 +184,8 @@ def write_report(runs: list[RunSummary], out: Path) -> Path:
 
     Tables: one row per run (loss, variance, steps, images seen, wall time, final losses and vb term,
     in bits per dimension), then one row per run, evaluation setting (sampler and steps, the folder
-    name under ``fid/``) and guidance scale (FID with its label, CLIP score, adherence)."""
+    name under ``fid/``) and guidance scale (FID with its label, CLIP score, adherence, then KID as mean ± std,
+    precision, recall and FD_DINOv2, '–' where not computed)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"# Ablation: {' vs '.join(run.name for run in runs)}", "",
              "Built from each run's `csv/`, `config.yaml` and `fid/*/results.json`. Final train terms: mean of the "
@@ -187,7 +197,7 @@ def write_report(runs: list[RunSummary], out: Path) -> Path:
              "val loss | val mse | val vb |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         diffusion = run.config.get("model", {}).get("diffusion", {})
-        cells = [run.name, diffusion.get("loss_type", "?"), diffusion.get("variance_type", "?"),
+        cells = [run.name, _loss(diffusion), diffusion.get("variance_type", "?"),
                  diffusion.get("prediction", "eps"), str(run.steps), _fmt(run.images_seen, 12),
                  _duration(run.final("train/wall_time_s")), _fmt(run.final("train/loss", SMOOTH)),
                  _fmt(run.final("train/vb", SMOOTH)), _fmt(run.final("val/loss")), _fmt(run.final("val/mse")),
@@ -197,14 +207,21 @@ def write_report(runs: list[RunSummary], out: Path) -> Path:
     evals = [(run.name, setting, r) for run in runs for setting, results in sorted(run.evals.items())
              for r in sorted(results, key=lambda r: r.guidance_scale)]
     if evals:
-        lines += ["", "| run | setting | guidance | NFE | FID | CLIP score | adherence |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "| run | setting | guidance | NFE | FID | CLIP score | adherence | KID | precision | recall | "
+                  "FD_DINOv2 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, setting, r in evals:
             labels.add(r.fid.label.split(":")[0])
+            if r.kid is not None and r.kid.random_weights:
+                labels.add("NOT a real KID or precision/recall (random feature extractor)")
+            if r.fd_dinov2 is not None:
+                labels.add(r.fd_dinov2.label.split(":")[0] if r.fd_dinov2.random_weights
+                           else f"FD_DINOv2: {r.fd_dinov2.extractor_name} features")
             setting = f"{setting} ({r.upsampled()})" if r.upsampler else setting
+            kid = "–" if r.kid is None else f"{r.kid.mean:.4f} ± {r.kid.std:.4f}"
             lines.append(f"| {name} | {setting} | {r.guidance_scale:g} | {r.nfe if r.nfe is not None else '–'} | "
                          f"{r.fid.fid:.2f} | {_fmt(r.clip_score.mean if r.clip_score else None, 3)} | "
-                         f"{_fmt(r.adherence, 3)} |")
+                         f"{_fmt(r.adherence, 3)} | {kid} | {_fmt(r.precision, 3)} | {_fmt(r.recall, 3)} | "
+                         f"{_fmt(r.fd_dinov2.fid if r.fd_dinov2 else None, 4)} |")
         lines += ["", f"Images per setting and scale: {', '.join(sorted({str(r.n) for _, _, r in evals}))}."]
         lines += [f"> {label}" for label in sorted(labels)]
     plots = [("losses", _plot_curves(runs, ("train/loss", "val/loss", "train/vb"), plot_path(out, "losses"))),

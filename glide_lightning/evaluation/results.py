@@ -3,7 +3,8 @@ pair of functions that write and read it (``<out>/results.json``): the FID harne
 sweep table, the wandb summary and the ablation report read it.
 
 ``results.json`` is ``{"format": ..., "results": [<ScaleResult as a dict>, ...], "sampling": {...}}``;
-files written before the format was named (no ``format`` key, same fields) read the same.
+files written before the format was named (no ``format`` key, same fields) read the same, and so do files
+written before KID, precision/recall and FD_DINOv2 were recorded (those fields then read as None).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from glide_lightning.evaluation.clip_score import CLIPScoreResult
-from glide_lightning.evaluation.fid import FIDResult
+from glide_lightning.evaluation.fid import FIDResult, KIDResult, PrecisionRecallResult
 
 __all__ = ["RESULTS_FORMAT", "ScaleResult", "read_results", "write_results"]
 
@@ -60,31 +61,66 @@ class ScaleResult:
     upsample_sampler: str | None = None
     """The upsampler stage's sampler (``ddim``: glide-text2im's text-to-image pipeline; ``ddpm``), with
     ``upsampler``; None in results written before it was recorded (those ran ``ddpm``)."""
+    kid: KIDResult | None = None
+    """KID (mean and std over random subsets) from the same features as ``fid`` (None: not computed)."""
+    precision_recall: PrecisionRecallResult | None = None
+    """Precision and recall (k-NN manifolds) from the same features as ``fid`` (None: not computed)."""
+    fd_dinov2: FIDResult | None = None
+    """The Fréchet distance of DINOv2 features (None: not computed, ``fd_dinov2_reason`` says why)."""
+    fd_dinov2_reason: str | None = None
+    """Why ``fd_dinov2`` is None (no DINOv2 weights given); None when it was computed, or in results written
+    before FD_DINOv2 existed."""
+
+    @property
+    def precision(self) -> float | None:
+        """``precision_recall.precision`` (None: not computed)."""
+        return None if self.precision_recall is None else self.precision_recall.precision
+
+    @property
+    def recall(self) -> float | None:
+        """``precision_recall.recall`` (None: not computed)."""
+        return None if self.precision_recall is None else self.precision_recall.recall
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, nested as in ``results.json`` (``nfe`` and the upsampler's fields only when known: an
-        older record written again stays the same record)."""
+        """JSON-ready, nested as in ``results.json`` (``nfe``, the upsampler's fields, ``kid`` and
+        ``precision_recall`` only when known: an older record written again stays the same record;
+        ``fd_dinov2`` is written, null with its ``fd_dinov2_reason``, whenever either is known)."""
         data = dataclasses.asdict(self)
-        for key in ("nfe", "upsampler", "upsample_steps", "upsample_temp", "upsample_sampler"):
+        for key in ("nfe", "upsampler", "upsample_steps", "upsample_temp", "upsample_sampler", "kid",
+                    "precision_recall", "fd_dinov2_reason"):
             if data[key] is None:
                 del data[key]
+        if self.fd_dinov2 is None and self.fd_dinov2_reason is None:
+            del data["fd_dinov2"]
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ScaleResult:
         """The record of :meth:`to_dict` (unknown keys are ignored). Raises ``KeyError`` naming a missing field."""
-        clip = data.get("clip_score")
+        clip, kid, prc, dino = (data.get(key) for key in ("clip_score", "kid", "precision_recall", "fd_dinov2"))
         return cls(guidance_scale=float(data["guidance_scale"]), n=int(data["n"]), resolution=int(data["resolution"]),
                    sampler=data["sampler"], steps=str(data["steps"]), checkpoint=data["checkpoint"],
                    fid=_record(FIDResult, data["fid"], "fid"), reference=data.get("reference", ""),
                    clip_score=None if clip is None else _record(CLIPScoreResult, clip, "clip_score"),
                    adherence=data.get("adherence"), nfe=data.get("nfe"), upsampler=data.get("upsampler"),
                    upsample_steps=data.get("upsample_steps"), upsample_temp=data.get("upsample_temp"),
-                   upsample_sampler=data.get("upsample_sampler"))
+                   upsample_sampler=data.get("upsample_sampler"),
+                   kid=None if kid is None else _record(KIDResult, kid, "kid"),
+                   precision_recall=None if prc is None else _record(PrecisionRecallResult, prc, "precision_recall"),
+                   fd_dinov2=None if dino is None else _record(FIDResult, dino, "fd_dinov2"),
+                   fd_dinov2_reason=data.get("fd_dinov2_reason"))
 
     def summary_line(self) -> str:
-        """One line: the scale, FID, CLIP score and adherence, and the FID's label."""
+        """One line: the scale, FID, KID, precision/recall, FD_DINOv2, CLIP score and adherence, and the FID's
+        label (which says whether the features were real; KID and precision/recall share them)."""
         parts = [f"guidance {self.guidance_scale:g}: FID {self.fid.fid:.2f}"]
+        if self.kid is not None:
+            parts.append(f"KID {self.kid.mean:.4f} ± {self.kid.std:.4f}")
+        if self.precision_recall is not None:
+            parts.append(f"precision {self.precision_recall.precision:.3f}, recall {self.precision_recall.recall:.3f}")
+        if self.fd_dinov2 is not None:
+            parts.append(f"FD_DINOv2 {self.fd_dinov2.fid:.2f}" + (" (random DINOv2 weights)"
+                                                                  if self.fd_dinov2.random_weights else ""))
         if self.clip_score is not None:
             parts.append(f"CLIP score {self.clip_score.mean:.2f}"
                          + (" (random CLIP weights)" if self.clip_score.random_weights else ""))

@@ -33,14 +33,25 @@ from glide_lightning.data.images import save_png
 from glide_lightning.data.synthetic import parse_caption
 from glide_lightning.evaluation.adherence import score_batch
 from glide_lightning.evaluation.features import (
+    DINOV2_ABSENT,
     FeatureExtractor,
     InceptionFeatures,
     ModuleFeatures,
     private_rng,
     sha256_state_dict,
 )
-from glide_lightning.evaluation.fid import ReferenceStatsCache, feature_stats, fid_from_stats
+from glide_lightning.evaluation.fid import (
+    MetricOptions,
+    ReferenceStatsCache,
+    fd_dinov2_from_stats,
+    feature_stats,
+    fid_from_stats,
+    kid_from_stats,
+    precision_recall_from_stats,
+)
 from glide_lightning.evaluation.results import ScaleResult, write_results
+from glide_lightning.diffusion import DiffusionConfig
+from glide_lightning.models import ModelConfig
 from glide_lightning.sampling import SamplingConfig, SamplingModel, generate, model_evaluations
 
 log = logging.getLogger(__name__)
@@ -81,27 +92,49 @@ instead of hashing their weights, and their arithmetic; the upsampler's ``low_re
 these values like ``_LATER_SAMPLING_DEFAULTS`` (but see :func:`_model_identity` for ``text_encoder_precision``)."""
 
 
+_HASHED_BEFORE_CLASSIFIED: dict[type, frozenset[str]] = {
+    ModelConfig: frozenset({"dropout"}),
+    DiffusionConfig: frozenset({"loss_type", "vlb_weight", "p2_gamma", "p2_k", "min_snr_gamma"}),
+}
+"""Fields that leave a checkpoint's images as they are (their class's ``KEEPS_IMAGES``) but were hashed, with the
+whole config, before each field said whether it changes the images: still hashed, as they were then
+(``loss_type`` in its old spelling, ``p2`` for ``weighting: p2``), so the folders of images made then are found
+again. Fields that keep the images added since (``weighting``, …) are never hashed."""
+
+
+def _hashed_fields(cls: type, values: dict[str, Any], later: dict[str, Any], kept: frozenset[str] = frozenset()
+                   ) -> dict[str, Any]:
+    """The fields of a config (``values``: its dict form) that the image key hashes: those that change the images
+    (``cls.CHANGES_IMAGES``) and those of :data:`_HASHED_BEFORE_CLASSIFIED`; a field added after image caches
+    existed (``later``) is left out at the value that reproduces the images made before it (unless ``kept``)."""
+    hashed = cls.CHANGES_IMAGES | _HASHED_BEFORE_CLASSIFIED.get(cls, frozenset())
+    return {k: v for k, v in values.items() if k in hashed and not (k in later and v == later[k] and k not in kept)}
+
+
 def _model_identity(loaded: SamplingModel, sampling: SamplingConfig) -> dict[str, Any]:
     config = loaded.model_config
     # Before text_encoder_precision existed a frozen encoder ran under the sampler's bf16 autocast: images made
     # then with a bf16 ``sampling.precision`` are not the fp32 encoder's, so their key must not be found again.
     encoder_autocast_before = config.frozen_text_encoder and sampling.precision != "fp32"
-    model = {k: v for k, v in config.to_dict().items()
-             if not (k in _LATER_MODEL_DEFAULTS and v == _LATER_MODEL_DEFAULTS[k]
-                     and not (k == "text_encoder_precision" and encoder_autocast_before))}
+    model = _hashed_fields(ModelConfig, config.to_dict(), _LATER_MODEL_DEFAULTS,
+                           frozenset({"text_encoder_precision"}) if encoder_autocast_before else frozenset())
+    process = loaded.diffusion_config
+    diffusion = _hashed_fields(DiffusionConfig, {**asdict(process), "loss_type": _loss_type_hashed(process)}, {})
     return {"weights_sha256": sha256_state_dict(loaded.model), "model": model,
-            "diffusion": asdict(loaded.diffusion_config), "tokenizer": type(loaded.tokenizer).__name__,
+            "diffusion": diffusion, "tokenizer": type(loaded.tokenizer).__name__,
             "text_ctx": loaded.model_config.text_ctx}
+
+
+def _loss_type_hashed(config: DiffusionConfig) -> str:
+    """``loss_type`` as keys spelled it before ``weighting`` existed: ``p2`` for the P2 weighting."""
+    return "p2" if config.weighting == "p2" else config.loss_type
 
 
 def generation_identity(job: FIDJob, base: SamplingModel, upsampler: SamplingModel | None = None) -> dict[str, Any]:
     """Everything that determines the generated images, but the guidance scale (a folder of its own)."""
-    sampling = asdict(job.sampling)
-    del sampling["guidance_scale"]
-    sampling["upsample_sampler"] = job.sampling.upsample_sampler_for("text2im")  # what ran, "auto" resolved
-    for name, default in _LATER_SAMPLING_DEFAULTS.items():  # absent at their defaults: earlier keys still hold
-        if sampling[name] == default:
-            del sampling[name]
+    ran = {**asdict(job.sampling), "upsample_sampler": job.sampling.upsample_sampler_for("text2im")}  # auto resolved
+    sampling = _hashed_fields(SamplingConfig, ran, _LATER_SAMPLING_DEFAULTS)  # absent at those: earlier keys hold
+    del sampling["guidance_scale"]  # a folder of its own
     if upsampler is None:
         del sampling["upsample_steps"], sampling["upsample_temp"]
         sampling.pop("upsample_sampler", None)
@@ -112,11 +145,16 @@ def generation_identity(job: FIDJob, base: SamplingModel, upsampler: SamplingMod
             "device": next(base.model.parameters()).device.type}
 
 
+def images_key(identity: dict[str, Any]) -> str:
+    """The folder key of a :func:`generation_identity`: 12 hex digits of the sha256 of its sorted JSON."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def images_dir(job: FIDJob, base: SamplingModel, upsampler: SamplingModel | None = None) -> Path:
     """``<out>/images-<key>``: the images of this model and these settings (see the module docstring),
     with ``generation.json`` spelling out the identity and where the weights came from."""
     identity = generation_identity(job, base, upsampler)
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    key = images_key(identity)
     root = job.out_dir / f"images-{key}"
     if not (root / "generation.json").exists():
         root.mkdir(parents=True, exist_ok=True)
@@ -238,16 +276,21 @@ def build_extractor(name: str, inception_weights: str | None = None, device: str
 
 def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache: ReferenceStatsCache,
                    checkpoint: str, images: Path, clip: Any = None, nfe: int | None = None,
-                   upsampler: str | None = None) -> ScaleResult:
-    """FID, CLIP score and (synthetic captions) adherence of the images of one scale in ``images``
-    (``nfe``: the model evaluations per image that made them, and ``upsampler``: the source of the upsampler
-    that took them to their size, with its steps and temperature from ``job.sampling``, recorded beside)."""
+                   upsampler: str | None = None, *, metrics: MetricOptions | None = None,
+                   dinov2: FeatureExtractor | None = None) -> ScaleResult:
+    """FID, KID and precision/recall (``metrics``: which, and their settings; by default both, from the FID
+    features), FD_DINOv2 (with a ``dinov2`` extractor; else None and the reason), CLIP score and (synthetic
+    captions) adherence of the images of one scale in ``images`` (``nfe``: the model evaluations per image that
+    made them, and ``upsampler``: the source of the upsampler that took them to their size, with its steps and
+    temperature from ``job.sampling``, recorded beside)."""
+    metrics = MetricOptions() if metrics is None else metrics
     folder = scale_dir(images, scale)
     n = len(job.captions)
     resolution = Image.open(folder / "000000.png").size[0]
-    reference = cache.get_or_compute(str(Path(job.reference).resolve()), resolution,
-                                     len(_image_files(job.reference)), extractor,
-                                     lambda: reference_batches(job.reference, resolution))
+    dataset_id, n_reference = str(Path(job.reference).resolve()), len(_image_files(job.reference))
+    reference = cache.get_or_compute(dataset_id, resolution, n_reference, extractor,
+                                     lambda: reference_batches(job.reference, resolution),
+                                     need_features=metrics.needs_features)
     # the offline adherence score exists for captions of the synthetic shapes dataset only
     synthetic = all(is_synthetic_caption(c) for c in job.captions)
     clip_scores: list[Tensor] = []
@@ -263,7 +306,17 @@ def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache
                 adherence.extend(r.fraction for r in score_batch(batch, captions))
             yield batch
 
-    generated = feature_stats(extractor, batches())
+    generated = feature_stats(extractor, batches(), keep_features=metrics.needs_features)
+    kid = prc = fd_dinov2 = None
+    if "kid" in metrics.metrics:
+        kid = kid_from_stats(generated, reference, metrics.kid_subset_size, metrics.kid_subsets)
+    if "prc" in metrics.metrics:
+        prc = precision_recall_from_stats(generated, reference, metrics.prc_neighborhood,
+                                          device=getattr(extractor, "device", None))
+    if dinov2 is not None:  # a second pass over the images: DINOv2 resizes them itself
+        dino_reference = cache.get_or_compute(dataset_id, resolution, n_reference, dinov2,
+                                              lambda: reference_batches(job.reference, resolution))
+        fd_dinov2 = fd_dinov2_from_stats(feature_stats(dinov2, load_images(folder, range(n))), dino_reference)
     return ScaleResult(guidance_scale=scale, n=n, resolution=resolution, sampler=job.sampling.sampler, nfe=nfe,
                        steps=job.sampling.steps, checkpoint=checkpoint, reference=str(job.reference),
                        fid=fid_from_stats(generated, reference),
@@ -271,7 +324,9 @@ def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache
                        adherence=sum(adherence) / len(adherence) if synthetic else None, upsampler=upsampler,
                        upsample_steps=job.sampling.upsample_steps if upsampler else None,
                        upsample_temp=job.sampling.upsample_temp if upsampler else None,
-                       upsample_sampler=job.sampling.upsample_sampler_for("text2im") if upsampler else None)
+                       upsample_sampler=job.sampling.upsample_sampler_for("text2im") if upsampler else None,
+                       kid=kid, precision_recall=prc, fd_dinov2=fd_dinov2,
+                       fd_dinov2_reason=None if dinov2 is not None else DINOV2_ABSENT)
 
 
 def is_synthetic_caption(caption: str) -> bool:
@@ -322,10 +377,11 @@ def reference_batches(folder: str, resolution: int, batch_size: int = 50) -> Ite
 
 
 def run(job: FIDJob, base: SamplingModel, extractor: FeatureExtractor, cache: ReferenceStatsCache, *,
-        upsampler: SamplingModel | None = None) -> list[ScaleResult] | None:
-    """Generate (resumably, this rank's share) and, on rank 0, score every scale; results are written
-    to ``<out>/results.json`` (:func:`~glide_lightning.evaluation.results.write_results`) and returned
-    (None on other ranks)."""
+        upsampler: SamplingModel | None = None, metrics: MetricOptions | None = None,
+        dinov2: FeatureExtractor | None = None) -> list[ScaleResult] | None:
+    """Generate (resumably, this rank's share) and, on rank 0, score every scale (:func:`evaluate_scale`:
+    ``metrics`` and ``dinov2`` choose what beside FID); results are written to ``<out>/results.json``
+    (:func:`~glide_lightning.evaluation.results.write_results`) and returned (None on other ranks)."""
     rank, world = rank_and_world()
     images = images_dir(job, base, upsampler)
     log.info("images of this model and these settings: %s", images)
@@ -348,7 +404,8 @@ def run(job: FIDJob, base: SamplingModel, extractor: FeatureExtractor, cache: Re
         wait_for_images(scale_dir(images, scale), len(job.captions))
         nfe = model_evaluations(replace(job.sampling, guidance_scale=scale), base.diffusion_config)
         results.append(evaluate_scale(job, scale, extractor, cache, base.source, images, clip, nfe,
-                                      upsampler.source if upsampler is not None else None))
+                                      upsampler.source if upsampler is not None else None, metrics=metrics,
+                                      dinov2=dinov2))
         log.info("guidance %g: %s", scale, results[-1].fid.label)
     path = write_results(job.out_dir / "results.json", results,
                          {**asdict(job.sampling), "seed": job.seed, "images": str(images)})

@@ -249,3 +249,38 @@ def test_inception_features_run_torch_fidelity_with_a_weights_file(tmp_path, mon
     assert out.shape == (2, 2048) and out.dtype == torch.float64
     with pytest.raises(ValueError, match="not the standard"):
         InceptionFeatures(weights_path=path, require_standard_weights=True)
+
+
+def test_reference_cache_keeps_the_raw_features_for_kid_and_precision_recall(extractor, tmp_path, caplog):
+    """KID and precision/recall need the reference features themselves: the cache keeps them with the statistics
+    (same key, same file; stored as float32, which is exact for float32 extractors), and an entry written before
+    they were kept is recomputed when they are needed."""
+    cache = ReferenceStatsCache(tmp_path)
+    calls = []
+
+    def images_fn():
+        calls.append(1)
+        return images(40, 0)
+
+    first = cache.get_or_compute("a", 16, 32, extractor, images_fn, need_features=True)
+    direct = feature_stats(extractor, images(40, 0), max_images=32, keep_features=True)
+    assert first.features.shape == (32, 16) and first.features.dtype == np.float64
+    np.testing.assert_array_equal(first.features, direct.features)
+    path = cache.path_for(cache.key("a", 16, 32, extractor))
+    with np.load(path) as data:
+        assert data["features"].dtype == np.float32  # exact: the conv net computes in float32
+    again = ReferenceStatsCache(tmp_path).get_or_compute("a", 16, 32, extractor, images_fn, need_features=True)
+    np.testing.assert_array_equal(again.features, first.features)
+    assert len(calls) == 1
+    # an entry from before features were kept: fine for FID alone, recomputed for KID / precision-recall
+    old = FeatureStats.load(path)
+    old.features = None
+    old.save(path)
+    assert cache.get_or_compute("a", 16, 32, extractor, images_fn).features is None and len(calls) == 1
+    with caplog.at_level(logging.INFO, logger="glide_lightning.evaluation.fid"):
+        refreshed = cache.get_or_compute("a", 16, 32, extractor, images_fn, need_features=True)
+    assert "has no raw features" in caplog.text and len(calls) == 2
+    np.testing.assert_array_equal(refreshed.features, first.features)
+    with pytest.raises(ValueError, match="features must be"):
+        FeatureStats(mu=first.mu, sigma=first.sigma, n=5, extractor_name="x", weights_id="w", resolution=16,
+                     features=first.features)

@@ -57,5 +57,11 @@ def test_report_on_two_tiny_runs(synthetic_shards, tmp_path, monkeypatch):
                              ("| tiny_simple", "3")]
     result = {r.guidance_scale: r for r in next(iter(run.evals.values()))}[3.0]
     assert evals[("| tiny_hybrid", "3")][4:7] == [f"{result.fid.fid:.2f}", "–", f"{result.adherence:.3g}"]
+    # KID (mean ± std over subsets), precision and recall from the same (random) features; no DINOv2 weights given
+    assert "| FID | CLIP score | adherence | KID | precision | recall | FD_DINOv2 |" in text
+    assert evals[("| tiny_hybrid", "3")][7:] == [f"{result.kid.mean:.4f} ± {result.kid.std:.4f}",
+                                                 f"{result.precision:.3g}", f"{result.recall:.3g}", "–"]
+    assert result.fd_dinov2 is None and result.fd_dinov2_reason.startswith("not computed")
+    assert "NOT a real KID or precision/recall" in text
     for plot in ("ablation_losses.png", "ablation_fid.png"):
         assert (tmp_path / "reports" / plot).stat().st_size > 1000 and plot in text

@@ -2,6 +2,7 @@
 files written before the record existed read the same."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -101,3 +102,34 @@ def read_results_text(text: str, tmp_path) -> list[ScaleResult]:
     path = tmp_path / "old.json"
     path.write_text(text)
     return read_results(path)
+
+
+def test_kid_precision_recall_and_fd_dinov2_round_trip_and_older_records_lack_them(tmp_path):
+    from glide_lightning.evaluation.fid import KIDResult, PrecisionRecallResult
+
+    old = read_results_text(OLD_RESULTS_JSON, tmp_path)[0]
+    assert old.kid is None and old.precision_recall is None and old.precision is None and old.recall is None
+    assert old.fd_dinov2 is None and old.fd_dinov2_reason is None
+    assert not {"kid", "precision_recall", "fd_dinov2", "fd_dinov2_reason"} & set(old.to_dict())
+    common = dict(n_generated=6, n_reference=6, extractor_name="random-conv-seed0", weights_id="w",
+                  random_weights=True, method="m")
+    kid = KIDResult(mean=0.012, std=0.001, subset_size=6, subsets=100, label="NOT a real KID", **common)
+    prc = PrecisionRecallResult(precision=0.5, recall=0.25, neighborhood=3, label="NOT a real precision/recall",
+                                **common)
+    new = ScaleResult.from_dict({**old.to_dict(), "kid": kid.to_dict(), "precision_recall": prc.to_dict(),
+                                 "fd_dinov2": None, "fd_dinov2_reason": "not computed: no DINOv2 weights given"})
+    written = json.loads(write_results(tmp_path / "new.json", [new], {}).read_text())["results"][0]
+    assert written["kid"]["mean"] == 0.012 and written["precision_recall"]["recall"] == 0.25
+    assert written["fd_dinov2"] is None and written["fd_dinov2_reason"].startswith("not computed")
+    again = read_results(tmp_path / "new.json")[0]
+    assert again == new and (again.precision, again.recall) == (0.5, 0.25)
+    assert "KID 0.0120 ± 0.0010, precision 0.500, recall 0.250" in again.summary_line()
+    dino = replace(old.fid, fid=3.5, extractor_name="dinov2-d32-l2-p14-224px-cls", label="NOT a real FD_DINOv2")
+    with_dino = replace(new, fd_dinov2=dino, fd_dinov2_reason=None)
+    record = with_dino.to_dict()
+    assert record["fd_dinov2"]["fid"] == 3.5 and "fd_dinov2_reason" not in record
+    assert ScaleResult.from_dict(record) == with_dino
+    assert "FD_DINOv2 3.50 (random DINOv2 weights)" in with_dino.summary_line()
+    broken = {**record, "kid": {k: v for k, v in kid.to_dict().items() if k != "std"}}
+    with pytest.raises(KeyError, match="kid lacks std"):
+        ScaleResult.from_dict(broken)
