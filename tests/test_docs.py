@@ -27,6 +27,7 @@ from unittest import mock
 from pathlib import Path
 
 import pytest
+from hang_guard import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -247,7 +248,7 @@ def make_dry_run(argv: tuple[str, ...]) -> str:
     """What ``make argv`` would run (``make -n``; the checks and ``setup`` prerequisites skipped)."""
     skip = [arg for target in ("setup", "check-exp", "check-run", "check-recipe") for arg in ("-o", target)]
     run = subprocess.run(["make", "-n", "--no-print-directory", *skip, *argv], cwd=REPO, capture_output=True,
-                         text=True, timeout=60)
+                         text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, f"make -n {shlex.join(argv)}:\n{run.stderr}"
     return re.sub(r"\\\n\s*", " ", run.stdout)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hang_guard import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,7 +19,7 @@ def glide(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled"}
     env.pop("GLIDE_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "glide_lightning", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def one_error_line(run: subprocess.CompletedProcess) -> str:

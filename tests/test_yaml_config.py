@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from glide_lightning.yaml_config import DuplicateKeyError, check_duplicate_keys
+from hang_guard import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def test_the_training_cli_refuses_a_config_with_a_duplicate_key_before_anything_
     config.write_text("trainer:\n  max_steps: 5\n  max_steps: 7\n")
     run = subprocess.run([sys.executable, "-m", "glide_lightning", "fit", "--config", str(REPO / "experiments/smoke.yaml"),
                           "--config", str(config), "--run.root", str(tmp_path / "runs"), "--print_config"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S,
                          env={**os.environ, "WANDB_MODE": "disabled"})
     assert run.returncode != 0
     assert "duplicate key 'max_steps' (first given at line 2)" in run.stderr, run.stderr[-2000:]

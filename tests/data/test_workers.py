@@ -56,7 +56,8 @@ def test_workers_ignore_a_sigterm_from_others_and_obey_one_from_their_parent(tra
     dm: GlideDataModule = make_dm(train_dir, num_workers=2, samples_per_epoch=40)
     dataloader = dm.train_dataloader()
     loader = iter(dataloader)
-    next(loader)
+    for _ in range(2):  # a batch from each worker (they take turns): each has started, its worker_init_fn run, however
+        next(loader)    # slow the machine (a worker still starting would die of the signal below, as any process)
     workers = list(dataloader._iterator._workers)  # the worker processes (persistent: the loader keeps its iterator)
     # A SIGTERM sent by another process (as `kill -- -PGID` or scancel do) leaves the workers running...
     subprocess.run(["kill", "-TERM", *(str(w.pid) for w in workers)], check=True)

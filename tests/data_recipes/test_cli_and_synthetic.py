@@ -18,6 +18,7 @@ from recipe_helpers import check_manifest, data_cli, read_split, shard_bytes
 from data_recipes import RECIPES, load_recipe
 from data_recipes.synthetic import build
 from glide_lightning.data.synthetic import parse_caption, synthetic_sample
+from hang_guard import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,7 +28,7 @@ def test_synthetic_through_the_real_cli(tmp_path):
     cmd = [sys.executable, "-m", "glide_lightning", "data", "synthetic", "--out", str(out), "--train", "25", "--val",
            "6", "--image_size", "32", "--seed", "3", "--max_per_shard", "10"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert run.returncode == 0, run.stderr
     assert "wrote train-000002.tar (5 samples" in run.stderr
     doc = check_manifest(out)
@@ -48,13 +49,13 @@ def test_synthetic_through_the_real_cli(tmp_path):
     for i, sample in enumerate(val):
         assert np.array_equal(np.array(Image.open(out / "fid_reference" / f"{i:06d}.png")), np.array(sample["png"]))
 
-    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr  # one line, no traceback
     assert again.stderr.startswith(f"error: --out {out} already holds the output of an earlier data recipe: ")
     assert "pass --overwrite true to delete that output first" in again.stderr
     before = shard_bytes(out)
     alias = subprocess.run([sys.executable, "-m", "data_recipes", *cmd[4:], "--overwrite"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=120)  # the old spelling: a bare --overwrite
+                           capture_output=True, text=True, timeout=HANG_GUARD_S)  # the old spelling: a bare --overwrite
     assert alias.returncode == 0, alias.stderr
     assert shard_bytes(out) == before  # the same dataset, written again
 
@@ -115,7 +116,7 @@ def test_the_recipes_are_the_modules_of_the_folder_and_the_makefile_lists_them()
     modules = {p.stem for p in (REPO / "data_recipes").glob("*.py")} - {"__init__", "__main__", "common"}
     assert set(RECIPES) == modules
     assert all(load_recipe(name).RECIPE.NAME == name for name in RECIPES)
-    made = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    made = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     listed = next(line for line in made.stdout.splitlines() if line.strip().startswith("recipes:"))
     assert listed.split(":", 1)[1].split() == sorted(RECIPES)
 
@@ -164,7 +165,7 @@ def test_two_recipes_writing_one_directory_one_is_refused_naming_the_other(tmp_p
            "--val", "0", "--image_size", "16", "--max_per_shard", "2000"]  # fmt: skip  (a few seconds of rendering)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     both = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    errors = [p.communicate(timeout=180)[1] for p in both]
+    errors = [p.communicate(timeout=HANG_GUARD_S)[1] for p in both]
     codes = [p.returncode for p in both]
     assert sorted(codes) == [0, 2], errors
     winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
