@@ -186,7 +186,7 @@ def check_trainable(model: ModelConfig, diffusion: DiffusionConfig, tokenizer: T
                          "upsample_inpaint)")
     if diffusion.variance_type == "learned_range" and not model.learn_sigma:
         raise ValueError("model.diffusion.variance_type 'learned_range' needs model.model.learn_sigma: true "
-                         "(6 output channels), or a fixed variance_type with loss_type simple or p2")
+                         "(6 output channels), or a fixed variance_type with loss_type simple")
     wanted = {"t5": "t5", "clip": "clip"}.get(model.text_encoder)
     if wanted is not None and tokenizer != wanted:
         raise ValueError(f"model.model.text_encoder {model.text_encoder!r} reads the {wanted!r} tokenizer's ids: set "

@@ -39,8 +39,8 @@ class GlideModule(L.LightningModule):
 
     Args:
         model: the network's architecture.
-        diffusion: the diffusion process, the loss (``simple`` / ``hybrid`` / ``p2``), its weighting
-            (``min_snr_gamma``) and the prediction target (``eps`` / ``v``).
+        diffusion: the diffusion process, the loss (``simple`` / ``hybrid``), the MSE's weighting (``none`` /
+            ``p2`` / ``min_snr``) and the prediction target (``eps`` / ``v``).
         optimizer: AdamW settings and the LR schedule (warm-up, then constant or cosine decay).
         tokenizer: the caption tokenizer (``clip`` for new models; ``gpt2`` for glide-text2im's
             checkpoints; ``t5`` with ``model.text_encoder: t5``, whose files it reads from

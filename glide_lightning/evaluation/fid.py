@@ -310,7 +310,25 @@ class MetricOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class KIDResult:
+class FeatureMetric:
+    """What every metric computed from FID's features records of where it came from: the sample counts, the
+    extractor and its weights, whether they were random (then ``label`` says NOT a real value), the method."""
+
+    n_generated: int
+    n_reference: int
+    extractor_name: str
+    weights_id: str
+    random_weights: bool
+    method: str
+    label: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KIDResult(FeatureMetric):
     """Kernel Inception Distance: mean and std over random subsets of the unbiased MMD² with the cubic polynomial
     kernel ``k(x, y) = (x·y / D + 1)³`` (Bińkowski et al. 2018), on the features FID uses."""
 
@@ -318,21 +336,10 @@ class KIDResult:
     std: float
     subset_size: int
     subsets: int
-    n_generated: int
-    n_reference: int
-    extractor_name: str
-    weights_id: str
-    random_weights: bool
-    method: str
-    label: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready."""
-        return dataclasses.asdict(self)
 
 
-@dataclasses.dataclass(frozen=True)
-class PrecisionRecallResult:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrecisionRecallResult(FeatureMetric):
     """Improved precision and recall (Kynkäänniemi et al. 2019): precision is the fraction of generated samples
     inside the real manifold (the union of balls around each reference feature reaching its k-th nearest
     reference neighbour), recall the fraction of reference samples inside the generated manifold."""
@@ -340,17 +347,6 @@ class PrecisionRecallResult:
     precision: float
     recall: float
     neighborhood: int
-    n_generated: int
-    n_reference: int
-    extractor_name: str
-    weights_id: str
-    random_weights: bool
-    method: str
-    label: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready."""
-        return dataclasses.asdict(self)
 
 
 def _metric_label(metric: str, value: str, generated: FeatureStats, reference: FeatureStats) -> str:
