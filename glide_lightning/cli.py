@@ -171,6 +171,10 @@ class GlideCLI(LightningCLI):
         if conflict:  # refused here, not at the first optimizer step
             sys.exit(f"error: {conflict} (trainer.precision {_field(trainer, 'precision')!r}, "
                      f"trainer.gradient_clip_val {_field(trainer, 'gradient_clip_val')})")
+        accelerator = str(_field(trainer, "accelerator") or "auto")
+        if accelerator in ("gpu", "cuda") and not detect_hardware().cuda:  # before the run folder or wandb exist
+            raise ValueError(f"--trainer.accelerator {accelerator}: torch sees no CUDA GPU on this machine: use "
+                             f"--trainer.accelerator cpu (or auto)")
 
     def _run_config(self) -> RunConfig:
         value = self._get(self.config_init, "run")
@@ -223,8 +227,14 @@ class GlideCLI(LightningCLI):
         if config.get("ckpt_path"):
             if config.get("weights_only") is None:
                 config["weights_only"] = True  # our checkpoints hold tensors and plain data only
-            log.warning("resuming %s from %s at step %d (weights, optimizer, LR schedule, EMA and RNG state restored)",
-                        self._run_config().name, config["ckpt_path"], checkpoint_step(config["ckpt_path"]))
+            step, max_steps = checkpoint_step(config["ckpt_path"]), self.trainer.max_steps
+            if max_steps is not None and 0 <= max_steps <= step:  # Lightning would say only "max_steps reached"
+                log.warning("%s is already at step %d and trainer.max_steps is %d: nothing to train (its weights are in "
+                            "%s); raise --trainer.max_steps to train on", self._run_config().name, step, max_steps,
+                            config["ckpt_path"])
+                return
+            log.info("resuming %s from %s at step %d (weights, optimizer, LR schedule, EMA and RNG state restored)",
+                     self._run_config().name, config["ckpt_path"], step)
 
 
 @dataclass(frozen=True)
@@ -341,11 +351,14 @@ def count_images(batch: dict[str, Any]) -> int:
 
 
 def readable_progress(config: dict[str, Any], callbacks: list[Any]) -> list[Any]:
-    """The progress bar counting optimizer steps out of ``max_steps`` and the model summary whose FLOPs count one
-    image's forward pass, unless switched off (``trainer.enable_progress_bar`` / ``enable_model_summary``) or
-    given as callbacks already. ``config``'s ``enable_model_summary`` is turned off where the summary is added
+    """The progress bar counting optimizer steps out of ``max_steps`` (on a terminal: where stdout is a file, unless
+    ``trainer.enable_progress_bar`` asks for it, :class:`ProgressLog`'s plain lines stand in) and the model summary
+    whose FLOPs count one image's forward pass, unless switched off (``trainer.enable_progress_bar`` /
+    ``enable_model_summary``) or given as callbacks already. ``config``'s ``enable_model_summary`` is turned off where the summary is added
     here (otherwise Lightning announces it skips its own)."""
     added: list[Any] = []
+    if config.get("enable_progress_bar") is None and not sys.stdout.isatty():
+        config["enable_progress_bar"] = False  # a log file: ProgressLog's plain lines, not a bar's frames
     if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
         added.append(StepProgressBar())
     if config.get("enable_model_summary") is not False and not any(isinstance(c, LightningModelSummary)

@@ -112,7 +112,8 @@ def parse(argv: list[str]) -> Any:
     parser = build_parser()
     argv = spelled(argv)
     known = argv[:1] and argv[0] in {*COMMANDS, *TRAINING_COMMANDS, "data"}
-    prog = " ".join(["python -m glide_lightning", *(argv[:2] if argv[:1] == ["data"] else argv[:1] if known else [])])
+    typed = argv[:2] if argv[:1] == ["data"] and argv[1:2] and argv[1] in RECIPES else argv[:1] if known else []
+    prog = " ".join(["python -m glide_lightning", *typed])
     try:
         config = parser.parse_args(argv)
     except ArgumentError as error:
@@ -135,8 +136,10 @@ def parse(argv: list[str]) -> Any:
 
 def _refuse(message: str) -> NoReturn:
     """A user's mistake found while parsing: one ``error:`` line on stderr (a multi-line message joined), exit 2."""
-    print(f"error: {'; '.join(line.strip() for line in message.strip().splitlines() if line.strip())}",
-          file=sys.stderr)
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    joined = "".join(line + ("" if i == len(lines) - 1 else " " if line.endswith(":") else "; ")
+                     for i, line in enumerate(lines))  # `bad options:` then `- steps: …` reads as one sentence
+    print(f"error: {joined}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -210,6 +213,12 @@ def main(argv: list[str] | None = None) -> Any:
         command = parse(argv)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return command.run()
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays (fid/sweep resume from their images); no traceback
+        if debug:
+            raise
+        print("interrupted (Ctrl-C): the files already written stay; run the same command again to go on",
+              file=sys.stderr)
+        sys.exit(130)
     except USER_ERRORS as error:
         if debug:
             raise

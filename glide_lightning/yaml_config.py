@@ -86,14 +86,32 @@ def read_yaml(path: Path) -> Any:
 
 def option_error(error: Exception, parser: Any, prog: str) -> ValueError:
     """One line for a parse error of jsonargparse ``parser`` (built with ``exit_on_error=False``, so that it raises
-    instead of printing its whole usage, 130 lines for ``fit``): the error, the nearest known option for each
-    misspelt one, and where the options are listed (``prog --help``)."""
+    instead of printing its whole usage, 130 lines for ``fit``): the error with options spelled as typed
+    (``--ckpt``, not jsonargparse's ``sample.ckpt``), the nearest known option for each misspelt one (on the command
+    line or in a config file) and the nearest choice for a misspelt command, and where the options are listed
+    (``prog --help``; ``prog`` is the command as typed up to its options, ``python -m glide_lightning fit``)."""
     message = " ".join(str(error).split())  # jsonargparse folds some messages over lines
+    commands = prog.split()[3:]  # after `python -m glide_lightning`: the subcommands typed
+
+    def as_typed(key: str) -> str:  # `data.synthetic.out` (a subcommand's key) → `--out`
+        parts = key.split(".")
+        while parts[:1] and commands[: len(parts)] and parts[0] in commands:
+            parts = parts[1:]
+        return "--" + ".".join(parts)
+
+    if (required := re.search(r"the following arguments are required: (.+)$", message)) is not None:
+        names = ", ".join(as_typed(key.strip()) for key in required.group(1).split(","))
+        message = message[: required.start(1)] + names
     unknown = re.findall(r"(--[\w.\-]+)", message.split("unrecognized arguments:", 1)[1]) \
         if "unrecognized arguments:" in message else []
+    unknown += [f"--{key}" for key in re.findall(r"does not accept option '([\w.\-]+)'", message)]
     known = [option for action in _all_actions(parser) for option in action.option_strings]
     hints = [f"{option}: did you mean {close[0]}?" for option in unknown
              if (close := difflib.get_close_matches(option, known, n=1, cutoff=0.75))]
+    if (choice := re.search(r"invalid choice: '([\w.\-]+)' \(choose from (.+?)\)", message)) is not None:
+        choices = re.findall(r"'([\w.\-]+)'", choice.group(2))
+        hints += [f"did you mean {close[0]}?" for close in [difflib.get_close_matches(choice.group(1), choices, n=1)]
+                  if close]
     return ValueError(f"{message}{'; ' + '; '.join(hints) if hints else ''} (`{prog} --help` lists the options)")
 
 

@@ -150,8 +150,13 @@ def test_a_run_and_its_resume_print_none_of_the_silenced_warnings(synthetic_shar
                              text=True, timeout=HANG_GUARD_S)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at step 2" in resumed.stderr  # it did resume, into the checkpoint directory it left
-    for run in (first, resumed):
+    again = subprocess.run(command + ["--trainer.max_steps", "4"], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=HANG_GUARD_S)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "is already at step 4 and trainer.max_steps is 4: nothing to train" in again.stderr, again.stderr[-3000:]
+    for run in (first, resumed, again):
         printed = run.stdout + run.stderr
+        assert not re.search(r"step ━", printed), "stdout is a file here: plain progress lines, not a bar's frames"
         assert "Seed set to 0" in printed  # the seed is still said, and set
         shown = {message: why for message, why in SILENCED.items() if message in printed}
         assert not shown, f"{shown}\n{printed[-5000:]}"

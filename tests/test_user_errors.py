@@ -149,6 +149,9 @@ def test_training_shards_that_do_not_exist_are_said_before_the_run_starts(tmp_pa
     (["sample", "--ckpt", "x", "--prompt", "a", "--num_per_prompt", "0"], "num_per_prompt must be >= 1"),
     (["data", "folder", "--imags", "x"], "did you mean --images?"),
     (["nosuch"], "invalid choice: 'nosuch'"),
+    (["sample", "--prompt", "a"], "the following arguments are required: --ckpt ("),
+    (["data", "foldr"], "did you mean folder? (`python -m glide_lightning data --help`"),
+    (["sample", "--ckpt", "x", "--prompt", "a", "--sampling.steps", "ddim5"], "bad sampling options: - steps"),
 ])
 def test_a_command_line_mistake_of_the_other_commands_is_one_line(argv, said, capsys):
     from glide_lightning.commands import main
@@ -158,3 +161,44 @@ def test_a_command_line_mistake_of_the_other_commands_is_one_line(argv, said, ca
     err = capsys.readouterr().err
     assert done.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and said in err, err
     assert "--help` lists the options" in err and "usage:" not in err
+
+
+def test_ctrl_c_is_one_line_with_the_status_of_an_interrupt(monkeypatch, capsys):
+    from glide_lightning import commands
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "parse", interrupted)
+    with pytest.raises(SystemExit) as done:
+        commands.main(["sample", "--ckpt", "x", "--prompt", "a"])
+    err = capsys.readouterr().err
+    assert done.value.code == 130 and err.count("\n") == 1 and err.startswith("interrupted (Ctrl-C)"), err
+
+
+def test_an_empty_prompts_file_and_a_checkpoint_folder_or_non_checkpoint_are_named(tmp_path):
+    from glide_lightning.sampling import load_checkpoint
+    from glide_lightning.sampling.command import read_prompts
+
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("# only a comment\n\n")
+    with pytest.raises(ValueError, match=f"--prompts_file {empty} holds no prompt"):
+        read_prompts(None, str(empty))
+    run = tmp_path / "runs/smoke"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints/last.ckpt").write_bytes(b"")
+    with pytest.raises(IsADirectoryError, match=f"its newest checkpoint is {run / 'checkpoints/last.ckpt'}"):
+        load_checkpoint(run)
+    png = tmp_path / "grid.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    with pytest.raises(ValueError, match="cannot be read as a checkpoint: it is not a file torch.save wrote"):
+        load_checkpoint(png)
+
+
+def test_a_gpu_accelerator_on_a_machine_without_one_is_refused_before_the_run_starts(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    line = one_error_line(glide(tmp_path, "fit", "--config", str(REPO / "experiments/smoke.yaml"),
+                                "--trainer.accelerator", "gpu", "--run.root", str(tmp_path / "runs")))
+    assert "--trainer.accelerator gpu: torch sees no CUDA GPU" in line and "--trainer.accelerator cpu" in line
+    assert not (tmp_path / "runs").exists()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -130,9 +131,16 @@ def load_checkpoint(checkpoint: str | Path, device: torch.device | str = "cpu", 
     path = Path(checkpoint)
     if weights not in ("ema", "raw"):
         raise ValueError(f"unknown weights {weights!r}; choose ema or raw")
+    if path.is_dir():
+        last = path / "checkpoints" / "last.ckpt"
+        hint = f"its newest checkpoint is {last}" if last.is_file() else "pass a .ckpt file in it"
+        raise IsADirectoryError(f"checkpoint {path} is a folder, not a checkpoint file: {hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (train a run first, or pass the path of a .ckpt or "
                                 f"of glide-text2im's base.pt / upsample.pt)")
+    if not zipfile.is_zipfile(path):  # torch.save's format; anything else gets torch's advice about saving it
+        raise ValueError(f"{path} cannot be read as a checkpoint: it is not a file torch.save wrote, or it is "
+                         f"damaged (truncated): pass a glide_lightning .ckpt or glide-text2im's .pt")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError) as e:

@@ -41,6 +41,9 @@ def read_prompts(prompts: str | list[str] | None, prompts_file: str | None) -> l
         if not path.is_file():
             raise FileNotFoundError(f"prompts file not found: {path}")
         found += [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not found and prompts_file:
+        raise ValueError(f"--prompts_file {prompts_file} holds no prompt (blank lines and # comments are skipped): "
+                         f"write one prompt per line, or pass --prompt \"TEXT\"")
     if not found:
         raise ValueError('no prompts: pass --prompt "TEXT" (--prompt+ "TEXT" adds another) or --prompts_file FILE')
     return found
