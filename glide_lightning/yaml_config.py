@@ -95,8 +95,9 @@ def option_error(error: Exception, parser: Any, prog: str) -> ValueError:
 
     def as_typed(key: str) -> str:  # `data.synthetic.out` (a subcommand's key) → `--out`
         parts = key.split(".")
-        while parts[:1] and commands[: len(parts)] and parts[0] in commands:
-            parts = parts[1:]
+        for command in commands:  # the subcommands typed, in order, are the key's prefix
+            if parts[:1] == [command]:
+                parts = parts[1:]
         return "--" + ".".join(parts)
 
     if (required := re.search(r"the following arguments are required: (.+)$", message)) is not None:
