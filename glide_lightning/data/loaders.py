@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from glide_lightning.data.pipeline import ImageTextStream, StreamPosition, StreamResume
+from glide_lightning.data.workers import stop_signals_blocked
 
 __all__ = ["ReplayBatches", "StreamLoader"]
 
@@ -86,7 +87,10 @@ class StreamLoader(DataLoader):
         if self._epoch != epoch:  # a new epoch (a resumed one keeps the positions _prepare_resume set)
             self._epoch, self._consumed, self._positions = epoch, 0, {}
         self._passes += 1
-        return self._checked(super().__iter__())
+        if self.num_workers == 0:
+            return self._checked(super().__iter__())
+        with stop_signals_blocked():  # this may fork the workers: see data/workers.py
+            return self._checked(super().__iter__())
 
     def _prepare_resume(self, stream: ImageTextStream, epoch: int) -> int:
         """Before the first pass (and before worker processes copy the stream): continue from the
