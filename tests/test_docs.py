@@ -147,6 +147,17 @@ def test_source_paths_named_in_prose_exist(page):
     assert not missing, f"{page_id(page)} names files that do not exist: {missing}"
 
 
+def test_source_paths_named_in_the_code_exist():
+    """Docstrings and comments name files too (``scripts/slurm_train.sbatch`` was once named by a folder that never
+    existed): every source path quoted in backticks in the package, the recipes, the scripts and the Makefile."""
+    files = [*REPO.glob("glide_lightning/**/*.py"), *REPO.glob("data_recipes/**/*.py"), *REPO.glob("scripts/*"),
+             REPO / "Makefile"]
+    missing = sorted({f"{file.relative_to(REPO)}: {path}" for file in files
+                      for code in INLINE_CODE.findall(file.read_text()) if not re.search(r"[<*{…$]", code)
+                      for path in SOURCE_PATH.findall(code) if not (REPO / path).exists()})
+    assert not missing, f"files named that do not exist: {missing}"
+
+
 # ----------------------------------------------------------------------------------------------------- commands
 @pytest.fixture(scope="module")
 def fast_parsers():

@@ -16,7 +16,7 @@ job some time before its time limit: the run stops and saves as above, then rank
 ``fit`` resumes from ``last.ckpt``. Taking the signal over keeps ``last.ckpt`` the one checkpoint a
 run resumes from: Lightning's handler would save a separate ``hpc_ckpt_N.ckpt`` mid-step, which an
 explicit resume path overrides. SIGTERM (preemption; ``scancel``) saves without requeueing: SLURM
-requeues preempted jobs itself where the partition says so. See ``scripts/slurm/train.sbatch``.
+requeues preempted jobs itself where the partition says so. See ``scripts/slurm_train.sbatch``.
 """
 
 from __future__ import annotations
