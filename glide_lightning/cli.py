@@ -189,7 +189,11 @@ class GlideCLI(LightningCLI):
             self.start_run(run)  # before the loggers write anything into the run directory
         mode = resolve_wandb_mode(run.wandb_mode)
         os.environ["WANDB_MODE"] = mode
-        wandb = wandb_logger(run, mode)
+        from glide_lightning.callbacks.wandb_logging import RunWandbLogger, TrainingStats
+
+        wandb = wandb_logger(run, mode, logger_class=RunWandbLogger)
+        if self.subcommand == "fit" and mode != "disabled" and is_launching_process():
+            wandb.describe(self.wandb_description(run))
         if mode == "offline":
             log.info("wandb logs offline to %s (no API key configured); upload with `wandb sync`", run.dir / "wandb")
         csv = CSVLogger(save_dir=str(run.dir), name="csv")
@@ -199,10 +203,22 @@ class GlideCLI(LightningCLI):
         callbacks = [LearningRateMonitor(logging_interval="step"), images_per_second(),
                      RunCheckpoint(run.dir / "checkpoints", every_n_train_steps=run.checkpoint_every_n_steps,
                                    resumed_from=self._get(self.config_init, "ckpt_path")),
-                     ProgressLog(run_dir=str(run.dir), experiment=self.experiment)]
+                     ProgressLog(run_dir=str(run.dir), experiment=self.experiment),
+                     *([TrainingStats()] if mode != "disabled" else [])]
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         config = {**trainer, **kwargs, "callbacks": own, "default_root_dir": str(run.dir), "logger": [wandb, csv]}
         return self._instantiate_trainer(config, extra + callbacks + readable_progress(config, own + extra))
+
+    def wandb_description(self, run: RunConfig) -> dict[str, Any]:
+        """The wandb run config of a training session: the resolved config as ``config.yaml`` holds it (``trainer``,
+        ``seed_everything``, ``run``, ``model``, ``data``, …), ``lineage`` (:func:`~glide_lightning.runs.run_lineage`:
+        git commit and dirty flag, the training data manifest's sha256) and ``ablation``
+        (:func:`~glide_lightning.runs.ablation`: how this arm differs from the other runs of its group)."""
+        from glide_lightning.runs import ablation, run_lineage
+
+        resolved = yaml.safe_load(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False))
+        shards = (resolved.get("data") or {}).get("train_shards")
+        return {**resolved, "lineage": run_lineage(shards), "ablation": ablation(run, resolved)}
 
     def start_run(self, run: RunConfig) -> None:
         """Lock the run, pick the checkpoint to resume and check the new config against it."""

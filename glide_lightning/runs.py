@@ -156,8 +156,11 @@ def archive_checkpoints(run_dir: Path) -> Path | None:
     return target
 
 
-def wandb_logger(run: RunConfig, mode: str, attempts: int = 6, wait_s: float = 5.0) -> Any:
-    """The run's WandbLogger, continuing the run's wandb run (its id is kept in ``wandb_id.txt``).
+def wandb_logger(run: RunConfig, mode: str, attempts: int = 6, wait_s: float = 5.0, job_type: str = "train",
+                 logger_class: type | None = None) -> Any:
+    """The run's WandbLogger, continuing the run's wandb run (its id is kept in ``wandb_id.txt``), in the wandb group
+    ``run.group`` with ``job_type`` (``train``: evaluations of the run log ``eval`` runs to the same group).
+    ``logger_class``: a ``WandbLogger`` subclass to build (the training CLI's ``RunWandbLogger``); None: Lightning's.
 
     The wandb run starts here, on the main process, rather than lazily: right after a kill, the
     killed process's wandb service can still hold the run id for a few seconds ("run ID … is in
@@ -166,14 +169,15 @@ def wandb_logger(run: RunConfig, mode: str, attempts: int = 6, wait_s: float = 5
     """
     from lightning.pytorch.loggers import WandbLogger
 
+    cls = logger_class or WandbLogger
     id_file = run.dir / "wandb_id.txt"
     if not id_file.exists():
         id_file.write_text(secrets.token_hex(4))  # wandb run ids are short [a-z0-9] strings
     run_id = id_file.read_text().strip()
 
     def make(wandb_id: str) -> WandbLogger:
-        logger = WandbLogger(name=run.name, project=run.project, group=run.group, tags=run.tags,
-                             save_dir=str(run.dir), id=wandb_id, resume="allow")
+        logger = cls(name=run.name, project=run.project, group=run.group, tags=run.tags, save_dir=str(run.dir),
+                     id=wandb_id, resume="allow", job_type=job_type)
         # Lightning passes anonymous=None to wandb.init, which wandb >= 0.19 answers with "The anonymous setting
         # has no effect" on every run: leave the setting out (None is its default anyway)
         if getattr(logger, "_wandb_init", {}).get("anonymous", "") is None:
@@ -199,11 +203,168 @@ def wandb_logger(run: RunConfig, mode: str, attempts: int = 6, wait_s: float = 5
     return make(fresh)
 
 
+# ----------------------------------------------------------------------------- lineage and ablation
+GIT_TIMEOUT_S = 10.0
+"""How long each git command of :func:`git_lineage` may take, seconds."""
+ABLATION_IGNORED = ("run.name", "run.resume", "ckpt_path", "weights_only", "seed_everything")
+"""Settings that differ between the arms of an ablation without being what it compares: the name (and the paths that
+hold it, see :func:`ablation`), how a session started, and the seed (listed on its own)."""
+
+
+def git_lineage(source_dir: str | os.PathLike[str] | None = None, timeout_s: float = GIT_TIMEOUT_S) -> dict[str, Any]:
+    """The git state of the code that trains: ``git_commit`` (HEAD's sha), ``git_dirty`` (tracked files differ from
+    it) and ``git_reason``, None when both are known, else why they are None: not a git checkout (an installed
+    package), the source not tracked by the checkout around it, no commit yet, git not installed, or a git command
+    that took more than ``timeout_s`` seconds. ``source_dir``: the ``glide_lightning`` package's folder by default.
+    Never raises."""
+    import subprocess
+
+    source = Path(source_dir) if source_dir is not None else Path(__file__).resolve().parent
+    state: dict[str, Any] = {"git_commit": None, "git_dirty": None, "git_reason": None}
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=source, capture_output=True, text=True, timeout=timeout_s,
+                              check=False, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+        if done.returncode:
+            first = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[0]
+            raise LookupError(f"git {args[0]}: {first}")
+        return done.stdout.strip()
+
+    top = None
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        if not git("ls-files", "--", "."):
+            state["git_reason"] = f"{source} is not tracked by the git checkout at {top}"
+            return state
+        state["git_commit"] = git("rev-parse", "HEAD")
+        state["git_dirty"] = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except FileNotFoundError:
+        state["git_reason"] = "git is not installed (no git executable on PATH)"
+    except subprocess.TimeoutExpired as error:
+        state["git_reason"] = f"{' '.join(error.cmd[:2])} took more than {timeout_s:g} s"
+    except (LookupError, OSError) as error:
+        state["git_reason"] = (f"{source} is not a git checkout ({error})" if top is None else
+                               f"the git checkout at {top} has no readable state ({error})")  # e.g. no commit yet
+    if state["git_reason"]:
+        state["git_commit"] = state["git_dirty"] = None
+    return state
+
+
+def manifest_lineage(train_shards: str | list[str] | None) -> dict[str, Any]:
+    """The training data's ``manifest.json`` (written by every ``data`` recipe beside its shards): ``data_manifests``,
+    the sha256 of each shard folder's manifest (None where a folder has none); ``data_manifest_sha256``, that of the
+    only folder's; ``data_reason``, None when that is known, else why not (no manifest, several folders, remote
+    shards, shards that do not exist). Never raises."""
+    from glide_lightning.data.datamodule import expand_shards
+    from glide_lightning.data.shards import MANIFEST_NAME, sha256_file
+
+    state: dict[str, Any] = {"data_manifests": {}, "data_manifest_sha256": None, "data_reason": None}
+    if not train_shards:
+        state["data_reason"] = "no data.train_shards"
+        return state
+    try:
+        urls = expand_shards(train_shards)
+    except (FileNotFoundError, ValueError) as error:
+        state["data_reason"] = f"the shards cannot be listed: {error}"
+        return state
+    remote = [u for u in urls if not u.startswith("file:") and ("://" in u or u.startswith("pipe:"))]
+    local = [u.removeprefix("file:") for u in urls if u not in remote]
+    folders = list(dict.fromkeys(str(Path(u).expanduser().resolve().parent) for u in local))
+    for folder in folders:
+        try:
+            state["data_manifests"][folder] = sha256_file(Path(folder) / MANIFEST_NAME)
+        except OSError:  # none (or unreadable)
+            state["data_manifests"][folder] = None
+    if len(local) < len(urls):
+        state["data_reason"] = f"{len(urls) - len(local)} of the {len(urls)} shards are remote: no manifest read"
+    elif len(folders) != 1:
+        state["data_reason"] = f"shards from {len(folders)} folders: see data_manifests"
+    elif state["data_manifests"][folders[0]] is None:
+        state["data_reason"] = f"no {MANIFEST_NAME} in {folders[0]}"
+    else:
+        state["data_manifest_sha256"] = state["data_manifests"][folders[0]]
+    return state
+
+
+def run_lineage(train_shards: str | list[str] | None,
+                source_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """What a run's results descend from: :func:`git_lineage` and :func:`manifest_lineage` together."""
+    return {**git_lineage(source_dir), **manifest_lineage(train_shards)}
+
+
+def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A resolved config as dotted keys: ``{"model": {"diffusion": {"steps": 100}}}`` → ``{"model.diffusion.steps":
+    100}``; lists of mappings (``trainer.callbacks``) by index (``trainer.callbacks.1.init_args.every_n_steps``),
+    other lists as values."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flat_config(value, f"{name}."))
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Mapping) for v in value):
+            flat.update(flat_config({str(i): v for i, v in enumerate(value)}, f"{name}."))
+        else:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def ablation(run: RunConfig, config: Mapping[str, Any]) -> dict[str, Any]:
+    """How this run (resolved ``config``) differs from its sibling arms: the other run folders under ``run.root``
+    whose ``config.yaml`` has the same ``run.group``.
+
+    Returns ``group``; ``siblings`` (folder names); ``keys``, the dotted settings (:func:`flat_config`) in which
+    any sibling differs from this run, :data:`ABLATION_IGNORED` left out, and a path whose components name the run
+    (``runs/<name>/best``) compared with that name replaced; ``values``: per key, each run's value (this one's
+    included, None where a config lacks the key); ``arm``: this run's values of those keys, ``key=value, …`` (to
+    group runs by in wandb); ``seed``: each run's ``seed_everything``. Unreadable sibling configs are skipped.
+    """
+    import yaml
+
+    mine = flat_config(config)
+    found: dict[str, Any] = {"group": run.group, "siblings": [], "keys": [], "values": {}, "arm": "",
+                             "seed": {run.name: config.get("seed_everything")}}
+    if not run.group:
+        return found
+    siblings: dict[str, dict[str, Any]] = {}
+    for path in sorted(Path(run.root).glob("*/config.yaml")):
+        if path.parent.name == run.name:
+            continue
+        try:
+            other = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(other, dict) and (other.get("run") or {}).get("group") == run.group:
+            siblings[path.parent.name] = other
+            found["seed"][path.parent.name] = other.get("seed_everything")
+    found["siblings"] = sorted(siblings)
+    flats = {name: flat_config(other) for name, other in siblings.items()}
+    keys = sorted(set(mine).union(*flats.values()) - set(ABLATION_IGNORED))
+    found["keys"] = [k for k in keys if any(_named(mine.get(k), run.name) != _named(flat.get(k), name)
+                                            for name, flat in flats.items())]
+    found["values"] = {k: {run.name: mine.get(k), **{name: flat.get(k) for name, flat in flats.items()}}
+                       for k in found["keys"]}
+    found["arm"] = ", ".join(f"{k}={mine.get(k)}" for k in found["keys"])
+    return found
+
+
+def _named(value: Any, name: str) -> Any:
+    """``value`` with the path components equal to the run's ``name`` replaced by a placeholder (in paths only: a
+    setting that happens to equal the name, ``kind: base`` of a run named ``base``, stays as it is)."""
+    if isinstance(value, str) and "/" in value:
+        return "/".join("<run>" if part == name else part for part in value.split("/"))
+    if isinstance(value, list):
+        return [_named(v, name) for v in value]
+    return value
+
+
 # ------------------------------------------------------------------------------------ config drift
-REFUSED = ("model.model.", "model.diffusion.", "model.tokenizer", "model.timestep_sampler", "data.tokenizer",
-           "data.text_ctx", "data.image_size")
+REFUSED = ("model.model.", "model.diffusion.", "model.tokenizer", "model.timestep_sampler",
+           "data.tokenizer_spec.name", "data.tokenizer_spec.text_ctx", "data.tokenizer_spec.path",
+           "data.tokenizer_spec.revision", "data.image_size")
 """Settings the checkpoint's weights (or its timestep sampler state) were trained for: a resume may
-not change them."""
+not change them (the data module's tokenizer but where its GPT-2 BPE files are, ``data.tokenizer_spec.bpe_dir``:
+a path on this machine, warned about). An older checkpoint's flat ``data.tokenizer`` / ``data.text_ctx`` are
+compared in this form (``migrations.nest_tokenizer_spec``)."""
 IGNORED = ("model.init_from",)
 """Settings that only matter when a run starts."""
 TRAINER_WARNED = ("trainer.accumulate_grad_batches", "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm",

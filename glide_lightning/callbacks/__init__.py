@@ -1,5 +1,6 @@
 """Lightning callbacks: the run's checkpoints, graceful interruption, the non-finite guard, sample grids
-and generation metrics during training, EMA with a warm-up of its decay, plain progress lines for logs."""
+and generation metrics during training, EMA with a warm-up of its decay, plain progress lines for logs, the
+training statistics logged to wandb (and the run's wandb logger, :mod:`~glide_lightning.callbacks.wandb_logging`)."""
 
 from glide_lightning.callbacks.checkpoint import BestCheckpoint, RunCheckpoint
 from glide_lightning.callbacks.ema import WarmupEMA
@@ -9,6 +10,7 @@ from glide_lightning.callbacks.nonfinite import NonFiniteGuard, NonFiniteLossErr
 from glide_lightning.callbacks.progress import ProgressLog
 from glide_lightning.callbacks.samples import SampleGrid
 from glide_lightning.callbacks.steps import OptimizerStepCallback
+from glide_lightning.callbacks.wandb_logging import TrainingStats
 
 __all__ = ["BestCheckpoint", "GenerationMetrics", "GracefulInterrupt", "NonFiniteGuard", "NonFiniteLossError", "OptimizerStepCallback",
-           "ProgressLog", "RunCheckpoint", "SampleGrid", "WarmupEMA"]
+           "ProgressLog", "RunCheckpoint", "SampleGrid", "TrainingStats", "WarmupEMA"]
