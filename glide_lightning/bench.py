@@ -32,7 +32,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from glide_lightning.data.tokenizers import build_tokenizer
+from glide_lightning.data.tokenizers import TokenizerSpec, build_tokenizer
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.models import ModelConfig, build_model
@@ -260,8 +260,8 @@ def bench_data_pipeline(repeats: int, preset: str = "minig", samples: int = 384)
                      image_format="jpg")
         shards = f"{tmp}/train-{{000000..000003}}.tar"
         for workers in (0, 2):
-            runs = [measure_pipeline(shards, image_size=image_size, tokenizer="clip", text_ctx=config.text_ctx,
-                                     bpe_dir=None, num_workers=workers, val_batch_size=32)
+            runs = [measure_pipeline(shards, image_size=image_size, tokenizer_spec=TokenizerSpec("clip", config.text_ctx),
+                                     num_workers=workers, val_batch_size=32)
                     for _ in range(repeats)]
             result[f"images_per_s_workers{workers}"] = statistics.median(runs)
             result[f"images_per_s_workers{workers}_runs"] = runs

@@ -34,6 +34,7 @@ from lightning.pytorch.loggers import CSVLogger
 from glide_lightning.callbacks import GracefulInterrupt, NonFiniteLossError, ProgressLog, RunCheckpoint
 from glide_lightning.callbacks.progress import ModelSummary, StepProgressBar
 from glide_lightning.data.datamodule import GlideDataModule
+from glide_lightning.data.tokenizers import TokenizerSpec
 from glide_lightning.locks import LockBusy
 from glide_lightning.module import GlideModule
 from glide_lightning.optim import fused_clipping_conflict
@@ -101,6 +102,31 @@ def experiment_of(args: list[str]) -> str | None:
                  if name == "--config" and Path(value).parent.name == "experiments"), None)
 
 
+def model_tokenizer(model: Any, tokenizer: str | None, bpe_dir: str | None) -> dict[str, Any]:
+    """``data.tokenizer_spec`` of a diffusion model: its text encoder's tokenizer (``TokenizerSpec.for_model``), as the
+    plain dict the run's hyper-parameters record."""
+    return TokenizerSpec.for_model(model, tokenizer, bpe_dir).to_dict()  # type: ignore[arg-type]
+
+
+def named_tokenizer(name: str, text_ctx: int, bpe_dir: str | None) -> dict[str, Any]:
+    """``data.tokenizer_spec`` of a model that names its tokenizer (the noised CLIP): ``bpe_dir`` used by ``gpt2`` only."""
+    return TokenizerSpec(name, text_ctx, bpe_dir=bpe_dir if name == "gpt2" else None).to_dict()  # type: ignore[arg-type]
+
+
+def link_error(error: BaseException) -> BaseException:
+    """The error a link's ``compute_fn`` raised, where jsonargparse wrapped it while parsing (its message then
+    lists the link's arguments, a whole model config among them): ``error`` itself otherwise."""
+    cause: BaseException | None = error
+    wrapped = False
+    while cause is not None:
+        if str(cause).startswith("Call to compute_fn of link"):
+            wrapped = True
+        elif wrapped:
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return error
+
+
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config fields' docstrings in --help
 strict_yaml()  # a key given twice in a config is an error, not the last one silently
 
@@ -142,19 +168,21 @@ class GlideCLI(LightningCLI):
                              **kwargs)
         except ArgumentError as error:
             command = given[0] if given and not given[0].startswith("-") else "fit"
-            raise option_error(error, getattr(self, "parser", None), f"python -m glide_lightning {command}") from error
+            raise option_error(link_error(error), getattr(self, "parser", None),
+                               f"python -m glide_lightning {command}") from error
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--task", type=Task, default="diffusion",
                             help="what to train: diffusion (text-to-image) or noised_clip (CLIP guidance's CLIP)")
         parser.add_class_arguments(RunConfig, "run")
-        # the model owns these knobs; the data module follows
-        parser.link_arguments("model.tokenizer", "data.tokenizer")
-        parser.link_arguments("model.bpe_dir", "data.bpe_dir")
-        parser.link_arguments("model.model.text_ctx", "data.text_ctx")
-        if self.task == "diffusion":  # a frozen text encoder's tokenizer (the noised CLIP has its own text tower)
-            parser.link_arguments("model.model.text_encoder_name", "data.tokenizer_path")
-            parser.link_arguments("model.model.text_encoder_revision", "data.tokenizer_revision")
+        # the model owns these knobs; the data module follows. Its tokenizer is one value, derived when parsed (the
+        # text encoder implies it: a contradicting model.tokenizer is refused here, before anything is built)
+        if self.task == "diffusion":
+            parser.link_arguments(("model.model", "model.tokenizer", "model.bpe_dir"), "data.tokenizer_spec",
+                                  compute_fn=model_tokenizer)
+        else:  # the noised CLIP's own text tower reads the tokenizer it names
+            parser.link_arguments(("model.tokenizer", "model.model.text_ctx", "model.bpe_dir"), "data.tokenizer_spec",
+                                  compute_fn=named_tokenizer)
         parser.link_arguments("model.model.image_size", "data.image_size")
         if self.task == "diffusion":  # the upsampling / inpainting kinds' inputs (the noised CLIP has no kind)
             parser.link_arguments("model.model.kind", "data.model_kind")

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from glide_lightning.data.images import to_uint8
-from glide_lightning.data.tokenizers import Tokenizer, TokenizerName, build_tokenizer, tokenizer_files
+from glide_lightning.data.tokenizers import Tokenizer, TokenizerSpec
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.models import ModelConfig
 
@@ -170,9 +170,10 @@ def conditioning_kwargs(kind: str, batch: dict[str, Any], *, diffusion: Gaussian
     return kwargs
 
 
-def check_trainable(model: ModelConfig, diffusion: DiffusionConfig, tokenizer: TokenizerName,
-                    bpe_dir: str | None = None, low_res_noise: float = 0.0) -> Tokenizer:
-    """The caption tokenizer, once the model's conditioning (its text encoder, tokenizer, text context and
+def check_trainable(model: ModelConfig, diffusion: DiffusionConfig, tokenizer: TokenizerSpec,
+                    low_res_noise: float = 0.0) -> Tokenizer:
+    """The caption tokenizer, once the model's conditioning (its text encoder and the tokenizer it implies,
+    :meth:`TokenizerSpec.for_model <glide_lightning.data.tokenizers.TokenizerSpec.for_model>`, the text context and
     vocabulary, the low-res noise augmentation) and its process are known to train together.
 
     Raises:
@@ -187,21 +188,15 @@ def check_trainable(model: ModelConfig, diffusion: DiffusionConfig, tokenizer: T
     if diffusion.variance_type == "learned_range" and not model.learn_sigma:
         raise ValueError("model.diffusion.variance_type 'learned_range' needs model.model.learn_sigma: true "
                          "(6 output channels), or a fixed variance_type with loss_type simple")
-    wanted = {"t5": "t5", "clip": "clip"}.get(model.text_encoder)
-    if wanted is not None and tokenizer != wanted:
-        raise ValueError(f"model.model.text_encoder {model.text_encoder!r} reads the {wanted!r} tokenizer's ids: set "
-                         f"model.tokenizer: {wanted}")
-    if tokenizer == "t5" and wanted is None:
-        raise ValueError("model.tokenizer 't5' is a frozen T5 encoder's: set model.model.text_encoder: t5 (and its "
-                         "text_encoder_name)")
+    expected = TokenizerSpec.for_model(model, tokenizer.name, tokenizer.bpe_dir)  # a name the encoder does not read
+    if tokenizer != expected:  # a hand-made spec at another text_ctx, or another T5's files
+        raise ValueError(f"{tokenizer} is not the model's tokenizer {expected}: use TokenizerSpec.for_model(model)")
     try:
-        files = tokenizer_files(tokenizer, bpe_dir=bpe_dir, path=model.text_encoder_name,
-                                revision=model.text_encoder_revision)
-        built = build_tokenizer(tokenizer, text_ctx=model.text_ctx, **files)
+        built = tokenizer.build()
     except ValueError as error:
-        raise ValueError(f"model.model.text_ctx {model.text_ctx} does not suit tokenizer {tokenizer!r}: {error}") \
+        raise ValueError(f"model.model.text_ctx {model.text_ctx} does not suit tokenizer {tokenizer.name!r}: {error}") \
             from None
     if model.xf_width and not model.frozen_text_encoder and model.n_vocab != built.n_vocab:
-        raise ValueError(f"model.model.n_vocab is {model.n_vocab} but tokenizer {tokenizer!r} has {built.n_vocab} "
+        raise ValueError(f"model.model.n_vocab is {model.n_vocab} but tokenizer {tokenizer.name!r} has {built.n_vocab} "
                          f"tokens: set model.model.n_vocab: {built.n_vocab} (or another model.tokenizer)")
     return built

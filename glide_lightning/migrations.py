@@ -15,6 +15,9 @@ it becomes:
   first checkpoints (:data:`HYPER_PARAMETERS_ADDED_LATER`) → those fields, at the values the checkpoint's run used;
 - :func:`spell_weighting`: ``diffusion`` hyper-parameters without ``weighting`` (``loss_type: p2``, or
   ``min_snr_gamma`` alone) → ``loss_type`` simple / hybrid and ``weighting``;
+- :func:`nest_tokenizer_spec`: ``datamodule_hyper_parameters`` with the tokenizer as five fields (``tokenizer``,
+  ``text_ctx``, ``bpe_dir``, ``tokenizer_path``, ``tokenizer_revision``) → one ``tokenizer_spec`` dict, the data
+  module's :class:`~glide_lightning.data.tokenizers.TokenizerSpec`;
 - :func:`regroup_optimizer_state`: an AdamW state with all parameters in one group → the decay / no-decay groups of
   :func:`~glide_lightning.optim.parameter_groups`;
 - :func:`convert_input_order`: an ``upsample_inpaint`` checkpoint whose first convolution takes the network's input
@@ -40,7 +43,7 @@ from glide_lightning.optim import OptimizerConfig, parameter_groups
 
 __all__ = ["HYPER_PARAMETERS_ADDED_LATER", "UNMARKED_INPUT_ORDER", "add_missing_hyper_parameters",
            "convert_input_order", "migrate_hyper_parameters", "migrate_training_state", "migrate_weights",
-           "regroup_optimizer_state", "spell_weighting"]
+           "nest_tokenizer_spec", "regroup_optimizer_state", "spell_weighting"]
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +51,11 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- the readers' entry points
 def migrate_hyper_parameters(checkpoint: dict[str, Any], *, where: str) -> list[str]:
     """Bring a Lightning checkpoint's ``hyper_parameters`` to the current form, in place, before a reader builds
-    the network and the process from them (or compares them with a resume's, ``runs.check_resume``). Returns the
-    fields added (:func:`add_missing_hyper_parameters`) and respelled (:func:`spell_weighting`)."""
-    return add_missing_hyper_parameters(checkpoint, where=where) + spell_weighting(checkpoint, where=where)
+    the network and the process from them (or compares them with a resume's, ``runs.check_resume``), and its
+    ``datamodule_hyper_parameters`` too. Returns the fields added (:func:`add_missing_hyper_parameters`) and
+    respelled (:func:`spell_weighting`, :func:`nest_tokenizer_spec`)."""
+    return (add_missing_hyper_parameters(checkpoint, where=where) + spell_weighting(checkpoint, where=where)
+            + nest_tokenizer_spec(checkpoint, where=where))
 
 
 def migrate_weights(checkpoint: dict[str, Any], model: Text2ImUNet, kind: str, *, where: str) -> list[str]:
@@ -165,6 +170,40 @@ def spell_weighting(checkpoint: dict[str, Any], *, where: str) -> list[str]:
                  where, ", ".join(f"{name}={spelled[name]!r}" for name in changed))
         values.update({name: spelled[name] for name in changed})
     return [f"diffusion.{name}" for name in changed]
+
+
+# ----------------------------------------------------------------------------- the data module's tokenizer as one value
+_FLAT_TOKENIZER_FIELDS = {"text_ctx": "text_ctx", "bpe_dir": "bpe_dir", "tokenizer_path": "path",
+                          "tokenizer_revision": "revision"}
+"""The old data module's tokenizer fields (besides ``tokenizer``, the name) → their name in ``TokenizerSpec``."""
+_TOKENIZER_FILES = {"bpe_dir": "gpt2", "path": "t5", "revision": "t5"}
+"""The tokenizer each file field belongs to (``TokenizerSpec`` records it for that one only)."""
+
+
+def nest_tokenizer_spec(checkpoint: dict[str, Any], *, where: str) -> list[str]:
+    """Old form: ``datamodule_hyper_parameters`` written while ``GlideDataModule`` took its tokenizer as five fields
+    (``tokenizer`` the name, ``text_ctx``, ``bpe_dir``, ``tokenizer_path``, ``tokenizer_revision``; each linked from
+    the model's config). New form: ``tokenizer_spec``, one dict: the
+    :class:`~glide_lightning.data.tokenizers.TokenizerSpec` (``name``, ``text_ctx``, ``bpe_dir`` for ``gpt2``,
+    ``path`` and ``revision`` for ``t5``): the same tokenizer, so that a resume's comparison
+    (``runs.check_resume``) sees no change where there is none. In place; a current form is left as it is. Returns
+    the fields nested (``data.tokenizer``, ``data.text_ctx``, …), logged at info level."""
+    values = checkpoint.get("datamodule_hyper_parameters")
+    if not isinstance(values, dict) or not isinstance(values.get("tokenizer"), str):
+        return []
+    name = values["tokenizer"]
+    spec: dict[str, Any] = {"name": name, "text_ctx": None, "bpe_dir": None, "path": None, "revision": None}
+    moved = ["data.tokenizer"]
+    for old, new in _FLAT_TOKENIZER_FIELDS.items():
+        if old in values:
+            value = values.pop(old)
+            moved.append(f"data.{old}")
+            if _TOKENIZER_FILES.get(new, name) == name:
+                spec[new] = value
+    del values["tokenizer"]
+    values["tokenizer_spec"] = spec
+    log.info("%s: the data module's tokenizer recorded as separate fields; read as one tokenizer spec: %s", where, spec)
+    return moved
 
 
 # ----------------------------------------------------------------------------- one AdamW parameter group

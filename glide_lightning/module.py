@@ -14,7 +14,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from glide_lightning.conditioning import caption_kwargs, check_trainable, conditioning_kwargs
-from glide_lightning.data.tokenizers import TokenizerName
+from glide_lightning.data.tokenizers import TokenizerName, TokenizerSpec
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion
 from glide_lightning.diffusion.losses import training_losses
 from glide_lightning.diffusion.timesteps import TimestepSamplerName, build_timestep_sampler
@@ -42,10 +42,12 @@ class GlideModule(L.LightningModule):
         diffusion: the diffusion process, the loss (``simple`` / ``hybrid``), the MSE's weighting (``none`` /
             ``p2`` / ``min_snr``) and the prediction target (``eps`` / ``v``).
         optimizer: AdamW settings and the LR schedule (warm-up, then constant or cosine decay).
-        tokenizer: the caption tokenizer (``clip`` for new models; ``gpt2`` for glide-text2im's
-            checkpoints; ``t5`` with ``model.text_encoder: t5``, whose files it reads from
-            ``model.text_encoder_name``). The data module uses the same one; the module needs it for
-            the empty caption and for sampling from prompts. A frozen ``clip`` encoder takes ``clip``.
+        tokenizer: the caption tokenizer, where the text encoder reads several: GLIDE's own ``transformer`` reads
+            ``clip`` (the default, None) or ``gpt2`` (glide-text2im's checkpoints, with ``model.n_vocab: 50257``). A
+            frozen ``t5`` implies its own SentencePiece tokenizer (files from ``model.text_encoder_name`` and
+            ``text_encoder_revision``), a frozen ``clip`` the CLIP BPE: leave it unset (an equal value is accepted,
+            another one refused). The data module tokenizes with the same one (:attr:`tokenizer_spec`, which the
+            training CLI links to ``data.tokenizer_spec``); the module needs it for the empty caption and for sampling.
         bpe_dir: directory with GPT-2's ``encoder.json`` and ``vocab.bpe`` (``gpt2`` only; None:
             ``$GLIDE_GPT2_BPE_DIR``, else tiktoken's download). The data module gets the same one. A
             path on this machine, so it is not part of the checkpoint's hyper-parameters.
@@ -80,7 +82,7 @@ class GlideModule(L.LightningModule):
         model: ModelConfig = ModelConfig(),
         diffusion: DiffusionConfig = DiffusionConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
-        tokenizer: TokenizerName = "clip",
+        tokenizer: TokenizerName | None = None,
         bpe_dir: str | None = None,
         cond_drop_prob: float = 0.2,
         timestep_sampler: TimestepSamplerName = "uniform",
@@ -100,7 +102,8 @@ class GlideModule(L.LightningModule):
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
-        self.tokenizer = check_trainable(model, diffusion, tokenizer, bpe_dir, low_res_noise)
+        self.tokenizer_spec = TokenizerSpec.for_model(model, tokenizer, bpe_dir)  # the text encoder implies it
+        self.tokenizer = check_trainable(model, diffusion, self.tokenizer_spec, low_res_noise)
         # a frozen encoder is attached to the network outside the module tree: not trained, not saved
         self.model, model = build_with_text_encoder(model)  # model.text_encoder_dim recorded: sampling builds with it
         if self.model.frozen_text_encoder:
@@ -108,7 +111,7 @@ class GlideModule(L.LightningModule):
             log.info("frozen text encoder: %s (%d-wide embeddings; not trained, not saved)", encoder.source,
                      encoder.dim)
         self.save_hyperparameters({"model": model.to_dict(), "diffusion": asdict(diffusion),
-                                   "optimizer": asdict(optimizer), "tokenizer": tokenizer,
+                                   "optimizer": asdict(optimizer), "tokenizer": self.tokenizer_spec.name,
                                    "cond_drop_prob": cond_drop_prob, "timestep_sampler": timestep_sampler,
                                    "init_from": init_from, "val_seed": val_seed,
                                    "max_nonfinite_steps": max_nonfinite_steps, "channels_last": channels_last,

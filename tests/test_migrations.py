@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from glide_lightning.data import build_tokenizer
+from glide_lightning.data import TokenizerSpec, build_tokenizer
 from glide_lightning.diffusion import DiffusionConfig
 from glide_lightning.migrations import (
     HYPER_PARAMETERS_ADDED_LATER,
     add_missing_hyper_parameters,
     convert_input_order,
+    nest_tokenizer_spec,
     regroup_optimizer_state,
     spell_weighting,
 )
@@ -66,8 +67,8 @@ def run(synthetic_shards, tmp_path_factory):
                          callbacks=[EMAWeightAveraging(decay=0.5), *callbacks])
 
     def datamodule():
-        return GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=32, text_ctx=16,
-                               tokenizer="clip", bpe_dir=None, batch_size=4, num_workers=0, model_kind=KIND,
+        return GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=32,
+                               tokenizer_spec=TokenizerSpec("clip", 16), batch_size=4, num_workers=0, model_kind=KIND,
                                low_res_size=16)
 
     trainer(2, ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=2, save_top_k=0)).fit(
@@ -204,6 +205,45 @@ def test_resuming_an_old_spelling_run_with_the_same_settings_is_no_drift(tmp_pat
         check_resume(run, run.dir / "last.ckpt", other, {"batch_size": 4}, {})
 
 
+# ----------------------------------------------------------------------------- the data module's tokenizer as one value
+def _with_flat_tokenizer(checkpoint: dict) -> dict:
+    """The checkpoint as written while the data module took its tokenizer as five fields (each linked from the
+    model's config): ``tokenizer`` the name, ``text_ctx``, ``bpe_dir``, ``tokenizer_path``, ``tokenizer_revision``."""
+    old = copy.copy(checkpoint)
+    data = dict(checkpoint["datamodule_hyper_parameters"])
+    spec = data.pop("tokenizer_spec")
+    old["datamodule_hyper_parameters"] = {**data, "tokenizer": spec["name"], "text_ctx": spec["text_ctx"],
+                                          "bpe_dir": spec["bpe_dir"], "tokenizer_path": spec["path"],
+                                          "tokenizer_revision": spec["revision"]}
+    return old
+
+
+def test_a_checkpoint_with_the_tokenizer_as_data_fields_resumes_as_the_current_form_with_no_drift(
+        run, tmp_path, caplog, monkeypatch):
+    """The data module's five tokenizer fields are read as its one TokenizerSpec: the resume check sees the same
+    settings (a changed context is still refused), and Lightning resumes the run."""
+    from glide_lightning.runs import ConfigDriftError, RunConfig, check_resume
+
+    assert run["new"]["datamodule_hyper_parameters"]["tokenizer_spec"] == TokenizerSpec("clip", 16).to_dict()
+    old = _with_flat_tokenizer(run["new"])
+    converted = copy.deepcopy(old)
+    with caplog.at_level("INFO", logger="glide_lightning.migrations"):
+        assert nest_tokenizer_spec(converted, where="old.ckpt") == [
+            "data.tokenizer", "data.text_ctx", "data.bpe_dir", "data.tokenizer_path", "data.tokenizer_revision"]
+    assert "one tokenizer spec" in _migration_warnings(caplog)[0]
+    assert converted["datamodule_hyper_parameters"] == run["new"]["datamodule_hyper_parameters"]
+    assert nest_tokenizer_spec(converted, where="new.ckpt") == []  # the current form is left as it is
+    torch.save(old, tmp_path / "old.ckpt")
+    resumed = RunConfig(name="r", root=str(tmp_path / "runs"))
+    resumed.dir.mkdir(parents=True)
+    module, datamodule = run["module"](), run["datamodule"]()
+    assert check_resume(resumed, tmp_path / "old.ckpt", module.hparams, datamodule.hparams, {}) == []
+    other = {**datamodule.hparams, "tokenizer_spec": TokenizerSpec("clip", 24).to_dict()}
+    with pytest.raises(ConfigDriftError, match="data.tokenizer_spec.text_ctx: 16 → 24"):
+        check_resume(resumed, tmp_path / "old.ckpt", module.hparams, other, {})
+    _assert_resumed_as_the_new_form(_resume(run, tmp_path / "old.ckpt", tmp_path, monkeypatch), run["new"])
+
+
 # ----------------------------------------------------------------------------- one AdamW parameter group
 def _one_group(checkpoint: dict, model: torch.nn.Module, weight_decay: float) -> dict:
     """The checkpoint as written before the optimizer's decay / no-decay groups: each AdamW state with every
@@ -335,7 +375,7 @@ def test_the_oldest_form_resumes_and_loads_as_the_current_form(run, tmp_path, ca
     """Every migration at once: earlier input order, one AdamW group (its moments in that order too) and no
     hyper-parameters added later: the regrouping comes first, so the input order finds the moments it converts."""
     model = run["module"]().model
-    oldest = _without_later_hyper_parameters(_one_group(_to_old_order(run["new"]), model, 0.01))
+    oldest = _with_flat_tokenizer(_without_later_hyper_parameters(_one_group(_to_old_order(run["new"]), model, 0.01)))
     torch.save(oldest, tmp_path / "oldest.ckpt")
     with caplog.at_level("WARNING"):
         probe = _resume(run, tmp_path / "oldest.ckpt", tmp_path, monkeypatch)

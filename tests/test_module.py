@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from glide_lightning.conditioning import drop_captions
-from glide_lightning.data import GlideDataModule
+from glide_lightning.data import GlideDataModule, TokenizerSpec
 from glide_lightning.diffusion import DiffusionConfig
 from glide_lightning.models import ModelConfig
 from glide_lightning.module import GlideModule
@@ -36,8 +36,8 @@ def fit(module: GlideModule, shards: str, steps: int, callbacks: tuple = (), **d
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[logged, *callbacks],
                         limit_val_batches=0, log_every_n_steps=1)
-    dm = GlideDataModule(train_shards=shards, image_size=32, text_ctx=16, batch_size=4,
-                         tokenizer="clip", bpe_dir=None, num_workers=0,
+    dm = GlideDataModule(train_shards=shards, image_size=32, batch_size=4,
+                         tokenizer_spec=TokenizerSpec("clip", 16), num_workers=0,
                          shuffle_buffer=10, **data)
     trainer.fit(module, datamodule=dm)
     return trainer, logged
@@ -196,8 +196,8 @@ def guarded_fit(shards, steps: int, poison: set[int], tmp_path=None, **module_kw
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[probe, logged],
                         limit_val_batches=0, log_every_n_steps=1, gradient_clip_val=1.0)
-    dm = GlideDataModule(train_shards=shards, image_size=32, text_ctx=16, batch_size=4,
-                         tokenizer="clip", bpe_dir=None, num_workers=0)
+    dm = GlideDataModule(train_shards=shards, image_size=32, batch_size=4,
+                         tokenizer_spec=TokenizerSpec("clip", 16), num_workers=0)
     return module, trainer, probe, logged, lambda: trainer.fit(module, datamodule=dm)
 
 
@@ -226,8 +226,8 @@ class SeedPerBatch(L.Callback):
 
 
 def fixed_batches(shards: str, n: int) -> list[dict]:
-    dm = GlideDataModule(train_shards=shards, image_size=32, text_ctx=16, batch_size=4, tokenizer="clip",
-                         bpe_dir=None, num_workers=0)
+    dm = GlideDataModule(train_shards=shards, image_size=32, batch_size=4, tokenizer_spec=TokenizerSpec("clip", 16),
+                         num_workers=0)
     dm.setup("fit")
     batches = []
     for batch in dm.train_dataloader():
@@ -346,8 +346,8 @@ def test_a_checkpoint_with_nonfinite_weights_is_refused(synthetic_shards, tmp_pa
     saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[Corrupt(), saver], limit_val_batches=0)
-    dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=32, text_ctx=16,
-                         tokenizer="clip", bpe_dir=None, batch_size=4,
+    dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=32,
+                         tokenizer_spec=TokenizerSpec("clip", 16), batch_size=4,
                          num_workers=0)
     with pytest.raises(NonFiniteLossError, match="non-finite weights"):
         trainer.fit(module, datamodule=dm)

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from glide_lightning.data import GlideDataModule
+from glide_lightning.data import GlideDataModule, TokenizerSpec
 from glide_lightning.diffusion import DiffusionConfig
 from glide_lightning.module import GlideModule
 from glide_lightning.optim import OptimizerConfig, build_optimizer
@@ -151,8 +151,8 @@ def test_the_schedule_runs_in_lightning_and_resumes_from_the_checkpoint(syntheti
         trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, callbacks=[record],
                             limit_val_batches=0)
-        dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=32, text_ctx=16,
-                             batch_size=2, tokenizer="clip", bpe_dir=None, num_workers=0, shuffle_buffer=10)
+        dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=32,
+                             batch_size=2, tokenizer_spec=TokenizerSpec("clip", 16), num_workers=0, shuffle_buffer=10)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         return trainer, record
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from glide_lightning.data.tokenizers import TokenizerSpec
 from glide_lightning.locks import DirectoryLock, LockBusy
 from hang_guard import HANG_GUARD_S
 from glide_lightning.runs import ConfigDriftError, RunConfig, check_resume, write_versioned
@@ -47,10 +48,12 @@ def test_a_held_lock_refuses_naming_its_holder_and_dies_with_it(tmp_path):
     lock.release()
 
 
-def fake_checkpoint(path: Path, **changes) -> Path:
+def fake_checkpoint(path: Path, **data_changes) -> Path:
+    """A checkpoint whose data module recorded its tokenizer as separate fields (the form before TokenizerSpec)."""
     hparams = {"model": {"model_channels": 32, "channel_mult": [1, 2]}, "diffusion": {"steps": 100},
                "optimizer": {"lr": 3e-4, "betas": (0.9, 0.999)}, "tokenizer": "clip", "init_from": None}
-    data = {"batch_size": 4, "tokenizer": "clip", "_instantiator": "x"}
+    data = {"batch_size": 4, "tokenizer": "clip", "text_ctx": 16, "bpe_dir": None, "tokenizer_path": None,
+            "tokenizer_revision": None, "_instantiator": "x", **data_changes}
     torch.save({"global_step": 7, "hyper_parameters": hparams, "datamodule_hyper_parameters": data}, path)
     return path
 
@@ -61,14 +64,16 @@ def test_resume_refuses_model_diffusion_and_tokenizer_changes_listing_each(tmp_p
     ckpt = fake_checkpoint(run.dir / "last.ckpt")
     same = {"model": {"model_channels": 32, "channel_mult": (1, 2)}, "diffusion": {"steps": 100},
             "optimizer": {"lr": 3e-4, "betas": [0.9, 0.999]}, "tokenizer": "clip", "init_from": "base.pt"}
-    assert check_resume(run, ckpt, same, {"batch_size": 4, "tokenizer": "clip"}, {}) == []  # init_from: ignored
+    # init_from: ignored; the old flat tokenizer fields are the same spec as the data module's one value now
+    assert check_resume(run, ckpt, same, {"batch_size": 4, "tokenizer_spec": TokenizerSpec("clip", 16).to_dict()}, {}) == []
     drift = {**same, "model": {"model_channels": 64, "channel_mult": [1, 2]}, "diffusion": {"steps": 1000},
              "tokenizer": "gpt2"}
     with pytest.raises(ConfigDriftError) as error:
-        check_resume(run, ckpt, drift, {"batch_size": 8, "tokenizer": "gpt2"}, {})
+        check_resume(run, ckpt, drift, {"batch_size": 8, "tokenizer_spec": TokenizerSpec("gpt2", 32).to_dict()}, {})
     message = str(error.value)
     for line in ("model.model.model_channels: 32 → 64", "model.diffusion.steps: 100 → 1000",
-                 "model.tokenizer: 'clip' → 'gpt2'", "data.tokenizer: 'clip' → 'gpt2'"):
+                 "model.tokenizer: 'clip' → 'gpt2'", "data.tokenizer_spec.name: 'clip' → 'gpt2'",
+                 "data.tokenizer_spec.text_ctx: 16 → 32"):
         assert line in message
     assert "batch_size" not in message and "--run.name r_2" in message and "--run.resume false" in message
     assert not (run.dir / "config_changes.jsonl").exists()
@@ -81,7 +86,7 @@ def test_resume_warns_about_and_records_optimisation_and_data_changes(tmp_path, 
     ckpt = fake_checkpoint(run.dir / "last.ckpt")
     new = {"model": {"model_channels": 32, "channel_mult": [1, 2]}, "diffusion": {"steps": 100},
            "optimizer": {"lr": 1e-3, "betas": [0.9, 0.999]}, "tokenizer": "clip"}
-    found = check_resume(run, ckpt, new, {"batch_size": 8, "tokenizer": "clip"},
+    found = check_resume(run, ckpt, new, {"batch_size": 8, "tokenizer_spec": TokenizerSpec("clip", 16).to_dict()},
                          {"accumulate_grad_batches": 2, "max_steps": 20})
     assert [str(c) for c in found] == ["data.batch_size: 4 → 8", "model.optimizer.lr: 0.0003 → 0.001",
                                        "trainer.accumulate_grad_batches: 1 → 2"]  # max_steps: routine
@@ -89,6 +94,28 @@ def test_resume_warns_about_and_records_optimisation_and_data_changes(tmp_path, 
     record = json.loads((run.dir / "config_changes.jsonl").read_text())
     assert record["step"] == 7 and {c["field"] for c in record["changes"]} == {
         "model.optimizer.lr", "data.batch_size", "trainer.accumulate_grad_batches"}
+
+
+def test_resume_refuses_another_t5_tokenizer_but_only_warns_about_moved_gpt2_files(tmp_path):
+    """The tokenizer's name, context and T5 files are what the weights learned; where GPT-2's BPE files lie on this
+    machine is not (warned about and recorded, as before)."""
+    run = RunConfig(name="r", root=str(tmp_path))
+    run.dir.mkdir()
+    model = {"model": {"model_channels": 32, "channel_mult": [1, 2]}, "diffusion": {"steps": 100},
+             "optimizer": {"lr": 3e-4, "betas": [0.9, 0.999]}, "tokenizer": "gpt2"}
+    ckpt = fake_checkpoint(run.dir / "gpt2.ckpt", tokenizer="gpt2", bpe_dir="/old/bpe")
+    torch.save({**torch.load(ckpt, weights_only=True), "hyper_parameters": {**model, "init_from": None}}, ckpt)
+    found = check_resume(run, ckpt, model, {"batch_size": 4, "tokenizer_spec": TokenizerSpec("gpt2", 16, bpe_dir="/new/bpe")
+                                            .to_dict()}, {})
+    assert [str(c) for c in found] == ["data.tokenizer_spec.bpe_dir: '/old/bpe' → '/new/bpe'"]
+    t5 = {**model, "tokenizer": "t5"}
+    ckpt = fake_checkpoint(run.dir / "t5.ckpt", tokenizer="t5", tokenizer_path="google/t5-v1_1-base", bpe_dir="/x")
+    torch.save({**torch.load(ckpt, weights_only=True), "hyper_parameters": {**t5, "init_from": None}}, ckpt)
+    assert check_resume(run, ckpt, t5, {"batch_size": 4, "tokenizer_spec": TokenizerSpec(
+        "t5", 16, path="google/t5-v1_1-base").to_dict()}, {}) == []  # the old form's unused bpe_dir: no change
+    with pytest.raises(ConfigDriftError, match="data.tokenizer_spec.path: 'google/t5-v1_1-base' → 'google/t5-v1_1-large'"):
+        check_resume(run, ckpt, t5, {"batch_size": 4, "tokenizer_spec": TokenizerSpec(
+            "t5", 16, path="google/t5-v1_1-large").to_dict()}, {})
 
 
 def test_write_versioned_keeps_each_earlier_content(tmp_path):

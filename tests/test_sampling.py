@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
-from glide_lightning.data import GlideDataModule
+from glide_lightning.data import GlideDataModule, TokenizerSpec
 from glide_lightning.data.images import read_png_metadata
 from glide_lightning.commands import main as glide_main
 from glide_lightning.models import CheckpointMismatchError
@@ -64,8 +64,8 @@ def fitted_checkpoint(synthetic_shards, make_tiny_module, tmp_path_factory) -> P
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0,
                         callbacks=[EMAWeightAveraging(decay=0.5), checkpoints])
-    dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=32, text_ctx=16,
-                         tokenizer="clip", bpe_dir=None, batch_size=4,
+    dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=32,
+                         tokenizer_spec=TokenizerSpec("clip", 16), batch_size=4,
                          num_workers=0)
     trainer.fit(make_tiny_module(), datamodule=dm)
     return folder / "last.ckpt"  # saved during training (after fit, Lightning copies the EMA into the model)

@@ -16,7 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-from glide_lightning.data import GlideDataModule
+from glide_lightning.data import GlideDataModule, TokenizerSpec
 from glide_lightning.diffusion import DiffusionConfig
 from glide_lightning.models import ModelConfig, build_model
 from glide_lightning.module import GlideModule
@@ -50,8 +50,8 @@ class GradProbe(L.Callback):
 def test_a_frozen_t5_gets_no_gradient_stays_unchanged_and_is_not_optimized(synthetic_shards, tiny_t5_dir, tmp_path):
     torch.manual_seed(0)
     module = GlideModule(model=ModelConfig(**TINY, text_encoder="t5", text_encoder_name=str(tiny_t5_dir)),
-                         diffusion=DiffusionConfig(steps=50, loss_type="p2", variance_type="fixed_small"),
-                         tokenizer="t5")
+                         diffusion=DiffusionConfig(steps=50, loss_type="p2", variance_type="fixed_small"))
+    assert module.tokenizer_spec == TokenizerSpec("t5", 16, path=str(tiny_t5_dir))  # the encoder implies it
     encoder = module.model.attached_text_encoder
     assert module.model_config.text_encoder_dim == encoder.dim == 32  # read from the encoder, recorded
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
@@ -59,8 +59,8 @@ def test_a_frozen_t5_gets_no_gradient_stays_unchanged_and_is_not_optimized(synth
     probe = GradProbe(encoder)
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[probe])
-    dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=32, text_ctx=16, batch_size=4,
-                         tokenizer="t5", bpe_dir=None, tokenizer_path=str(tiny_t5_dir), num_workers=0)
+    dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=32, batch_size=4,
+                         tokenizer_spec=module.tokenizer_spec, num_workers=0)
     trainer.fit(module, datamodule=dm)
     assert probe.encoder_grads == [0, 0, 0]
     assert min(probe.model_grads) > 0
@@ -87,14 +87,45 @@ def test_a_frozen_t5_gets_no_gradient_stays_unchanged_and_is_not_optimized(synth
     assert torch.equal(generate(loaded, prompts, [0, 1], config), generate(in_memory, prompts, [0, 1], config))
 
 
-def test_tokenizer_and_encoder_must_agree(tiny_t5_dir):
-    with pytest.raises(ValueError, match="set model.tokenizer: t5"):
-        GlideModule(model=ModelConfig(**TINY, text_encoder="t5", text_encoder_name=str(tiny_t5_dir)), tokenizer="clip")
-    with pytest.raises(ValueError, match="model.model.text_encoder: t5"):
+def test_the_text_encoder_implies_its_tokenizer_and_refuses_another(tiny_t5_dir):
+    """One knob: a frozen encoder's tokenizer is its own (an explicit equal value, as older configs wrote it, is
+    accepted); the trained transformer reads clip by default or gpt2 when asked; a contradiction names both."""
+    t5 = ModelConfig(**TINY, text_encoder="t5", text_encoder_name=str(tiny_t5_dir))
+    assert GlideModule(model=t5, tokenizer="t5").tokenizer_spec == GlideModule(model=t5).tokenizer_spec
+    assert GlideModule(model=ModelConfig(**TINY)).tokenizer_spec == TokenizerSpec("clip", 16)
+    with pytest.raises(ValueError, match="model.tokenizer 'clip' contradicts model.model.text_encoder 't5', which "
+                                         "reads 't5' ids: drop model.tokenizer"):
+        GlideModule(model=t5, tokenizer="clip")
+    with pytest.raises(ValueError, match="'t5' contradicts .* 'transformer'.*or set model.model.text_encoder: t5"):
         GlideModule(model=ModelConfig(**TINY), tokenizer="t5")
     with pytest.raises(ValueError, match="set it to 32"):
         GlideModule(model=ModelConfig(**TINY, text_encoder="t5", text_encoder_name=str(tiny_t5_dir),
-                                      text_encoder_dim=64), tokenizer="t5")
+                                      text_encoder_dim=64))
+
+
+def test_the_cli_gives_the_data_module_the_t5_tokenizer_and_refuses_a_contradiction_when_parsing(
+        tiny_t5_dir, tmp_path, monkeypatch):
+    """imagen_p2 names no tokenizer: the data module tokenizes with the frozen T5's own (its files from
+    text_encoder_name); an older config's explicit ``tokenizer: t5`` still loads; ``tokenizer: clip`` is refused
+    while parsing, in one line naming both options, before anything is built."""
+    from glide_lightning.cli import GlideCLI
+    from glide_lightning.data.tokenizers import T5Tokenizer
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    base = ["--config", str(REPO / "experiments/imagen_p2.yaml"), "--config", stand_in_config(tmp_path, "t5",
+            str(tiny_t5_dir)), "--run.root", str(tmp_path), "--trainer.callbacks", "[]", "--trainer.logger", "false"]
+    for explicit in ([], ["--model.tokenizer", "t5"]):
+        cli = GlideCLI(args=base + explicit, run=False)
+        assert cli.datamodule.tokenizer_spec == cli.model.tokenizer_spec == TokenizerSpec("t5", 16, path=str(tiny_t5_dir))
+        assert isinstance(cli.datamodule.tokenizer, T5Tokenizer) and cli.model.hparams["tokenizer"] == "t5"
+        assert cli.datamodule.tokenizer(["a red circle"])[0].tolist() == cli.model.tokenizer(["a red circle"])[0].tolist()
+    built = []
+    monkeypatch.setattr(GlideCLI, "instantiate_classes", lambda self: built.append(1))
+    with pytest.raises(ValueError) as refused:
+        GlideCLI(args=base + ["--model.tokenizer", "clip"], run=False)
+    message = str(refused.value)
+    assert message.startswith("model.tokenizer 'clip' contradicts model.model.text_encoder 't5'") and "\n" not in message
+    assert "drop model.tokenizer" in message and "Namespace" not in message and not built
 
 
 def stand_in_config(tmp_path: Path, kind: str, name: str) -> str:
@@ -227,8 +258,8 @@ def test_training_on_embedded_shards_never_runs_the_encoder(embedded_shards, tin
     probe = EncoderCalls(module.model.attached_text_encoder)
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[probe])
-    dm = GlideDataModule(train_shards=f"{embedded_shards}/train-*.tar", image_size=32, text_ctx=16, batch_size=8,
-                         tokenizer="t5", bpe_dir=None, tokenizer_path=str(tiny_t5_dir), num_workers=0)
+    dm = GlideDataModule(train_shards=f"{embedded_shards}/train-*.tar", image_size=32, batch_size=8,
+                         tokenizer_spec=TokenizerSpec("t5", 16, path=str(tiny_t5_dir)), num_workers=0)
     trainer.fit(module, datamodule=dm)
     assert probe.precomputed == 3 and probe.calls == 0  # dropped captions took the stored empty embedding
     stored_empty = dm.empty_caption_embedding()

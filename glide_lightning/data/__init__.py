@@ -18,6 +18,7 @@ from glide_lightning.data.tokenizers import (
     GPT2Tokenizer,
     Tokenizer,
     TokenizerName,
+    TokenizerSpec,
     build_tokenizer,
 )
 
@@ -25,5 +26,5 @@ __all__ = [
     "Manifest", "Sample", "SplitManifest", "encode_image", "load_manifest", "verify_manifest", "write_manifest",
     "write_shards",
     "TOKENIZERS", "CLIPTokenizer", "GPT2Tokenizer", "GlideDataModule", "ImageTextStream", "ResizeMode", "Tokenizer",
-    "TokenizerName", "build_tokenizer", "expand_shards", "measure_pipeline",
+    "TokenizerName", "TokenizerSpec", "build_tokenizer", "expand_shards", "measure_pipeline",
 ]

@@ -51,7 +51,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,7 @@ from glide_lightning.data.embeddings import load_shards_empty_caption
 from glide_lightning.data.loaders import ReplayBatches, StreamLoader
 from glide_lightning.data.pipeline import RESIZE_MODES, ImageTextStream, ResizeMode, check_choice, parse_caption_keys
 from glide_lightning.data.shards import upscale_warning
-from glide_lightning.data.tokenizers import TOKENIZERS, Tokenizer, TokenizerName, build_tokenizer, tokenizer_files
+from glide_lightning.data.tokenizers import Tokenizer, TokenizerSpec
 from glide_lightning.models.config import MODEL_KINDS, ModelKind
 from glide_lightning.data.workers import leave_stop_signals_to_the_main_process
 
@@ -140,15 +140,11 @@ class GlideDataModule(L.LightningDataModule):
             ``center_crop`` resizes the short side then crops the centre square.
         caption_key: Where the caption is: a sample extension (``txt``) or a JSON field
             (``json:caption``, dots for nested fields); a list is tried in order.
-        tokenizer: Caption tokenizer: ``clip`` (CLIP BPE, offline), ``gpt2`` (GLIDE's) or ``t5`` (a frozen
-            T5 encoder's): the model's (linked from ``model.tokenizer``).
-        text_ctx: Tokens per caption (padded/truncated): the model's text context (linked from
-            ``model.model.text_ctx``).
-        bpe_dir: Directory with GPT-2's ``encoder.json`` and ``vocab.bpe`` (``gpt2`` only; None:
-            ``$GLIDE_GPT2_BPE_DIR``): the model's (linked from ``model.bpe_dir``).
-        tokenizer_path: The ``t5`` tokenizer's hub name or directory: the frozen encoder's (linked from
-            ``model.model.text_encoder_name``); unused by the other tokenizers.
-        tokenizer_revision: Its hub revision (linked from ``model.model.text_encoder_revision``).
+        tokenizer_spec: How captions become tokens: the model's
+            :class:`~glide_lightning.data.tokenizers.TokenizerSpec` (tokenizer name, ``text_ctx``, its files), or its
+            dict. The training CLI derives it from the model's config (the text encoder implies the tokenizer, see
+            ``TokenizerSpec.for_model``); in Python pass ``module.tokenizer_spec`` or e.g.
+            ``TokenizerSpec("clip", text_ctx=77)``. No default: the model decides.
         batch_size: Training batch size per rank.
         val_batch_size: Validation batch size per rank (None: ``batch_size``).
         num_workers: DataLoader worker processes per rank (0: load in the main process).
@@ -172,11 +168,7 @@ class GlideDataModule(L.LightningDataModule):
         val_shards: str | list[str] | None = None,
         *,
         image_size: int,
-        tokenizer: TokenizerName,
-        text_ctx: int,
-        bpe_dir: str | None,
-        tokenizer_path: str | None = None,
-        tokenizer_revision: str | None = None,
+        tokenizer_spec: TokenizerSpec | Mapping[str, Any],
         resize_mode: ResizeMode = "squish",
         caption_key: str | list[str] = "txt",
         batch_size: int = 12,
@@ -190,10 +182,11 @@ class GlideDataModule(L.LightningDataModule):
         low_res_size: int | None = None,
     ) -> None:
         super().__init__()
+        spec = TokenizerSpec.coerce(tokenizer_spec)
+        tokenizer_spec = spec.to_dict()  # recorded as plain data (checkpoints load with weights_only=True)
         self.save_hyperparameters()
         check_choice("resize_mode", resize_mode, RESIZE_MODES)
-        check_choice("tokenizer", tokenizer, sorted(TOKENIZERS))
-        for name, value, minimum in (("image_size", image_size, 1), ("text_ctx", text_ctx, 1),
+        for name, value, minimum in (("image_size", image_size, 1),
                                      ("batch_size", batch_size, 1), ("val_batch_size", val_batch_size, 1),
                                      ("num_workers", num_workers, 0),
                                      ("shuffle_buffer", shuffle_buffer, 0), ("max_val_samples", max_val_samples, 1),
@@ -206,8 +199,8 @@ class GlideDataModule(L.LightningDataModule):
         self.train_shards, self.val_shards = train_shards, val_shards
         self.image_size, self.resize_mode = image_size, resize_mode
         self.caption_keys = parse_caption_keys(caption_key)
-        files = tokenizer_files(tokenizer, bpe_dir=bpe_dir, path=tokenizer_path, revision=tokenizer_revision)
-        self.tokenizer: Tokenizer = build_tokenizer(tokenizer, text_ctx, **files)
+        self.tokenizer_spec = spec
+        self.tokenizer: Tokenizer = spec.build()
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
         self.samples_per_epoch, self.max_val_samples = samples_per_epoch, max_val_samples
@@ -378,7 +371,7 @@ def measure_pipeline(shards: str | list[str], *, warmup_batches: int = 1, max_ba
     """Images per second through the data pipeline: read + decode + RGB + resize + tokenize +
     collate, in :class:`GlideDataModule`'s validation mode (one deterministic pass over
     ``shards``, at most ``warmup_batches + max_batches`` batches). ``datamodule_kwargs`` go to
-    :class:`GlideDataModule` (``image_size``, ``resize_mode``, ``tokenizer``, ``num_workers``,
+    :class:`GlideDataModule` (``image_size``, ``tokenizer_spec``, ``resize_mode``, ``num_workers``,
     ``val_batch_size``, ...). The warm-up batches (worker start-up) are not timed unless there
     is nothing else."""
     dm = GlideDataModule(val_shards=shards, **datamodule_kwargs)

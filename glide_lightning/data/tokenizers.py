@@ -1,4 +1,6 @@
-"""Caption tokenizers: one interface (:class:`Tokenizer`), three vocabularies, a registry by name.
+"""Caption tokenizers: one interface (:class:`Tokenizer`), three vocabularies, a registry by name, and
+:class:`TokenizerSpec`, the one value that says which one a model reads (its text encoder implies it:
+:data:`ENCODER_TOKENIZERS`) and that the data module tokenizes with.
 
 - ``"gpt2"``: GLIDE's tokenizer (GPT-2 BPE via ``tiktoken``), needed by the released
   glide-text2im checkpoints: lower-cased text, no special tokens, padded with 50256.
@@ -30,7 +32,8 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, runtime_checkable
@@ -42,8 +45,9 @@ if TYPE_CHECKING:
     import tiktoken
     from open_clip.tokenizer import SimpleTokenizer
 
-__all__ = ["TOKENIZERS", "CLIPTokenizer", "GPT2Tokenizer", "T5Tokenizer", "Tokenizer", "TokenizerName",
-           "Truncation", "build_tokenizer", "check_prompt_lengths", "tokenizer_files"]
+__all__ = ["ENCODER_TOKENIZERS", "TOKENIZERS", "CLIPTokenizer", "GPT2Tokenizer", "T5Tokenizer", "Tokenizer",
+           "TokenizerConflict", "TokenizerName", "TokenizerSpec", "Truncation", "build_tokenizer",
+           "check_prompt_lengths", "implied_tokenizer", "tokenizer_files"]
 
 log = logging.getLogger(__name__)
 
@@ -359,3 +363,117 @@ def tokenizer_files(name: str, *, bpe_dir: str | None = None, path: str | None =
     if name == "t5":
         return {"path": path, "revision": revision}
     return {}
+
+
+# ----------------------------------------------------------------------------- the text encoder implies it
+ENCODER_TOKENIZERS: dict[str, tuple[TokenizerName, ...]] = {
+    "transformer": ("clip", "gpt2"),
+    "t5": ("t5",),
+    "clip": ("clip",),
+}
+"""The tokenizers each ``model.model.text_encoder`` reads, its default first. GLIDE's own ``transformer`` learns
+its token embedding and reads either BPE (``clip``; ``gpt2`` for glide-text2im's checkpoints, with
+``n_vocab: 50257``): the one choice left to ``model.tokenizer``. A frozen ``t5`` reads its own SentencePiece
+tokenizer (from ``text_encoder_name`` / ``text_encoder_revision``), open_clip's text tower the CLIP BPE."""
+
+
+class TokenizerConflict(ValueError):
+    """An explicit tokenizer that the model's text encoder does not read (:func:`implied_tokenizer`)."""
+
+
+def implied_tokenizer(text_encoder: str, tokenizer: TokenizerName | None = None) -> TokenizerName:
+    """The tokenizer a model whose text encoder is ``text_encoder`` reads: ``tokenizer`` where given (an old config's
+    explicit value equal to the implied one included), else the encoder's default (:data:`ENCODER_TOKENIZERS`).
+
+    Raises:
+        TokenizerConflict: ``tokenizer`` is not one the encoder reads; one line naming both and the fix.
+        ValueError: an unknown text encoder.
+    """
+    if text_encoder not in ENCODER_TOKENIZERS:
+        raise ValueError(f"unknown text_encoder {text_encoder!r}; choose one of {', '.join(ENCODER_TOKENIZERS)}")
+    admitted = ENCODER_TOKENIZERS[text_encoder]
+    if tokenizer is None:
+        return admitted[0]
+    if tokenizer not in admitted:
+        if len(admitted) == 1:
+            fix = f"drop model.tokenizer (the encoder implies {admitted[0]!r})"
+        else:
+            fix = f"drop model.tokenizer (default {admitted[0]!r}) or set it to {' or '.join(map(repr, admitted))}"
+        # the trained transformer given a frozen encoder's tokenizer: that encoder may be what was meant
+        others = [name for name, reads in ENCODER_TOKENIZERS.items() if reads == (tokenizer,) and len(admitted) > 1]
+        other = f", or set model.model.text_encoder: {others[0]}" if others else ""
+        raise TokenizerConflict(f"model.tokenizer {tokenizer!r} contradicts model.model.text_encoder {text_encoder!r}, "
+                                f"which reads {' or '.join(map(repr, admitted))} ids: {fix}{other}")
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """Which tokenizer turns captions into a model's tokens, and where its files are: the one value the data module
+    tokenizes with. The training CLI derives it from the model's config (:meth:`for_model`: the text encoder's
+    tokenizer, ``model.model.text_ctx``, the T5's name and revision, ``model.bpe_dir``); ``GlideModule.tokenizer_spec``
+    is the module's. By hand: ``TokenizerSpec("clip", text_ctx=77)``, ``TokenizerSpec("gpt2", 128, bpe_dir=...)``,
+    ``TokenizerSpec("t5", 128, path="google/t5-v1_1-base")``.
+
+    Raises:
+        ValueError: an unknown name, ``text_ctx`` below 1, no ``path`` for ``t5``, or a file field another tokenizer's.
+    """
+
+    name: TokenizerName
+    """``clip`` (CLIP BPE, offline), ``gpt2`` (GLIDE's GPT-2 BPE) or ``t5`` (a frozen T5 encoder's SentencePiece)."""
+    text_ctx: int
+    """Tokens per caption (padded / truncated): the model's ``text_ctx``."""
+    bpe_dir: str | None = None
+    """``gpt2`` only: a directory with GPT-2's ``encoder.json`` and ``vocab.bpe`` (None: ``$GLIDE_GPT2_BPE_DIR``,
+    else tiktoken's download)."""
+    path: str | None = None
+    """``t5`` only (required): the encoder's hub name or directory (``model.model.text_encoder_name``)."""
+    revision: str | None = None
+    """``t5`` only: its hub revision (``model.model.text_encoder_revision``; None: the default branch)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in TOKENIZERS:
+            raise ValueError(f"unknown tokenizer {self.name!r}; choices: {', '.join(sorted(TOKENIZERS))}")
+        if isinstance(self.text_ctx, bool) or not isinstance(self.text_ctx, int) or self.text_ctx < 1:
+            raise ValueError(f"TokenizerSpec.text_ctx must be an int >= 1, got {self.text_ctx!r}")
+        owners = {"bpe_dir": "gpt2", "path": "t5", "revision": "t5"}
+        stray = [field for field, owner in owners.items() if getattr(self, field) is not None and owner != self.name]
+        if stray:
+            raise ValueError(f"TokenizerSpec {', '.join(stray)} belongs to tokenizer "
+                             f"{owners[stray[0]]!r}, not {self.name!r}: drop it")
+        if self.name == "t5" and not self.path:
+            raise ValueError("TokenizerSpec('t5') needs path: the T5 encoder's hub name or directory "
+                             "(model.model.text_encoder_name, e.g. google/t5-v1_1-base)")
+
+    @classmethod
+    def for_model(cls, model: Any, tokenizer: TokenizerName | None = None, bpe_dir: str | None = None) -> TokenizerSpec:
+        """The tokenizer of a model config (a ``ModelConfig`` or the parser's namespace of one): its text encoder's
+        (:func:`implied_tokenizer`; ``tokenizer`` only where the encoder admits several), at its ``text_ctx``; a
+        ``t5``'s files are the encoder's, ``bpe_dir`` is used by ``gpt2`` only (ignored otherwise).
+
+        Raises:
+            TokenizerConflict: ``tokenizer`` contradicts the text encoder.
+        """
+        name = implied_tokenizer(model.text_encoder, tokenizer)
+        if name == "t5":
+            return cls(name, model.text_ctx, path=model.text_encoder_name, revision=model.text_encoder_revision)
+        return cls(name, model.text_ctx, bpe_dir=bpe_dir if name == "gpt2" else None)
+
+    @classmethod
+    def coerce(cls, value: TokenizerSpec | Mapping[str, Any]) -> TokenizerSpec:
+        """``value`` itself, or the spec of its dict (:meth:`to_dict`, as checkpoints store it)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            return cls(**value)
+        raise TypeError(f"tokenizer_spec must be a TokenizerSpec (e.g. TokenizerSpec('clip', text_ctx=77)) or its dict, "
+                        f"got {type(value).__name__} {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (checkpoints' hyper-parameters load with ``weights_only=True``)."""
+        return asdict(self)
+
+    def build(self) -> Tokenizer:
+        """The tokenizer itself (:func:`build_tokenizer`)."""
+        return build_tokenizer(self.name, self.text_ctx, **tokenizer_files(self.name, bpe_dir=self.bpe_dir,
+                                                                            path=self.path, revision=self.revision))

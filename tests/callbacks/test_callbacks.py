@@ -14,7 +14,7 @@ from PIL import Image
 
 from glide_lightning.callbacks import GenerationMetrics, SampleGrid
 from glide_lightning.callbacks.samples import sampling_model
-from glide_lightning.data import GlideDataModule
+from glide_lightning.data import GlideDataModule, TokenizerSpec
 from glide_lightning.diffusion import DiffusionConfig
 from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, SamplingConfig, generate
 from glide_lightning.models import ModelConfig
@@ -72,7 +72,7 @@ def test_fit_logs_grids_and_generation_metrics_and_keeps_the_best_fid_checkpoint
                         limit_val_batches=2, num_sanity_val_steps=0, logger=logger, callbacks=callbacks,
                         default_root_dir=str(tmp_path), enable_progress_bar=False, log_every_n_steps=1)
     dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", val_shards=f"{synthetic_shards}/val-*.tar",
-                         image_size=32, tokenizer="clip", bpe_dir=None, text_ctx=16, batch_size=4, num_workers=0)
+                         image_size=32, tokenizer_spec=TokenizerSpec("clip", 16), batch_size=4, num_workers=0)
     trainer.fit(module, datamodule=dm)
     grids = sorted((tmp_path / "samples").glob("*.png"))
     assert [g.name for g in grids] == ["step00000002.png", "step00000004.png"]
@@ -129,7 +129,7 @@ def test_validation_grids_and_metrics_leave_the_global_rng_alone(synthetic_shard
                         limit_val_batches=1, num_sanity_val_steps=0, logger=False, callbacks=callbacks,
                         default_root_dir=str(tmp_path), enable_progress_bar=False, enable_checkpointing=False)
     dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", val_shards=f"{synthetic_shards}/val-*.tar",
-                         image_size=32, tokenizer="clip", bpe_dir=None, text_ctx=16, batch_size=4, num_workers=0)
+                         image_size=32, tokenizer_spec=TokenizerSpec("clip", 16), batch_size=4, num_workers=0)
     trainer.fit(GlideModule(model=TINY, diffusion=DiffusionConfig(steps=20)), datamodule=dm)
     assert "val/clip_score@3" in trainer.callback_metrics and (tmp_path / "samples/step00000002.png").exists()
     assert probe.changed == [] and probe.checked == [1, 2]  # step 2 ran a grid and a validation
@@ -175,8 +175,8 @@ def accumulating_fit(tmp_path, synthetic_shards, callbacks, max_steps: int, **tr
                         callbacks=callbacks, default_root_dir=str(tmp_path), enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, **trainer_kwargs)
     dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", val_shards=f"{synthetic_shards}/val-*.tar",
-                         image_size=32, text_ctx=16, batch_size=2, num_workers=0,
-                         tokenizer="clip", bpe_dir=None, shuffle_buffer=10)
+                         image_size=32, batch_size=2, num_workers=0,
+                         tokenizer_spec=TokenizerSpec("clip", 16), shuffle_buffer=10)
     trainer.fit(module, datamodule=dm)
     return trainer
 
@@ -289,7 +289,7 @@ def test_generation_during_training_uses_the_ema_once_updated_whatever_the_order
                         limit_val_batches=1, num_sanity_val_steps=0, logger=False, callbacks=callbacks,
                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
     dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", val_shards=f"{synthetic_shards}/val-*.tar",
-                         image_size=32, tokenizer="clip", bpe_dir=None, text_ctx=16, batch_size=4, num_workers=0)
+                         image_size=32, tokenizer_spec=TokenizerSpec("clip", 16), batch_size=4, num_workers=0)
     trainer.fit(GlideModule(model=TINY, diffusion=DiffusionConfig(steps=20), optimizer={"lr": 1e-2}), datamodule=dm)
     expected, kind = (live.after[2], "live weights") if ema_start else (live.after[1], "EMA weights")
     assert any(not torch.equal(live.after[1][k], live.after[2][k]) for k in expected)  # the two candidates differ

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 
 from glide_lightning.callbacks.progress import ProgressLog, progress_line
-from glide_lightning.data import GlideDataModule
+from glide_lightning.data import GlideDataModule, TokenizerSpec
 from glide_lightning.diffusion import DiffusionConfig
 from glide_lightning.module import GlideModule
 
@@ -31,7 +31,7 @@ def test_a_fit_logs_progress_and_ends_naming_the_checkpoint_and_the_commands(syn
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         accumulate_grad_batches=2, callbacks=[progress], log_every_n_steps=1)
     dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=TINY.image_size,
-                         text_ctx=TINY.text_ctx, batch_size=2, tokenizer="clip", bpe_dir=None, num_workers=0)
+                         batch_size=2, tokenizer_spec=TokenizerSpec("clip", TINY.text_ctx), num_workers=0)
     with caplog.at_level(logging.INFO, logger="glide_lightning"):
         trainer.fit(module, datamodule=dm)
     lines = [r.getMessage() for r in caplog.records if r.name == "glide_lightning"]
@@ -66,7 +66,7 @@ def test_the_bar_counts_optimizer_steps_of_max_steps_across_epochs(synthetic_sha
                         enable_model_summary=False, limit_val_batches=0, limit_train_batches=2,
                         callbacks=[StepProgressBar(), probe], log_every_n_steps=1)
     dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=TINY.image_size,
-                         text_ctx=TINY.text_ctx, batch_size=2, tokenizer="clip", bpe_dir=None, num_workers=0)
+                         batch_size=2, tokenizer_spec=TokenizerSpec("clip", TINY.text_ctx), num_workers=0)
     trainer.fit(module, datamodule=dm)
     assert trainer.current_epoch >= 2  # 2 batches an epoch: the 5 steps span 3 epochs
     assert probe.seen == [(step, 5) for step in range(1, 6)]  # one bar, never reset per epoch (Lightning's is)
@@ -87,7 +87,7 @@ def test_the_model_summary_counts_one_images_forward_flops(synthetic_shards, cap
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[ModelSummary()])
     dm = GlideDataModule(train_shards=f"{synthetic_shards}/train-*.tar", image_size=TINY.image_size,
-                         text_ctx=TINY.text_ctx, batch_size=2, tokenizer="clip", bpe_dir=None, num_workers=0)
+                         batch_size=2, tokenizer_spec=TokenizerSpec("clip", TINY.text_ctx), num_workers=0)
     capsys.readouterr()
     trainer.fit(module, datamodule=dm)
     printed = capsys.readouterr().out

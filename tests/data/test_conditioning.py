@@ -13,6 +13,7 @@ from einops import reduce
 
 from glide_lightning.data.conditioning import downsample, random_masks
 from glide_lightning.data.datamodule import GlideDataModule
+from glide_lightning.data.tokenizers import TokenizerSpec
 from glide_lightning.data.pipeline import StreamPosition, StreamResume
 
 
@@ -44,7 +45,7 @@ def test_masks_are_binary_seeded_and_follow_the_documented_mix():
 
 def make_dm(shards: Path, **kw) -> GlideDataModule:
     dm = GlideDataModule(train_shards=f"{shards}/train-*.tar", val_shards=f"{shards}/val-*.tar", image_size=32,
-                         text_ctx=16, tokenizer="clip", bpe_dir=None, batch_size=4, num_workers=0, shuffle_buffer=20,
+                         tokenizer_spec=TokenizerSpec("clip", 16), batch_size=4, num_workers=0, shuffle_buffer=20,
                          seed=1, **kw)
     dm.setup("fit")
     return dm

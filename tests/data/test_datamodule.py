@@ -21,6 +21,7 @@ import webdataset as wds
 from PIL import Image
 
 from glide_lightning.data.datamodule import GlideDataModule
+from glide_lightning.data.tokenizers import TokenizerSpec
 
 N_SHARDS, PER_SHARD = 4, 6
 
@@ -114,7 +115,7 @@ def time_limit(seconds: int) -> Iterator[None]:
 
 
 def make_dm(train: Any = None, val: Any = None, stage: str = "fit", **kw: Any) -> GlideDataModule:
-    kw = {"image_size": 32, "batch_size": 4, "num_workers": 0, "text_ctx": 16, "tokenizer": "clip", "bpe_dir": None,
+    kw = {"image_size": 32, "batch_size": 4, "num_workers": 0, "tokenizer_spec": TokenizerSpec("clip", 16),
           "shuffle_buffer": 8, **kw}
     dm = GlideDataModule(train_shards=None if train is None else str(train),
                          val_shards=None if val is None else str(val), **kw)
@@ -288,7 +289,7 @@ def trainer(**kw: Any) -> L.Trainer:
 
 def test_overfit_batches_repeats_the_same_batch(train_dir: Path) -> None:
     dm = GlideDataModule(train_shards=str(train_dir), val_shards=str(train_dir), image_size=32, batch_size=4,
-                         tokenizer="clip", bpe_dir=None, text_ctx=16, num_workers=2)
+                         tokenizer_spec=TokenizerSpec("clip", 16), num_workers=2)
     model = Recorder()
     with time_limit(120):
         trainer(max_steps=3, overfit_batches=1).fit(model, datamodule=dm)
@@ -299,8 +300,8 @@ def test_overfit_batches_repeats_the_same_batch(train_dir: Path) -> None:
 def test_fit_end_to_end(bad_dir: tuple[Path, list[str]], train_dir: Path) -> None:
     root, good = bad_dir
     dm = GlideDataModule(train_shards=str(root), val_shards=str(train_dir), image_size=32, batch_size=4,
-                         text_ctx=16, num_workers=2, samples_per_epoch=12,
-                         tokenizer="clip", bpe_dir=None, max_val_samples=8)
+                         num_workers=2, samples_per_epoch=12,
+                         tokenizer_spec=TokenizerSpec("clip", 16), max_val_samples=8)
     model = Recorder()
     with time_limit(120):
         fit = trainer(max_epochs=2, limit_train_batches=2, num_sanity_val_steps=0)
@@ -319,8 +320,8 @@ def fit_recording(train_dir: Path, ckpt_dir: Path, max_steps: int, workers: int,
     Epochs of 5 batches (samples_per_epoch 15, batch 3), so 12 steps cross two epoch boundaries."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    dm = GlideDataModule(train_shards=str(train_dir), image_size=16, batch_size=3, text_ctx=8,
-                         tokenizer="clip", bpe_dir=None, num_workers=workers,
+    dm = GlideDataModule(train_shards=str(train_dir), image_size=16, batch_size=3,
+                         tokenizer_spec=TokenizerSpec("clip", 8), num_workers=workers,
                          samples_per_epoch=samples_per_epoch, shuffle_buffer=7, seed=3)
     model = Recorder()
     checkpoints = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)
@@ -373,6 +374,7 @@ DDP_SCRIPT = """
 import json, sys
 import lightning as L, torch
 from glide_lightning.data.datamodule import GlideDataModule
+from glide_lightning.data.tokenizers import TokenizerSpec
 
 class Recorder(L.LightningModule):
     def __init__(self):
@@ -392,7 +394,7 @@ class Recorder(L.LightningModule):
 if __name__ == "__main__":
     shards, out = sys.argv[1], sys.argv[2]
     dm = GlideDataModule(train_shards=shards, val_shards=shards, image_size=16, batch_size=3,
-                         tokenizer="clip", bpe_dir=None, text_ctx=8,
+                         tokenizer_spec=TokenizerSpec("clip", 8),
                          num_workers=1, samples_per_epoch=7, shuffle_buffer=4)
     runs = {}
     for name, ckpt_path in (("full", None), ("resumed", f"{out}/ckpt/step=1.ckpt")):
@@ -440,23 +442,43 @@ def test_ddp_two_processes(train_dir: Path, tmp_path: Path) -> None:
     assert set(val[0]).isdisjoint(val[1]) and set(val[0]) | set(val[1]) == set(ALL_KEYS)
 
 
-def test_the_model_owns_image_size_text_ctx_and_tokenizer_the_data_module_has_no_defaults(tmp_path, monkeypatch):
-    """One default per knob: GlideDataModule takes them from its caller; the training CLI links the model's."""
+def test_the_model_owns_image_size_and_tokenizer_the_data_module_has_no_defaults(tmp_path, monkeypatch):
+    """One default per knob: GlideDataModule takes them from its caller, its tokenizer as one value (name, text_ctx
+    and files); the training CLI derives that value from the model's config."""
     import inspect
 
     from glide_lightning.cli import GlideCLI
 
     params = inspect.signature(GlideDataModule).parameters
-    for name in ("image_size", "text_ctx", "tokenizer", "bpe_dir"):
+    for name in ("image_size", "tokenizer_spec"):
         assert params[name].default is inspect.Parameter.empty, name
+    assert not {"text_ctx", "bpe_dir", "tokenizer_path", "tokenizer_revision"} & params.keys()  # all in the spec
     with pytest.raises(TypeError, match="image_size"):
-        GlideDataModule(train_shards="x.tar", text_ctx=8, tokenizer="clip", bpe_dir=None)
+        GlideDataModule(train_shards="x.tar", tokenizer_spec=TokenizerSpec("clip", 8))
     monkeypatch.setenv("WANDB_MODE", "disabled")
     repo = Path(__file__).resolve().parents[2]
     cli = GlideCLI(args=["--config", str(repo / "experiments/smoke.yaml"), "--run.root", str(tmp_path),
                          "--model.model.text_ctx", "24", "--model.model.image_size", "16",
                          "--trainer.callbacks", "[]", "--trainer.logger", "false"], run=False)
     assert cli.datamodule.image_size == cli.model.model_config.image_size == 16
+    assert cli.datamodule.tokenizer_spec == cli.model.tokenizer_spec == TokenizerSpec("clip", 24)
     assert cli.datamodule.tokenizer.text_ctx == cli.model.tokenizer.text_ctx == 24
-    assert cli.datamodule.hparams["tokenizer"] == cli.model.hparams["tokenizer"] == "clip"
-    assert "bpe_dir" in cli.datamodule.hparams and cli.datamodule.hparams["bpe_dir"] is None  # linked, not defaulted
+    assert cli.model.hparams["tokenizer"] == "clip"
+    assert cli.datamodule.hparams["tokenizer_spec"] == {"name": "clip", "text_ctx": 24, "bpe_dir": None, "path": None,
+                                                        "revision": None}  # plain data: loads with weights_only=True
+
+
+def test_the_tokenizer_spec_is_checked_when_made_and_taken_as_its_dict():
+    """A hand-made spec names what is wrong; the data module takes a spec or its dict (as checkpoints store it)."""
+    with pytest.raises(ValueError, match="unknown tokenizer 'bert'; choices: clip, gpt2, t5"):
+        TokenizerSpec("bert", 8)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="text_ctx must be an int >= 1, got 0"):
+        TokenizerSpec("clip", 0)
+    with pytest.raises(ValueError, match="bpe_dir belongs to tokenizer 'gpt2', not 'clip': drop it"):
+        TokenizerSpec("clip", 8, bpe_dir="/bpe")
+    with pytest.raises(ValueError, match="TokenizerSpec\\('t5'\\) needs path"):
+        TokenizerSpec("t5", 8)
+    with pytest.raises(TypeError, match="TokenizerSpec\\('clip', text_ctx=77\\)"):
+        GlideDataModule(train_shards="x.tar", image_size=16, tokenizer_spec="clip")  # type: ignore[arg-type]
+    dm = GlideDataModule(train_shards="x.tar", image_size=16, tokenizer_spec=TokenizerSpec("clip", 8).to_dict())
+    assert dm.tokenizer_spec == TokenizerSpec("clip", 8) and dm.tokenizer.text_ctx == 8

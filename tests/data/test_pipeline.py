@@ -16,6 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from glide_lightning.data.datamodule import expand_shards, measure_pipeline
+from glide_lightning.data.tokenizers import TokenizerSpec
 from glide_lightning.data.pipeline import (
     BadSample,
     ShardError,
@@ -164,6 +165,6 @@ def test_iter_shard_truncated_and_garbage(tmp_path: Path) -> None:
 
 def test_measure_pipeline(tmp_path: Path) -> None:
     shard = write_tar(tmp_path / "bench.tar", simple_samples("b", 12))
-    rate = measure_pipeline(str(shard), image_size=32, val_batch_size=4, num_workers=0, text_ctx=16, tokenizer="clip",
-                            bpe_dir=None)
+    rate = measure_pipeline(str(shard), image_size=32, val_batch_size=4, num_workers=0,
+                            tokenizer_spec=TokenizerSpec("clip", 16))
     assert rate > 0

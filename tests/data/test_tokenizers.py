@@ -338,3 +338,30 @@ def test_truncation_counts_the_tokens_and_names_the_text_the_model_reads(name: s
     assert torch.equal(whole[0], used[0]) and torch.equal(whole[1], used[1])
     fits = check_prompt_lengths(tokenizer, [short, LONG], "base model")
     assert [f.cut for f in fits] == [False, True] and all(isinstance(f, Truncation) for f in fits)
+
+
+def test_the_text_encoder_implies_the_tokenizer_spec() -> None:
+    """``TokenizerSpec.for_model``: a frozen encoder's own tokenizer (a T5's files are the encoder's), the trained
+    transformer's clip by default or gpt2 when asked (with its BPE files); ``bpe_dir`` only reaches gpt2."""
+    from types import SimpleNamespace
+
+    from glide_lightning.data.tokenizers import ENCODER_TOKENIZERS, TokenizerConflict, TokenizerSpec, implied_tokenizer
+    from glide_lightning.models.config import TEXT_ENCODERS
+
+    assert set(ENCODER_TOKENIZERS) == set(TEXT_ENCODERS)  # every encoder says what it reads
+
+    def model(encoder: str, **kw: Any) -> Any:
+        return SimpleNamespace(text_encoder=encoder, text_ctx=8, text_encoder_name=kw.get("name"),
+                               text_encoder_revision=kw.get("revision"))
+
+    assert TokenizerSpec.for_model(model("t5", name="t5-dir", revision="abc"), bpe_dir="/bpe") == TokenizerSpec(
+        "t5", 8, path="t5-dir", revision="abc")
+    assert TokenizerSpec.for_model(model("clip", name="ViT-B-32"), bpe_dir="/bpe") == TokenizerSpec("clip", 8)
+    assert TokenizerSpec.for_model(model("transformer"), bpe_dir="/bpe") == TokenizerSpec("clip", 8)
+    assert TokenizerSpec.for_model(model("transformer"), "gpt2", "/bpe") == TokenizerSpec("gpt2", 8, bpe_dir="/bpe")
+    assert implied_tokenizer("t5", "t5") == "t5"  # an older config's explicit, equal value
+    with pytest.raises(TokenizerConflict, match="'gpt2' contradicts model.model.text_encoder 'clip', which reads "
+                                                "'clip' ids: drop model.tokenizer \\(the encoder implies 'clip'\\)$"):
+        implied_tokenizer("clip", "gpt2")
+    with pytest.raises(ValueError, match="unknown text_encoder 'bert'"):
+        implied_tokenizer("bert")

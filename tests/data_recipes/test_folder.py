@@ -206,11 +206,11 @@ def test_a_model_far_above_the_images_size_is_warned_about_when_the_data_is_set_
         folder_shards, source_size, warned, caplog):
     """8 px sources and a 32 px model: a warning naming the manifest and a smaller image_size; 32 px
     sources: none."""
-    from glide_lightning.data import GlideDataModule
+    from glide_lightning.data import GlideDataModule, TokenizerSpec
 
     shards = folder_shards(source_size)
-    dm = GlideDataModule(train_shards=f"{shards}/train-*.tar", image_size=32, text_ctx=16, tokenizer="clip",
-                         bpe_dir=None, num_workers=0)
+    dm = GlideDataModule(train_shards=f"{shards}/train-*.tar", image_size=32, tokenizer_spec=TokenizerSpec("clip", 16),
+                         num_workers=0)
     with caplog.at_level("WARNING"):
         dm.setup("fit")
     messages = [r.getMessage() for r in caplog.records  # (the recipe's own warning when it built them aside)
