@@ -43,7 +43,7 @@ EXPERIMENTS := $(sort $(basename $(notdir $(wildcard experiments/*.yaml))))
 # the data recipes: every module of data_recipes/ but common.py and _private ones (its registry's rule)
 RECIPES     := $(sort $(filter-out common,$(basename $(notdir $(filter-out data_recipes/_%,$(wildcard data_recipes/*.py))))))
 
-.PHONY: help setup test bench bench-gpu bench-learning train data sample fid sweep compare ablation-smoke check-exp check-run check-recipe clean
+.PHONY: help setup test bench bench-gpu bench-learning train data sample fid sweep compare ablation ablation-smoke check-exp check-run check-recipe clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -106,20 +106,25 @@ compare: setup  ## ablation report from the runs' own files: RUNS="minig_simple 
 	$(PY) -m glide_lightning compare --runs $(call yaml_list,$(addprefix runs/,$(RUNS))) \
 		--out reports/$(subst $(space),_vs_,$(strip $(RUNS))).md $(ARGS)
 
-# toy-scale miniGLIDE ablation: arms in experiments/ablation_smoke/, each swept as experiments/eval/ablation_smoke.yaml
-# says, on ABLATION_N held-out captions
-ABLATION_ARMS := hybrid simple
+# ablation groups: experiments/ablations/<GROUP>.yaml names the arms (experiment configs) and the evaluation settings;
+# every arm is trained and swept once per seed in runs/<GROUP>/<arm>_seed<k>/ (resumable: done runs are skipped),
+# then reports/<GROUP>.md compares the arms with intervals over seeds and generated images. GROUP= or EXP= names it.
+GROUP  ?=
+SEEDS  ?=
+ABLATION_GROUPS := $(sort $(basename $(notdir $(wildcard experiments/ablations/*.yaml))))
+ablation: setup  ## every arm x seed of an ablation group, trained, swept and compared with intervals: GROUP=minig SEEDS="0 1 2" [ARGS="--fit_args '[--trainer.max_steps, \"100\"]'"]
+	@if [ -z "$(filter $(or $(GROUP),$(EXP)),$(ABLATION_GROUPS))" ]; then \
+		echo "unknown ablation group '$(or $(GROUP),$(EXP))': use GROUP=<one of: $(ABLATION_GROUPS)>" >&2; exit 2; fi
+	$(if $(filter ablation_smoke,$(or $(GROUP),$(EXP))),$(SYNTHETIC_DATA))
+	$(PY) -m glide_lightning ablation $(or $(GROUP),$(EXP)) --seeds $(call yaml_list,$(or $(SEEDS),0 1 2)) $(ARGS)
+
+# toy-scale miniGLIDE ablation: the group experiments/ablations/ablation_smoke.yaml (arms in experiments/ablation_smoke/,
+# each swept as experiments/eval/ablation_smoke.yaml says, on ABLATION_N held-out captions), once per seed
 ABLATION_N    ?= 64
-ablation-smoke: setup  ## hybrid vs simple arm of the smoke model (same budget, seed, data): train both, evaluate at 100 and 25 DDPM steps over guidance 1/3/6, write reports/ablation_smoke.md [ARGS= to both fits]
+ablation-smoke: setup  ## hybrid vs simple arm of the smoke model per seed (SEEDS="0 1" by default; estimated ~17 min per arm and seed, ~70 min in all, on 2 free cores): train, evaluate at 100 and 25 DDPM steps over guidance 1/3/6, write reports/ablation_smoke.md with intervals [ARGS= to the ablation command]
 	$(SYNTHETIC_DATA)
-	@for arm in $(ABLATION_ARMS); do \
-		$(PY) -m glide_lightning fit --config experiments/smoke.yaml --config experiments/ablation_smoke/$$arm.yaml \
-			$(ARGS) || exit 1; \
-		$(PY) -m glide_lightning sweep --config experiments/eval/ablation_smoke.yaml \
-			--run_dir runs/ablation_smoke_$$arm --n $(ABLATION_N) --overwrite true || exit 1; \
-	done
-	$(PY) -m glide_lightning compare --runs $(call yaml_list,$(addprefix runs/ablation_smoke_,$(ABLATION_ARMS))) \
-		--out reports/ablation_smoke.md --overwrite true  # this target remakes the committed report
+	$(PY) -m glide_lightning ablation ablation_smoke --seeds $(call yaml_list,$(or $(SEEDS),0 1)) \
+		--eval_args '[--n, "$(ABLATION_N)"]' $(ARGS)  # this target remakes the committed report
 
 data: check-recipe setup  ## build shards: RECIPE=<recipe> [ARGS="..."] (python -m glide_lightning data RECIPE --help)
 	$(PY) -m glide_lightning data $(RECIPE) $(if $(filter synthetic,$(RECIPE)),$(or $(ARGS),--out data/synthetic),$(ARGS))

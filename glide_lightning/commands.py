@@ -1,8 +1,8 @@
 """``python -m glide_lightning <command>``: the one front door.
 
 ``fit`` and ``validate`` are LightningCLI's (:mod:`glide_lightning.cli`, which imports Lightning's
-training machinery, so it is loaded only for them). ``sample``, ``fid``, ``sweep``, ``compare`` and
-``bench`` are typed dataclasses (:data:`COMMANDS`): jsonargparse reads their fields, docstrings and
+training machinery, so it is loaded only for them). ``sample``, ``fid``, ``sweep``, ``compare``, ``ablation``
+and ``bench`` are typed dataclasses (:data:`COMMANDS`): jsonargparse reads their fields, docstrings and
 defaults, so each takes ``--help``, ``--config some.yaml`` and ``--print_config`` as ``fit`` does, and
 the sampling knobs are the fields of :class:`~glide_lightning.sampling.SamplingConfig` itself
 (``--sampling.steps``, ``--sampling.guidance_scale``, …), defined and checked there alone. Values that
@@ -13,7 +13,8 @@ command has no field of that name (``--clip-guidance-scale 3`` for ``--sampling.
 ``data <recipe>`` builds webdataset shards with one of the data recipes (:mod:`data_recipes`): each recipe is a
 dataclass too (its module's ``RECIPE``), parsed the same way (``--help``, ``--config``, ``--print_config``), and
 its module docstring (input layout, output, examples) heads its ``--help``. A recipe's bool options may also be
-given bare (``--overwrite`` for ``--overwrite true``).
+given bare (``--overwrite`` for ``--overwrite true``). ``ablation`` also takes its group as a bare first word and its
+seeds as bare words (``ablation minig --seeds 0 1 2``; :func:`ablation_argv`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from jsonargparse import (ActionConfigFile, ArgumentError, ArgumentParser, Defau
 
 from data_recipes import RECIPES, load_recipe, recipe_class
 from glide_lightning.bench import BenchCommand
+from glide_lightning.evaluation.ablation import AblationCommand
 from glide_lightning.evaluation.fid_cli import FIDCommand, SweepCommand
 from glide_lightning.evaluation.report import CompareCommand
 from glide_lightning.sampling.command import SampleCommand
@@ -45,7 +47,7 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the fields' d
 strict_yaml()  # a key given twice in a config is an error, not the last one silently
 
 COMMANDS: dict[str, type] = {"sample": SampleCommand, "fid": FIDCommand, "sweep": SweepCommand,
-                             "compare": CompareCommand, "bench": BenchCommand}
+                             "compare": CompareCommand, "ablation": AblationCommand, "bench": BenchCommand}
 """The non-training commands: name → dataclass (its fields are the options; ``run()`` does the work)."""
 TRAINING_COMMANDS = {"fit": "train a model (LightningCLI): python -m glide_lightning fit --config "
                             "experiments/<name>.yaml; `fit --help` lists every field",
@@ -110,7 +112,7 @@ def parse(argv: list[str]) -> Any:
     dataclasses refuse, exit with status 2 and one ``error:`` line naming the option (the nearest known one for a
     misspelt option) and where the options are listed."""
     parser = build_parser()
-    argv = spelled(argv)
+    argv = spelled(ablation_argv(argv))
     known = argv[:1] and argv[0] in {*COMMANDS, *TRAINING_COMMANDS, "data"}
     typed = argv[:2] if argv[:1] == ["data"] and argv[1:2] and argv[1] in RECIPES else argv[:1] if known else []
     prog = " ".join(["python -m glide_lightning", *typed])
@@ -153,6 +155,29 @@ def _recipe(config: Namespace, instantiate: Any, prog: str) -> Any:
         return command(**{f.name: made[f.name] for f in dataclasses.fields(command) if f.init})
     except ValueError as error:
         _refuse(f"data {recipe}: {error} (`{prog} --help` lists the options)")
+
+
+def ablation_argv(argv: list[str]) -> list[str]:
+    """``ablation <group> --seeds 0 1 2`` as the parser reads it: ``ablation --group <group> --seeds '[0, 1, 2]'``
+    (a bare first word is the group; bare words after ``--seeds`` are its list). Other commands: ``argv`` unchanged."""
+    if argv[:1] != ["ablation"]:
+        return argv
+    rest, out = argv[1:], ["ablation"]
+    if rest and not rest[0].startswith("-"):
+        out += ["--group", rest[0]]
+        rest = rest[1:]
+    i = 0
+    while i < len(rest):
+        if rest[i] == "--seeds" and i + 1 < len(rest) and not rest[i + 1].startswith(("-", "[")):
+            j = i + 1
+            while j < len(rest) and not rest[j].startswith("--"):
+                j += 1
+            out += ["--seeds", "[" + ", ".join(rest[i + 1:j]) + "]"]
+            i = j
+        else:
+            out.append(rest[i])
+            i += 1
+    return out
 
 
 def spelled(argv: list[str]) -> list[str]:

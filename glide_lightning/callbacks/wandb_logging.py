@@ -25,11 +25,12 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import grad_norm, rank_zero_only
 
 from glide_lightning.callbacks.steps import OptimizerStepCallback
+from glide_lightning.evaluation.wandb_eval import IMAGES_SEEN
 
 log = logging.getLogger(__name__)
 
-IMAGES_SEEN = "trainer/images_seen"
-"""The x-axis of ``train/*``, ``val/*`` and ``sys/*``: optimizer steps × the global batch (:func:`images_per_step`)."""
+# IMAGES_SEEN: the x-axis of train/*, val/* and sys/*: optimizer steps × the global batch (images_per_step); named
+# in evaluation/wandb_eval.py, which the eval runs, the Report and the dashboard read it from
 PEAK_RSS = "sys/peak_memory_host_rss_mib"
 """The process's peak resident set size (host memory, ``getrusage``), MiB."""
 PEAK_CUDA = "sys/peak_memory_cuda_allocated_mib"

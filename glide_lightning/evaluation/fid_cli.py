@@ -4,7 +4,8 @@ FD_DINOv2), CLIP score and adherence over guidance scales.
 ``fid`` writes ``results.json`` (and the run's wandb summary) into one folder per evaluation setting,
 ``<out>/res<R>_<sampler><steps>_n<N>/``, beside the setting's image cache ``images-<key>/``; ``sweep`` also
 writes ``sweep.md`` (a table per scale) and ``sweep.png`` (FID against CLIP score, one point per scale, as
-the GLIDE paper's guidance curves) there. A setting folder holds one invocation's results: one that already
+the GLIDE paper's guidance curves) there. Every metric carries its percentile bootstrap interval over the generated
+images (``--bootstrap``; :mod:`glide_lightning.evaluation.uncertainty`). A setting folder holds one invocation's results: one that already
 holds results (or other files) is refused before any model is loaded, unless ``--overwrite true`` (see
 :meth:`FIDCommand.outputs`); the image cache is kept and reused. Every figure says how it was computed: N,
 resolution, scale, sampler, steps and the feature extractor, and figures from random weights are labelled so. The
@@ -21,14 +22,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-import yaml
 
 from glide_lightning.models import ModelConfig
 from glide_lightning.models.glide_text2im import detect_glide_kind
 from glide_lightning.outputs import OutputFolder
-from glide_lightning.runs import resolve_wandb_mode
 from glide_lightning.evaluation.fid import MetricOptions, ReferenceStatsCache
 from glide_lightning.evaluation.results import ScaleResult
+from glide_lightning.evaluation.uncertainty import BootstrapOptions
 from glide_lightning.evaluation.zero_shot import FIDJob, build_extractor, check_reference, run
 from glide_lightning.diffusion import SamplerName
 from glide_lightning.diffusion.samplers import sampler_names
@@ -140,6 +140,15 @@ class FIDCommand:
     """Replace the results of the settings evaluated: their ``results.json`` and ``sweep.*`` (and ``--out``'s
     ``nfe_sweep.*`` for a sweep over samplers or step counts) are deleted first; the image cache and files
     ``fid`` / ``sweep`` do not write stay."""
+    bootstrap: int = 1000
+    """Bootstrap replicates over the generated images (reference fixed) for every metric's percentile interval,
+    stored as ``<metric>_interval`` in ``results.json`` and shown as ``value [lo, hi]``; 0: no intervals. Cost: see
+    :mod:`glide_lightning.evaluation.uncertainty` (FID at N = 5000 Inception features: ~5 s per replicate on a busy
+    2-core CPU, so pass 200 there; on a GPU the replicates run on ``--device``: not timed here)."""
+    bootstrap_seed: int = 0
+    """Seed of the resamples (the same seed gives the same intervals)."""
+    confidence: float = 0.95
+    """Coverage of the bootstrap intervals."""
 
     name: ClassVar[str] = "fid"
     writes_sweep: ClassVar[bool] = False
@@ -150,6 +159,7 @@ class FIDCommand:
         if self.scales is not None and (not self.scales or min(self.scales) < 0):
             raise ValueError(f"scales must be a non-empty list of guidance scales >= 0, got {self.scales}")
         options = self.metric_options()  # checks the metric options at parse time
+        self.bootstrap_options()
         if self.metrics is not None and "prc" in options.metrics and self.n <= self.prc_neighborhood:
             raise ValueError(f"precision/recall with --prc_neighborhood {self.prc_neighborhood} needs --n > "
                              f"{self.prc_neighborhood}; lower it or drop prc from --metrics")
@@ -162,6 +172,10 @@ class FIDCommand:
             ["kid", *(["prc"] if self.n > self.prc_neighborhood else [])]  # k-NN radii need more than k images
         return MetricOptions(metrics=tuple(dict.fromkeys(chosen)), kid_subset_size=self.kid_subset_size,
                              kid_subsets=self.kid_subsets, prc_neighborhood=self.prc_neighborhood)
+
+    def bootstrap_options(self) -> BootstrapOptions:
+        """How the intervals are bootstrapped (checked at parse time)."""
+        return BootstrapOptions(replicates=self.bootstrap, seed=self.bootstrap_seed, level=self.confidence)
 
     def samplings(self) -> list[SamplingConfig]:
         """The sampling settings evaluated, one output folder each (``fid``: ``sampling`` alone)."""
@@ -219,12 +233,9 @@ class FIDCommand:
                          clip_model=None if self.clip_model in _NONE else self.clip_model,
                          clip_pretrained=None if self.clip_pretrained in _NONE else self.clip_pretrained)
             results = run(job, base, extractor, ReferenceStatsCache(self.cache_dir), upsampler=upsampler,
-                          metrics=self.metric_options(), dinov2=dinov2)
+                          metrics=self.metric_options(), dinov2=dinov2, bootstrap=self.bootstrap_options())
             if results is None:  # another rank: it generated its share, rank 0 scores
                 continue
-            if run_dir is not None:
-                log_to_wandb(run_dir, results, suffix="" if len(samplings) == 1 else
-                             f"-{sampling.sampler}{sampling.steps}")
             if self.writes_sweep:
                 write_sweep(out, results)
             for r in results:
@@ -234,6 +245,8 @@ class FIDCommand:
             return None
         if self.writes_sweep and len(samplings) > 1:
             write_nfe_sweep(root, everything)
+        if run_dir is not None:  # one eval run for the whole invocation (an NFE sweep: quality against NFE)
+            log_to_wandb(run_dir, everything, checkpoint=checkpoint, command=self.name, upsampler=self.upsampler)
         return everything
 
 
@@ -273,42 +286,15 @@ class SweepCommand(FIDCommand):
         return configs
 
 
-def log_to_wandb(run_dir: Path, results: list[ScaleResult], suffix: str = "") -> None:
-    """Put the figures in the summary of a wandb run beside the training run (same project and group)."""
-    import wandb
+def log_to_wandb(run_dir: Path, results: list[ScaleResult], checkpoint: str, command: str = "fid",
+                 upsampler: str | None = None) -> str | None:
+    """Log the invocation's results to an eval wandb run beside the training run (same project and group,
+    ``job_type="eval"``, linked by ``train_run_id`` and the checkpoint's sha256): step metrics against the guidance
+    scale (or NFE), the ``eval/results`` Table and its plots
+    (:func:`glide_lightning.evaluation.wandb_eval.log_eval_run`). Returns the eval run's wandb id."""
+    from glide_lightning.evaluation.wandb_eval import log_eval_run
 
-    config_file = run_dir / "config.yaml"
-    run_cfg = (yaml.safe_load(config_file.read_text()) or {}).get("run", {}) if config_file.exists() else {}
-    name = run_cfg.get("name", run_dir.name)
-    summary: dict[str, Any] = {}
-    for r in results:
-        s = f"{r.guidance_scale:g}"
-        summary[f"eval/fid@{s}"] = r.fid.fid
-        if r.kid is not None:
-            summary[f"eval/kid@{s}"] = r.kid.mean
-            summary[f"eval/kid_std@{s}"] = r.kid.std
-        if r.precision_recall is not None:
-            summary[f"eval/precision@{s}"] = r.precision_recall.precision
-            summary[f"eval/recall@{s}"] = r.precision_recall.recall
-        if r.fd_dinov2 is not None:
-            summary[f"eval/fd_dinov2@{s}"] = r.fd_dinov2.fid
-        if r.clip_score is not None:
-            summary[f"eval/clip_score@{s}"] = r.clip_score.mean
-        if r.adherence is not None:
-            summary[f"eval/adherence@{s}"] = r.adherence
-    first = results[0]
-    summary.update({"eval/n": first.n, "eval/resolution": first.resolution, "eval/sampler": first.sampler,
-                    "eval/steps": first.steps, "eval/extractor": first.fid.extractor_name,
-                    "eval/upsampler": first.upsampled() or "none",
-                    "eval/fid_label": first.fid.label,
-                    "eval/fd_dinov2_label": first.fd_dinov2.label if first.fd_dinov2 is not None
-                    else first.fd_dinov2_reason or "not computed"})
-    run = wandb.init(project=run_cfg.get("project", "glide_lightning"), group=run_cfg.get("group"),
-                     name=f"{name}-eval{suffix}", job_type="eval", dir=str(run_dir), tags=run_cfg.get("tags"),
-                     mode=resolve_wandb_mode(run_cfg.get("wandb_mode", "auto")),
-                     config={"results": [r.to_dict() for r in results]})
-    run.summary.update(summary)
-    run.finish()
+    return log_eval_run(run_dir, results, checkpoint, command=command, upsampler=upsampler)
 
 
 def _pyplot() -> Any:
@@ -352,14 +338,20 @@ def _table_head(title: str, first: ScaleResult, settings: str, columns: list[str
 
 
 def score_cells(r: ScaleResult) -> list[str]:
-    """A result's cells under :data:`SCORE_COLUMNS` ('–' where not measured; KID as mean ± std over subsets)."""
+    """A result's cells under :data:`SCORE_COLUMNS` ('–' where not measured; KID as mean ± std over subsets), each
+    followed by its bootstrap interval ``[lo, hi]`` where computed."""
     def fmt(value: float | None, spec: str) -> str:
         return "–" if value is None else format(value, spec)
 
-    kid = "–" if r.kid is None else f"{r.kid.mean:.4f} ± {r.kid.std:.4f}"
-    return [f"{r.fid.fid:.2f}", fmt(r.clip_score.mean if r.clip_score is not None else None, ".2f"),
-            fmt(r.adherence, ".3f"), kid, fmt(r.precision, ".3f"), fmt(r.recall, ".3f"),
-            fmt(r.fd_dinov2.fid if r.fd_dinov2 is not None else None, ".2f")]
+    def ci(metric: str, spec: str) -> str:
+        interval = r.interval(metric)
+        return "" if interval is None else f" {interval.format(spec)}"
+
+    kid = "–" if r.kid is None else f"{r.kid.mean:.4f} ± {r.kid.std:.4f}{ci('kid', '.4f')}"
+    cells = [fmt(r.value(m), spec) + ("" if r.value(m) is None else ci(m, spec)) for m, spec in
+             (("fid", ".2f"), ("clip_score", ".2f"), ("adherence", ".3f"))]
+    return [*cells, kid, *(fmt(r.value(m), spec) + ("" if r.value(m) is None else ci(m, spec)) for m, spec in
+                           (("precision", ".3f"), ("recall", ".3f"), ("fd_dinov2", ".2f")))]
 
 
 def _score_cells(r: ScaleResult) -> str:
@@ -424,3 +416,4 @@ def write_nfe_sweep(out: Path, results: list[ScaleResult]) -> None:
     fig.savefig(out / "nfe_sweep.png", dpi=120)
     plt.close(fig)
     (out / "nfe_sweep.json").write_text(json.dumps([r.to_dict() for r in rows], indent=1))
+

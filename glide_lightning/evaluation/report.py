@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,7 @@ def _loss(diffusion: dict[str, Any]) -> str:
     return spelled["loss_type"] + ("" if spelled["weighting"] == "none" else f" + {spelled['weighting']}")
 
 
-def write_report(runs: list[RunSummary], out: Path) -> Path:
+def write_report(runs: list[RunSummary], out: Path, preamble: Sequence[str] = ()) -> Path:
     """The markdown report and its plots beside it (``<out stem>_losses.png``: train/val loss and the
     vb term; ``<out stem>_fid.png``: FID and adherence against the guidance scale; ``<out
     stem>_training_metrics.png``: metrics logged during training by ``GenerationMetrics``, if any).
@@ -185,9 +186,11 @@ def write_report(runs: list[RunSummary], out: Path) -> Path:
     Tables: one row per run (loss, variance, steps, images seen, wall time, final losses and vb term,
     in bits per dimension), then one row per run, evaluation setting (sampler and steps, the folder
     name under ``fid/``) and guidance scale (FID with its label, CLIP score, adherence, then KID as mean ± std,
-    precision, recall and FD_DINOv2, '–' where not computed)."""
+    precision, recall and FD_DINOv2, '–' where not computed), each value followed by its bootstrap interval over the
+    generated images ``[lo, hi]`` where ``results.json`` has one. ``preamble``: lines after the title (the
+    ablation command's comparison across seeds, :func:`ablation_lines`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Ablation: {' vs '.join(run.name for run in runs)}", "",
+    lines = [f"# Ablation: {' vs '.join(run.name for run in runs)}", "", *preamble,
              "Built from each run's `csv/`, `config.yaml` and `fid/*/results.json`. Final train terms: mean of the "
              f"last {SMOOTH:.0%} of logged steps; validation terms: the last validation (fixed timesteps and "
              "noise). loss: the objective trained (the MSE term with its weighting, e.g. min-SNR, plus λ·vb for "
@@ -217,11 +220,15 @@ def write_report(runs: list[RunSummary], out: Path) -> Path:
                 labels.add(r.fd_dinov2.label.split(":")[0] if r.fd_dinov2.random_weights
                            else f"FD_DINOv2: {r.fd_dinov2.extractor_name} features")
             setting = f"{setting} ({r.upsampled()})" if r.upsampler else setting
-            kid = "–" if r.kid is None else f"{r.kid.mean:.4f} ± {r.kid.std:.4f}"
+            kid = "–" if r.kid is None else f"{r.kid.mean:.4f} ± {r.kid.std:.4f}{_ci(r, 'kid', '.4f')}"
             lines.append(f"| {name} | {setting} | {r.guidance_scale:g} | {r.nfe if r.nfe is not None else '–'} | "
-                         f"{r.fid.fid:.2f} | {_fmt(r.clip_score.mean if r.clip_score else None, 3)} | "
-                         f"{_fmt(r.adherence, 3)} | {kid} | {_fmt(r.precision, 3)} | {_fmt(r.recall, 3)} | "
-                         f"{_fmt(r.fd_dinov2.fid if r.fd_dinov2 else None, 4)} |")
+                         f"{r.fid.fid:.2f}{_ci(r, 'fid', '.2f')} | {_cell(r, 'clip_score', 3)} | "
+                         f"{_cell(r, 'adherence', 3)} | {kid} | {_cell(r, 'precision', 3)} | {_cell(r, 'recall', 3)} | "
+                         f"{_cell(r, 'fd_dinov2', 4)} |")
+        if any(r.fid_interval is not None for _, _, r in evals):
+            level = next(r.fid_interval.level for _, _, r in evals if r.fid_interval is not None)
+            lines += ["", f"[lo, hi]: {level:.0%} percentile bootstrap interval over each run's generated images "
+                          "(reference fixed; `results.json` says how many replicates and the seed)."]
         lines += ["", f"Images per setting and scale: {', '.join(sorted({str(r.n) for _, _, r in evals}))}."]
         lines += [f"> {label}" for label in sorted(labels)]
     plots = [("losses", _plot_curves(runs, ("train/loss", "val/loss", "train/vb"), plot_path(out, "losses"))),
@@ -231,6 +238,72 @@ def write_report(runs: list[RunSummary], out: Path) -> Path:
     lines += [f"\n![{title}]({path.name})" for title, path in plots if path is not None]
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def _ci(r: ScaleResult, metric: str, spec: str) -> str:
+    """`` [lo, hi]`` of a result's bootstrap interval for ``metric`` ('' when not computed)."""
+    interval = r.interval(metric)
+    return "" if interval is None else f" [{interval.lo:{spec}}, {interval.hi:{spec}}]"
+
+
+def _cell(r: ScaleResult, metric: str, digits: int) -> str:
+    """A metric's value (``digits`` significant digits) and its bootstrap interval; '–' when not computed."""
+    value = r.value(metric)
+    return "–" if value is None else _fmt(value, digits) + _ci(r, metric, f".{digits}g")
+
+
+METRIC_NAMES = {"fid": "FID", "kid": "KID", "precision": "precision", "recall": "recall", "clip_score": "CLIP score",
+                "adherence": "adherence", "fd_dinov2": "FD_DINOv2"}
+
+
+def _interval_text(interval: Any, digits: int = 4) -> str:
+    """``[lo, hi]`` of an :class:`~glide_lightning.evaluation.uncertainty.Interval` or its dict; '' for None."""
+    if interval is None:
+        return ""
+    lo, hi = (interval["lo"], interval["hi"]) if isinstance(interval, dict) else (interval.lo, interval.hi)
+    return f" [{lo:.{digits}g}, {hi:.{digits}g}]"
+
+
+def ablation_lines(summary: dict[str, Any]) -> list[str]:
+    """The comparison across seeds of :func:`glide_lightning.evaluation.ablation.summarize` as markdown: per
+    evaluation setting, guidance scale and metric, each arm's mean ± std over seeds with its t interval (one seed:
+    the value with its bootstrap interval over generated images) and each arm's difference from the baseline with
+    its interval, and whether the difference exceeds it (the interval excludes 0)."""
+    arms, baseline = list(summary["arms"]), summary["baseline"]
+    others = arms[1:]
+    level = f"{summary['confidence']:.0%}"
+    lines = [f"## Across training seeds: {', '.join(arms)} × seeds {', '.join(map(str, summary['seeds']))}", "",
+             f"Group `{summary['group']}` (experiments: "
+             + "; ".join(f"{arm}: {', '.join(configs)}" for arm, configs in summary["arms"].items())
+             + f"), evaluated with {summary['eval'] or 'the sweep defaults'} on {', '.join(map(str, summary['n']))} "
+             f"generated images per scale. Per arm: mean ± std over seeds [{level} t interval over seeds]; with one "
+             f"seed, the value [{level} percentile bootstrap interval over its generated images]. Difference: arm − "
+             f"{baseline} [{level} interval: Welch over seeds when both arms have ≥ 2 seeds, else from the runs' "
+             "bootstrap standard errors]; **yes** when the interval excludes 0 (the arms differ beyond the spread).",
+             "", "| setting | guidance | metric | " + " | ".join(arms) + " | "
+             + " | ".join(f"{arm} − {baseline} | exceeds?" for arm in others) + " |",
+             "|---|---:|---|" + "---:|" * len(arms) + "---:|---|" * len(others)]
+    for row in summary["rows"]:
+        cells = []
+        for arm in arms:
+            s = row["arms"][arm]
+            if s["n"] >= 2:
+                cells.append(f"{s['mean']:.4g} ± {s['std']:.2g}{_interval_text(s['interval'])}")
+            else:
+                cells.append(f"{s['mean']:.4g}{_interval_text((s.get('bootstrap') or [None])[0])}")
+        for arm in others:
+            d = row["differences"].get(arm)
+            cells += ["–", "–"] if d is None else [f"{d['estimate']:+.3g}{_interval_text(d['interval'], 3)}",
+                                                  "**yes**" if d["exceeds"] else "no"]
+        lines.append(f"| {row['setting']} | {row['guidance']:g} | {METRIC_NAMES[row['metric']]} | "
+                     + " | ".join(cells) + " |")
+    lines += [f"> {label}" for label in summary.get("labels", [])]
+    return lines + [""]
+
+
+def write_ablation_report(summary: dict[str, Any], runs: list[RunSummary], out: Path) -> Path:
+    """The ablation command's report: :func:`ablation_lines`, then :func:`write_report`'s per-run tables and plots."""
+    return write_report(runs, out, preamble=ablation_lines(summary))
 
 
 @dataclass
@@ -247,17 +320,39 @@ class CompareCommand:
     its folder (other reports) are never touched."""
     overwrite: bool = False
     """Replace an earlier report at ``--out``: the report and all its plots are deleted first."""
+    publish: bool = False
+    """Also publish the report as a wandb Report (the ``reports`` extra, ``wandb-workspaces``) in the runs' wandb
+    project, its panels over their wandb group, when wandb is online (an API key configured); offline, say how to
+    publish it later. The markdown report is written either way."""
 
     def __post_init__(self) -> None:
         if not self.runs:
             raise ValueError("runs is empty: pass --runs '[runs/<name>, ...]'")
 
     def run(self) -> Path:
-        """Write the report; an earlier one at ``--out`` is refused first unless ``overwrite``."""
+        """Write the report (an earlier one at ``--out`` is refused first unless ``overwrite``), then publish it
+        with ``publish``."""
         output = report_output(Path(self.out))
         output.check(self.overwrite)
         runs = [load_run(r) for r in self.runs]
         output.claim(self.overwrite)
         out = write_report(runs, Path(self.out))
         print(f"wrote {out}")
+        if self.publish:
+            print(publish(out, self.runs, f"python -m glide_lightning compare --runs '[{', '.join(self.runs)}]' "
+                                          f"--out {self.out} --overwrite true --publish true"))
         return out
+
+
+def publish(report: Path, run_dirs: list[str], rerun: str) -> str:
+    """Publish the markdown ``report`` of the runs ``run_dirs`` as a wandb Report in the first run's wandb project,
+    over its wandb group (:func:`~glide_lightning.evaluation.wandb_report.publish_report`, which also names the mode
+    rules); returns its URL, or offline the line saying how to publish it later (``rerun``: the command to run then)."""
+    from glide_lightning.evaluation.wandb_report import publish_report
+
+    config_file = Path(run_dirs[0]) / "config.yaml"
+    run = (yaml.safe_load(config_file.read_text()) or {}).get("run") or {} if config_file.is_file() else {}
+    markdown = report.read_text()
+    title = next((line[2:].strip() for line in markdown.splitlines() if line.startswith("# ")), report.stem)
+    return publish_report(title, markdown, run.get("project") or "glide_lightning",
+                          run.get("group"), mode=run.get("wandb_mode") or "auto", run_dirs=run_dirs, rerun=rerun)

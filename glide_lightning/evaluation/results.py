@@ -4,7 +4,9 @@ sweep table, the wandb summary and the ablation report read it.
 
 ``results.json`` is ``{"format": ..., "results": [<ScaleResult as a dict>, ...], "sampling": {...}}``;
 files written before the format was named (no ``format`` key, same fields) read the same, and so do files
-written before KID, precision/recall and FD_DINOv2 were recorded (those fields then read as None).
+written before KID, precision/recall and FD_DINOv2 were recorded (those fields then read as None), and files written
+before the bootstrap intervals (``<metric>_interval``, :mod:`glide_lightning.evaluation.uncertainty`) were
+recorded (no intervals then).
 """
 
 from __future__ import annotations
@@ -18,8 +20,13 @@ from typing import Any
 
 from glide_lightning.evaluation.clip_score import CLIPScoreResult
 from glide_lightning.evaluation.fid import FIDResult, KIDResult, PrecisionRecallResult
+from glide_lightning.evaluation.uncertainty import Interval
 
-__all__ = ["RESULTS_FORMAT", "ScaleResult", "read_results", "write_results"]
+__all__ = ["INTERVAL_METRICS", "RESULTS_FORMAT", "ScaleResult", "read_results", "write_results"]
+
+INTERVAL_METRICS = ("fid", "kid", "precision", "recall", "clip_score", "adherence", "fd_dinov2")
+"""The metrics a :class:`ScaleResult` holds a value of (:meth:`ScaleResult.value`) and, when bootstrapped, an
+interval of (``<metric>_interval``)."""
 
 RESULTS_FORMAT = "glide_lightning.fid_results/1"
 
@@ -70,6 +77,45 @@ class ScaleResult:
     fd_dinov2_reason: str | None = None
     """Why ``fd_dinov2`` is None (no DINOv2 weights given); None when it was computed, or in results written
     before FD_DINOv2 existed."""
+    fid_interval: Interval | None = None
+    """Percentile bootstrap interval of the FID over the generated images (reference fixed); None: not computed
+    (``--bootstrap 0``, or results written before intervals were recorded). The same for the fields below."""
+    kid_interval: Interval | None = None
+    """Bootstrap interval of the KID's mean (the subsets drawn as for ``kid``)."""
+    precision_interval: Interval | None = None
+    """Bootstrap interval of the precision."""
+    recall_interval: Interval | None = None
+    """Bootstrap interval of the recall."""
+    clip_score_interval: Interval | None = None
+    """Bootstrap interval of the mean CLIP score."""
+    adherence_interval: Interval | None = None
+    """Bootstrap interval of the adherence."""
+    fd_dinov2_interval: Interval | None = None
+    """Bootstrap interval of FD_DINOv2."""
+
+    def value(self, metric: str) -> float | None:
+        """The point value of one of :data:`INTERVAL_METRICS` (KID: its mean over subsets; None: not computed)."""
+        return {"fid": self.fid.fid, "kid": self.kid.mean if self.kid is not None else None,
+                "precision": self.precision, "recall": self.recall,
+                "clip_score": self.clip_score.mean if self.clip_score is not None else None,
+                "adherence": self.adherence,
+                "fd_dinov2": self.fd_dinov2.fid if self.fd_dinov2 is not None else None}[metric]
+
+    def interval(self, metric: str) -> Interval | None:
+        """The bootstrap interval of one of :data:`INTERVAL_METRICS` (None: not computed)."""
+        return getattr(self, f"{self._check(metric)}_interval")
+
+    def with_intervals(self, intervals: Mapping[str, Interval]) -> ScaleResult:
+        """This record with the given ``{metric: interval}`` set (other intervals kept)."""
+        return dataclasses.replace(self, **{f"{self._check(name)}_interval": value
+                                            for name, value in intervals.items()})
+
+    @staticmethod
+    def _check(metric: str) -> str:
+        """``metric`` itself. Raises ``KeyError`` unless it is one of :data:`INTERVAL_METRICS`."""
+        if metric not in INTERVAL_METRICS:
+            raise KeyError(f"unknown metric {metric!r}: one of {', '.join(INTERVAL_METRICS)}")
+        return metric
 
     @property
     def precision(self) -> float | None:
@@ -87,7 +133,7 @@ class ScaleResult:
         ``fd_dinov2`` is written, null with its ``fd_dinov2_reason``, whenever either is known)."""
         data = dataclasses.asdict(self)
         for key in ("nfe", "upsampler", "upsample_steps", "upsample_temp", "upsample_sampler", "kid",
-                    "precision_recall", "fd_dinov2_reason"):
+                    "precision_recall", "fd_dinov2_reason", *(f"{m}_interval" for m in INTERVAL_METRICS)):
             if data[key] is None:
                 del data[key]
         if self.fd_dinov2 is None and self.fd_dinov2_reason is None:
@@ -108,12 +154,16 @@ class ScaleResult:
                    kid=None if kid is None else _record(KIDResult, kid, "kid"),
                    precision_recall=None if prc is None else _record(PrecisionRecallResult, prc, "precision_recall"),
                    fd_dinov2=None if dino is None else _record(FIDResult, dino, "fd_dinov2"),
-                   fd_dinov2_reason=data.get("fd_dinov2_reason"))
+                   fd_dinov2_reason=data.get("fd_dinov2_reason"),
+                   **{f"{m}_interval": Interval.from_dict(data[f"{m}_interval"]) for m in INTERVAL_METRICS
+                      if data.get(f"{m}_interval") is not None})
 
     def summary_line(self) -> str:
         """One line: the scale, FID, KID, precision/recall, FD_DINOv2, CLIP score and adherence, and the FID's
-        label (which says whether the features were real; KID and precision/recall share them)."""
-        parts = [f"guidance {self.guidance_scale:g}: FID {self.fid.fid:.2f}"]
+        label (which says whether the features were real; KID and precision/recall share them); the FID's bootstrap
+        interval where computed."""
+        parts = [f"guidance {self.guidance_scale:g}: FID {self.fid.fid:.2f}"
+                 + (f" {self.fid_interval.format('.2f')}" if self.fid_interval is not None else "")]
         if self.kid is not None:
             parts.append(f"KID {self.kid.mean:.4f} ± {self.kid.std:.4f}")
         if self.precision_recall is not None:

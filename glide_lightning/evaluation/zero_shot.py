@@ -41,6 +41,7 @@ from glide_lightning.evaluation.features import (
     sha256_state_dict,
 )
 from glide_lightning.evaluation.fid import (
+    KID_SEED,
     MetricOptions,
     ReferenceStatsCache,
     fd_dinov2_from_stats,
@@ -50,6 +51,8 @@ from glide_lightning.evaluation.fid import (
     precision_recall_from_stats,
 )
 from glide_lightning.evaluation.results import ScaleResult, write_results
+from glide_lightning.evaluation.uncertainty import (BootstrapOptions, FrechetBootstrap, bootstrap_interval,
+                                                    bootstrap_metrics)
 from glide_lightning.diffusion import DiffusionConfig
 from glide_lightning.models import ModelConfig
 from glide_lightning.sampling import SamplingConfig, SamplingModel, generate, model_evaluations
@@ -277,13 +280,16 @@ def build_extractor(name: str, inception_weights: str | None = None, device: str
 def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache: ReferenceStatsCache,
                    checkpoint: str, images: Path, clip: Any = None, nfe: int | None = None,
                    upsampler: str | None = None, *, metrics: MetricOptions | None = None,
-                   dinov2: FeatureExtractor | None = None) -> ScaleResult:
+                   dinov2: FeatureExtractor | None = None, bootstrap: BootstrapOptions | None = None) -> ScaleResult:
     """FID, KID and precision/recall (``metrics``: which, and their settings; by default both, from the FID
     features), FD_DINOv2 (with a ``dinov2`` extractor; else None and the reason), CLIP score and (synthetic
     captions) adherence of the images of one scale in ``images`` (``nfe``: the model evaluations per image that
     made them, and ``upsampler``: the source of the upsampler that took them to their size, with its steps and
-    temperature from ``job.sampling``, recorded beside)."""
+    temperature from ``job.sampling``, recorded beside). With ``bootstrap`` replicates, every metric also gets its
+    percentile interval over the generated images, from the same features and per-image scores
+    (:func:`~glide_lightning.evaluation.uncertainty.bootstrap_metrics`)."""
     metrics = MetricOptions() if metrics is None else metrics
+    resampled = bootstrap is not None and bootstrap.replicates > 0
     folder = scale_dir(images, scale)
     n = len(job.captions)
     resolution = Image.open(folder / "000000.png").size[0]
@@ -306,8 +312,8 @@ def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache
                 adherence.extend(r.fraction for r in score_batch(batch, captions))
             yield batch
 
-    generated = feature_stats(extractor, batches(), keep_features=metrics.needs_features)
-    kid = prc = fd_dinov2 = None
+    generated = feature_stats(extractor, batches(), keep_features=metrics.needs_features or resampled)
+    kid = prc = fd_dinov2 = dino = None
     if "kid" in metrics.metrics:
         kid = kid_from_stats(generated, reference, metrics.kid_subset_size, metrics.kid_subsets)
     if "prc" in metrics.metrics:
@@ -316,8 +322,9 @@ def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache
     if dinov2 is not None:  # a second pass over the images: DINOv2 resizes them itself
         dino_reference = cache.get_or_compute(dataset_id, resolution, n_reference, dinov2,
                                               lambda: reference_batches(job.reference, resolution))
-        fd_dinov2 = fd_dinov2_from_stats(feature_stats(dinov2, load_images(folder, range(n))), dino_reference)
-    return ScaleResult(guidance_scale=scale, n=n, resolution=resolution, sampler=job.sampling.sampler, nfe=nfe,
+        dino = feature_stats(dinov2, load_images(folder, range(n)), keep_features=resampled)
+        fd_dinov2 = fd_dinov2_from_stats(dino, dino_reference)
+    result = ScaleResult(guidance_scale=scale, n=n, resolution=resolution, sampler=job.sampling.sampler, nfe=nfe,
                        steps=job.sampling.steps, checkpoint=checkpoint, reference=str(job.reference),
                        fid=fid_from_stats(generated, reference),
                        clip_score=clip.summarize(clip_scores) if clip is not None else None,
@@ -327,6 +334,19 @@ def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache
                        upsample_sampler=job.sampling.upsample_sampler_for("text2im") if upsampler else None,
                        kid=kid, precision_recall=prc, fd_dinov2=fd_dinov2,
                        fd_dinov2_reason=None if dinov2 is not None else DINOV2_ABSENT)
+    if not resampled:
+        return result
+    device = getattr(extractor, "device", "cpu")
+    intervals = bootstrap_metrics(
+        generated.features, reference.mu, reference.sigma, bootstrap, reference_features=reference.features,
+        kid=(kid.subset_size, kid.subsets, KID_SEED) if kid is not None else None,
+        prc_neighborhood=prc.neighborhood if prc is not None else None,
+        clip_scores=torch.cat(clip_scores).double().numpy() if clip is not None else None,
+        adherence=np.asarray(adherence) if synthetic else None, device=device)
+    if dino is not None:
+        frechet = FrechetBootstrap(dino.features, dino_reference.mu, dino_reference.sigma, device)
+        intervals["fd_dinov2"] = bootstrap_interval(frechet.replicate, n, bootstrap, "FD_DINOv2")
+    return result.with_intervals(intervals)
 
 
 def is_synthetic_caption(caption: str) -> bool:
@@ -378,9 +398,9 @@ def reference_batches(folder: str, resolution: int, batch_size: int = 50) -> Ite
 
 def run(job: FIDJob, base: SamplingModel, extractor: FeatureExtractor, cache: ReferenceStatsCache, *,
         upsampler: SamplingModel | None = None, metrics: MetricOptions | None = None,
-        dinov2: FeatureExtractor | None = None) -> list[ScaleResult] | None:
+        dinov2: FeatureExtractor | None = None, bootstrap: BootstrapOptions | None = None) -> list[ScaleResult] | None:
     """Generate (resumably, this rank's share) and, on rank 0, score every scale (:func:`evaluate_scale`:
-    ``metrics`` and ``dinov2`` choose what beside FID); results are written to ``<out>/results.json``
+    ``metrics`` and ``dinov2`` choose what beside FID, ``bootstrap`` the intervals); results are written to ``<out>/results.json``
     (:func:`~glide_lightning.evaluation.results.write_results`) and returned (None on other ranks)."""
     rank, world = rank_and_world()
     images = images_dir(job, base, upsampler)
@@ -405,7 +425,7 @@ def run(job: FIDJob, base: SamplingModel, extractor: FeatureExtractor, cache: Re
         nfe = model_evaluations(replace(job.sampling, guidance_scale=scale), base.diffusion_config)
         results.append(evaluate_scale(job, scale, extractor, cache, base.source, images, clip, nfe,
                                       upsampler.source if upsampler is not None else None, metrics=metrics,
-                                      dinov2=dinov2))
+                                      dinov2=dinov2, bootstrap=bootstrap))
         log.info("guidance %g: %s", scale, results[-1].fid.label)
     path = write_results(job.out_dir / "results.json", results,
                          {**asdict(job.sampling), "seed": job.seed, "images": str(images)})

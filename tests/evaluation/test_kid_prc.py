@@ -10,8 +10,6 @@ random-weight networks: none of these numbers is a real KID, precision, recall o
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ from glide_lightning.evaluation.fid import (
     precision_recall_from_stats,
 )
 from glide_lightning.evaluation.results import read_results
+from glide_lightning.evaluation.wandb_runs import find_runs
 from test_zero_shot import held_out  # noqa: F401  (the fixture: held-out captions and reference images)
 
 # --- torch-fidelity's own path on given features ------------------------------------------------------------
@@ -248,15 +247,9 @@ def test_fd_dinov2_from_user_supplied_transformers_weights(tiny_dinov2):
 def test_the_commands_write_kid_precision_recall_and_fd_dinov2(tiny_checkpoint, held_out, tiny_dinov2, tmp_path,
                                                                monkeypatch):
     root, _ = held_out
-    logged: dict[str, object] = {}
-
-    class FakeRun:  # log_to_wandb's summary, caught where it is handed to wandb
-        summary = logged
-
-        def finish(self):
-            pass
-
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **_: FakeRun()))
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the eval run's summary, read back from its offline files
+    for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var))
     run_dir = tmp_path / "runs" / "tiny"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(tiny_checkpoint.read_bytes())
@@ -267,6 +260,7 @@ def test_the_commands_write_kid_precision_recall_and_fd_dinov2(tiny_checkpoint, 
                           "--dinov2", str(tiny_dinov2), "--dinov2_pretrained", "false"])
     out = run_dir / "fid" / "res32_ddpm2_n6"
     records = json.loads((out / "results.json").read_text())["results"]
+    (logged,) = [run.summary for run in find_runs(run_dir) if run.job_type == "eval"]
     for r, record in zip(results, records):
         assert record["kid"]["subset_size"] == 6 and record["kid"]["subsets"] == 10  # min(1000, n)
         assert record["precision_recall"]["neighborhood"] == 3
@@ -281,8 +275,11 @@ def test_the_commands_write_kid_precision_recall_and_fd_dinov2(tiny_checkpoint, 
     assert "| guidance | FID | CLIP score | adherence | KID | precision | recall | FD_DINOv2 |" in table
     row = next(line for line in table if line.startswith("| 3 |")).strip("| ").split(" | ")
     three = results[1]
-    assert row[4:] == [f"{three.kid.mean:.4f} ± {three.kid.std:.4f}", f"{three.precision:.3f}",
-                       f"{three.recall:.3f}", f"{three.fd_dinov2.fid:.2f}"]
+    ci = three.interval  # each cell: the value, then its bootstrap interval over the generated images
+    assert row[4:] == [f"{three.kid.mean:.4f} ± {three.kid.std:.4f} {ci('kid').format('.4f')}",
+                       f"{three.precision:.3f} {ci('precision').format('.3f')}",
+                       f"{three.recall:.3f} {ci('recall').format('.3f')}",
+                       f"{three.fd_dinov2.fid:.2f} {ci('fd_dinov2').format('.2f')}"]
     assert any(line.startswith("> KID: torch_fidelity.metric_kid") and "NOT a real KID" in line for line in table)
     # without DINOv2 weights: fd_dinov2 null and the reason; --metrics '[]': FID alone
     again = glide_main(["fid", "--ckpt", str(tiny_checkpoint), *common, "--scales", "[3]", "--metrics", "[]",

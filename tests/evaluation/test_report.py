@@ -12,7 +12,7 @@ from hang_guard import HANG_GUARD_S
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_report_on_two_tiny_runs(synthetic_shards, tmp_path, monkeypatch):
+def test_report_on_two_tiny_runs(synthetic_shards, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     for arm, extra in [("simple", ["--model.diffusion.loss_type", "simple", "--model.diffusion.variance_type",
                                    "fixed_small"]), ("hybrid", [])]:
@@ -56,12 +56,28 @@ def test_report_on_two_tiny_runs(synthetic_shards, tmp_path, monkeypatch):
     assert sorted(evals) == [("| tiny_hybrid", "1"), ("| tiny_hybrid", "3"), ("| tiny_simple", "1"),
                              ("| tiny_simple", "3")]
     result = {r.guidance_scale: r for r in next(iter(run.evals.values()))}[3.0]
-    assert evals[("| tiny_hybrid", "3")][4:7] == [f"{result.fid.fid:.2f}", "–", f"{result.adherence:.3g}"]
+    def ci(metric, spec):  # each value followed by its bootstrap interval over the generated images
+        interval = result.interval(metric)
+        assert interval is not None and interval.contains(result.value(metric)), metric
+        return f" [{interval.lo:{spec}}, {interval.hi:{spec}}]"
+
+    assert evals[("| tiny_hybrid", "3")][4:7] == [f"{result.fid.fid:.2f}{ci('fid', '.2f')}", "–",
+                                                  f"{result.adherence:.3g}{ci('adherence', '.3g')}"]
     # KID (mean ± std over subsets), precision and recall from the same (random) features; no DINOv2 weights given
     assert "| FID | CLIP score | adherence | KID | precision | recall | FD_DINOv2 |" in text
-    assert evals[("| tiny_hybrid", "3")][7:] == [f"{result.kid.mean:.4f} ± {result.kid.std:.4f}",
-                                                 f"{result.precision:.3g}", f"{result.recall:.3g}", "–"]
+    assert evals[("| tiny_hybrid", "3")][7:] == [f"{result.kid.mean:.4f} ± {result.kid.std:.4f}{ci('kid', '.4f')}",
+                                                 f"{result.precision:.3g}{ci('precision', '.3g')}",
+                                                 f"{result.recall:.3g}{ci('recall', '.3g')}", "–"]
+    assert "percentile bootstrap interval over each run's generated images" in text
     assert result.fd_dinov2 is None and result.fd_dinov2_reason.startswith("not computed")
     assert "NOT a real KID or precision/recall" in text
     for plot in ("ablation_losses.png", "ablation_fid.png"):
         assert (tmp_path / "reports" / plot).stat().st_size > 1000 and plot in text
+    # --publish without an API key: the markdown report is written, the wandb Report is not, and how to is said
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    capsys.readouterr()
+    glide_main(["compare", "--runs", f"[{tmp_path / 'runs/tiny_simple'}, {tmp_path / 'runs/tiny_hybrid'}]",
+                "--out", str(tmp_path / "reports/ablation.md"), "--overwrite", "true", "--publish", "true"])
+    said = capsys.readouterr().out
+    assert (tmp_path / "reports/ablation.md").read_text() == text and "was not published" in said
+    assert f"wandb sync {tmp_path / 'runs/tiny_simple'}/wandb/offline-run-*" in said and "--publish true" in said

@@ -1,0 +1,370 @@
+"""How sure a figure is: bootstrap intervals over the generated images, and statistics across training seeds.
+
+**Over the generated images** (one evaluation): the N generated images are resampled with replacement ``B`` times
+(the reference set and its statistics stay fixed: the question is how much the figure moves with another draw of N
+images from the same model), every metric is recomputed on each resample, and the interval is the percentile
+bootstrap interval (Efron & Tibshirani 1993, §13.3): the (1 - level)/2 and (1 + level)/2 quantiles of the B
+replicates. The resamples come from ``numpy.random.default_rng(seed)``, so a rerun gives the same interval. Each
+metric's replicate is the metric's own formula on the resampled features (a test checks it against fid.py's /
+torch-fidelity's path on the same resample), computed from matrices prepared once:
+
+- FID / FD_DINOv2 (:class:`FrechetBootstrap`): ``Tr sqrt(S_g S_r) = Tr sqrt(R S_g R)`` with ``R = S_r^{1/2}``
+  computed once; ``R S_g R`` is the covariance of ``Y = X R`` (also computed once), so a replicate needs the
+  covariance of the resampled rows of Y and a symmetric eigendecomposition (no non-symmetric ``eig``, no
+  ``sqrtm``). Cost per replicate: a ``min(N, D)² · max(N, D)`` Gram matrix and a ``min(N, D)³`` ``eigvalsh``:
+  at N = 5000 Inception-sized features (D = 2048), about 4·10¹⁰ flops: measured 5.4 s per replicate (and 23 s of
+  set-up) in float64 with ``OMP_NUM_THREADS=2`` on this 2-core CPU while other jobs shared it, so 1000 replicates
+  per scale take over an hour there (use ``--bootstrap 200`` on a CPU, or a GPU: ``device`` puts the replicates
+  there; not timed here, no GPU was available); at N = 64 with 1024-d random features (the smoke sweeps) all 1000 take about a second.
+- KID (:class:`KIDBootstrap`): the cubic-kernel matrices generated×generated, generated×reference and
+  reference×reference are computed once; the subsets are drawn exactly as torch-fidelity's
+  ``kid_features_to_metric`` draws them (``np.random.RandomState(seed)``, the same sequence for every resample,
+  since N does not change), so a replicate only gathers m×m blocks (100 subsets of 1000: ~10⁸ gathers; at
+  N = 5000, D = 2048 on the same busy CPU: 25 s of set-up, 3.8 s per replicate; ``device`` moves them to a GPU).
+- precision / recall (:class:`PrecisionRecallBootstrap`): distances are computed once (``torch.cdist``, as
+  torch-fidelity does); a generated sample's membership in the reference manifold does not change with the
+  resample (precision is then a mean of indicators), the generated manifold's radii do (recall: the (k+1)-th
+  smallest distance within the resample, duplicates included, as the library computes it on a duplicated set).
+  Memory N² · 8 bytes: skipped above :data:`PRC_BOOTSTRAP_MAX` images.
+- CLIP score and adherence: means of per-image values; a replicate is the mean of the resampled values.
+
+**Across training seeds** (an ablation, :mod:`glide_lightning.evaluation.ablation`): the mean, the sample
+standard deviation (ddof 1) and the t-based interval ``mean ± t_{(1+level)/2, n-1} · s / sqrt(n)`` (Student
+1908); the difference of two arms by Welch's t interval (Welch 1947, Satterthwaite's degrees of freedom) when each
+arm has at least 2 seeds, else from the arms' bootstrap standard errors (independent bootstraps, normal
+approximation: ``d ± z · sqrt(se_a² + se_b²)``). The t quantile is scipy's.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["LEVEL", "BootstrapOptions", "Difference", "FrechetBootstrap", "Interval", "KIDBootstrap",
+           "PrecisionRecallBootstrap", "bootstrap_difference", "bootstrap_indices", "bootstrap_interval",
+           "bootstrap_metrics", "difference", "percentile_interval", "seed_summary", "t_interval",
+           "t_quantile", "welch_difference"]
+
+LEVEL = 0.95
+PRC_BOOTSTRAP_MAX = 20000
+"""Largest N for which precision/recall are bootstrapped (their N×N distance matrix, float64: 3.2 GB at 20k)."""
+BOOTSTRAP_METHOD = "percentile bootstrap over the generated images (reference fixed)"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A ``level`` confidence interval ``[lo, hi]`` and how it was made."""
+
+    lo: float
+    hi: float
+    level: float = LEVEL
+    """Coverage, e.g. 0.95."""
+    method: str = ""
+    """How it was computed (``percentile bootstrap … B replicates, seed s``, ``t interval over n seeds``…)."""
+    se: float | None = None
+    """The standard error behind it (bootstrap: the replicates' std, ddof 1; t: s/sqrt(n)); None: not known."""
+
+    def contains(self, value: float) -> bool:
+        """``lo <= value <= hi``."""
+        return self.lo <= value <= self.hi
+
+    @property
+    def excludes_zero(self) -> bool:
+        """True when 0 lies outside the interval (a difference 'exceeds its interval')."""
+        return not self.contains(0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Interval:
+        """The record of :meth:`to_dict`. Raises ``KeyError`` when ``lo`` or ``hi`` is missing."""
+        return cls(lo=float(data["lo"]), hi=float(data["hi"]), level=float(data.get("level", LEVEL)),
+                   method=str(data.get("method", "")), se=data.get("se"))
+
+    def format(self, spec: str) -> str:
+        """``[lo, hi]`` with ``spec`` (e.g. ``.2f``)."""
+        return f"[{self.lo:{spec}}, {self.hi:{spec}}]"
+
+
+@dataclass(frozen=True)
+class BootstrapOptions:
+    """How the bootstrap over the generated images runs."""
+
+    replicates: int = 1000
+    """B, the resamples (0: no bootstrap)."""
+    seed: int = 0
+    """Seed of ``numpy.random.default_rng`` that draws the resamples."""
+    level: float = LEVEL
+    """Coverage of the percentile interval."""
+
+    def __post_init__(self) -> None:
+        if self.replicates < 0 or 0 < self.replicates < 10:
+            raise ValueError(f"bootstrap replicates must be 0 (off) or >= 10, got {self.replicates}")
+        if not 0 < self.level < 1:
+            raise ValueError(f"confidence level must be in (0, 1), got {self.level}")
+
+
+# --- the bootstrap over generated images -------------------------------------------------------------------
+
+
+def bootstrap_indices(n: int, replicates: int, seed: int) -> Iterator[np.ndarray]:
+    """``replicates`` resamples of ``range(n)`` with replacement (each ``[n]`` int64), from
+    ``numpy.random.default_rng(seed)``: the same sequence for the same (n, replicates, seed)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(replicates):
+        yield rng.integers(0, n, size=n)
+
+
+def percentile_interval(replicates: Sequence[float] | np.ndarray, level: float = LEVEL, method: str = "") -> Interval:
+    """The percentile interval of bootstrap ``replicates`` (Efron & Tibshirani 1993, §13.3): their (1 - level)/2
+    and (1 + level)/2 quantiles (numpy's linear interpolation), with their std (ddof 1) as ``se``.
+
+    Raises:
+        ValueError: fewer than 2 replicates, or a non-finite one.
+    """
+    values = np.asarray(replicates, dtype=np.float64)
+    if values.size < 2 or not np.all(np.isfinite(values)):
+        raise ValueError(f"a percentile interval needs >= 2 finite replicates, got {values.size} "
+                         f"({int(np.sum(~np.isfinite(values)))} non-finite)")
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(lo=float(lo), hi=float(hi), level=level, method=method, se=float(values.std(ddof=1)))
+
+
+class FrechetBootstrap:
+    """The Fréchet distance (FID's formula, Heusel et al. 2017) of resamples of ``generated`` ``[N, D]`` against
+    fixed reference statistics (``mu_r [D]``, ``sigma_r [D, D]``), with the reference's square root and the
+    projected features computed once (see the module docstring for the cost). float64 on ``device``."""
+
+    def __init__(self, generated: np.ndarray | torch.Tensor, mu_r: np.ndarray, sigma_r: np.ndarray,
+                 device: str | torch.device = "cpu") -> None:
+        x = torch.as_tensor(np.asarray(generated), dtype=torch.float64, device=device)
+        sigma = torch.as_tensor(np.asarray(sigma_r), dtype=torch.float64, device=device)
+        w, v = torch.linalg.eigh((sigma + sigma.T) / 2)
+        root = (v * w.clamp(min=0).sqrt()) @ v.T  # S_r^{1/2}, symmetric PSD
+        self.x, self.y = x, x @ root
+        self.mu_r = torch.as_tensor(np.asarray(mu_r), dtype=torch.float64, device=device)
+        self.trace_r = float(torch.trace(sigma))
+
+    def replicate(self, idx: np.ndarray) -> float:
+        """The distance of the rows ``idx`` of the generated features (a resample: duplicates allowed)."""
+        index = torch.as_tensor(idx, device=self.x.device)
+        n = len(idx)
+        x, y = self.x[index], self.y[index]
+        xc, yc = x - x.mean(0), y - y.mean(0)
+        gram = yc.T @ yc if n >= yc.shape[1] else yc @ yc.T  # same nonzero eigenvalues: R S_g R · (n-1)
+        eig = torch.linalg.eigvalsh(gram / (n - 1)).clamp(min=0)
+        diff = x.mean(0) - self.mu_r
+        trace_g = float((xc * xc).sum()) / (n - 1)
+        return float(diff @ diff) + trace_g + self.trace_r - 2 * float(eig.sqrt().sum())
+
+
+def _poly_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch-fidelity's ``kernel_poly`` defaults: ``(a·b / D + 1)³``."""
+    return (a @ b.T * (1.0 / a.shape[1]) + 1) ** 3
+
+
+class KIDBootstrap:
+    """KID (Bińkowski et al. 2018; torch-fidelity's unbiased MMD² over ``subsets`` random subsets of
+    ``subset_size``, drawn by ``np.random.RandomState(seed)``) of resamples of ``generated`` against ``reference``,
+    from kernel matrices computed once. A replicate is the mean over the subsets, as KID's value is."""
+
+    def __init__(self, generated: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor, subset_size: int,
+                 subsets: int, seed: int, device: str | torch.device = "cpu") -> None:
+        g = torch.as_tensor(np.asarray(generated), dtype=torch.float64, device=device)
+        r = torch.as_tensor(np.asarray(reference), dtype=torch.float64, device=device)
+        n, m = len(g), subset_size
+        self.k_gg, self.m = _poly_kernel(g, g), m
+        k_gr, k_rr = _poly_kernel(g, r), _poly_kernel(r, r)
+        rng = np.random.RandomState(seed)  # the library's draws: generated positions, then reference rows
+        draws, rr_sums, gr_rows = [], [], []
+        for _ in range(subsets):
+            positions = rng.choice(n, m, replace=False)
+            rows = torch.as_tensor(rng.choice(len(r), m, replace=False), device=device)
+            block = k_rr[rows][:, rows]
+            draws.append(torch.as_tensor(positions, device=device))
+            rr_sums.append(block.sum() - block.diagonal().sum())
+            gr_rows.append(k_gr[:, rows].sum(dim=1))  # Σ_j K(g_i, r_j) for every generated i
+        self.draws, self.rr_sums, self.gr_rows = torch.stack(draws), torch.stack(rr_sums), torch.stack(gr_rows)
+
+    def replicate(self, idx: np.ndarray) -> float:
+        """KID of the generated rows ``idx`` (a resample of ``range(N)``)."""
+        m = self.m
+        chosen = torch.as_tensor(idx, device=self.k_gg.device)[self.draws]  # [subsets, m]
+        xx = torch.stack([(lambda b: b.sum() - b.diagonal().sum())(self.k_gg[c][:, c]) for c in chosen])
+        xy = torch.gather(self.gr_rows, 1, chosen).sum(dim=1)
+        return float(((xx + self.rr_sums) / (m * (m - 1)) - 2 * xy / (m * m)).mean())
+
+
+class PrecisionRecallBootstrap:
+    """Improved precision and recall (Kynkäänniemi et al. 2019, torch-fidelity's ``prc_features_to_metric``:
+    k-th nearest-neighbour radii, a sample's own zero distance counted) of resamples of ``generated``, from
+    distance matrices computed once with ``torch.cdist`` (float64)."""
+
+    def __init__(self, generated: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor,
+                 neighborhood: int = 3, device: str | torch.device = "cpu") -> None:
+        g = torch.as_tensor(np.asarray(generated), dtype=torch.float64, device=device)
+        r = torch.as_tensor(np.asarray(reference), dtype=torch.float64, device=device)
+        self.k = neighborhood
+        self.d_gg = torch.cdist(g, g)
+        self.d_rg = torch.cdist(r, g)  # [M, N]
+        radius_r = torch.cdist(r, r).kthvalue(neighborhood + 1).values
+        self.inside_real = (self.d_rg.T <= radius_r).any(dim=1).float()  # per generated sample
+
+    def replicate(self, idx: np.ndarray) -> tuple[float, float]:
+        """(precision, recall) of the generated rows ``idx``."""
+        index = torch.as_tensor(idx, device=self.d_gg.device)
+        radius_g = self.d_gg[index][:, index].kthvalue(self.k + 1, dim=1).values
+        recall = (self.d_rg[:, index] <= radius_g).any(dim=1).float().mean().item()  # float32, as the library
+        return self.inside_real[index].mean().item(), recall
+
+
+def bootstrap_interval(replicate: Any, n: int, options: BootstrapOptions, what: str) -> Interval:
+    """The percentile interval of ``replicate(idx)`` over :func:`bootstrap_indices` ``(n, options.replicates,
+    options.seed)``; ``what`` names the metric in the method string."""
+    values = [replicate(idx) for idx in bootstrap_indices(n, options.replicates, options.seed)]
+    return percentile_interval(values, options.level, f"{what}: {BOOTSTRAP_METHOD}, {options.replicates} "
+                                                      f"replicates of {n} images, seed {options.seed}")
+
+
+def bootstrap_metrics(generated: np.ndarray, reference_mu: np.ndarray, reference_sigma: np.ndarray,
+                      options: BootstrapOptions, *, reference_features: np.ndarray | None = None,
+                      kid: tuple[int, int, int] | None = None, prc_neighborhood: int | None = None,
+                      clip_scores: np.ndarray | None = None, adherence: np.ndarray | None = None,
+                      device: str | torch.device = "cpu") -> dict[str, Interval]:
+    """Intervals of every metric of one evaluation, from the same resamples of its N generated images.
+
+    ``generated`` ``[N, D]``: their features; ``reference_mu`` / ``reference_sigma``: the reference statistics
+    (FID); ``reference_features``: the reference features (KID and precision/recall need them); ``kid``:
+    (subset_size, subsets, seed) as the KID was computed; ``prc_neighborhood``: k of precision/recall;
+    ``clip_scores`` / ``adherence``: per-image values ``[N]``. Returns intervals keyed ``fid``, ``kid``,
+    ``precision``, ``recall``, ``clip_score``, ``adherence`` (those asked for; precision/recall only up to
+    :data:`PRC_BOOTSTRAP_MAX` images). Empty when ``options.replicates`` is 0."""
+    if not options.replicates:
+        return {}
+    n = len(generated)
+    fid = FrechetBootstrap(generated, reference_mu, reference_sigma, device)
+    out = {"fid": bootstrap_interval(fid.replicate, n, options, "FID")}
+    if kid is not None and reference_features is not None:
+        out["kid"] = bootstrap_interval(KIDBootstrap(generated, reference_features, *kid, device=device).replicate,
+                                        n, options, "KID")
+    if prc_neighborhood is not None and reference_features is not None and n <= PRC_BOOTSTRAP_MAX:
+        prc = PrecisionRecallBootstrap(generated, reference_features, prc_neighborhood, device)
+        pairs = [prc.replicate(idx) for idx in bootstrap_indices(n, options.replicates, options.seed)]
+        for i, name in enumerate(("precision", "recall")):
+            out[name] = percentile_interval([p[i] for p in pairs], options.level,
+                                            f"{name}: {BOOTSTRAP_METHOD}, {options.replicates} replicates of {n} "
+                                            f"images, seed {options.seed}")
+    for name, values in (("clip_score", clip_scores), ("adherence", adherence)):
+        if values is not None:
+            per_image = np.asarray(values, dtype=np.float64)
+            out[name] = bootstrap_interval(lambda idx, v=per_image: float(v[idx].mean()), n, options, name)
+    return out
+
+
+# --- across training seeds ---------------------------------------------------------------------------------
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t with ``df`` (> 0, may be fractional: Welch's) degrees of freedom
+    (``scipy.stats.t``; ``df`` = inf: the normal quantile).
+
+    Raises:
+        ValueError: ``p`` outside (0, 1) or ``df`` <= 0.
+    """
+    from scipy import stats
+
+    if not 0 < p < 1 or not df > 0:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
+    return float(stats.norm.ppf(p) if math.isinf(df) else stats.t.ppf(p, df))
+
+
+def t_interval(values: Sequence[float], level: float = LEVEL) -> Interval | None:
+    """``mean ± t_{(1+level)/2, n-1} · s / sqrt(n)`` over ``values`` (one per training seed; s with ddof 1), or
+    None for fewer than 2 values."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean, s = statistics.fmean(values), statistics.stdev(values)
+    se = s / math.sqrt(n)
+    half = t_quantile((1 + level) / 2, n - 1) * se
+    return Interval(mean - half, mean + half, level, f"t interval over {n} training seeds (df {n - 1})", se)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """``b - a`` of one metric between two arms, with its interval."""
+
+    estimate: float
+    interval: Interval
+    df: float | None = None
+    """Welch–Satterthwaite degrees of freedom (None: the bootstrap's normal approximation)."""
+
+    @property
+    def exceeds(self) -> bool:
+        """True when the interval excludes 0: the arms differ beyond the spread of seeds / images."""
+        return self.interval.excludes_zero
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, with ``exceeds``."""
+        return {"estimate": self.estimate, "interval": self.interval.to_dict(), "df": self.df,
+                "exceeds": self.exceeds}
+
+
+def welch_difference(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> Difference:
+    """mean(b) - mean(a) with Welch's t interval (unequal variances; Satterthwaite's degrees of freedom
+    ``(va/na + vb/nb)² / ((va/na)²/(na-1) + (vb/nb)²/(nb-1))``), as ``scipy.stats.ttest_ind(b, a,
+    equal_var=False)``. Two sets without spread give a zero-width interval.
+
+    Raises:
+        ValueError: an arm with fewer than 2 values.
+    """
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"Welch's interval needs >= 2 values per arm, got {len(a)} and {len(b)}")
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    d = statistics.fmean(b) - statistics.fmean(a)
+    se = math.sqrt(va + vb)
+    method = f"Welch t interval over training seeds ({len(a)} and {len(b)})"
+    if se == 0:
+        return Difference(d, Interval(d, d, level, method + ", no spread", 0.0), None)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = t_quantile((1 + level) / 2, df) * se
+    return Difference(d, Interval(d - half, d + half, level, f"{method}, df {df:.2f}", se), df)
+
+
+def bootstrap_difference(a: float, se_a: float, b: float, se_b: float, level: float = LEVEL) -> Difference:
+    """``b - a`` of two independent estimates with bootstrap standard errors: ``d ± z · sqrt(se_a² + se_b²)``
+    (normal approximation of the difference of two independent bootstrap distributions)."""
+    se = math.hypot(se_a, se_b)
+    half = statistics.NormalDist().inv_cdf((1 + level) / 2) * se
+    d = b - a
+    return Difference(d, Interval(d - half, d + half, level, "bootstrap over generated images (normal "
+                                                             "approximation, independent arms)", se))
+
+
+def seed_summary(values: Sequence[float], ses: Sequence[float | None], level: float = LEVEL) -> dict[str, Any]:
+    """One arm's metric over its seeds: ``n``, ``mean``, ``std`` (ddof 1; None for one seed), ``interval`` (t over
+    seeds; None for one seed) and ``bootstrap_se`` (the standard error of the mean from the runs' bootstrap
+    standard errors, ``sqrt(Σ se²) / n``; None when a run has none)."""
+    n = len(values)
+    known = [s for s in ses if s is not None]
+    return {"n": n, "values": list(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if n > 1 else None, "interval": t_interval(values, level),
+            "bootstrap_se": math.sqrt(sum(s * s for s in known)) / n if known and len(known) == n else None}
+
+
+def difference(a: Mapping[str, Any], b: Mapping[str, Any], level: float = LEVEL) -> Difference | None:
+    """``b - a`` of two :func:`seed_summary` records: Welch across seeds when each arm has >= 2 seeds, else from
+    the bootstrap standard errors; None when neither is available."""
+    if a["n"] >= 2 and b["n"] >= 2:
+        return welch_difference(a["values"], b["values"], level)
+    if a["bootstrap_se"] is not None and b["bootstrap_se"] is not None:
+        return bootstrap_difference(a["mean"], a["bootstrap_se"], b["mean"], b["bootstrap_se"], level)
+    return None
