@@ -4,7 +4,7 @@ FD_DINOv2), CLIP score and adherence over guidance scales.
 ``fid`` writes ``results.json`` (and the run's wandb summary) into one folder per evaluation setting,
 ``<out>/res<R>_<sampler><steps>_n<N>/``, beside the setting's image cache ``images-<key>/``; ``sweep`` also
 writes ``sweep.md`` (a table per scale) and ``sweep.png`` (FID against CLIP score, one point per scale, as
-the GLIDE paper's guidance curves) there. Every metric carries its percentile bootstrap interval over the generated
+the GLIDE paper's guidance curves) there. Every metric carries its bootstrap interval (value ± z·se) over the generated
 images (``--bootstrap``; :mod:`glide_lightning.evaluation.uncertainty`). A setting folder holds one invocation's results: one that already
 holds results (or other files) is refused before any model is loaded, unless ``--overwrite true`` (see
 :meth:`FIDCommand.outputs`); the image cache is kept and reused. Every figure says how it was computed: N,
@@ -140,11 +140,11 @@ class FIDCommand:
     """Replace the results of the settings evaluated: their ``results.json`` and ``sweep.*`` (and ``--out``'s
     ``nfe_sweep.*`` for a sweep over samplers or step counts) are deleted first; the image cache and files
     ``fid`` / ``sweep`` do not write stay."""
-    bootstrap: int = 1000
-    """Bootstrap replicates over the generated images (reference fixed) for every metric's percentile interval,
-    stored as ``<metric>_interval`` in ``results.json`` and shown as ``value [lo, hi]``; 0: no intervals. Cost: see
-    :mod:`glide_lightning.evaluation.uncertainty` (FID at N = 5000 Inception features: ~5 s per replicate on a busy
-    2-core CPU, so pass 200 there; on a GPU the replicates run on ``--device``: not timed here)."""
+    bootstrap: int = 200
+    """Bootstrap replicates over the generated images (reference fixed) for every metric's interval (value ± z·se,
+    :mod:`glide_lightning.evaluation.uncertainty`), stored as ``<metric>_interval`` in ``results.json`` and shown as
+    ``value [lo, hi]``; 0: no intervals. Cost at N = 5000 Inception features on a 2-core CPU: ~5 s per FID and ~4 s
+    per KID replicate (~30 minutes per scale at 200); on a GPU they run on ``--device`` (not timed here)."""
     bootstrap_seed: int = 0
     """Seed of the resamples (the same seed gives the same intervals)."""
     confidence: float = 0.95

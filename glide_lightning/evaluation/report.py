@@ -227,7 +227,7 @@ def write_report(runs: list[RunSummary], out: Path, preamble: Sequence[str] = ()
                          f"{_cell(r, 'fd_dinov2', 4)} |")
         if any(r.fid_interval is not None for _, _, r in evals):
             level = next(r.fid_interval.level for _, _, r in evals if r.fid_interval is not None)
-            lines += ["", f"[lo, hi]: {level:.0%} percentile bootstrap interval over each run's generated images "
+            lines += ["", f"[lo, hi]: {level:.0%} bootstrap interval over each run's generated images (value ± z·se) "
                           "(reference fixed; `results.json` says how many replicates and the seed)."]
         lines += ["", f"Images per setting and scale: {', '.join(sorted({str(r.n) for _, _, r in evals}))}."]
         lines += [f"> {label}" for label in sorted(labels)]
@@ -277,9 +277,10 @@ def ablation_lines(summary: dict[str, Any]) -> list[str]:
              + "; ".join(f"{arm}: {', '.join(configs)}" for arm, configs in summary["arms"].items())
              + f"), evaluated with {summary['eval'] or 'the sweep defaults'} on {', '.join(map(str, summary['n']))} "
              f"generated images per scale. Per arm: mean ± std over seeds [{level} t interval over seeds]; with one "
-             f"seed, the value [{level} percentile bootstrap interval over its generated images]. Difference: arm − "
+             f"seed, the value [{level} bootstrap interval over its generated images, value ± z·se]. Difference: arm − "
              f"{baseline} [{level} interval: Welch over seeds when both arms have ≥ 2 seeds, else from the runs' "
-             "bootstrap standard errors]; **yes** when the interval excludes 0 (the arms differ beyond the spread).",
+             "bootstrap standard errors]; **yes** when the interval excludes 0 (the arms differ beyond the spread: with one "
+             "seed per arm, beyond the spread of the generated images only, not that of training seeds).",
              "", "| setting | guidance | metric | " + " | ".join(arms) + " | "
              + " | ".join(f"{arm} − {baseline} | exceeds?" for arm in others) + " |",
              "|---|---:|---|" + "---:|" * len(arms) + "---:|---|" * len(others)]

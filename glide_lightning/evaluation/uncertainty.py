@@ -2,9 +2,10 @@
 
 **Over the generated images** (one evaluation): the N generated images are resampled with replacement ``B`` times
 (the reference set and its statistics stay fixed: the question is how much the figure moves with another draw of N
-images from the same model), every metric is recomputed on each resample, and the interval is the percentile
-bootstrap interval (Efron & Tibshirani 1993, §13.3): the (1 - level)/2 and (1 + level)/2 quantiles of the B
-replicates. The resamples come from ``numpy.random.default_rng(seed)``, so a rerun gives the same interval. Each
+images from the same model), every metric is recomputed on each resample, and the interval is the normal bootstrap
+interval around the value, ``value ± z·se`` with ``se`` the replicates' standard deviation (Efron & Tibshirani 1993,
+§13.2; :func:`normal_interval` says why not the percentile interval: resamples' duplicates bias FID, KID and
+recall, so their percentile interval misses the value). B = 200 estimates ``se`` well (§6.4). The resamples come from ``numpy.random.default_rng(seed)``, so a rerun gives the same interval. Each
 metric's replicate is the metric's own formula on the resampled features (a test checks it against fid.py's /
 torch-fidelity's path on the same resample), computed from matrices prepared once:
 
@@ -13,9 +14,9 @@ torch-fidelity's path on the same resample), computed from matrices prepared onc
   covariance of the resampled rows of Y and a symmetric eigendecomposition (no non-symmetric ``eig``, no
   ``sqrtm``). Cost per replicate: a ``min(N, D)² · max(N, D)`` Gram matrix and a ``min(N, D)³`` ``eigvalsh``:
   at N = 5000 Inception-sized features (D = 2048), about 4·10¹⁰ flops: measured 5.4 s per replicate (and 23 s of
-  set-up) in float64 with ``OMP_NUM_THREADS=2`` on this 2-core CPU while other jobs shared it, so 1000 replicates
-  per scale take over an hour there (use ``--bootstrap 200`` on a CPU, or a GPU: ``device`` puts the replicates
-  there; not timed here, no GPU was available); at N = 64 with 1024-d random features (the smoke sweeps) all 1000 take about a second.
+  set-up) in float64 with ``OMP_NUM_THREADS=2`` on this 2-core CPU while other jobs shared it, so the default 200
+  replicates per scale take ~20 minutes there (``--bootstrap 0`` skips them; a GPU: ``device`` puts the replicates
+  there; not timed here, no GPU was available); at N = 64 with 1024-d random features (the smoke sweeps) all of them take about a second.
 - KID (:class:`KIDBootstrap`): the cubic-kernel matrices generated×generated, generated×reference and
   reference×reference are computed once; the subsets are drawn exactly as torch-fidelity's
   ``kid_features_to_metric`` draws them (``np.random.RandomState(seed)``, the same sequence for every resample,
@@ -48,13 +49,13 @@ import torch
 
 __all__ = ["LEVEL", "BootstrapOptions", "Difference", "FrechetBootstrap", "Interval", "KIDBootstrap",
            "PrecisionRecallBootstrap", "bootstrap_difference", "bootstrap_indices", "bootstrap_interval",
-           "bootstrap_metrics", "difference", "percentile_interval", "seed_summary", "t_interval",
+           "bootstrap_metrics", "difference", "normal_interval", "seed_summary", "t_interval",
            "t_quantile", "welch_difference"]
 
 LEVEL = 0.95
 PRC_BOOTSTRAP_MAX = 20000
 """Largest N for which precision/recall are bootstrapped (their N×N distance matrix, float64: 3.2 GB at 20k)."""
-BOOTSTRAP_METHOD = "percentile bootstrap over the generated images (reference fixed)"
+BOOTSTRAP_METHOD = "normal bootstrap interval over the generated images (reference fixed): value ± z·se"
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class Interval:
     level: float = LEVEL
     """Coverage, e.g. 0.95."""
     method: str = ""
-    """How it was computed (``percentile bootstrap … B replicates, seed s``, ``t interval over n seeds``…)."""
+    """How it was computed (``normal bootstrap interval … B replicates, seed s``, ``t interval over n seeds``…)."""
     se: float | None = None
     """The standard error behind it (bootstrap: the replicates' std, ddof 1; t: s/sqrt(n)); None: not known."""
 
@@ -98,12 +99,12 @@ class Interval:
 class BootstrapOptions:
     """How the bootstrap over the generated images runs."""
 
-    replicates: int = 1000
+    replicates: int = 200
     """B, the resamples (0: no bootstrap)."""
     seed: int = 0
     """Seed of ``numpy.random.default_rng`` that draws the resamples."""
     level: float = LEVEL
-    """Coverage of the percentile interval."""
+    """Coverage of the intervals."""
 
     def __post_init__(self) -> None:
         if self.replicates < 0 or 0 < self.replicates < 10:
@@ -123,19 +124,28 @@ def bootstrap_indices(n: int, replicates: int, seed: int) -> Iterator[np.ndarray
         yield rng.integers(0, n, size=n)
 
 
-def percentile_interval(replicates: Sequence[float] | np.ndarray, level: float = LEVEL, method: str = "") -> Interval:
-    """The percentile interval of bootstrap ``replicates`` (Efron & Tibshirani 1993, §13.3): their (1 - level)/2
-    and (1 + level)/2 quantiles (numpy's linear interpolation), with their std (ddof 1) as ``se``.
+def normal_interval(point: float, replicates: Sequence[float] | np.ndarray, level: float = LEVEL,
+                    method: str = "") -> Interval:
+    """The normal bootstrap interval ``point ± z_{(1+level)/2} · se`` (Efron & Tibshirani 1993, §13.2), ``se`` the
+    std (ddof 1) of the bootstrap ``replicates``.
+
+    Why not their percentile interval (§13.3): a resample of N images with replacement holds ~37 % duplicates,
+    which add small-sample bias to FID, KID and recall (fewer distinct images: a larger FID; a duplicate's zero
+    self-distance: smaller k-NN radii), so every replicate sits to one side and the percentile interval misses the
+    value it is printed beside (FID at N = 200: value 5.5, percentile interval [9.9, 12.1]). The spread of the
+    replicates still estimates how much the value moves with another draw of N images; the interval is that
+    spread around the value, which it therefore always contains.
 
     Raises:
-        ValueError: fewer than 2 replicates, or a non-finite one.
+        ValueError: fewer than 2 replicates, or a non-finite one or value.
     """
     values = np.asarray(replicates, dtype=np.float64)
-    if values.size < 2 or not np.all(np.isfinite(values)):
-        raise ValueError(f"a percentile interval needs >= 2 finite replicates, got {values.size} "
-                         f"({int(np.sum(~np.isfinite(values)))} non-finite)")
-    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
-    return Interval(lo=float(lo), hi=float(hi), level=level, method=method, se=float(values.std(ddof=1)))
+    if values.size < 2 or not np.all(np.isfinite(values)) or not math.isfinite(point):
+        raise ValueError(f"a bootstrap interval needs a finite value and >= 2 finite replicates, got {values.size} "
+                         f"({int(np.sum(~np.isfinite(values)))} non-finite), value {point}")
+    se = float(values.std(ddof=1))
+    half = statistics.NormalDist().inv_cdf((1 + level) / 2) * se
+    return Interval(lo=point - half, hi=point + half, level=level, method=method, se=se)
 
 
 class FrechetBootstrap:
@@ -226,12 +236,16 @@ class PrecisionRecallBootstrap:
         return self.inside_real[index].mean().item(), recall
 
 
+def _method(what: str, n: int, options: BootstrapOptions) -> str:
+    return f"{what}: {BOOTSTRAP_METHOD}, {options.replicates} replicates of {n} images, seed {options.seed}"
+
+
 def bootstrap_interval(replicate: Any, n: int, options: BootstrapOptions, what: str) -> Interval:
-    """The percentile interval of ``replicate(idx)`` over :func:`bootstrap_indices` ``(n, options.replicates,
-    options.seed)``; ``what`` names the metric in the method string."""
+    """The :func:`normal_interval` of ``replicate`` around its value on all ``n`` images (``replicate(arange(n))``,
+    the metric itself), over :func:`bootstrap_indices` ``(n, options.replicates, options.seed)``; ``what`` names
+    the metric in the method string."""
     values = [replicate(idx) for idx in bootstrap_indices(n, options.replicates, options.seed)]
-    return percentile_interval(values, options.level, f"{what}: {BOOTSTRAP_METHOD}, {options.replicates} "
-                                                      f"replicates of {n} images, seed {options.seed}")
+    return normal_interval(replicate(np.arange(n)), values, options.level, _method(what, n, options))
 
 
 def bootstrap_metrics(generated: np.ndarray, reference_mu: np.ndarray, reference_sigma: np.ndarray,
@@ -258,10 +272,9 @@ def bootstrap_metrics(generated: np.ndarray, reference_mu: np.ndarray, reference
     if prc_neighborhood is not None and reference_features is not None and n <= PRC_BOOTSTRAP_MAX:
         prc = PrecisionRecallBootstrap(generated, reference_features, prc_neighborhood, device)
         pairs = [prc.replicate(idx) for idx in bootstrap_indices(n, options.replicates, options.seed)]
+        point = prc.replicate(np.arange(n))
         for i, name in enumerate(("precision", "recall")):
-            out[name] = percentile_interval([p[i] for p in pairs], options.level,
-                                            f"{name}: {BOOTSTRAP_METHOD}, {options.replicates} replicates of {n} "
-                                            f"images, seed {options.seed}")
+            out[name] = normal_interval(point[i], [p[i] for p in pairs], options.level, _method(name, n, options))
     for name, values in (("clip_score", clip_scores), ("adherence", adherence)):
         if values is not None:
             per_image = np.asarray(values, dtype=np.float64)

@@ -286,7 +286,7 @@ def evaluate_scale(job: FIDJob, scale: float, extractor: FeatureExtractor, cache
     captions) adherence of the images of one scale in ``images`` (``nfe``: the model evaluations per image that
     made them, and ``upsampler``: the source of the upsampler that took them to their size, with its steps and
     temperature from ``job.sampling``, recorded beside). With ``bootstrap`` replicates, every metric also gets its
-    percentile interval over the generated images, from the same features and per-image scores
+    bootstrap interval over the generated images, from the same features and per-image scores
     (:func:`~glide_lightning.evaluation.uncertainty.bootstrap_metrics`)."""
     metrics = MetricOptions() if metrics is None else metrics
     resampled = bootstrap is not None and bootstrap.replicates > 0

@@ -86,6 +86,28 @@ def test_interval_contains_the_estimate_narrows_with_n_and_is_reproducible():
     assert widths[1] < widths[0] / 2  # ~1/sqrt(N): 16x the images, ~1/4 the width
 
 
+def test_intervals_hold_their_value_where_resampling_biases_the_metric():
+    """Same distribution, N = 200 in 32 dimensions: a resample's duplicates raise FID and KID and shrink recall's
+    radii, so the replicates sit to one side of the value (checked: the percentile interval would miss it); the
+    interval is the replicates' spread around the value."""
+    rng = np.random.default_rng(7)
+    reference, generated = rng.normal(size=(1000, 32)), rng.normal(size=(200, 32))
+    ref = _stats(reference)
+    options = BootstrapOptions(replicates=50, seed=0)
+    intervals = bootstrap_metrics(generated, ref.mu, ref.sigma, options, reference_features=reference,
+                                  kid=(100, 10, 2020), prc_neighborhood=3)
+    fid = FrechetBootstrap(generated, ref.mu, ref.sigma)
+    point = fid_from_stats(_stats(generated), ref).fid
+    replicates = [fid.replicate(idx) for idx in bootstrap_indices(200, 50, 0)]
+    assert min(replicates) > point  # every resample is further away: a percentile interval excludes the value
+    assert intervals["fid"].contains(point) and (intervals["fid"].lo + intervals["fid"].hi) / 2 == pytest.approx(point)
+    assert intervals["fid"].se == pytest.approx(np.std(replicates, ddof=1))
+    plain_kid, _, _ = kid_features(torch.from_numpy(generated), torch.from_numpy(reference), 100, 10, seed=2020)
+    precision, recall = precision_recall_features(torch.from_numpy(generated), torch.from_numpy(reference), 3)
+    for name, value in (("kid", plain_kid), ("precision", precision), ("recall", recall)):
+        assert intervals[name].contains(value), (name, value, intervals[name])
+
+
 def test_t_quantile_is_checked_and_reaches_the_normal_at_infinite_df():
     assert t_quantile(0.975, float("inf")) == pytest.approx(1.959964, abs=1e-6)
     assert t_quantile(0.975, 1e6) == pytest.approx(1.959964, abs=1e-5)
