@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import grad_norm, rank_zero_only
 
 from glide_lightning.callbacks.steps import OptimizerStepCallback
-from glide_lightning.evaluation.wandb_eval import IMAGES_SEEN
+from glide_lightning.evaluation.wandb_eval import IMAGES_SEEN, metric_name
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ class RunWandbLogger(WandbLogger):
     sets it), every row it logs carries :data:`IMAGES_SEEN`, and each ``train/*``, ``val/*`` and ``sys/*`` key is
     defined (``define_metric``) the first time it is logged, by its exact name, with that x-axis and its
     :func:`summary_of`. Exact names, because wandb matches a key to one of several glob definitions in no fixed
-    order, and Lightning defines ``*`` (against ``trainer/global_step``) already; keys with a dot (``val/fid@1.5``),
-    which wandb reads as nested, are left to the ``train/*`` / ``val/*`` / ``sys/*`` globs defined too.
+    order, and Lightning defines ``*`` (against ``trainer/global_step``) already; a dot (``val/fid@1.5``), which wandb
+    reads as nesting, is escaped (:func:`~glide_lightning.evaluation.wandb_eval.metric_name`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -113,10 +113,11 @@ class RunWandbLogger(WandbLogger):
                 experiment.define_metric(f"{prefix}*", step_metric=IMAGES_SEEN)
             self._defined.add(IMAGES_SEEN)
         for key in metrics:
-            if key in self._defined or not key.startswith(STEPPED_PREFIXES) or "." in key:
+            if key in self._defined or not key.startswith(STEPPED_PREFIXES):
                 continue
             summary = summary_of(key)
-            experiment.define_metric(key, step_metric=IMAGES_SEEN, **({"summary": summary} if summary else {}))
+            experiment.define_metric(metric_name(key), step_metric=IMAGES_SEEN,
+                                     **({"summary": summary} if summary else {}))
             self._defined.add(key)
 
 

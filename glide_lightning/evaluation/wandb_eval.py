@@ -39,7 +39,7 @@ from glide_lightning.runs import resolve_wandb_mode
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GUIDANCE_STEP", "IMAGES_SEEN", "METRICS", "NFE_STEP", "RANDOM_FEATURES_LABEL", "RESULTS_TABLE", "TABLE_COLUMNS",
+__all__ = ["GUIDANCE_STEP", "IMAGES_SEEN", "metric_name", "METRICS", "NFE_STEP", "RANDOM_FEATURES_LABEL", "RESULTS_TABLE", "TABLE_COLUMNS",
            "TrainingRun", "eval_run_name", "interval_values", "log_eval_run", "metric_values", "result_row",
            "sha256_file"]
 
@@ -68,6 +68,12 @@ _NAMED_FIELDS = {"guidance_scale", "n", "resolution", "sampler", "steps", "check
                  "fid.extractor_name", "kid.mean", "kid.std", "precision_recall.precision",
                  "precision_recall.recall", "clip_score.mean", "fd_dinov2.fid"}
 """``to_dict`` fields (flattened) already shown under a named column."""
+
+
+def metric_name(key: str) -> str:
+    """``key`` as ``define_metric`` must be given it: wandb reads a dot as nesting, so ``eval/fid@1.5`` unescaped
+    would define ``eval/fid@1`` → ``5`` and leave the logged key without its step metric and summary."""
+    return key.replace(".", "\\.")
 
 
 def metric_values(r: ScaleResult) -> dict[str, float]:
@@ -296,7 +302,7 @@ def log_eval_run(run_dir: Path, results: Sequence[ScaleResult], checkpoint: str,
     try:
         run.define_metric(step_metric, hidden=False)
         for key, best in metrics.items():
-            run.define_metric(key, step_metric=step_metric, **({"summary": best} if best else {}))
+            run.define_metric(metric_name(key), step_metric=step_metric, **({"summary": best} if best else {}))
         for step in steps:
             run.log(step)
         columns, data = _table_rows(results, training.name, str(checkpoint), sha)

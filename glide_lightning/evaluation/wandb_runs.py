@@ -141,6 +141,14 @@ def _set_nested(tree: dict[str, Any], keys: list[str], value: Any) -> None:
     tree[keys[-1]] = value
 
 
+def _update(tree: dict[str, Any], record: Any) -> None:
+    """Apply a config or summary record (its ``update`` and ``remove`` items) to ``tree``."""
+    for item in record.update:
+        _set_nested(tree, _item_keys(item), _item_value(item))
+    for item in record.remove:
+        tree.pop(_item_keys(item)[0], None)
+
+
 def read_run(folder: str | Path) -> WandbRun:
     """Read the run in ``folder`` (``wandb/run-*`` or ``wandb/offline-run-*``, holding ``run-<id>.wandb``).
 
@@ -162,10 +170,7 @@ def read_run(folder: str | Path) -> WandbRun:
             for item in r.config.update:
                 _set_nested(run.config, _item_keys(item), _item_value(item))
         elif kind == "config":
-            for item in record.config.update:
-                _set_nested(run.config, _item_keys(item), _item_value(item))
-            for item in record.config.remove:
-                run.config.pop(_item_keys(item)[0], None)
+            _update(run.config, record.config)
         elif kind == "history":
             step: dict[str, Any] = {}
             for item in record.history.item:
@@ -173,16 +178,13 @@ def read_run(folder: str | Path) -> WandbRun:
             run.history.append(step)
             last.update(step)
         elif kind == "summary":
-            for item in record.summary.update:
-                _set_nested(run.summary, _item_keys(item), _item_value(item))
-            for item in record.summary.remove:
-                run.summary.pop(_item_keys(item)[0], None)
+            _update(run.summary, record.summary)
         elif kind == "artifact":
             run.artifacts[record.artifact.client_id] = {
                 entry.path: Path(entry.local_path) for entry in record.artifact.manifest.contents}
         elif kind == "metric":
             m = record.metric
-            run.metrics[m.name or m.glob_name] = {
+            run.metrics[(m.name or m.glob_name).replace("\\.", ".")] = {  # a dot in a name is escaped
                 "step_metric": m.step_metric, "hidden": m.options.hidden,
                 "summary": [s for s in ("min", "max", "mean", "last", "best", "first")
                             if getattr(m.summary, s, False)]}
@@ -194,6 +196,20 @@ def read_run(folder: str | Path) -> WandbRun:
 
 
 def find_runs(root: str | Path) -> list[WandbRun]:
-    """Every wandb run under ``root`` (searched recursively), oldest folder first."""
-    folders = sorted({p.parent for p in Path(root).rglob("run-*.wandb")}, key=lambda p: p.name)
-    return [read_run(folder) for folder in folders]
+    """Every wandb run under ``root`` (searched recursively), in the order they started. The sessions of one run
+    (a resumed run writes a new ``run-<time>-<id>`` folder per session) are merged into one :class:`WandbRun`:
+    their history in order, the later sessions' config, summary and metric definitions over the earlier ones'."""
+    folders = sorted({p.parent for p in Path(root).rglob("run-*.wandb")},
+                     key=lambda p: p.name.split("run-", 1)[-1])  # <time>-<id>, online and offline alike
+    runs: dict[str, WandbRun] = {}
+    for folder in folders:
+        session = read_run(folder)
+        run = runs.setdefault(session.id, session)
+        if run is not session:
+            run.history += session.history
+            run.config.update(session.config)
+            run.summary.update(session.summary)
+            run.metrics.update(session.metrics)
+            run.artifacts.update(session.artifacts)
+            run.name, run.folder = session.name or run.name, session.folder
+    return list(runs.values())

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from glide_lightning.evaluation.wandb_eval import metric_name
 from glide_lightning.evaluation.wandb_runs import BLOCK, HEADER, find_runs, read_run, records
 
 
@@ -25,10 +26,11 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndar
                          mode="offline", config={"a": 1, "nested": {"b": [2, 3]}})
         run.define_metric("images_seen")
         run.define_metric("train/*", step_metric="images_seen", summary="min")
+        run.define_metric(metric_name("val/fid@1.5"), step_metric="images_seen", summary="min")  # a dot: escaped
         table = wandb.Table(columns=["step", "prompt", "image"])
         table.add_data(7, "a red circle", wandb.Image(pixels))
-        run.log({"train/loss": 0.5, "images_seen": 32, "samples": table})
-        run.log({"train/loss": 0.25, "images_seen": 64, "long": "x" * (3 * BLOCK)})  # a record over several blocks
+        run.log({"train/loss": 0.5, "images_seen": 32, "samples": table, "val/fid@1.5": 4.0})
+        run.log({"train/loss": 0.25, "images_seen": 64, "long": "x" * (3 * BLOCK), "val/fid@1.5": 3.0})  # a record over several blocks
         run.config.update({"git": {"commit": "abc", "dirty": True}})
         run.summary["eval/fid"] = 12.5
         run.finish()
@@ -45,6 +47,8 @@ def test_a_run_reads_back_as_written(offline_run: tuple[Path, np.ndarray]) -> No
     assert run.history[1]["long"] == "x" * (3 * BLOCK)
     assert run.metrics["train/*"] == {"step_metric": "images_seen", "hidden": False, "summary": ["min"]}
     assert run.summary["eval/fid"] == 12.5 and run.summary["train/loss"] == {"min": 0.25}
+    # unescaped, the dot would define "val/fid@1" → "5": no step metric, no summary for the logged key
+    assert run.summary["val/fid@1.5"] == {"min": 3.0} and run.metrics["val/fid@1.5"]["step_metric"] == "images_seen"
     (row,) = run.table("samples")
     assert (row["step"], row["prompt"]) == (7, "a red circle")
     assert np.array_equal(np.asarray(Image.open(row["image"]["local_path"]).convert("RGB")), pixels)
@@ -69,3 +73,20 @@ def test_the_framing_is_checked(offline_run: tuple[Path, np.ndarray], tmp_path: 
         list(records(tmp_path / "not.wandb"))
     with pytest.raises(FileNotFoundError, match="not a wandb run folder"):
         read_run(tmp_path / "empty")
+
+
+def test_the_sessions_of_a_resumed_run_are_one_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wandb
+
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for session, steps in enumerate(([1, 2], [3])):  # a run interrupted after step 2, then resumed
+        run = wandb.init(project="p", id="resumed1", resume="allow", dir=str(tmp_path), mode="offline",
+                         config={"session": session})
+        for step in steps:
+            run.log({"train/loss": 1 / step, "images_seen": 32 * step})
+        run.finish()
+    assert len(list(tmp_path.rglob("run-*.wandb"))) == 2
+    (run,) = find_runs(tmp_path)
+    assert run.series("train/loss", x="images_seen") == [(32, 1.0), (64, 0.5), (96, 1 / 3)]
+    assert run.config["session"] == 1 and run.summary["train/loss"] == 1 / 3
