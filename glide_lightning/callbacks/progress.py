@@ -114,12 +114,22 @@ class ProgressLog(OptimizerStepCallback):
         if self.run_dir is None:
             return
         last = Path(self.run_dir) / "checkpoints" / "last.ckpt"
-        run = Path(self.run_dir).name
-        hint = f" RUN={run}" if self.experiment and run != self.experiment else ""
-        exp = self.experiment or "<experiment>"
         log.info("training stopped at step %d: %s. Sample it: make sample ARGS='--ckpt %s --prompt \"...\"'; "
-                 "evaluate it: make fid EXP=%s%s", trainer.global_step,
-                 f"its weights are in {last}" if last.exists() else f"checkpoints in {last.parent}", last, exp, hint)
+                 "evaluate it: %s", trainer.global_step,
+                 f"its weights are in {last}" if last.exists() else f"checkpoints in {last.parent}", last,
+                 evaluate_command(Path(self.run_dir), self.experiment))
+
+
+def evaluate_command(run_dir: Path, experiment: str | None) -> str:
+    """The command that evaluates the run in ``run_dir``: ``make fid EXP=<experiment>`` (with ``RUN=`` the run's
+    path under ``./runs`` where it is not ``runs/<experiment>``, e.g. an ablation's ``RUN=minig/hybrid_seed0``), or,
+    for a run outside ``./runs`` (which ``make`` does not reach), ``python -m glide_lightning fid --run_dir``."""
+    try:
+        run = run_dir.resolve().relative_to(Path("runs").resolve()).as_posix()
+    except ValueError:
+        return f"python -m glide_lightning fid --run_dir {run_dir}"
+    hint = f" RUN={run}" if experiment and run != experiment else ""
+    return f"make fid EXP={experiment or '<experiment>'}{hint}"
 
 
 class StepProgressBar(RichProgressBar):

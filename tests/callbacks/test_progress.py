@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import lightning as L
 import pytest
 
-from glide_lightning.callbacks.progress import ProgressLog, progress_line
+from glide_lightning.callbacks.progress import ProgressLog, evaluate_command, progress_line
 from glide_lightning.data import GlideDataModule, TokenizerSpec
 from glide_lightning.diffusion import DiffusionConfig
 from glide_lightning.module import GlideModule
@@ -23,9 +24,11 @@ def test_progress_line_reads_as_a_sentence_and_leaves_out_what_is_unknown():
         ProgressLog(every_s=0)
 
 
-def test_a_fit_logs_progress_and_ends_naming_the_checkpoint_and_the_commands(synthetic_shards, tmp_path, caplog):
+def test_a_fit_logs_progress_and_ends_naming_the_checkpoint_and_the_commands(synthetic_shards, tmp_path, caplog,
+                                                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/ of the working directory, where make looks
     module = GlideModule(model=TINY, diffusion=DiffusionConfig(steps=50))
-    progress = ProgressLog(every_s=1e-6, only_without_terminal=False, run_dir=str(tmp_path / "myrun"),
+    progress = ProgressLog(every_s=1e-6, only_without_terminal=False, run_dir=str(tmp_path / "runs/myrun"),
                            experiment="smoke")
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -40,8 +43,18 @@ def test_a_fit_logs_progress_and_ends_naming_the_checkpoint_and_the_commands(syn
                                                          "step 3/3 (100.0%)"]  # once per optimizer step, + the end
     assert all("loss " in line and "img/s" in line and "ETA " in line for line in steps[1:])
     closing = lines[-1]
-    assert "training stopped at step 3" in closing and str(tmp_path / "myrun/checkpoints") in closing
-    assert "make sample ARGS='--ckpt" in closing and "make fid EXP=smoke RUN=myrun" in closing
+    assert "training stopped at step 3" in closing and str(tmp_path / "runs/myrun/checkpoints") in closing
+    assert "make sample ARGS='--ckpt" in closing and closing.endswith("evaluate it: make fid EXP=smoke RUN=myrun")
+
+
+def test_the_closing_line_evaluates_a_run_where_it_is(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert evaluate_command(Path("runs/smoke"), "smoke") == "make fid EXP=smoke"
+    # an ablation's run sits one folder deeper: make's RUN= is its path under runs/ (Makefile: RUN_DIR = runs/$(RUN))
+    assert evaluate_command(tmp_path / "runs/ablation_smoke/hybrid_seed0", "smoke") == \
+        "make fid EXP=smoke RUN=ablation_smoke/hybrid_seed0"
+    assert evaluate_command(tmp_path / "elsewhere/x", "smoke") == \
+        f"python -m glide_lightning fid --run_dir {tmp_path / 'elsewhere/x'}"
 
 
 class _BarProbe(L.Callback):
