@@ -12,7 +12,7 @@ import yaml
 
 from glide_lightning.commands import main as glide_main
 from glide_lightning.commands import parse
-from glide_lightning.data.synthetic import synthetic_samples
+from held_out import write_held_out
 from glide_lightning.evaluation.ablation import STATE_FILE, AblationGroup
 from glide_lightning.evaluation.results import read_results
 from glide_lightning.evaluation.uncertainty import welch_difference
@@ -39,13 +39,7 @@ def test_the_command_line_takes_the_group_and_bare_seeds():
 
 def test_two_arms_two_seeds_end_to_end_resumable_with_intervals(synthetic_shards, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    captions = []
-    for sample in synthetic_samples(0, 6, split="val", image_size=32):
-        sample.image.save(reference / f"{sample.key}.png")
-        captions.append(sample.caption)
-    (tmp_path / "captions.txt").write_text("\n".join(captions))
+    reference, _, _ = write_held_out(tmp_path, 6, 32)
     tiny = _write(tmp_path / "tiny.yaml", {
         "data": {"train_shards": f"{synthetic_shards}/train-*.tar", "val_shards": f"{synthetic_shards}/val-*.tar",
                  "num_workers": 0, "batch_size": 4},

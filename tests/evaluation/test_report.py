@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from glide_lightning.data.synthetic import synthetic_samples
+from held_out import write_held_out
 from glide_lightning.commands import main as glide_main
 from glide_lightning.evaluation.report import load_run
 from hang_guard import HANG_GUARD_S
@@ -24,13 +24,7 @@ def test_report_on_two_tiny_runs(synthetic_shards, tmp_path, monkeypatch, capsys
                    "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false", *extra]
         run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert run.returncode == 0, run.stderr[-3000:]
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    captions = []
-    for sample in synthetic_samples(0, 6, split="val", image_size=32):
-        sample.image.save(reference / f"{sample.key}.png")
-        captions.append(sample.caption)
-    (tmp_path / "captions.txt").write_text("\n".join(captions))
+    reference, _, _ = write_held_out(tmp_path, 6, 32)
     for arm in ("simple", "hybrid"):
         glide_main(["fid", "--run_dir", str(tmp_path / "runs" / f"tiny_{arm}"),
                     "--captions", str(tmp_path / "captions.txt"), "--reference", str(reference), "--n", "6",
@@ -68,7 +62,7 @@ def test_report_on_two_tiny_runs(synthetic_shards, tmp_path, monkeypatch, capsys
     assert evals[("| tiny_hybrid", "3")][7:] == [f"{result.kid.mean:.4f} ± {result.kid.std:.4f}{ci('kid', '.4f')}",
                                                  f"{result.precision:.3g}{ci('precision', '.3g')}",
                                                  f"{result.recall:.3g}{ci('recall', '.3g')}", "–"]
-    assert "percentile bootstrap interval over each run's generated images" in text
+    assert "bootstrap interval over each run's generated images (value ± z·se)" in text
     assert result.fd_dinov2 is None and result.fd_dinov2_reason.startswith("not computed")
     assert "NOT a real KID or precision/recall" in text
     for plot in ("ablation_losses.png", "ablation_fid.png"):

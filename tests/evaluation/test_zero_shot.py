@@ -7,7 +7,7 @@ import pytest
 
 from glide_lightning.commands import main as glide_main
 from glide_lightning.data.images import read_png_metadata
-from glide_lightning.data.synthetic import synthetic_samples
+from held_out import write_held_out
 from glide_lightning.evaluation.fid import ReferenceStatsCache
 from glide_lightning.evaluation.results import read_results
 from glide_lightning.evaluation.zero_shot import (
@@ -25,12 +25,7 @@ from glide_lightning.sampling import SamplingConfig, load_checkpoint
 def held_out(tmp_path_factory):
     """Synthetic validation captions and their reference images (64 px PNG), as the recipes write them."""
     root = tmp_path_factory.mktemp("heldout")
-    (root / "reference").mkdir()
-    captions = []
-    for sample in synthetic_samples(0, 12, split="val", image_size=64):
-        sample.image.save(root / "reference" / f"{sample.key}.png")
-        captions.append(sample.caption)
-    (root / "captions.txt").write_text("\n".join(captions) + "\n")
+    _, _, captions = write_held_out(root, 12, 64)
     return root, captions
 
 
