@@ -14,7 +14,7 @@ from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, SamplingConfig
 from glide_lightning.sampling.command import SampleCommand
 
 REPO = Path(__file__).resolve().parents[1]
-REQUIRED = {"sample": ["--ckpt", "model.ckpt"], "compare": ["--runs", "[runs/a]"]}
+REQUIRED = {"sample": ["--ckpt", "model.ckpt"], "compare": ["--runs", "[runs/a]"], "ablation": ["minig"]}
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

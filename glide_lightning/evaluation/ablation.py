@@ -139,6 +139,8 @@ class AblationCommand:
         for arm, seed, run_dir in self.runs(group):
             _step(run_dir, "fit", self.fit_argv(group, arm, seed), f"{group.name}: train {arm} seed {seed}")
             _step(run_dir, "sweep", self.sweep_argv(group, run_dir), f"{group.name}: evaluate {arm} seed {seed}")
+        for _, _, run_dir in self.runs(group):
+            complete_ablation_keys(run_dir)
         runs = {(arm, seed): load_run(run_dir) for arm, seed, run_dir in self.runs(group)}
         summary = summarize(group, self.seeds, runs, self.confidence)
         path = Path(self.runs_root) / group.name / "ablation.json"
@@ -224,6 +226,38 @@ def summarize(group: AblationGroup, seeds: list[int], runs: dict[tuple[str, int]
     return {"group": group.name, "arms": group.arms, "baseline": baseline, "eval": group.eval, "seeds": seeds,
             "confidence": level, "runs": {f"{arm}_seed{seed}": str(run.path) for (arm, seed), run in runs.items()},
             "labels": labels, "n": sorted({r.n for rs in first.evals.values() for r in rs}), "rows": rows}
+
+
+def complete_ablation_keys(run_dir: Path) -> bool:
+    """Bring the training run's wandb config ``ablation`` (:func:`glide_lightning.runs.ablation`: how this arm
+    differs from the others of its group) up to date with every run of the group now in its folder: a run trained
+    before its sibling arms existed recorded none of them. Its wandb run is resumed by id (offline: a new session
+    folder, which :func:`~glide_lightning.evaluation.wandb_runs.find_runs` merges) only where the keys or the
+    siblings changed. Returns whether it wrote."""
+    from glide_lightning.evaluation.wandb_runs import find_runs
+    from glide_lightning.runs import RunConfig, ablation
+
+    config_file, id_file = run_dir / "config.yaml", run_dir / "wandb_id.txt"
+    if not config_file.is_file() or not id_file.is_file():
+        return False
+    config = yaml.safe_load(config_file.read_text()) or {}
+    run = RunConfig(**{k: v for k, v in (config.get("run") or {}).items() if k in RunConfig.__dataclass_fields__})
+    mode = resolve_wandb_mode(run.wandb_mode)
+    wandb_id = id_file.read_text().strip()
+    logged = [r for r in find_runs(run_dir / "wandb") if r.id == wandb_id] if (run_dir / "wandb").is_dir() else []
+    if mode == "disabled" or not logged:
+        return False
+    now = ablation(run, config)
+    stored = logged[0].config.get("ablation") or {}
+    if (stored.get("keys"), stored.get("siblings")) == (now["keys"], now["siblings"]):
+        return False
+    import wandb
+
+    resumed = wandb.init(project=run.project, group=run.group, job_type="train", id=wandb_id, resume="allow",
+                         dir=str(run_dir), mode=mode, reinit="create_new")
+    resumed.config.update({"ablation": now}, allow_val_change=True)
+    resumed.finish()
+    return True
 
 
 def log_compare_run(group: AblationGroup, summary: dict[str, Any], runs: dict[tuple[str, int], RunSummary],

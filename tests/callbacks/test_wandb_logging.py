@@ -21,7 +21,7 @@ from PIL import Image
 
 from glide_lightning.callbacks.samples import TABLE_COLUMNS
 from glide_lightning.callbacks.wandb_logging import IMAGES_SEEN, PEAK_CUDA, PEAK_RSS, summary_of
-from glide_lightning.evaluation.wandb_runs import WandbRun, find_runs
+from glide_lightning.evaluation.wandb_runs import WandbRun, find_runs, read_run
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a large red circle", "a small blue square above a large yellow triangle"]
@@ -97,7 +97,9 @@ def arms(synthetic_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
         fit(shards, root, probes, "fast", "--model.optimizer.lr", "5e-4", "--seed_everything", "1")
         fit(shards, root, probes, "fast", "--model.optimizer.lr", "5e-4", "--seed_everything", "1",
             "--trainer.max_steps", str(STEPS + 1))
-    found = find_runs(root)  # oldest first
+    assert [run.name for run in find_runs(root)] == ["base", "fast"]  # fast's two sessions are one wandb run
+    sessions = sorted({p.parent for p in root.rglob("run-*.wandb")}, key=lambda p: p.name.split("run-", 1)[-1])
+    found = [read_run(folder) for folder in sessions]  # each session apart, oldest first
     assert [run.name for run in found] == ["base", "fast", "fast"]
     runs = dict(zip(["base", "fast", "fast_resumed"], found))
     return root, shards, runs

@@ -16,6 +16,7 @@ from held_out import write_held_out
 from glide_lightning.evaluation.ablation import STATE_FILE, AblationGroup
 from glide_lightning.evaluation.results import read_results
 from glide_lightning.evaluation.uncertainty import welch_difference
+from glide_lightning.evaluation.wandb_runs import find_runs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,6 +69,10 @@ def test_two_arms_two_seeds_end_to_end_resumable_with_intervals(synthetic_shards
         [result] = read_results(run_dir / "fid/res32_ddpm2_n6/results.json")
         assert result.fid_interval is not None and result.fid_interval.contains(result.fid.fid)
         assert result.adherence_interval is not None and result.kid_interval is not None
+    for name, run_dir in runs.items():  # every run's wandb config says what its arm changes, the first trained too
+        (train,) = [r for r in find_runs(run_dir / "wandb") if r.job_type == "train"]
+        assert "model.diffusion.loss_type" in train.config["ablation"]["keys"], name
+        assert len(train.config["ablation"]["siblings"]) == 3, name
     ckpts = {path: path.stat().st_mtime_ns for run_dir in runs.values() for path in run_dir.glob("checkpoints/*")}
     results = {path: path.stat().st_mtime_ns for run_dir in runs.values() for path in run_dir.glob("fid/*/*.json")}
     assert ckpts and results
