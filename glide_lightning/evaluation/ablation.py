@@ -27,6 +27,7 @@ of ``compare``) and the summary of a wandb run ``<group>-compare`` (``job_type="
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from glide_lightning.evaluation.report import RunSummary, load_run, report_outpu
 from glide_lightning.evaluation.results import INTERVAL_METRICS
 from glide_lightning.evaluation.uncertainty import LEVEL, difference, seed_summary
 from glide_lightning.runs import checkpoint_step, resolve_wandb_mode
+
+log = logging.getLogger(__name__)
 
 GROUPS_DIR = Path("experiments/ablations")
 STATE_FILE = "ablation_state.json"
@@ -251,10 +254,20 @@ def complete_ablation_keys(run_dir: Path) -> bool:
     stored = logged[0].config.get("ablation") or {}
     if (stored.get("keys"), stored.get("siblings")) == (now["keys"], now["siblings"]):
         return False
+    import time
+
     import wandb
 
-    resumed = wandb.init(project=run.project, group=run.group, job_type="train", id=wandb_id, resume="allow",
-                         dir=str(run_dir), mode=mode, reinit="create_new")
+    for attempt in range(6):  # right after a run ends, its wandb service may hold the id a few seconds ("in use")
+        try:
+            resumed = wandb.init(project=run.project, group=run.group, job_type="train", id=wandb_id,
+                                 resume="allow", dir=str(run_dir), mode=mode, reinit="create_new")
+            break
+        except Exception as error:  # wandb's ServerResponseError
+            if "in use" not in str(error) or attempt == 5:
+                log.warning("wandb run %s of %s not updated with its ablation keys: %s", wandb_id, run_dir, error)
+                return False
+            time.sleep(5.0)
     resumed.config.update({"ablation": now}, allow_val_change=True)
     resumed.finish()
     return True
