@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -187,7 +188,11 @@ def _step(run_dir: Path, what: str, argv: list[str], label: str) -> bool:
         print(f"{label}: done already (skipped)")
         return False
     print(f"{label}: python -m glide_lightning {' '.join(argv)}", flush=True)
-    status = subprocess.run([sys.executable, "-m", "glide_lightning", *argv]).returncode
+    # Each command gets a wandb service of its own, as when typed in a shell: once this process has used wandb
+    # (a group run before, a notebook), WANDB_SERVICE in its environment would attach the child's runs to this
+    # process's service, whose streams outlive the child ("run ID is in use" when a run is resumed afterwards).
+    env = {name: value for name, value in os.environ.items() if name != "WANDB_SERVICE"}
+    status = subprocess.run([sys.executable, "-m", "glide_lightning", *argv], env=env).returncode
     if status != 0:
         raise ChildProcessError(f"{label} failed (exit status {status}); run the ablation again to resume it")
     state = _state(run_dir)  # (re-read: the run directory may have just been made)

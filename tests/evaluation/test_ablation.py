@@ -39,7 +39,16 @@ def test_the_command_line_takes_the_group_and_bare_seeds():
 
 
 def test_two_arms_two_seeds_end_to_end_resumable_with_intervals(synthetic_shards, tmp_path, monkeypatch):
+    import os
+
+    import wandb
+
     monkeypatch.setenv("WANDB_MODE", "offline")
+    # This process has used wandb before the ablation (as a notebook, or an earlier test, may have): its wandb
+    # service is running and named in WANDB_SERVICE, which the runs' own commands must not attach to.
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb.init(project="before", dir=str(tmp_path), reinit="create_new").finish()
+    assert os.environ.get("WANDB_SERVICE")
     reference, _, _ = write_held_out(tmp_path, 6, 32)
     tiny = _write(tmp_path / "tiny.yaml", {
         "data": {"train_shards": f"{synthetic_shards}/train-*.tar", "val_shards": f"{synthetic_shards}/val-*.tar",
