@@ -17,6 +17,20 @@ def pytest_configure(config):
         os.environ["OMP_NUM_THREADS"] = "1"
 
 
+@pytest.fixture(autouse=True)
+def _wandb_as_at_process_end():
+    """After each test, wandb as a finished command leaves it: its run finished, its process-wide setup and service
+    gone (and WANDB_SERVICE with them). Otherwise a later test of the same pytest-xdist worker takes over a run left
+    open, inherits a setup made under another WANDB_MODE, or starts commands attached to this process's service."""
+    yield
+    import sys
+
+    if "wandb" in sys.modules:
+        wandb = sys.modules["wandb"]
+        wandb.finish()
+        wandb.teardown()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

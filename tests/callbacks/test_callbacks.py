@@ -46,13 +46,7 @@ def test_grid_cells_are_prompt_by_scale_with_fixed_seeds():
 
 @pytest.fixture
 def offline_wandb(tmp_path, monkeypatch):
-    import wandb
-
-    # an earlier test of this process (an in-process CLI fit with WANDB_MODE=disabled, which pytest-xdist may run
-    # before this file) leaves its run open and wandb set up disabled: WandbLogger would take that run over and
-    # this test's would write no files. Its run finished and wandb's process-wide setup torn down, it starts afresh.
-    wandb.finish()
-    wandb.teardown()
+    # (an earlier test's wandb run and setup are gone: conftest's _wandb_as_at_process_end)
     monkeypatch.setenv("WANDB_MODE", "offline")
     for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
         monkeypatch.setenv(var, str(tmp_path / var))

@@ -69,11 +69,7 @@ def fit(shards: Path, root: Path, probes: Path, name: str, *extra: str) -> None:
 @contextlib.contextmanager
 def offline_wandb(tmp: Path) -> Iterator[None]:
     """wandb offline, its folders in ``tmp`` (``WANDB_DATA_DIR``: the Tables' staged artifacts), ``tmp`` the cwd."""
-    import wandb
-
     with pytest.MonkeyPatch.context() as patch:
-        wandb.finish()
-        wandb.teardown()  # an earlier in-process run may have left wandb set up disabled
         patch.setenv("WANDB_MODE", "offline")
         patch.setenv("WANDB_SILENT", "true")
         for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
