@@ -17,8 +17,9 @@ torch-fidelity's path on the same resample), computed from matrices prepared onc
   set-up) in float64 with ``OMP_NUM_THREADS=2`` on this 2-core CPU while other jobs shared it, so the default 200
   replicates per scale take ~20 minutes there (``--bootstrap 0`` skips them; a GPU: ``device`` puts the replicates
   there; not timed here, no GPU was available); at N = 64 with 1024-d random features (the smoke sweeps) all of them take about a second.
-- KID (:class:`KIDBootstrap`): the cubic-kernel matrices generated×generated, generated×reference and
-  reference×reference are computed once; the subsets are drawn exactly as torch-fidelity's
+- KID (:class:`KIDBootstrap`): the cubic-kernel matrix generated×generated and, per subset, the reference
+  block's sum and each generated sample's sum against the block's rows are computed once (no reference×reference
+  or generated×reference matrix); the subsets are drawn exactly as torch-fidelity's
   ``kid_features_to_metric`` draws them (``np.random.RandomState(seed)``, the same sequence for every resample,
   since N does not change), so a replicate only gathers m×m blocks (100 subsets of 1000: ~10⁸ gathers; at
   N = 5000, D = 2048 on the same busy CPU: 25 s of set-up, 3.8 s per replicate; ``device`` moves them to a GPU).
@@ -26,7 +27,8 @@ torch-fidelity's path on the same resample), computed from matrices prepared onc
   torch-fidelity does); a generated sample's membership in the reference manifold does not change with the
   resample (precision is then a mean of indicators), the generated manifold's radii do (recall: the (k+1)-th
   smallest distance within the resample, duplicates included, as the library computes it on a duplicated set).
-  Memory N² · 8 bytes: skipped above :data:`PRC_BOOTSTRAP_MAX` images.
+  Memory ``8·N·(N + M)`` bytes (M reference images; the reference radii are computed a block of rows at a
+  time); above :data:`BOOTSTRAP_MAX_BYTES` the interval is skipped with a warning (so is KID's, ``8·N²``).
 - CLIP score and adherence: means of per-image values; a replicate is the mean of the resampled values.
 
 **Across training seeds** (an ablation, :mod:`glide_lightning.evaluation.ablation`): the mean, the sample
@@ -38,6 +40,7 @@ approximation: ``d ± z · sqrt(se_a² + se_b²)``). The t quantile is scipy's.
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections.abc import Iterator, Mapping, Sequence
@@ -47,14 +50,20 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["LEVEL", "BootstrapOptions", "Difference", "FrechetBootstrap", "Interval", "KIDBootstrap",
-           "PrecisionRecallBootstrap", "bootstrap_difference", "bootstrap_indices", "bootstrap_interval",
-           "bootstrap_metrics", "difference", "normal_interval", "seed_summary", "t_interval",
-           "t_quantile", "welch_difference"]
+log = logging.getLogger(__name__)
+
+__all__ = ["BOOTSTRAP_MAX_BYTES", "LEVEL", "BootstrapOptions", "Difference", "FrechetBootstrap", "Interval",
+           "KIDBootstrap", "PrecisionRecallBootstrap", "bootstrap_difference", "bootstrap_indices",
+           "bootstrap_interval", "bootstrap_metrics", "difference", "kid_bootstrap_bytes", "normal_interval",
+           "prc_bootstrap_bytes", "seed_summary", "t_interval", "t_quantile", "welch_difference"]
 
 LEVEL = 0.95
-PRC_BOOTSTRAP_MAX = 20000
-"""Largest N for which precision/recall are bootstrapped (their N×N distance matrix, float64: 3.2 GB at 20k)."""
+BLOCK = 4096
+"""Reference rows at a time where the bootstraps' set-up walks the reference set."""
+BOOTSTRAP_MAX_BYTES = 8 * 2**30
+"""The most memory the KID and precision/recall bootstraps' matrices may take on their device (each; float64):
+a larger set skips that interval with a warning (KID: ``8·N²`` bytes, 32k generated images; precision/recall:
+:func:`prc_bootstrap_bytes`, e.g. 20k generated against 20k reference images)."""
 BOOTSTRAP_METHOD = "normal bootstrap interval over the generated images (reference fixed): value ± z·se"
 
 
@@ -184,25 +193,34 @@ def _poly_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class KIDBootstrap:
     """KID (Bińkowski et al. 2018; torch-fidelity's unbiased MMD² over ``subsets`` random subsets of
     ``subset_size``, drawn by ``np.random.RandomState(seed)``) of resamples of ``generated`` against ``reference``,
-    from kernel matrices computed once. A replicate is the mean over the subsets, as KID's value is."""
+    from kernel sums computed once. A replicate is the mean over the subsets, as KID's value is.
+
+    Memory: the generated×generated kernel ``[N, N]`` (float64; a replicate gathers its subsets' blocks) and per
+    subset its reference block's sum and each generated sample's kernel sum against the block's rows
+    (``[subsets, N]``). No reference×reference or generated×reference matrix is built: the reference side is
+    computed in ``block`` rows at a time (an MS-COCO-sized 30k reference would need 7 GB for each)."""
 
     def __init__(self, generated: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor, subset_size: int,
-                 subsets: int, seed: int, device: str | torch.device = "cpu") -> None:
+                 subsets: int, seed: int, device: str | torch.device = "cpu", block: int = BLOCK) -> None:
         g = torch.as_tensor(np.asarray(generated), dtype=torch.float64, device=device)
         r = torch.as_tensor(np.asarray(reference), dtype=torch.float64, device=device)
         n, m = len(g), subset_size
         self.k_gg, self.m = _poly_kernel(g, g), m
-        k_gr, k_rr = _poly_kernel(g, r), _poly_kernel(r, r)
         rng = np.random.RandomState(seed)  # the library's draws: generated positions, then reference rows
-        draws, rr_sums, gr_rows = [], [], []
-        for _ in range(subsets):
+        draws, rr_sums = [], []
+        chosen_rows = torch.zeros(len(r), subsets, dtype=torch.float64, device=device)  # [M, subsets] 0/1
+        for s in range(subsets):
             positions = rng.choice(n, m, replace=False)
             rows = torch.as_tensor(rng.choice(len(r), m, replace=False), device=device)
-            block = k_rr[rows][:, rows]
+            block_rr = _poly_kernel(r[rows], r[rows])  # [m, m]
             draws.append(torch.as_tensor(positions, device=device))
-            rr_sums.append(block.sum() - block.diagonal().sum())
-            gr_rows.append(k_gr[:, rows].sum(dim=1))  # Σ_j K(g_i, r_j) for every generated i
-        self.draws, self.rr_sums, self.gr_rows = torch.stack(draws), torch.stack(rr_sums), torch.stack(gr_rows)
+            rr_sums.append(block_rr.sum() - block_rr.diagonal().sum())
+            chosen_rows[rows, s] = 1.0
+        # Σ_{j in subset s} K(g_i, r_j) for every generated i: [subsets, N], a block of reference rows at a time
+        gr_rows = torch.zeros(subsets, n, dtype=torch.float64, device=device)
+        for start in range(0, len(r), block):
+            gr_rows += chosen_rows[start:start + block].T @ _poly_kernel(r[start:start + block], g)
+        self.draws, self.rr_sums, self.gr_rows = torch.stack(draws), torch.stack(rr_sums), gr_rows
 
     def replicate(self, idx: np.ndarray) -> float:
         """KID of the generated rows ``idx`` (a resample of ``range(N)``)."""
@@ -216,17 +234,24 @@ class KIDBootstrap:
 class PrecisionRecallBootstrap:
     """Improved precision and recall (Kynkäänniemi et al. 2019, torch-fidelity's ``prc_features_to_metric``:
     k-th nearest-neighbour radii, a sample's own zero distance counted) of resamples of ``generated``, from
-    distance matrices computed once with ``torch.cdist`` (float64)."""
+    distance matrices computed once with ``torch.cdist`` (float64).
+
+    Memory: generated×generated ``[N, N]`` and reference×generated ``[M, N]`` distances (a replicate's recall needs
+    both); the reference radii and each generated sample's membership are computed ``block`` reference rows at a
+    time (no ``[M, M]`` matrix). :func:`prc_bootstrap_bytes` is the total."""
 
     def __init__(self, generated: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor,
-                 neighborhood: int = 3, device: str | torch.device = "cpu") -> None:
+                 neighborhood: int = 3, device: str | torch.device = "cpu", block: int = BLOCK) -> None:
         g = torch.as_tensor(np.asarray(generated), dtype=torch.float64, device=device)
         r = torch.as_tensor(np.asarray(reference), dtype=torch.float64, device=device)
         self.k = neighborhood
         self.d_gg = torch.cdist(g, g)
         self.d_rg = torch.cdist(r, g)  # [M, N]
-        radius_r = torch.cdist(r, r).kthvalue(neighborhood + 1).values
-        self.inside_real = (self.d_rg.T <= radius_r).any(dim=1).float()  # per generated sample
+        inside = torch.zeros(len(g), dtype=torch.bool, device=device)
+        for start in range(0, len(r), block):
+            radius_r = torch.cdist(r[start:start + block], r).kthvalue(neighborhood + 1, dim=1).values  # [block]
+            inside |= (self.d_rg[start:start + block] <= radius_r[:, None]).any(dim=0)
+        self.inside_real = inside.float()  # per generated sample: inside some reference sample's k-NN ball
 
     def replicate(self, idx: np.ndarray) -> tuple[float, float]:
         """(precision, recall) of the generated rows ``idx``."""
@@ -234,6 +259,25 @@ class PrecisionRecallBootstrap:
         radius_g = self.d_gg[index][:, index].kthvalue(self.k + 1, dim=1).values
         recall = (self.d_rg[:, index] <= radius_g).any(dim=1).float().mean().item()  # float32, as the library
         return self.inside_real[index].mean().item(), recall
+
+
+def kid_bootstrap_bytes(n: int, subsets: int) -> int:
+    """Bytes of :class:`KIDBootstrap`'s matrices for ``n`` generated images: ``[N, N]`` and ``[subsets, N]``."""
+    return 8 * n * (n + subsets)
+
+
+def prc_bootstrap_bytes(n: int, m: int) -> int:
+    """Bytes of :class:`PrecisionRecallBootstrap`'s matrices for ``n`` generated and ``m`` reference images."""
+    return 8 * n * (n + m) + 8 * BLOCK * m
+
+
+def _fits(what: str, needed: int, n: int) -> bool:
+    if needed <= BOOTSTRAP_MAX_BYTES:
+        return True
+    log.warning("no %s interval: its bootstrap over %d generated images would need %.1f GB (more than "
+                "uncertainty.BOOTSTRAP_MAX_BYTES, %.1f GB); the value itself is unaffected", what, n, needed / 1e9,
+                BOOTSTRAP_MAX_BYTES / 1e9)
+    return False
 
 
 def _method(what: str, n: int, options: BootstrapOptions) -> str:
@@ -259,17 +303,18 @@ def bootstrap_metrics(generated: np.ndarray, reference_mu: np.ndarray, reference
     (FID); ``reference_features``: the reference features (KID and precision/recall need them); ``kid``:
     (subset_size, subsets, seed) as the KID was computed; ``prc_neighborhood``: k of precision/recall;
     ``clip_scores`` / ``adherence``: per-image values ``[N]``. Returns intervals keyed ``fid``, ``kid``,
-    ``precision``, ``recall``, ``clip_score``, ``adherence`` (those asked for; precision/recall only up to
-    :data:`PRC_BOOTSTRAP_MAX` images). Empty when ``options.replicates`` is 0."""
+    ``precision``, ``recall``, ``clip_score``, ``adherence`` (those asked for; KID and precision/recall only
+    where their matrices fit :data:`BOOTSTRAP_MAX_BYTES`, with a warning otherwise). Empty when ``options.replicates`` is 0."""
     if not options.replicates:
         return {}
     n = len(generated)
     fid = FrechetBootstrap(generated, reference_mu, reference_sigma, device)
     out = {"fid": bootstrap_interval(fid.replicate, n, options, "FID")}
-    if kid is not None and reference_features is not None:
+    if kid is not None and reference_features is not None and _fits("KID", kid_bootstrap_bytes(n, kid[1]), n):
         out["kid"] = bootstrap_interval(KIDBootstrap(generated, reference_features, *kid, device=device).replicate,
                                         n, options, "KID")
-    if prc_neighborhood is not None and reference_features is not None and n <= PRC_BOOTSTRAP_MAX:
+    if prc_neighborhood is not None and reference_features is not None and _fits(
+            "precision/recall", prc_bootstrap_bytes(n, len(reference_features)), n):
         prc = PrecisionRecallBootstrap(generated, reference_features, prc_neighborhood, device)
         pairs = [prc.replicate(idx) for idx in bootstrap_indices(n, options.replicates, options.seed)]
         point = prc.replicate(np.arange(n))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import statistics
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ import torch
 
 from glide_lightning.evaluation.fid import FIDResult, FeatureStats, fid_from_stats, kid_features, precision_recall_features
 from glide_lightning.evaluation.results import ScaleResult, read_results, write_results
+from glide_lightning.evaluation import uncertainty
 from glide_lightning.evaluation.uncertainty import (
     BootstrapOptions,
     FrechetBootstrap,
@@ -25,6 +28,8 @@ from glide_lightning.evaluation.uncertainty import (
     bootstrap_indices,
     bootstrap_metrics,
     difference,
+    kid_bootstrap_bytes,
+    prc_bootstrap_bytes,
     seed_summary,
     t_interval,
     t_quantile,
@@ -43,12 +48,13 @@ def features():
     return rng.normal(size=(40, 6)) + 0.3, rng.normal(size=(50, 6))
 
 
-def test_each_bootstrap_replicate_is_the_plain_metric_on_the_resampled_features(features):
+@pytest.mark.parametrize("block", [4096, 7])  # the reference set in one block, and in 8 (the last one short)
+def test_each_bootstrap_replicate_is_the_plain_metric_on_the_resampled_features(features, block):
     generated, reference = features
     ref = _stats(reference)
     fid = FrechetBootstrap(generated, ref.mu, ref.sigma)
-    kid = KIDBootstrap(generated, reference, 10, 5, 2020)
-    prc = PrecisionRecallBootstrap(generated, reference, 3)
+    kid = KIDBootstrap(generated, reference, 10, 5, 2020, block=block)
+    prc = PrecisionRecallBootstrap(generated, reference, 3, block=block)
     for idx in bootstrap_indices(len(generated), 3, seed=1):
         resampled = generated[idx]
         assert fid.replicate(idx) == pytest.approx(fid_from_stats(_stats(resampled), ref).fid, rel=1e-9, abs=1e-9)
@@ -56,6 +62,40 @@ def test_each_bootstrap_replicate_is_the_plain_metric_on_the_resampled_features(
         assert kid.replicate(idx) == pytest.approx(plain_kid, rel=1e-9, abs=1e-12)
         assert prc.replicate(idx) == precision_recall_features(torch.from_numpy(resampled),
                                                                torch.from_numpy(reference), 3)
+
+
+def test_kid_and_precision_recall_bootstraps_build_no_reference_by_reference_matrix():
+    """A large reference set (MS-COCO's 30k: 7 GB per float64 [M, M] matrix) costs memory linear in M: here 6000
+    reference rows, whose [M, M] matrix alone would be 288 MB, set both bootstraps up within a fraction of that."""
+    script = """
+import resource, numpy as np
+from glide_lightning.evaluation.uncertainty import KIDBootstrap, PrecisionRecallBootstrap
+rng = np.random.default_rng(0)
+generated, reference = rng.normal(size=(40, 8)), rng.normal(size=(6000, 8))
+KIDBootstrap(generated, reference, 10, 5, 0, block=256).replicate(np.arange(40))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+KIDBootstrap(generated, reference, 10, 5, 0, block=256)
+PrecisionRecallBootstrap(generated, reference, 3, block=256)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) < 60e6  # bytes of peak growth; [M, M] float64 would be 288e6
+
+
+def test_a_bootstrap_whose_matrices_exceed_the_memory_budget_is_skipped_with_a_warning(features, monkeypatch,
+                                                                                          caplog):
+    generated, reference = features
+    ref = _stats(reference)
+    options = BootstrapOptions(replicates=10, seed=0)
+    kwargs = dict(reference_features=reference, kid=(10, 5, 0), prc_neighborhood=3)
+    assert {"fid", "kid", "precision", "recall"} <= bootstrap_metrics(generated, ref.mu, ref.sigma, options,
+                                                                      **kwargs).keys()
+    monkeypatch.setattr(uncertainty, "BOOTSTRAP_MAX_BYTES", kid_bootstrap_bytes(40, 5))  # KID fits, exactly
+    assert prc_bootstrap_bytes(40, 50) > uncertainty.BOOTSTRAP_MAX_BYTES
+    intervals = bootstrap_metrics(generated, ref.mu, ref.sigma, options, **kwargs)
+    assert {"fid", "kid"} <= intervals.keys() and not {"precision", "recall"} & intervals.keys()
+    assert "no precision/recall interval" in caplog.text and "the value itself is unaffected" in caplog.text
 
 
 def test_fid_replicate_with_fewer_images_than_dimensions_uses_the_gram_side():
