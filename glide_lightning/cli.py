@@ -380,13 +380,16 @@ def main(args: list[str] | None = None) -> None:
         # that a script mixes the two when it gets it as `args` as well
         args = None
     try:
-        GlideCLI(args=args)
+        cli = GlideCLI(args=args)
     except (LockBusy, ConfigDriftError, UnreadableCheckpointError) as error:
         log.error("%s", error)
         sys.exit(2)
     except NonFiniteLossError as error:
         log.error("%s", error)
         sys.exit(1)
+    interrupt = next((c for c in getattr(cli.trainer, "callbacks", []) if isinstance(c, GracefulInterrupt)), None)
+    if interrupt is not None and interrupt.exit_status:
+        sys.exit(interrupt.exit_status)  # stopped by a signal, saved: not a finished run (see GracefulInterrupt)
 
 
 def count_images(batch: dict[str, Any]) -> int:

@@ -13,7 +13,9 @@ ignore the signal (the main process ends them).
 **SLURM.** ``sbatch --signal=USR1@180`` sends the *requeue signal* (SIGUSR1) to every process of the
 job some time before its time limit: the run stops and saves as above, then rank 0 requeues the job
 (``scontrol requeue $SLURM_JOB_ID``, as Lightning's own SLURM handler does), and the requeued job's
-``fit`` resumes from ``last.ckpt``. Taking the signal over keeps ``last.ckpt`` the one checkpoint a
+``fit`` resumes from ``last.ckpt``. A stopped ``fit`` exits with ``128 + signal`` (130 after Ctrl-C), as a
+command a signal ends does, so that a chained command (``make train && make fid``) does not run; a requeued one
+exits 0. Taking the signal over keeps ``last.ckpt`` the one checkpoint a
 run resumes from: Lightning's handler would save a separate ``hpc_ckpt_N.ckpt`` mid-step, which an
 explicit resume path overrides. SIGTERM (preemption; ``scancel``) saves without requeueing: SLURM
 requeues preempted jobs itself where the partition says so. See ``scripts/slurm_train.sbatch``.
@@ -47,6 +49,7 @@ class GracefulInterrupt(OptimizerStepCallback):
     def __init__(self) -> None:
         self.requested: int | None = None
         self.stopped_at: int | None = None
+        self.requeued = False
         self._original: dict[int, Any] = {}
         self._active = False
         self._pid: int | None = None
@@ -95,7 +98,18 @@ class GracefulInterrupt(OptimizerStepCallback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()  # after on_train_end, so that the final save is covered too
         if self.requested == self.REQUEUE_SIGNAL and trainer.is_global_zero:
-            requeue_slurm_job()
+            self.requeued = requeue_slurm_job()
+
+    @property
+    def exit_status(self) -> int | None:
+        """The exit status of rank 0's process after a fit this callback stopped (None: it did not, or another
+        rank): ``128 + signal``, the shell's convention for a command a signal ended (130 for Ctrl-C, 143 for
+        SIGTERM), so that ``make train && make fid`` stops there; 0 once the job is requeued (SLURM runs it again).
+        The other ranks exit 0: under ``srun --kill-on-bad-exit`` one of them exiting first with an error would
+        kill rank 0 before it requeues the job."""
+        if self.stopped_at is None or self.requested is None or not self._speaks:
+            return None
+        return 0 if self.requeued else 128 + int(self.requested)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()

@@ -114,6 +114,11 @@ class ProgressLog(OptimizerStepCallback):
         if self.run_dir is None:
             return
         last = Path(self.run_dir) / "checkpoints" / "last.ckpt"
+        interrupt = next((c for c in trainer.callbacks if getattr(c, "stopped_at", None) is not None), None)
+        if interrupt is not None:  # GracefulInterrupt stopped it (not imported here: it imports this package)
+            log.info("training interrupted at step %d of %s: its state is saved to %s; the same command resumes it",
+                     trainer.global_step, trainer.max_steps if trainer.max_steps > 0 else "?", last)
+            return
         log.info("training stopped at step %d: %s. Sample it: make sample ARGS='--ckpt %s --prompt \"...\"'; "
                  "evaluate it: %s", trainer.global_step,
                  f"its weights are in {last}" if last.exists() else f"checkpoints in {last.parent}", last,
