@@ -217,7 +217,7 @@ class GlideCLI(LightningCLI):
             self.start_run(run)  # before the loggers write anything into the run directory
         mode = resolve_wandb_mode(run.wandb_mode)
         os.environ["WANDB_MODE"] = mode
-        from glide_lightning.callbacks.wandb_logging import RunWandbLogger, TrainingStats
+        from glide_lightning.callbacks.wandb_logging import ImagesSeen, RunWandbLogger, TrainingStats
 
         wandb = wandb_logger(run, mode, logger_class=RunWandbLogger)
         if self.subcommand == "fit" and mode != "disabled" and is_launching_process():
@@ -231,7 +231,7 @@ class GlideCLI(LightningCLI):
         callbacks = [LearningRateMonitor(logging_interval="step"), images_per_second(),
                      RunCheckpoint(run.dir / "checkpoints", every_n_train_steps=run.checkpoint_every_n_steps,
                                    resumed_from=self._get(self.config_init, "ckpt_path")),
-                     ProgressLog(run_dir=str(run.dir), experiment=self.experiment),
+                     ProgressLog(run_dir=str(run.dir), experiment=self.experiment), ImagesSeen(),
                      *([TrainingStats()] if mode != "disabled" else [])]
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         config = {**trainer, **kwargs, "callbacks": own, "default_root_dir": str(run.dir), "logger": [wandb, csv]}
@@ -392,11 +392,6 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(interrupt.exit_status)  # stopped by a signal, saved: not a finished run (see GracefulInterrupt)
 
 
-def count_images(batch: dict[str, Any]) -> int:
-    """The number of images in a training or validation batch (``ThroughputMonitor``'s batch size)."""
-    return int(batch["image"].shape[0])
-
-
 def readable_progress(config: dict[str, Any], callbacks: list[Any]) -> list[Any]:
     """The progress bar counting optimizer steps out of ``max_steps`` (on a terminal: where stdout is a file, unless
     ``trainer.enable_progress_bar`` asks for it, :class:`ProgressLog`'s plain lines stand in) and the model summary
@@ -420,4 +415,6 @@ def images_per_second() -> ThroughputMonitor:
     ``train/device/samples_per_sec`` and ``train/device/flops_per_sec`` per device, and
     ``train/device/mfu`` on GPUs in Lightning's peak-FLOPs table (the module's ``flops_per_batch``,
     counted by torch's FLOP counter), each over a window of the last 5 batches."""
+    from glide_lightning.callbacks.wandb_logging import count_images
+
     return ThroughputMonitor(batch_size_fn=count_images, window_size=5)

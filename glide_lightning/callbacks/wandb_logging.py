@@ -9,6 +9,7 @@
 - :class:`TrainingStats`: at the trainer's log cadence, ``train/grad_norm`` (the total L2 norm of the gradients
   before clipping, unscaled under a GradScaler), ``train/param_norm`` and the peak memory (:data:`PEAK_RSS`, and
   :data:`PEAK_CUDA` on a GPU); it gives the logger its images-seen counter.
+- :class:`ImagesSeen`: that counter, kept in the checkpoint so that it survives a resume with another batch size.
 
 Both act on rank 0 only and only through a ``WandbLogger``: the CSV log does not change.
 """
@@ -52,6 +53,40 @@ def summary_of(key: str) -> str | None:
     return None
 
 
+def count_images(batch: Mapping[str, Any]) -> int:
+    """The number of images in a training or validation batch (``batch["image"]`` ``[B, C, H, W]``: B)."""
+    return int(batch["image"].shape[0])
+
+
+class ImagesSeen(L.Callback):
+    """The training images the weights have seen, all ranks together: each micro-batch's images × ranks, counted
+    as the batch starts (a step's logged rows and its checkpoint include its own images), saved in the checkpoint
+    (Lightning's callback state) and restored with it. Its value is :data:`IMAGES_SEEN`: a resume that changes the
+    batch size, the accumulation or the devices continues the count instead of recomputing it from the step (which
+    would move every earlier point of the run). A checkpoint saved before this counter existed starts it at
+    ``global_step`` × the current images per step (:func:`images_per_step`), the old estimate."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._restored = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.count, self._restored = int(state_dict["count"]), True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._restored and trainer.global_step > 0:
+            self.count = trainer.global_step * (images_per_step(trainer) or 0)
+            log.info("%s starts at %d: the checkpoint predates the counter (global_step × images per step)",
+                     IMAGES_SEEN, self.count)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.count += count_images(batch) * int(trainer.world_size)
+
+
 def images_per_step(trainer: L.Trainer, batch_size: int | None = None) -> int | None:
     """Training images per optimizer step, all ranks: the batch size per rank (``batch_size``, else the data
     module's ``batch_size``) × ``accumulate_grad_batches`` × ranks. None when no batch size is known."""
@@ -63,7 +98,11 @@ def images_per_step(trainer: L.Trainer, batch_size: int | None = None) -> int | 
 
 
 def images_seen(trainer: L.Trainer) -> int | None:
-    """Training images the weights have seen after ``trainer.global_step`` optimizer steps (None: no batch size)."""
+    """Training images the weights have seen: the trainer's :class:`ImagesSeen` count, else (a trainer without one)
+    ``trainer.global_step`` × :func:`images_per_step` (None: no batch size known)."""
+    counter = next((c for c in trainer.callbacks if isinstance(c, ImagesSeen)), None)
+    if counter is not None:
+        return counter.count
     per_step = images_per_step(trainer)
     return None if per_step is None else trainer.global_step * per_step
 

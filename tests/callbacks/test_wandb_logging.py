@@ -68,20 +68,27 @@ def fit(shards: Path, root: Path, probes: Path, name: str, *extra: str) -> None:
 
 @contextlib.contextmanager
 def offline_wandb(tmp: Path) -> Iterator[None]:
-    """wandb offline, its folders in ``tmp`` (``WANDB_DATA_DIR``: the Tables' staged artifacts), ``tmp`` the cwd."""
+    """wandb offline, its folders in ``tmp`` (``WANDB_DATA_DIR``: the Tables' staged artifacts), ``tmp`` the cwd; on
+    leaving, wandb torn down as at a process's end: its service has then written every run's file (wandb 0.31's
+    ``finish()`` may return before an offline run's ``.wandb`` file is complete)."""
+    import wandb
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_MODE", "offline")
         patch.setenv("WANDB_SILENT", "true")
         for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
             patch.setenv(var, str(tmp / var))
         patch.chdir(tmp)
-        yield
+        try:
+            yield
+        finally:
+            wandb.teardown()
 
 
 @pytest.fixture(scope="module")
 def arms(synthetic_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, WandbRun]]:
     """Two smoke arms of the group ``arms``, ``base`` then ``fast`` (another LR and seed), on shards with a manifest,
-    then ``fast`` resumed to one more step; their offline wandb runs read back (``fast_resumed``: the resumed
+    then ``fast`` resumed to one more step with half the batch; their offline wandb runs read back (``fast_resumed``: the resumed
     session's)."""
     tmp = tmp_path_factory.mktemp("arms")
     shards = tmp / "shards"
@@ -92,7 +99,7 @@ def arms(synthetic_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
         fit(shards, root, probes, "base")
         fit(shards, root, probes, "fast", "--model.optimizer.lr", "5e-4", "--seed_everything", "1")
         fit(shards, root, probes, "fast", "--model.optimizer.lr", "5e-4", "--seed_everything", "1",
-            "--trainer.max_steps", str(STEPS + 1))
+            "--trainer.max_steps", str(STEPS + 1), "--data.batch_size", str(BATCH // 2))  # a smaller batch
     assert [run.name for run in find_runs(root)] == ["base", "fast"]  # fast's two sessions are one wandb run
     sessions = sorted({p.parent for p in root.rglob("run-*.wandb")}, key=lambda p: p.name.split("run-", 1)[-1])
     found = [read_run(folder) for folder in sessions]  # each session apart, oldest first
@@ -110,8 +117,8 @@ def test_each_arm_is_a_train_run_of_its_group_with_its_resolved_config_and_linea
         config = yaml.safe_load((root / saved[session]).read_text())
         for key in ("trainer", "seed_everything", "run", "model", "data"):
             assert run.config[key] == config[key], key  # the config LightningCLI resolved, as config.yaml holds it
-        max_steps = STEPS + 1 if session == "fast_resumed" else STEPS
-        assert run.config["trainer"]["max_steps"] == max_steps and run.config["data"]["batch_size"] == BATCH
+        max_steps, batch = (STEPS + 1, BATCH // 2) if session == "fast_resumed" else (STEPS, BATCH)
+        assert run.config["trainer"]["max_steps"] == max_steps and run.config["data"]["batch_size"] == batch
         lineage = run.config["lineage"]
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True) \
             if shutil.which("git") else None
@@ -128,12 +135,25 @@ def test_each_arm_is_a_train_run_of_its_group_with_its_resolved_config_and_linea
     assert fast["values"] == {"model.optimizer.lr": {"fast": 5e-4, "base": 1e-3}}
     assert fast["arm"] == "model.optimizer.lr=0.0005" and fast["seed"] == {"fast": 1, "base": 0}
     assert runs["base"].config["ablation"]["siblings"] == []
-    # each session writes its own: the resumed one trains to another max_steps, which its ablation lists too
+    # each session writes its own: the resumed one trains to another max_steps with another batch, which its
+    # ablation lists too
     resumed = runs["fast_resumed"].config["ablation"]
-    assert resumed["keys"] == ["model.optimizer.lr", "trainer.max_steps"]
+    assert resumed["keys"] == ["data.batch_size", "model.optimizer.lr", "trainer.max_steps"]
     assert resumed["values"]["trainer.max_steps"] == {"fast": STEPS + 1, "base": STEPS}
     assert runs["fast_resumed"].config["lineage"] == runs["fast"].config["lineage"]
     assert runs["fast_resumed"].id == runs["fast"].id  # the same wandb run, continued
+
+
+def test_images_seen_continues_across_a_resume_with_another_batch_size(arms):
+    """The resumed session's step adds its own batch (BATCH // 2) to the images the checkpoint had seen: the x-axis
+    is not recomputed as steps × the new batch (which would put step 4 before step 3)."""
+    root, _, runs = arms
+    first = [r[IMAGES_SEEN] for r in runs["fast"].history if "train/loss" in r]
+    resumed = [r[IMAGES_SEEN] for r in runs["fast_resumed"].history if "train/loss" in r]
+    assert first == [BATCH * k for k in range(1, STEPS + 1)]
+    assert resumed == [BATCH * STEPS + BATCH // 2]
+    last = torch.load(root / "fast/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert last["callbacks"]["ImagesSeen"] == {"count": BATCH * STEPS + BATCH // 2}
 
 
 def test_train_and_val_metrics_are_drawn_against_images_seen_with_min_and_max_summaries(arms):
