@@ -4,8 +4,12 @@ recommend for an ablation workspace, as a PNG for the docs, made from the same o
 Panels, each one line per run, a colour per arm (seeds of an arm share its colour, one line style per seed):
 the training loss and the unweighted MSE against images seen (the x-axis the training runs define with
 ``define_metric``); the validation MSE; FID and text adherence (or CLIP score) against the guidance scale
-from the evaluation runs (their step metric); and the ``samples`` Table of the last training step, grouped
-by prompt: a row per prompt, a column per arm, the same prompt and noise seed in each cell.
+from the evaluation runs of one sampler setting (their step metric :data:`GUIDANCE_STEP`); and the ``samples``
+Table of the last training step, grouped by prompt: a row per prompt, a column per arm, the same prompt and
+noise seed in each cell. An evaluation that sweeps several samplers or step counts (an NFE sweep: keys
+``eval/<sampler>/<metric>@<scale>`` against :data:`NFE_STEP`) adds its own panels, FID / adherence / CLIP score
+against the NFE (network evaluations per image), one line per run, sampler and guidance scale, the run's
+colour and line style and a marker per sampler and scale.
 """
 
 from __future__ import annotations
@@ -17,12 +21,16 @@ from typing import Any
 
 import numpy as np
 
+from glide_lightning.evaluation.wandb_eval import GUIDANCE_STEP, NFE_STEP, RANDOM_FEATURES_LABEL
 from glide_lightning.evaluation.wandb_runs import WandbRun
 
-EVAL_STEP = "eval/guidance_scale"
 TRAIN_PANELS = (("train/loss", "training loss (the objective)"), ("train/mse", "training MSE (unweighted)"),
                 ("val/mse", "validation MSE"))
 EVAL_PANELS = (("eval/fid", "FID"), ("eval/adherence", "text adherence"), ("eval/clip_score", "CLIP score"))
+"""The panels against the guidance scale: an eval run's ``eval/<metric>`` at each :data:`GUIDANCE_STEP`."""
+NFE_PANELS = tuple((f"{key} vs {NFE_STEP}", f"{title} vs NFE") for key, title in EVAL_PANELS)
+"""The panels against the NFE, one per metric of :data:`EVAL_PANELS`: an NFE sweep's
+``eval/<sampler>/<metric>@<scale>`` at each :data:`NFE_STEP`."""
 
 
 def arm_of(run: WandbRun) -> str:
@@ -50,22 +58,53 @@ def x_axis(run: WandbRun, key: str) -> str:
     return "_step"
 
 
+def nfe_series(run: WandbRun, key: str) -> dict[tuple[str | None, float], list[tuple[Any, Any]]]:
+    """An NFE sweep's lines of the metric ``key`` (``eval/fid`` …): ``{(sampler, guidance scale): [(nfe, value),
+    ...]}``, sorted by NFE, from every logged ``eval/<sampler>/<metric>@<scale>`` (or ``eval/<metric>@<scale>``,
+    sampler None) whose step metric, as the run declared it with ``define_metric``, is :data:`NFE_STEP`; ``{}``
+    for a run that is no NFE sweep (its per-scale keys, if any, are summaries, not steps)."""
+    prefix, metric = key.rsplit("/", 1)
+    pattern = re.compile(re.escape(prefix) + r"/(?:(?P<sampler>[^/]+)/)?" + re.escape(metric) + r"@(?P<scale>[^/@]+)")
+    lines: dict[tuple[str | None, float], list[tuple[Any, Any]]] = {}
+    for logged in dict.fromkeys(k for step in run.history for k in step):
+        match = pattern.fullmatch(logged)
+        if match and x_axis(run, logged) == NFE_STEP:
+            points = sorted(run.series(logged, NFE_STEP))
+            if points:
+                lines[(match["sampler"], float(match["scale"]))] = points
+    return lines
+
+
 def dashboard_data(runs: Sequence[WandbRun]) -> dict[str, Any]:
-    """What the dashboard draws: ``{panel key: {run name: [(x, y), ...]}}`` for the curves (with ``x_label``),
-    and ``samples``: ``{prompt: {arm: image path}}`` from each arm's first seed's last ``samples`` Table."""
+    """What the dashboard draws: ``curves``, ``{panel key: {series: [(x, y), ...]}}``, with ``x_label``, the step
+    metric of each panel's x-axis, ``samples``: ``{prompt: {arm: image path}}`` from each arm's first seed's
+    last ``samples`` Table, and ``label``: an eval run's config ``label`` (:data:`RANDOM_FEATURES_LABEL` when its
+    features were random, which the FID panels' titles then carry), else ``""``.
+
+    A series is a run's name in the panels of :data:`TRAIN_PANELS` (x: the run's step metric) and of
+    :data:`EVAL_PANELS` (x: the guidance scale, sorted), and ``(run name, sampler, guidance scale)`` in those of
+    :data:`NFE_PANELS` (x: the NFE, sorted; sampler None when the keys name none; see :func:`nfe_series`). A panel
+    no run logged is left out."""
     train = [r for r in runs if r.job_type == "train"]
     evals = [r for r in runs if r.job_type == "eval"]
-    data: dict[str, Any] = {"curves": {}, "x_label": {}, "samples": {}}
+    data: dict[str, Any] = {"curves": {}, "x_label": {}, "samples": {},
+                            "label": next((r.config["label"] for r in evals if r.config.get("label")), "")}
     for key, _ in TRAIN_PANELS:
         series = {r.name: r.series(key, x_axis(r, key)) for r in train}
         if any(series.values()):
             data["curves"][key] = {name: points for name, points in series.items() if points}
             data["x_label"][key] = next(x_axis(r, key) for r in train if series[r.name])
     for key, _ in EVAL_PANELS:
-        series = {r.name: sorted(r.series(key, EVAL_STEP)) for r in evals}
+        series = {r.name: sorted(r.series(key, GUIDANCE_STEP)) for r in evals}
         if any(series.values()):
             data["curves"][key] = {name: points for name, points in series.items() if points}
-            data["x_label"][key] = EVAL_STEP
+            data["x_label"][key] = GUIDANCE_STEP
+    for (key, _), (panel, _) in zip(EVAL_PANELS, NFE_PANELS):
+        lines = {(r.name, sampler, scale): points for r in evals
+                 for (sampler, scale), points in nfe_series(r, key).items()}
+        if lines:
+            data["curves"][panel] = lines
+            data["x_label"][panel] = NFE_STEP
     for run in sorted(train, key=seed_of):
         arm = arm_of(run)
         try:
@@ -83,10 +122,12 @@ def dashboard_data(runs: Sequence[WandbRun]) -> dict[str, Any]:
 
 
 def draw_dashboard(runs: Sequence[WandbRun], out: str | Path, title: str) -> dict[str, Any]:
-    """Draw :func:`dashboard_data`'s panels into ``out`` (PNG) and return that data.
+    """Draw :func:`dashboard_data`'s panels into ``out`` (PNG, three panels a row, the samples strip below) and
+    return that data. The first panel's legend names the runs; each NFE panel has its own, a line per run, sampler
+    (where a run swept several) and guidance scale ``w``.
 
     Raises:
-        ValueError: ``runs`` holds no training run with a logged curve (nothing to draw).
+        ValueError: none of ``runs`` logged a curve of any panel (nothing to draw).
     """
     import matplotlib
 
@@ -97,12 +138,17 @@ def draw_dashboard(runs: Sequence[WandbRun], out: str | Path, title: str) -> dic
     data = dashboard_data(runs)
     if not data["curves"]:
         raise ValueError("no curves to draw: none of the runs logged " +
-                         ", ".join(k for k, _ in TRAIN_PANELS + EVAL_PANELS))
+                         ", ".join(k for k, _ in TRAIN_PANELS + EVAL_PANELS) +
+                         f" or eval/<sampler>/<metric>@<scale> against {NFE_STEP}")
     arms = sorted({arm_of(r) for r in runs})
     colours = {arm: plt.get_cmap("tab10")(i) for i, arm in enumerate(arms)}
     styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
     by_name = {r.name: r for r in runs}
-    titles = dict(TRAIN_PANELS + EVAL_PANELS)
+    titles = dict(TRAIN_PANELS + EVAL_PANELS + NFE_PANELS)
+    if data["label"]:  # FID from random features (an eval run's label): said on its panels, as in the reports
+        titles = {k: f"{t} ({data['label']})" if k.startswith("eval/fid") else t for k, t in titles.items()}
+    nfe_panels = {panel for panel, _ in NFE_PANELS}
     panels = list(data["curves"])
     prompts = sorted(data["samples"])
     columns = 3
@@ -111,15 +157,27 @@ def draw_dashboard(runs: Sequence[WandbRun], out: str | Path, title: str) -> dic
     grid = fig.add_gridspec(rows, columns)
     for i, key in enumerate(panels):
         ax = fig.add_subplot(grid[i // columns, i % columns])
-        for name, points in sorted(data["curves"][key].items()):
-            run = by_name[name]
-            x, y = np.array(points, dtype=float).T
-            ax.plot(x, y, styles[seed_of(run) % len(styles)], color=colours[arm_of(run)], marker="o" if len(x) < 8
-                    else None, label=f"{arm_of(run)} seed {seed_of(run)}")
+        if key in nfe_panels:  # a line per (run, sampler, scale): the run's colour and style, a marker per line
+            curves = sorted(data["curves"][key].items(), key=lambda item: (item[0][0], str(item[0][1]), item[0][2]))
+            for name, points in curves:
+                run_name, sampler, scale = name
+                run = by_name[run_name]
+                own = [line for line, _ in curves if line[0] == run_name]
+                several = len({s for _, s, _ in own}) > 1
+                x, y = np.array(points, dtype=float).T
+                ax.plot(x, y, styles[seed_of(run) % len(styles)], color=colours[arm_of(run)],
+                        marker=markers[own.index(name) % len(markers)],
+                        label=f"{arm_of(run)} seed {seed_of(run)}{f', {sampler}' if several else ''}, w={scale:g}")
+        else:
+            for name, points in sorted(data["curves"][key].items()):
+                run = by_name[name]
+                x, y = np.array(points, dtype=float).T
+                ax.plot(x, y, styles[seed_of(run) % len(styles)], color=colours[arm_of(run)],
+                        marker="o" if len(x) < 8 else None, label=f"{arm_of(run)} seed {seed_of(run)}")
         ax.set_title(titles[key], fontsize=10)
         ax.set_xlabel(data["x_label"][key].split("/")[-1].replace("_", " "))
         ax.grid(alpha=0.3)
-        if i == 0:
+        if i == 0 or key in nfe_panels:
             ax.legend(fontsize=7)
     if prompts:
         strip = fig.add_subplot(grid[rows - 1, :])

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from glide_lightning.evaluation.clip_score import CLIPScoreResult
 from glide_lightning.evaluation.dashboard import arm_of, dashboard_data, draw_dashboard, seed_of
+from glide_lightning.evaluation.fid import FIDResult
+from glide_lightning.evaluation.results import ScaleResult
+from glide_lightning.evaluation.wandb_eval import GUIDANCE_STEP, NFE_STEP, RANDOM_FEATURES_LABEL, log_eval_run
 from glide_lightning.evaluation.wandb_runs import find_runs
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -49,6 +53,7 @@ def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 for scale in (3.0, 1.0):
                     ev.log({"eval/guidance_scale": scale, "eval/fid": 10 * scale + seed})
                 ev.finish()
+        wandb.teardown()  # offline, finish() may return before wandb-core has written the run's file out
     return root
 
 
@@ -77,3 +82,68 @@ def test_nothing_to_draw_is_said(runs_root: Path, tmp_path: Path) -> None:
     assert dashboard_data(evals_only)["samples"] == {}
     with pytest.raises(ValueError, match="no curves to draw"):
         draw_dashboard([], tmp_path / "none.png", "none")
+
+
+SWEEP = {("ddim", 1.5): (10, 25, 50), ("ddim", 3.0): (10, 25, 50), ("dpmpp_2m", 3.0): (20, 40)}
+"""An NFE sweep's settings: (sampler, guidance scale) -> its NFEs (a dot in a scale: the escaped metric name)."""
+
+
+def sweep_result(sampler: str, scale: float, nfe: int) -> ScaleResult:
+    """A result of the sweep whose FID, adherence and CLIP score say which (sampler, scale, nfe) made them."""
+    fid = 100 / nfe + scale + (sampler == "dpmpp_2m")
+    return ScaleResult(guidance_scale=scale, n=4, resolution=32, sampler=sampler, steps=str(nfe), checkpoint="ema",
+                       nfe=nfe, adherence=nfe / 100 + scale / 10,
+                       fid=FIDResult(fid=fid, n_generated=4, n_reference=4, resolution=32, extractor_name="random-conv",
+                                     weights_id="w", random_weights=True, standard_extractor=False, method="m",
+                                     label="NOT a real FID"),
+                       clip_score=CLIPScoreResult(mean=nfe + scale, n=4, model_name="m", pretrained=None,
+                                                  random_weights=True, label="random"))
+
+
+@pytest.fixture(scope="module")
+def nfe_sweep_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A training run's directory and the eval run ``log_eval_run`` writes there for an NFE sweep (two samplers,
+    several step counts, two guidance scales), as ``sweep`` logs it."""
+    import wandb
+
+    root = tmp_path_factory.mktemp("nfe")
+    run_dir = root / "hybrid_seed0"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("run:\n  name: hybrid_seed0\n  project: p\n  group: abl\n")
+    results = [sweep_result(sampler, scale, nfe) for (sampler, scale), nfes in SWEEP.items() for nfe in reversed(nfes)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_SILENT", "true")
+        mp.setenv("WANDB_DATA_DIR", str(root / "data"))
+        log_eval_run(run_dir, results, str(run_dir / "last.ckpt"), command="sweep")
+        wandb.teardown()  # offline, finish() may return before wandb-core has written the run's file out
+    return root
+
+
+def test_an_nfe_sweep_draws_its_metrics_against_nfe_a_line_per_scale(runs_root: Path, nfe_sweep_root: Path,
+                                                                     tmp_path: Path) -> None:
+    [sweep] = find_runs(nfe_sweep_root)
+    assert sweep.job_type == "eval" and arm_of(sweep) == "hybrid" and seed_of(sweep) == 0
+    assert sweep.metrics["eval/ddim/fid@1.5"]["step_metric"] == NFE_STEP  # what the run itself declared
+    runs = find_runs(runs_root) + [sweep]
+    data = draw_dashboard(runs, tmp_path / "dash.png", "abl")
+    fid, adherence, clip = (f"eval/{metric} vs {NFE_STEP}" for metric in ("fid", "adherence", "clip_score"))
+    for panel in (fid, adherence, clip):
+        assert data["x_label"][panel] == NFE_STEP
+        assert sorted(data["curves"][panel]) == sorted((sweep.name, sampler, scale) for sampler, scale in SWEEP)
+    for (sampler, scale), nfes in SWEEP.items():  # a line per (run, sampler, scale), sorted by NFE
+        line = (sweep.name, sampler, scale)
+        assert [x for x, _ in data["curves"][fid][line]] == list(nfes)
+        assert [y for _, y in data["curves"][fid][line]] == pytest.approx(
+            [100 / nfe + scale + (sampler == "dpmpp_2m") for nfe in nfes])
+        for panel, value in ((adherence, lambda nfe: nfe / 100 + scale / 10), (clip, lambda nfe: nfe + scale)):
+            assert [x for x, _ in data["curves"][panel][line]] == list(nfes)
+            assert [y for _, y in data["curves"][panel][line]] == pytest.approx([value(nfe) for nfe in nfes])
+    # the ordinary eval runs keep their panels against the guidance scale; the sweep adds nothing there
+    assert data["x_label"]["eval/fid"] == GUIDANCE_STEP
+    assert sorted(data["curves"]["eval/fid"]) == sorted(r.name for r in runs if r.job_type == "eval" and r is not sweep)
+    assert "eval/adherence" not in data["curves"]
+    assert Image.open(tmp_path / "dash.png").size[0] > 1000
+    assert data["label"] == RANDOM_FEATURES_LABEL  # the sweep's FID is from random features: its panels say so
+    alone = draw_dashboard([sweep], tmp_path / "sweep.png", "sweep")  # an NFE sweep alone is something to draw
+    assert sorted(alone["curves"]) == sorted((fid, adherence, clip)) and (tmp_path / "sweep.png").stat().st_size > 0
