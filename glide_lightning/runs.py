@@ -157,9 +157,10 @@ def archive_checkpoints(run_dir: Path) -> Path | None:
 
 
 def wandb_logger(run: RunConfig, mode: str, attempts: int = 6, wait_s: float = 5.0, job_type: str = "train",
-                 logger_class: type | None = None) -> Any:
+                 logger_class: type | None = None, name: str | None = None) -> Any:
     """The run's WandbLogger, continuing the run's wandb run (its id is kept in ``wandb_id.txt``), in the wandb group
-    ``run.group`` with ``job_type`` (``train``: evaluations of the run log ``eval`` runs to the same group).
+    ``run.group`` with ``job_type`` (``train``: evaluations of the run log ``eval`` runs to the same group), in
+    wandb ``mode``, named ``name`` (default ``run.name``).
     ``logger_class``: a ``WandbLogger`` subclass to build (the training CLI's ``RunWandbLogger``); None: Lightning's.
 
     The wandb run starts here, on the main process, rather than lazily: right after a kill, the
@@ -176,8 +177,8 @@ def wandb_logger(run: RunConfig, mode: str, attempts: int = 6, wait_s: float = 5
     run_id = id_file.read_text().strip()
 
     def make(wandb_id: str) -> WandbLogger:
-        logger = cls(name=run.name, project=run.project, group=run.group, tags=run.tags, save_dir=str(run.dir),
-                     id=wandb_id, resume="allow", job_type=job_type)
+        logger = cls(name=name or run.name, project=run.project, group=run.group, tags=run.tags,
+                     save_dir=str(run.dir), id=wandb_id, resume="allow", job_type=job_type, mode=mode)
         # Lightning passes anonymous=None to wandb.init, which wandb >= 0.19 answers with "The anonymous setting
         # has no effect" on every run: leave the setting out (None is its default anyway)
         if getattr(logger, "_wandb_init", {}).get("anonymous", "") is None:

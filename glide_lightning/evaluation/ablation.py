@@ -26,6 +26,7 @@ of ``compare``) and the summary of a wandb run ``<group>-compare`` (``job_type="
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -282,7 +283,14 @@ def log_compare_run(group: AblationGroup, summary: dict[str, Any], runs: dict[tu
                     mode: str, save_dir: Path) -> None:
     """The summary as a wandb run ``<group>-compare`` (``job_type="compare"``) in the group, in the arms' project:
     ``<arm>/<metric>@<scale>/<setting>`` mean, std, lo, hi and ``diff/<arm>-<baseline>/…`` estimate, lo, hi,
-    exceeds, plus a ``comparison`` Table of the same rows."""
+    exceeds, plus a ``comparison`` Table of the same rows.
+
+    One such run per project and group, however often the ablation is rerun (after adding seeds, say): its id is
+    derived from them (a hash, kept in ``<save_dir>/wandb_id.txt``) and the run resumed (``resume="allow"``) by
+    :func:`glide_lightning.runs.wandb_logger`, which waits while a process just ended still holds the id. A rerun
+    replaces its config and summary (keys no longer compared are removed) and logs the new ``comparison`` Table
+    (the summary's, the latest) after the earlier ones. Offline, each call is a session folder under
+    ``<save_dir>/wandb``, which :func:`~glide_lightning.evaluation.wandb_runs.find_runs` reads as one run."""
     resolved = resolve_wandb_mode(mode)  # type: ignore[arg-type]
     if resolved == "disabled":
         return
@@ -308,15 +316,23 @@ def log_compare_run(group: AblationGroup, summary: dict[str, Any], runs: dict[tu
                            interval.lo if interval else None, interval.hi if interval else None,
                            d["estimate"] if d else None, d["interval"]["lo"] if d else None,
                            d["interval"]["hi"] if d else None, d["exceeds"] if d else None)
+    from glide_lightning.runs import RunConfig, wandb_logger
+
+    config = {"arms": group.arms, "eval": group.eval, "seeds": summary["seeds"], "baseline": summary["baseline"],
+              "confidence": summary["confidence"], "runs": summary["runs"]}
     save_dir.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(project=project, group=group.name, name=f"{group.name}-compare", job_type="compare",
-                     dir=str(save_dir), mode=resolved,
-                     config={"arms": group.arms, "eval": group.eval, "seeds": summary["seeds"],
-                             "baseline": summary["baseline"], "confidence": summary["confidence"],
-                             "runs": summary["runs"]})
-    run.log({"comparison": table})
-    run.summary.update({k: v for k, v in flat.items() if v is not None})
-    run.finish()
+    (save_dir / "wandb_id.txt").write_text(hashlib.sha256(f"{project}/{group.name}".encode()).hexdigest()[:12])
+    where = RunConfig(name=save_dir.name, root=str(save_dir.parent), project=project, group=group.name)
+    run = wandb_logger(where, resolved, job_type="compare", name=f"{group.name}-compare").experiment
+    try:
+        run.config.update(config, allow_val_change=True)  # over a resumed run's: this call's seeds and runs
+        values = {k: v for k, v in flat.items() if v is not None}
+        for key in [k for k in run.summary.keys() if k not in values and not k.startswith("_")]:
+            del run.summary[key]  # online, a resumed run starts from its previous summary
+        run.log({"comparison": table})
+        run.summary.update(values)
+    finally:
+        run.finish()
 
 
 def _bootstrap_of(arm_summary: dict[str, Any]) -> Any:

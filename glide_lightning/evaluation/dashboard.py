@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from glide_lightning.evaluation.wandb_eval import GUIDANCE_STEP, NFE_STEP, RANDOM_FEATURES_LABEL
+from glide_lightning.evaluation.wandb_eval import GUIDANCE_STEP, NFE_STEP
 from glide_lightning.evaluation.wandb_runs import WandbRun
 
 TRAIN_PANELS = (("train/loss", "training loss (the objective)"), ("train/mse", "training MSE (unweighted)"),

@@ -11,12 +11,14 @@ The log framing (wandb's ``datastore`` format, after LevelDB's ``log_format``): 
 header (``:W&B``, the magic 0xBEE1 little-endian, version 0), then 32 KiB blocks of records, each
 with a 7-byte header: CRC-32 of the type byte and the data (little-endian u32), data length (u16),
 type (1 full, 2 first, 3 middle, 4 last fragment). A block's tail shorter than a header is zero
-padding.
+padding. A writer killed mid-write (or a file system that zero-fills what it had extended) leaves a torn tail,
+which :func:`records` reads up to, warning; damage followed by readable records raises.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import struct
 import zlib
 from collections.abc import Iterator
@@ -29,40 +31,101 @@ BLOCK = 32 * 1024
 RECORD_HEADER = 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
+log = logging.getLogger(__name__)
+
 
 def records(path: str | Path) -> Iterator[Any]:
     """The ``wandb_internal_pb2.Record`` messages of one ``.wandb`` file, in the order written.
 
+    A torn tail (what a writer killed mid-write leaves: a record cut off by the end of the file, or zero bytes where
+    the filesystem had extended or preallocated the file) ends the reading: every complete record before it is
+    read, and a warning names the file and the byte where the unreadable tail begins. Damage with readable records
+    after it is no torn write: it raises rather than skip the records in between.
+
     Raises:
-        ValueError: not a wandb run log, or a record whose checksum does not match (a torn write stops the
-            reading quietly only at the very end of the file, as a killed process leaves it).
+        ValueError: not a wandb run log, or a damaged record (a checksum that does not match, a record type or
+            length that cannot be) followed by readable records; the message names the file and the byte.
     """
     from wandb.proto import wandb_internal_pb2
 
-    data = Path(path).read_bytes()
+    for payload in _payloads(Path(path)):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        yield record
+
+
+def _payloads(path: Path) -> Iterator[bytes]:
+    """The records' bytes (fragments joined) of the log at ``path``; stops at a torn tail (see :func:`records`)."""
+    data = path.read_bytes()
     if not data.startswith(HEADER):
         raise ValueError(f"{path} is not a wandb run log (no ':W&B' header)")
-    pos, pending = len(HEADER), b""
-    while pos + RECORD_HEADER <= len(data):
+    pos, start, pending = len(HEADER), len(HEADER), None  # start: where the record being joined (pending) began
+    while pos < len(data):
         left_in_block = BLOCK - pos % BLOCK
-        if left_in_block < RECORD_HEADER:  # zero padding to the next block
-            pos += left_in_block
+        if left_in_block < RECORD_HEADER and not data[pos:pos + left_in_block].strip(b"\0"):
+            pos += left_in_block  # no room for a header: zero padding to the next block
             continue
-        checksum, length, kind = struct.unpack_from("<IHB", data, pos)
-        chunk = data[pos + RECORD_HEADER: pos + RECORD_HEADER + length]
-        if len(chunk) < length:
-            break  # the last record of a killed writer
-        if zlib.crc32(bytes([kind]) + chunk) != checksum:
-            raise ValueError(f"{path}: record at byte {pos} fails its checksum")
-        pos += RECORD_HEADER + length
+        problem = _problem(data, pos, pending is not None)
+        if problem:
+            _damaged(path, data, pos, start if pending is not None else pos, problem)
+            return
+        _, length, kind = struct.unpack_from("<IHB", data, pos)
+        chunk = data[pos + RECORD_HEADER:pos + RECORD_HEADER + length]
         if kind in (FULL, FIRST):
-            pending = chunk
-        elif kind in (MIDDLE, LAST):
-            pending += chunk
+            start, pending = pos, chunk
+        else:
+            pending = (pending or b"") + chunk
+        pos += RECORD_HEADER + length
         if kind in (FULL, LAST):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            yield record
+            yield pending
+            pending = None
+    if pending is not None:
+        _damaged(path, data, pos, start, "a record whose last fragment is missing")
+
+
+def _problem(data: bytes, pos: int, joining: bool) -> str | None:
+    """Why the record (fragment) at ``pos`` cannot be read, or None; ``joining``: a record's first fragment is read."""
+    left_in_block = BLOCK - pos % BLOCK
+    if left_in_block < RECORD_HEADER:
+        return "non-zero block padding"
+    if pos + RECORD_HEADER > len(data):
+        return "a record header cut short by the end of the file"
+    checksum, length, kind = struct.unpack_from("<IHB", data, pos)
+    if checksum == length == kind == 0:
+        return "zero bytes where a record header belongs"
+    if kind not in (FULL, FIRST, MIDDLE, LAST):
+        return f"a record of unknown type {kind}"
+    if RECORD_HEADER + length > left_in_block:
+        return f"a record of {length} bytes where its block has {left_in_block - RECORD_HEADER} left"
+    if pos + RECORD_HEADER + length > len(data):
+        return f"a record of {length} bytes cut short by the end of the file"
+    if zlib.crc32(data[pos + RECORD_HEADER - 1:pos + RECORD_HEADER + length]) != checksum:  # type byte and data
+        return "a record that fails its checksum"
+    if (kind in (MIDDLE, LAST)) != joining:
+        return "a record fragment out of order"
+    return None
+
+
+def _damaged(path: Path, data: bytes, pos: int, tail: int, problem: str) -> None:
+    """What is at ``pos`` cannot be read (``problem``; the record it belongs to began at ``tail``): a torn tail
+    (warned about, the reading stops) unless a readable record follows, somewhere after ``pos``: then raise."""
+    resumes = _next_readable(data, pos + 1)
+    if resumes is not None:
+        raise ValueError(f"{path}: {problem} at byte {pos}, and readable records again from byte {resumes}: "
+                         f"the file is damaged in the middle, not torn at its end as a killed writer leaves it")
+    log.warning("%s: unreadable tail from byte %d to its end at byte %d (%s at byte %d), as a writer killed "
+                "mid-write leaves it: read the complete records before it and stopped there",
+                path, tail, len(data), problem, pos)
+
+
+def _next_readable(data: bytes, after: int) -> int | None:
+    """The first byte at or after ``after`` where a readable record (fragment) starts, if any."""
+    last = len(data.rstrip(b"\0")) - 1  # the last byte a record's type (its header's last byte, never 0) can be
+    for pos in range(after, last - RECORD_HEADER + 2):
+        if data[pos + RECORD_HEADER - 1] in (FULL, FIRST, MIDDLE, LAST) and \
+                _problem(data, pos, data[pos + RECORD_HEADER - 1] in (MIDDLE, LAST)) is None:
+            return pos
+    return None
 
 
 def _item_value(item: Any) -> Any:

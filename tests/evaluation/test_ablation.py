@@ -117,3 +117,38 @@ def test_two_arms_two_seeds_end_to_end_resumable_with_intervals(synthetic_shards
 
     assert plain(again["rows"]) == plain(summary["rows"]) == stored["rows"]
     assert all(json.loads((run_dir / STATE_FILE).read_text()).keys() == {"fit", "sweep"} for run_dir in runs.values())
+
+
+def test_a_rerun_updates_the_one_compare_run(tmp_path, monkeypatch):
+    """Run again (seeds added), the ablation resumes its `<group>-compare` wandb run (an id from project and group)
+    rather than adding another of the same name."""
+    from types import SimpleNamespace
+
+    import wandb
+
+    from glide_lightning.evaluation.ablation import log_compare_run
+    from glide_lightning.evaluation.uncertainty import Interval
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
+    group = AblationGroup(name="toy", arms={"hybrid": ["h.yaml"], "simple": ["s.yaml"]}, eval=None)
+    runs = {("hybrid", 0): SimpleNamespace(config={"run": {"project": "proj"}})}
+
+    def summary(seeds, fid, diff):
+        arm = {"n": len(seeds), "mean": fid, "std": 1.0, "interval": Interval(fid - 1, fid + 1), "bootstrap": []}
+        return {"baseline": "hybrid", "seeds": seeds, "confidence": 0.95, "runs": [f"hybrid_seed{s}" for s in seeds],
+                "rows": [{"setting": "ddpm2", "guidance": 3.0, "metric": "fid",
+                          "arms": {"hybrid": arm, "simple": {**arm, "mean": fid + diff}},
+                          "differences": {"simple": {"estimate": diff, "interval": {"lo": diff - 1, "hi": diff + 1},
+                                                     "exceeds": False}}}]}
+
+    for seeds, fid, diff in (([0], 10.0, 1.0), ([0, 1], 12.0, -3.0)):
+        log_compare_run(group, summary(seeds, fid, diff), runs, "offline", tmp_path / "toy")
+    wandb.teardown()  # as at the process's end: wandb-core may write a log's last block after run.finish() returns
+    assert len(list((tmp_path / "toy/wandb").glob("offline-run-*"))) == 2  # two sessions ...
+    (run,) = find_runs(tmp_path / "toy")  # ... of one run
+    assert (run.name, run.job_type, run.group, run.project) == ("toy-compare", "compare", "toy", "proj")
+    assert run.summary["hybrid/fid@3/ddpm2"] == 12.0 and run.summary["simple/fid@3/ddpm2"] == 9.0
+    assert run.summary["diff/simple-hybrid/fid@3/ddpm2"] == -3.0 and run.config["seeds"] == [0, 1]
+    assert [row["mean"] for row in run.table("comparison")] == [12.0, 9.0]
