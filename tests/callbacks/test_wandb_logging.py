@@ -156,6 +156,21 @@ def test_images_seen_continues_across_a_resume_with_another_batch_size(arms):
     assert last["callbacks"]["ImagesSeen"] == {"count": BATCH * STEPS + BATCH // 2}
 
 
+def test_a_checkpoint_without_the_images_seen_counter_resumes_it_from_its_step(synthetic_shards, tmp_path):
+    """A checkpoint saved before the counter existed (no ``ImagesSeen`` callback state): the resumed count starts
+    at its step × the images per step, then adds the new steps' images."""
+    probes = tmp_path / "callbacks.yaml"
+    probes.write_text(yaml.safe_dump({"trainer": {"callbacks": []}}))
+    last = tmp_path / "runs/old/checkpoints/last.ckpt"
+    with offline_wandb(tmp_path):
+        fit(synthetic_shards, tmp_path / "runs", probes, "old", "--trainer.max_steps", "2")
+        checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+        assert checkpoint["callbacks"].pop("ImagesSeen") == {"count": 2 * BATCH}
+        torch.save(checkpoint, last)  # as saved before the counter existed
+        fit(synthetic_shards, tmp_path / "runs", probes, "old", "--trainer.max_steps", "3")
+    assert torch.load(last, map_location="cpu", weights_only=True)["callbacks"]["ImagesSeen"] == {"count": 3 * BATCH}
+
+
 def test_train_and_val_metrics_are_drawn_against_images_seen_with_min_and_max_summaries(arms):
     _, _, runs = arms
     run = runs["base"]
