@@ -6,7 +6,8 @@ and ``bench`` are typed dataclasses (:data:`COMMANDS`): jsonargparse reads their
 defaults, so each takes ``--help``, ``--config some.yaml`` and ``--print_config`` as ``fit`` does, and
 the sampling knobs are the fields of :class:`~glide_lightning.sampling.SamplingConfig` itself
 (``--sampling.steps``, ``--sampling.guidance_scale``, …), defined and checked there alone. Values that
-contradict each other fail when the command line is parsed, naming the field. Option names may be
+contradict each other fail when the command line is parsed, naming the field, and so do input paths that name
+nothing on disk (:func:`check_inputs`: ``error: --ckpt: runs/x/last.ckpt does not exist (…)``). Option names may be
 spelled with hyphens (``--clip-dir`` for ``--clip_dir``), and a sampling field without its group where the
 command has no field of that name (``--clip-guidance-scale 3`` for ``--sampling.clip_guidance_scale 3``).
 
@@ -38,10 +39,11 @@ from glide_lightning.evaluation.ablation import AblationCommand
 from glide_lightning.evaluation.fid_cli import FIDCommand, SweepCommand
 from glide_lightning.evaluation.report import CompareCommand
 from glide_lightning.sampling.command import SampleCommand
+from glide_lightning.sampling.inputs import missing_input
 from glide_lightning.yaml_config import option_error, strict_yaml
 
-__all__ = ["COMMANDS", "DATA_HELP", "TRAINING_COMMANDS", "build_parser", "command_parser", "main", "parse",
-           "recipe_parser"]
+__all__ = ["COMMANDS", "DATA_HELP", "TRAINING_COMMANDS", "build_parser", "check_inputs",
+           "command_parser", "main", "parse", "recipe_parser"]
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the fields' docstrings in --help
 strict_yaml()  # a key given twice in a config is an error, not the last one silently
@@ -134,6 +136,23 @@ def parse(argv: list[str]) -> Any:
         return command(**{f.name: made[f.name] for f in dataclasses.fields(command) if f.init})
     except ValueError as error:
         _refuse(f"{name}: {error} (`{prog} --help` lists the options)")
+
+
+def check_inputs(command: Any) -> None:
+    """Refuse a parsed command whose input path options (a checkpoint, a run folder, captions, reference images, …)
+    name nothing on disk: one ``error: --<option>: <path> does not exist (…)`` line, exit status 2, before the
+    command runs or loads anything (:func:`~glide_lightning.sampling.inputs.missing_input`, the one check of them
+    all). An output folder the command would refuse (``check_outputs``: one holding an earlier run's files) is
+    said first, as :meth:`run` says it before reading any input. :func:`main` calls it after :func:`parse`, which
+    builds command objects without touching the disk."""
+    if not dataclasses.is_dataclass(command):
+        return
+    check_outputs = getattr(command, "check_outputs", None)
+    if check_outputs is not None:
+        check_outputs()  # a user error (OutputNotEmpty, …): main prints its one line
+    problem = missing_input(command)
+    if problem:
+        _refuse(problem)
 
 
 def _refuse(message: str) -> NoReturn:
@@ -236,6 +255,7 @@ def main(argv: list[str] | None = None) -> Any:
 
             return train(argv)
         command = parse(argv)
+        check_inputs(command)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return command.run()
     except KeyboardInterrupt:  # Ctrl-C: what was written stays (fid/sweep resume from their images); no traceback

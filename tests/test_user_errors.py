@@ -55,9 +55,11 @@ def test_a_truncated_checkpoint_and_the_debug_switch(tmp_path):
 def test_a_cuda_device_on_a_machine_without_one_is_refused_before_loading(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    line = one_error_line(glide(tmp_path, "sample", "--ckpt", str(tmp_path / "absent.ckpt"), "--prompt", "a",
+    unreadable = tmp_path / "model.ckpt"
+    unreadable.write_bytes(b"")  # exists (a missing one is refused when parsed), but loading it would fail
+    line = one_error_line(glide(tmp_path, "sample", "--ckpt", str(unreadable), "--prompt", "a",
                                 "--device", "cuda", "--out", str(tmp_path / "o")))
-    assert "--device cuda: torch sees no CUDA GPU" in line  # said before the (missing) checkpoint is even opened
+    assert "--device cuda: torch sees no CUDA GPU" in line  # said before the checkpoint is even opened
 
 
 @pytest.mark.parametrize("images", [None, 0, 1])
@@ -69,10 +71,13 @@ def test_fid_checks_its_reference_folder_before_loading_anything(tmp_path, image
             (reference / f"{i}.png").write_bytes(b"")
     captions = tmp_path / "captions.txt"
     captions.write_text("a\nb\n")
-    line = one_error_line(glide(tmp_path, "fid", "--ckpt", str(tmp_path / "absent.ckpt"), "--n", "2", "--captions",
+    unreadable = tmp_path / "model.ckpt"
+    unreadable.write_bytes(b"")  # exists (a missing one is refused when parsed), but loading it would fail
+    line = one_error_line(glide(tmp_path, "fid", "--ckpt", str(unreadable), "--n", "2", "--captions",
                                 str(captions), "--reference", str(reference), "--out", str(tmp_path / "fid")))
-    assert str(reference) in line  # named before the (missing) checkpoint is opened
-    assert ("not found" in line) if images is None else (f"holds {images} image(s)" in line)
+    assert str(reference) in line  # named before the checkpoint is opened
+    assert (line.startswith(f"error: --reference: {reference} does not exist") if images is None
+            else f"holds {images} image(s)" in line)
 
 
 def test_guidance_scale_0_is_recorded_as_the_unconditional_model(tiny_checkpoint, tmp_path):

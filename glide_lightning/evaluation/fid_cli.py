@@ -34,7 +34,9 @@ from glide_lightning.diffusion import SamplerName
 from glide_lightning.diffusion.samplers import sampler_names
 from glide_lightning.data.tokenizers import check_prompt_lengths
 from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, RELEASED_MODELS, SamplingConfig, Weights, load_checkpoint
-from glide_lightning.sampling.command import resolve_device
+from glide_lightning.sampling.checkpoints import check_stored_settings
+from glide_lightning.sampling.command import CKPT_HINT, UPSAMPLER_HINT, resolve_device
+from glide_lightning.sampling.inputs import RUN_HINT, input_path
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +79,16 @@ class FIDCommand:
     """Zero-shot FID, CLIP score and adherence at each guidance scale: ``<out>/results.json`` and the
     run's wandb summary. Prints the number of images to generate and an ETA before the work starts."""
 
-    ckpt: str | None = None
+    ckpt: str | None = field(default=None, metadata=input_path(CKPT_HINT))
     """Checkpoint to evaluate (default: ``<run_dir>/checkpoints/last.ckpt``)."""
-    run_dir: str | None = None
+    run_dir: str | None = field(default=None, metadata=input_path(RUN_HINT, run_folders=True))
     """The training run (``runs/<name>``): default checkpoint, output and wandb project."""
-    captions: str = "data/mscoco/fid_captions.txt"
+    captions: str = field(default="data/mscoco/fid_captions.txt", metadata=input_path(
+        "`python -m glide_lightning data mscoco` writes data/mscoco/fid_captions.txt; any file with one caption "
+        "per line works"))
     """Held-out captions, one per line (the mscoco recipe writes this file)."""
-    reference: str = "data/mscoco/fid_reference"
+    reference: str = field(default="data/mscoco/fid_reference", metadata=input_path(
+        "`python -m glide_lightning data mscoco` writes data/mscoco/fid_reference; any folder of images works"))
     """Directory of reference images."""
     n: int = 5000
     """Number of captions, i.e. of generated images per scale."""
@@ -94,7 +99,7 @@ class FIDCommand:
     ``--upsampler``); default: what the model produces."""
     extractor: Literal["inception", "random-conv"] = "inception"
     """``inception``: the standard FID features; ``random-conv``: no weights needed, NOT a real FID."""
-    inception_weights: str | None = None
+    inception_weights: str | None = field(default=None, metadata=input_path())
     """A local Inception weights file (offline machines)."""
     metrics: list[Literal["kid", "prc"]] | None = None
     """Metrics beside FID (always computed), from the same features: ``kid`` (Kernel Inception Distance, mean and
@@ -125,7 +130,7 @@ class FIDCommand:
     true`` or another ``--out``. Other settings' folders are left alone, and the image cache is reused."""
     cache_dir: str = str(Path.home() / ".cache" / "glide_lightning" / "fid_reference")
     """Where reference statistics are cached."""
-    upsampler: str | None = None
+    upsampler: str | None = field(default=None, metadata=input_path(UPSAMPLER_HINT))
     """An upsampler checkpoint to evaluate the cascade at its size (256 px for glide-text2im's ``upsample.pt`` or
     ``minig_upsample``): ours (``runs/<upsample run>/checkpoints/last.ckpt``) or released; its source, sampler
     (``--sampling.upsample_sampler``: DDIM by default, as glide-text2im's text2im notebook), steps
@@ -191,21 +196,56 @@ class FIDCommand:
             folders.append(OutputFolder(root, self.name, NFE_SWEEP_FILES, shared=True))
         return folders
 
+    def check_steps(self, checkpoint: str) -> None:
+        """Raise ``ValueError`` (naming the option) when a step count evaluated does not fit the process of
+        ``checkpoint`` (``--sampling.steps``, or ``--step_counts`` of a sweep) or ``--sampling.upsample_steps`` the
+        upsampler's, read from the checkpoints' stored hyper-parameters before any model is loaded
+        (:func:`~glide_lightning.sampling.checkpoints.check_stored_settings`; a model of another kind too)."""
+        swept = getattr(self, "step_counts", None)
+        check_stored_settings(checkpoint, "--step_counts" if swept else "--sampling.steps",
+                              [s.steps for s in self.samplings()], kind="base")
+        if self.upsampler:
+            check_stored_settings(self.upsampler, "--sampling.upsample_steps", [self.sampling.upsample_steps],
+                                  "the upsampler", kind="upsample")
+
+    def checkpoint(self) -> str:
+        """The checkpoint evaluated: ``--ckpt``, else ``<run_dir>/checkpoints/last.ckpt``."""
+        if self.ckpt:
+            return self.ckpt
+        if self.run_dir:
+            return str(Path(self.run_dir) / "checkpoints" / "last.ckpt")
+        raise ValueError("pass --ckpt CKPT or --run_dir runs/<name>")
+
+    def output_root(self) -> Path:
+        """``--out``, else ``<run_dir>/fid``, else ``./fid``: the parent of the setting folders."""
+        return Path(self.out) if self.out else (Path(self.run_dir) / "fid" if self.run_dir else Path("fid"))
+
+    def check_outputs(self) -> None:
+        """Refuse setting folders that already hold results (:meth:`outputs`, unless ``overwrite``), at ``--res`` or
+        the size the checkpoint's model makes, read without loading it (:func:`model_image_size`; a checkpoint that
+        cannot be read so is checked when the folders are claimed, after loading). The front door runs it before
+        it checks the input paths (:func:`glide_lightning.commands.check_inputs`), and :meth:`run` again."""
+        expected = self.res or model_image_size(self.upsampler or self.checkpoint())
+        for folder in self.outputs(self.output_root(), expected) if expected else []:
+            folder.check(self.overwrite)
+
     def run(self) -> list[ScaleResult] | None:
-        """Generate, score and write the results (None on ranks other than 0 under torchrun). Result folders
-        that already hold results are refused first (:meth:`outputs`), before any model is loaded."""
+        """Generate, score and write the results (None on ranks other than 0 under torchrun). Result folders that
+        already hold results (:meth:`outputs`), the reference folder, the captions and step counts that do not fit
+        the models' processes (:meth:`check_steps`) are refused first, before any model is loaded."""
         run_dir = Path(self.run_dir) if self.run_dir else None
         if run_dir is not None and not run_dir.is_dir():
             raise FileNotFoundError(f"run directory not found: {run_dir} (make fid/sweep take EXP=<experiment> or "
                                     f"RUN=<run name>, both directories under runs/)")
-        checkpoint = self.ckpt or (str(run_dir / "checkpoints" / "last.ckpt") if run_dir else None)
-        if checkpoint is None:
-            raise SystemExit("pass --ckpt CKPT or --run_dir runs/<name>")
-        root = Path(self.out) if self.out else (run_dir / "fid" if run_dir else Path("fid"))
-        expected = self.res or model_image_size(self.upsampler or checkpoint)
-        for folder in self.outputs(root, expected) if expected else []:
-            folder.check(self.overwrite)
+        checkpoint = self.checkpoint()
+        if not self.ckpt and not Path(checkpoint).exists():
+            raise FileNotFoundError(f"--run_dir: {run_dir} has no checkpoint yet ({checkpoint} does not exist): train "
+                                    f"it first (make train EXP=<experiment>) or pass --ckpt CKPT")
+        self.check_outputs()
+        root = self.output_root()
         check_reference(self.reference)  # before any model is loaded or image generated
+        captions = read_captions(self.captions, self.n)
+        self.check_steps(checkpoint)  # from the stored hyper-parameters, before the weights are loaded
         device = resolve_device(self.device)
         base = load_checkpoint(checkpoint, device, weights=self.weights, kind="base")
         upsampler = load_checkpoint(self.upsampler, device, kind="upsample") if self.upsampler else None
@@ -214,7 +254,6 @@ class FIDCommand:
             hint = " (256 px needs --upsampler, e.g. glide-text2im's upsample.pt)" if self.res > res else ""
             raise SystemExit(f"--res {self.res}, but {'the upsampler' if upsampler else 'the model'} makes "
                              f"{res} px images{hint}")
-        captions = read_captions(self.captions, self.n)
         for name, model in (("base", base), ("upsampler", upsampler)):
             if model is not None:
                 check_prompt_lengths(model.tokenizer, captions, f"{name} model")  # a warning: FID scores what was read

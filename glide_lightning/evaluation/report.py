@@ -21,6 +21,7 @@ import yaml
 from glide_lightning.diffusion.config import modern_loss_spelling
 from glide_lightning.evaluation.results import ScaleResult, read_results
 from glide_lightning.outputs import OutputFolder
+from glide_lightning.sampling.inputs import RUN_HINT, input_path
 
 SMOOTH = 0.1  # the final train loss is the mean over the last 10 % of its logged steps (it is noisy)
 REPORT_PLOTS = ("losses", "fid", "training_metrics")
@@ -312,7 +313,7 @@ class CompareCommand:
     """An ablation report from the runs' own files: one table (FID and CLIP score per guidance scale,
     final losses, steps, images seen, wall time) and two plots."""
 
-    runs: list[str]
+    runs: list[str] = field(metadata=input_path(RUN_HINT, run_folders=True))
     """Run directories (``runs/<name>``), e.g. ``--runs '[runs/minig_simple, runs/minig_hybrid]'``."""
     out: str = "reports/report.md"
     """The markdown file to write, its plots beside it (``<stem>_losses.png``, ``<stem>_fid.png``,
@@ -330,11 +331,15 @@ class CompareCommand:
         if not self.runs:
             raise ValueError("runs is empty: pass --runs '[runs/<name>, ...]'")
 
+    def check_outputs(self) -> None:
+        """Refuse an earlier report at ``--out`` unless ``overwrite`` (:class:`~glide_lightning.outputs.OutputNotEmpty`)."""
+        report_output(Path(self.out)).check(self.overwrite)
+
     def run(self) -> Path:
         """Write the report (an earlier one at ``--out`` is refused first unless ``overwrite``), then publish it
         with ``publish``."""
         output = report_output(Path(self.out))
-        output.check(self.overwrite)
+        self.check_outputs()
         runs = [load_run(r) for r in self.runs]
         output.claim(self.overwrite)
         out = write_report(runs, Path(self.out))

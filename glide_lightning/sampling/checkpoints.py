@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import pickle
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,8 +41,8 @@ from glide_lightning.models import (
 )
 from glide_lightning.models.glide_text2im import detect_glide_kind
 
-__all__ = ["RELEASED_MODELS", "ReleasedModel", "SamplingModel", "Weights", "check_kind", "load_checkpoint",
-           "released_model"]
+__all__ = ["RELEASED_MODELS", "ReleasedModel", "SamplingModel", "Weights", "check_kind", "check_stored_settings",
+           "load_checkpoint", "process_steps", "released_model", "stored_hyper_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +159,70 @@ def load_checkpoint(checkpoint: str | Path, device: torch.device | str = "cpu", 
     return loaded
 
 
+def stored_hyper_parameters(checkpoint: str | Path) -> dict[str, Any] | None:
+    """A glide_lightning checkpoint's ``hyper_parameters``, read without building the model or reading its weights
+    (a memory-mapped ``torch.load``: a 1.5 GB checkpoint costs its pickle alone). None for glide-text2im's released
+    files (no hyper-parameters) and for anything that cannot be read so: :func:`load_checkpoint` reports those."""
+    path = Path(checkpoint)
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable file: the real reader reports it
+        return None
+    hp = state.get("hyper_parameters") if isinstance(state, dict) else None
+    return hp if isinstance(hp, dict) else None
+
+
+def process_steps(checkpoint: str | Path) -> int | None:
+    """The length of the diffusion process a glide_lightning checkpoint's model was trained with
+    (``model.diffusion.steps`` of its hyper-parameters, :func:`stored_hyper_parameters`); None where not stored."""
+    hp = stored_hyper_parameters(checkpoint)
+    return _stored_steps(hp) if hp is not None else None
+
+
+def _stored_steps(hp: dict[str, Any]) -> int | None:
+    diffusion = hp.get("diffusion")
+    steps = diffusion.get("steps") if isinstance(diffusion, dict) else None
+    return steps if isinstance(steps, int) and steps > 0 else None
+
+
+def check_stored_settings(checkpoint: str | Path, option: str, values: Iterable[str], role: str = "the model", *,
+                          kind: ModelKind | None = None) -> None:
+    """Refuse, from ``checkpoint``'s stored hyper-parameters (:func:`stored_hyper_parameters`) and so before the model
+    is built or its weights loaded, what :func:`load_checkpoint` and the sampler would refuse only after loading:
+    a model of another ``kind`` than the command needs (:func:`check_kind`'s message), and a respacing in
+    ``values`` of ``option`` (``--sampling.steps``, ``--sampling.upsample_steps``, ``--step_counts``) that cannot be
+    taken from the process of ``role``'s model (:func:`~glide_lightning.sampling.config.check_steps_fit`'s one
+    line). Raises ``ValueError``. glide-text2im's released files (no hyper-parameters) and unreadable files are
+    left to :func:`load_checkpoint`, as before."""
+    from glide_lightning.sampling.config import check_steps_fit
+
+    hp = stored_hyper_parameters(checkpoint)
+    if hp is None:
+        return
+    model = hp.get("model")
+    found = model.get("kind") if isinstance(model, dict) else None
+    if kind is not None and isinstance(found, str) and found != kind:
+        raise ValueError(_kind_mismatch("the checkpoint's model", kind, found, str(checkpoint)))
+    process = _stored_steps(hp)
+    if process is not None:
+        for steps in dict.fromkeys(values):
+            check_steps_fit(option, steps, process, str(checkpoint), role)
+
+
 def check_kind(loaded: SamplingModel, kind: ModelKind, role: str) -> None:
     """Raise ``ValueError`` when ``loaded`` is not a model of ``kind``, naming ``role`` (``the upsampler``, …),
     both kinds, where the weights come from and glide-text2im's released file of that kind: the one kind check
     of :func:`load_checkpoint` (``kind=``) and of :func:`~glide_lightning.sampling.cascade.check_cascade`."""
     if loaded.model_config.kind != kind:
-        raise ValueError(f"{role} must be of kind {kind!r}, got {loaded.model_config.kind!r} ({loaded.source}): pass "
-                         f"a checkpoint of a {kind!r} model (e.g. glide-text2im's {released_model(model_kind=kind).file})")
+        raise ValueError(_kind_mismatch(role, kind, loaded.model_config.kind, loaded.source))
+
+
+def _kind_mismatch(role: str, kind: ModelKind, found: str, source: str) -> str:
+    """:func:`check_kind`'s message (and :func:`check_stored_settings`')."""
+    return (f"{role} must be of kind {kind!r}, got {found!r} ({source}): pass a checkpoint of a {kind!r} model (e.g. "
+            f"glide-text2im's {released_model(model_kind=kind).file})")
 
 
 def _read_lightning(path: Path, state: dict[str, Any], weights: Weights) -> SamplingModel:

@@ -25,12 +25,22 @@ from glide_lightning.data.images import image_grid, save_png, to_rgb
 from glide_lightning.data.tokenizers import Truncation, check_prompt_lengths
 from glide_lightning.outputs import OutputFolder
 from glide_lightning.sampling.cascade import generate
-from glide_lightning.sampling.checkpoints import SamplingModel, Weights, load_checkpoint
+from glide_lightning.sampling.checkpoints import SamplingModel, Weights, check_stored_settings, load_checkpoint
 from glide_lightning.sampling.clip_guidance import GuidanceCLIP, load_guidance_clip
 from glide_lightning.sampling.config import SamplingConfig
 from glide_lightning.sampling.editing import edit, resized_keep
+from glide_lightning.sampling.inputs import input_path
 
 log = logging.getLogger(__name__)
+
+CKPT_HINT = ("`make train EXP=<experiment>` writes runs/<experiment>/checkpoints/last.ckpt; glide-text2im's base.pt "
+             "works too")
+"""How a checkpoint to sample is made: the hint when ``--ckpt`` names nothing (``fid`` / ``sweep`` share it)."""
+UPSAMPLER_HINT = ("`make train EXP=smoke_upsample` or EXP=minig_upsample writes runs/<experiment>/checkpoints/"
+                  "last.ckpt; glide-text2im's upsample.pt works too")
+"""How an upsampler checkpoint is made: the hint when ``--upsampler`` names nothing."""
+CLIP_HINT = "`make train EXP=noised_clip` writes runs/noised_clip/clip; glide-text2im's clip/ folder works too"
+"""Where a noised CLIP comes from: the hint when ``--clip_dir`` names nothing."""
 
 
 def read_prompts(prompts: str | list[str] | None, prompts_file: str | None) -> list[str]:
@@ -117,12 +127,12 @@ class SampleCommand:
     """Images from prompts with a trained or released model: one PNG per image (prompt, seed, scale,
     sampler, steps and checkpoint in its metadata), ``grid.png`` and ``metadata.json``."""
 
-    ckpt: str
+    ckpt: str = field(metadata=input_path(CKPT_HINT))
     """A glide_lightning ``.ckpt`` (``runs/<name>/checkpoints/last.ckpt``) or glide-text2im's ``base.pt``; an
     inpainting model (``model.kind: inpaint`` or ``base_inpaint.pt``) with ``--inpaint_image`` and ``--mask``."""
     prompt: str | list[str] | None = None
     """A prompt; ``--prompt+ TEXT`` adds another (or ``--prompt '["a", "b"]'``)."""
-    prompts_file: str | None = None
+    prompts_file: str | None = field(default=None, metadata=input_path())
     """A file with one prompt per line (blank lines and ``#`` comments skipped)."""
     num_per_prompt: int = 1
     """Images per prompt (the grid's columns)."""
@@ -131,17 +141,17 @@ class SampleCommand:
     out: str = "samples"
     """Output directory. One holding anything already is refused before the model is loaded (the files of
     another run would mix with this one's): pass ``--overwrite true`` or another folder."""
-    upsampler: str | None = None
+    upsampler: str | None = field(default=None, metadata=input_path(UPSAMPLER_HINT))
     """An upsampler checkpoint (ours, ``model.kind: upsample``, or glide-text2im's ``upsample.pt``) for 256 px
     images; for edits an inpainting upsampler (``upsample_inpaint``, ``upsample_inpaint.pt``)."""
-    clip_dir: str | None = None
+    clip_dir: str | None = field(default=None, metadata=input_path(CLIP_HINT))
     """A noised CLIP for CLIP guidance at ``--sampling.clip_guidance_scale``: a directory with
     ``image_enc.pt`` and ``text_enc.pt`` (glide-text2im's ``clip/``, or a noised_clip run's ``runs/<name>/clip``),
     or ``clip_image_enc.pt`` and ``clip_text_enc.pt`` (glide-text2im's download folder, ``glide_model_cache``)."""
-    inpaint_image: str | None = None
+    inpaint_image: str | None = field(default=None, metadata=input_path())
     """Edit this picture (PNG/JPEG, e.g. an earlier result) with the inpainting model ``--ckpt``: the masked
     region is regenerated from the prompt, the rest kept (``--inpaint-image`` works too)."""
-    mask: str | None = None
+    mask: str | None = field(default=None, metadata=input_path())
     """The edit's mask, an image of the picture's size: white (gray >= 128) = regenerate, black = keep."""
     weights: Weights = "ema"
     """Of a glide_lightning ``.ckpt``: its EMA weights (when the run kept them) or the ``raw`` ones."""
@@ -170,13 +180,33 @@ class SampleCommand:
         """``--out`` and the files ``sample`` writes there (an atomic write's temporary name included)."""
         return OutputFolder(Path(self.out), "sample", (r"\.?(\d{4,}|grid)\.png(\.tmp)?", r"metadata\.json"))
 
+    def check_outputs(self) -> None:
+        """Refuse a ``--out`` that holds files (:class:`~glide_lightning.outputs.OutputNotEmpty`) unless
+        ``overwrite``. The front door runs it before it checks the input paths
+        (:func:`glide_lightning.commands.check_inputs`), and :meth:`run` again."""
+        self.output().check(self.overwrite)
+
+    def check_steps(self) -> None:
+        """Raise ``ValueError`` (naming the option) when ``--sampling.steps`` does not fit the base model's process or
+        ``--sampling.upsample_steps`` the upsampler's, or a model is not of the kind the task needs, read from the
+        checkpoints' stored hyper-parameters before either model is loaded
+        (:func:`~glide_lightning.sampling.checkpoints.check_stored_settings`)."""
+        editing = self.inpaint_image is not None
+        check_stored_settings(self.ckpt, "--sampling.steps", [self.sampling.steps],
+                              kind="inpaint" if editing else "base")
+        if self.upsampler:
+            check_stored_settings(self.upsampler, "--sampling.upsample_steps", [self.sampling.upsample_steps],
+                                  "the upsampler", kind="upsample_inpaint" if editing else "upsample")
+
     def run(self) -> Path:
         """Sample and write the images; returns the output directory. A non-empty ``--out`` is refused first
-        (:class:`~glide_lightning.outputs.OutputNotEmpty`) unless ``overwrite``."""
-        self.output().check(self.overwrite)
+        (:class:`~glide_lightning.outputs.OutputNotEmpty`) unless ``overwrite``, then steps that do not fit the models'
+        processes (:meth:`check_steps`), before any model is loaded."""
+        self.check_outputs()
         prompts = read_prompts(self.prompt, self.prompts_file)
         config = self.sampling
         device = resolve_device(self.device)
+        self.check_steps()  # from the stored hyper-parameters, before the weights are loaded
         editing = self.inpaint_image is not None
         base = load_checkpoint(self.ckpt, device, weights=self.weights, kind="inpaint" if editing else "base")
         upsampler = load_checkpoint(self.upsampler, device, kind="upsample_inpaint" if editing else "upsample") \

@@ -10,9 +10,10 @@ from typing import ClassVar, Literal
 from glide_lightning.diffusion import DiffusionConfig, GaussianDiffusion, SamplerName
 from glide_lightning.diffusion.guidance import edm_sigma
 from glide_lightning.diffusion.samplers import check_sampler_options, sampler_names, sampler_spec
-from glide_lightning.diffusion.schedules import parse_respacing
+from glide_lightning.diffusion.schedules import RESPACING_PRESETS, parse_respacing, space_timesteps
 
-__all__ = ["DEFAULT_GUIDANCE_SWEEP", "UPSAMPLE_SAMPLERS", "CascadeTask", "SamplingConfig", "model_evaluations"]
+__all__ = ["DEFAULT_GUIDANCE_SWEEP", "UPSAMPLE_SAMPLERS", "CascadeTask", "SamplingConfig", "check_steps_fit",
+           "model_evaluations", "steps_that_fit"]
 
 
 @dataclass(frozen=True)
@@ -172,3 +173,40 @@ def model_evaluations(config: SamplingConfig, diffusion_config: DiffusionConfig)
     low, high = config.guidance_interval
     sigma = edm_sigma(diffusion.base_alphas_cumprod[diffusion.timestep_map])
     return per_step * (steps + int(((sigma > low) & (sigma <= high)).sum()))
+
+
+def check_steps_fit(option: str, steps: str, process: int, where: str, role: str = "the model") -> None:
+    """Raise ``ValueError`` when the respacing ``steps`` (the value of ``option``, e.g. ``--sampling.steps``) cannot be
+    taken from a process of ``process`` steps (``model.diffusion.steps`` of ``role``'s checkpoint ``where``): one
+    line naming the option, the value, the process's length and what would fit (:func:`steps_that_fit`). The
+    commands call it with the checkpoint's stored hyper-parameters before the model is loaded
+    (:func:`~glide_lightning.sampling.checkpoints.process_steps`)."""
+    try:
+        space_timesteps(process, steps)
+    except ValueError as error:
+        raise ValueError(f"{option} {steps!r} does not fit {role}'s process of {process} steps "
+                         f"(model.diffusion.steps={process} in {where}): {error}; "
+                         f"{steps_that_fit(process, steps, option)}") from None
+
+
+def steps_that_fit(process: int, steps: str, option: str) -> str:
+    """What ``option`` could be instead of the respacing ``steps`` on a process of ``process`` steps: the nearest
+    ``ddimN`` counts that an integer stride gives, at most as many steps per section as each section holds, or at
+    most ``process`` steps."""
+    form, counts = parse_respacing(steps)
+    at_most = f"pass at most {process} steps (e.g. {option} {process})"
+    if form == "ddim":
+        fitting = sorted({len(range(0, process, stride)) for stride in range(1, process + 1)})
+        n = counts[0]
+        near = [f"ddim{k}" for k in (max((k for k in fitting if k < n), default=None),
+                                     min((k for k in fitting if k > n), default=None)) if k is not None]
+        return f"the nearest ddimN that an integer stride gives on {process} steps: {' or '.join(near)}"
+    if steps.strip() in RESPACING_PRESETS or len(counts) == 1:
+        return at_most
+    base, extra = divmod(process, len(counts))
+    sizes = [base + (1 if i < extra else 0) for i in range(len(counts))]
+    if min(sizes) == 0:
+        return f"{process} steps cannot be split into {len(counts)} sections: {at_most}"
+    fitted = ",".join(str(min(c, s)) for c, s in zip(counts, sizes))
+    return (f"its {len(counts)} sections hold {','.join(map(str, sizes))} steps: take at most that many from each "
+            f"(e.g. {option} {fitted})")
