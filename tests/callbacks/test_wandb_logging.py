@@ -4,13 +4,11 @@ of train/* and val/* with min/max summaries, gradient and parameter norms, peak 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from PIL import Image
 from glide_lightning.callbacks.samples import TABLE_COLUMNS
 from glide_lightning.callbacks.wandb_logging import IMAGES_SEEN, PEAK_CUDA, PEAK_RSS, summary_of
 from glide_lightning.evaluation.wandb_runs import WandbRun, find_runs, read_run
+from wandb_offline import offline_wandb
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a large red circle", "a small blue square above a large yellow triangle"]
@@ -66,25 +65,6 @@ def fit(shards: Path, root: Path, probes: Path, name: str, *extra: str) -> None:
             cli.lock.release()  # as the process's end would
 
 
-@contextlib.contextmanager
-def offline_wandb(tmp: Path) -> Iterator[None]:
-    """wandb offline, its folders in ``tmp`` (``WANDB_DATA_DIR``: the Tables' staged artifacts), ``tmp`` the cwd; on
-    leaving, wandb torn down as at a process's end: its service has then written every run's file (wandb 0.31's
-    ``finish()`` may return before an offline run's ``.wandb`` file is complete)."""
-    import wandb
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("WANDB_MODE", "offline")
-        patch.setenv("WANDB_SILENT", "true")
-        for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
-            patch.setenv(var, str(tmp / var))
-        patch.chdir(tmp)
-        try:
-            yield
-        finally:
-            wandb.teardown()
-
-
 @pytest.fixture(scope="module")
 def arms(synthetic_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, WandbRun]]:
     """Two smoke arms of the group ``arms``, ``base`` then ``fast`` (another LR and seed), on shards with a manifest,
@@ -95,7 +75,7 @@ def arms(synthetic_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     shutil.copytree(synthetic_shards, shards)
     (shards / "manifest.json").write_text('{"recipe": "synthetic"}\n')  # its bytes matter here, not its content
     root, probes = tmp / "runs", callbacks_config(tmp / "callbacks.yaml")
-    with offline_wandb(tmp):
+    with offline_wandb(tmp, chdir=True):
         fit(shards, root, probes, "base")
         fit(shards, root, probes, "fast", "--model.optimizer.lr", "5e-4", "--seed_everything", "1")
         fit(shards, root, probes, "fast", "--model.optimizer.lr", "5e-4", "--seed_everything", "1",
@@ -162,7 +142,7 @@ def test_a_checkpoint_without_the_images_seen_counter_resumes_it_from_its_step(s
     probes = tmp_path / "callbacks.yaml"
     probes.write_text(yaml.safe_dump({"trainer": {"callbacks": []}}))
     last = tmp_path / "runs/old/checkpoints/last.ckpt"
-    with offline_wandb(tmp_path):
+    with offline_wandb(tmp_path, chdir=True):
         fit(synthetic_shards, tmp_path / "runs", probes, "old", "--trainer.max_steps", "2")
         checkpoint = torch.load(last, map_location="cpu", weights_only=True)
         assert checkpoint["callbacks"].pop("ImagesSeen") == {"count": 2 * BATCH}
@@ -248,7 +228,7 @@ def test_the_grad_norm_under_a_gradscaler_is_the_unscaled_one(synthetic_shards, 
     probes = tmp_path / "callbacks.yaml"
     probes.write_text(yaml.safe_dump({"trainer": {"callbacks": []}}))
     common = ("--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.gradient_clip_val", "null")
-    with offline_wandb(tmp_path):
+    with offline_wandb(tmp_path, chdir=True):
         fit(synthetic_shards, tmp_path / "runs", probes, "fp32", *common, "--trainer.precision", "32-true")
         fit(synthetic_shards, tmp_path / "runs", probes, "fp16", *common, "--trainer.precision", "null",
             "--trainer.plugins", fp16)

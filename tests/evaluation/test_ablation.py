@@ -13,6 +13,7 @@ import yaml
 from glide_lightning.commands import main as glide_main
 from glide_lightning.commands import parse
 from held_out import write_held_out
+from wandb_offline import offline_wandb
 from glide_lightning.evaluation.ablation import STATE_FILE, AblationGroup
 from glide_lightning.evaluation.results import read_results
 from glide_lightning.evaluation.uncertainty import welch_difference
@@ -119,19 +120,14 @@ def test_two_arms_two_seeds_end_to_end_resumable_with_intervals(synthetic_shards
     assert all(json.loads((run_dir / STATE_FILE).read_text()).keys() == {"fit", "sweep"} for run_dir in runs.values())
 
 
-def test_a_rerun_updates_the_one_compare_run(tmp_path, monkeypatch):
+def test_a_rerun_updates_the_one_compare_run(tmp_path):
     """Run again (seeds added), the ablation resumes its `<group>-compare` wandb run (an id from project and group)
     rather than adding another of the same name."""
     from types import SimpleNamespace
 
-    import wandb
-
     from glide_lightning.evaluation.ablation import log_compare_run
     from glide_lightning.evaluation.uncertainty import Interval
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
     group = AblationGroup(name="toy", arms={"hybrid": ["h.yaml"], "simple": ["s.yaml"]}, eval=None)
     runs = {("hybrid", 0): SimpleNamespace(config={"run": {"project": "proj"}})}
 
@@ -144,8 +140,8 @@ def test_a_rerun_updates_the_one_compare_run(tmp_path, monkeypatch):
                                                      "exceeds": False}}}]}
 
     for seeds, fid, diff in (([0], 10.0, 1.0), ([0, 1], 12.0, -3.0)):
-        log_compare_run(group, summary(seeds, fid, diff), runs, "offline", tmp_path / "toy")
-    wandb.teardown()  # as at the process's end: wandb-core may write a log's last block after run.finish() returns
+        with offline_wandb(tmp_path):  # each call a process of its own, as each ablation command is
+            log_compare_run(group, summary(seeds, fid, diff), runs, "offline", tmp_path / "toy")
     assert len(list((tmp_path / "toy/wandb").glob("offline-run-*"))) == 2  # two sessions ...
     (run,) = find_runs(tmp_path / "toy")  # ... of one run
     assert (run.name, run.job_type, run.group, run.project) == ("toy-compare", "compare", "toy", "proj")

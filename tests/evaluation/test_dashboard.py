@@ -15,6 +15,7 @@ from glide_lightning.evaluation.fid import FIDResult
 from glide_lightning.evaluation.results import ScaleResult
 from glide_lightning.evaluation.wandb_eval import GUIDANCE_STEP, NFE_STEP, RANDOM_FEATURES_LABEL, log_eval_run
 from glide_lightning.evaluation.wandb_runs import find_runs
+from wandb_offline import offline_wandb
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -28,9 +29,7 @@ def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import wandb
 
     root = tmp_path_factory.mktemp("dash")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WANDB_DATA_DIR", str(root / "data"))
-        mp.setenv("WANDB_SILENT", "true")
+    with offline_wandb(root):
         for arm in ("hybrid", "simple"):
             for seed in (0, 1):
                 run = wandb.init(project="p", group="abl", job_type="train", name=f"{arm}_seed{seed}",
@@ -53,7 +52,6 @@ def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 for scale in (3.0, 1.0):
                     ev.log({"eval/guidance_scale": scale, "eval/fid": 10 * scale + seed})
                 ev.finish()
-        wandb.teardown()  # offline, finish() may return before wandb-core has written the run's file out
     return root
 
 
@@ -104,19 +102,13 @@ def sweep_result(sampler: str, scale: float, nfe: int) -> ScaleResult:
 def nfe_sweep_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A training run's directory and the eval run ``log_eval_run`` writes there for an NFE sweep (two samplers,
     several step counts, two guidance scales), as ``sweep`` logs it."""
-    import wandb
-
     root = tmp_path_factory.mktemp("nfe")
     run_dir = root / "hybrid_seed0"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("run:\n  name: hybrid_seed0\n  project: p\n  group: abl\n")
     results = [sweep_result(sampler, scale, nfe) for (sampler, scale), nfes in SWEEP.items() for nfe in reversed(nfes)]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WANDB_MODE", "offline")
-        mp.setenv("WANDB_SILENT", "true")
-        mp.setenv("WANDB_DATA_DIR", str(root / "data"))
+    with offline_wandb(root):
         log_eval_run(run_dir, results, str(run_dir / "last.ckpt"), command="sweep")
-        wandb.teardown()  # offline, finish() may return before wandb-core has written the run's file out
     return root
 
 

@@ -4,7 +4,6 @@ and the log framing is checked (a record split over blocks, a torn tail, a corru
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +13,7 @@ from PIL import Image
 
 from glide_lightning.evaluation.wandb_eval import metric_name
 from glide_lightning.evaluation.wandb_runs import BLOCK, HEADER, find_runs, read_run, records
-
-
-def settled(root: Path, timeout_s: float = 30.0) -> list[Path]:
-    """The run logs under ``root``, once each holds its ``exit`` record: when ``run.finish()`` returns, wandb-core
-    may not have written a log's last block yet (it does by the time its service stops)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        logs = sorted(root.rglob("run-*.wandb"))
-        if logs and all(any(r.WhichOneof("record_type") == "exit" for r in records(log)) for log in logs):
-            return logs
-        assert time.monotonic() < deadline, f"wandb never finished writing the run logs under {root}"
-        time.sleep(0.2)
+from wandb_offline import offline_wandb
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +22,7 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndar
 
     root = tmp_path_factory.mktemp("wandb")
     pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WANDB_DATA_DIR", str(root / "data"))  # the staged artifacts (Tables) stay in the test's folder
-        mp.setenv("WANDB_SILENT", "true")
+    with offline_wandb(root):
         run = wandb.init(project="p", group="g", job_type="train", name="arm", tags=["t"], dir=str(root),
                          mode="offline", config={"a": 1, "nested": {"b": [2, 3]}})
         run.define_metric("images_seen")
@@ -49,7 +35,6 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndar
         run.config.update({"git": {"commit": "abc", "dirty": True}})
         run.summary["eval/fid"] = 12.5
         run.finish()
-    settled(root)
     return root, pixels
 
 
@@ -94,15 +79,13 @@ def test_the_framing_is_checked(offline_run: tuple[Path, np.ndarray], tmp_path: 
 def test_the_sessions_of_a_resumed_run_are_one_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import wandb
 
-    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
     for session, steps in enumerate(([1, 2], [3])):  # a run interrupted after step 2, then resumed
-        run = wandb.init(project="p", id="resumed1", resume="allow", dir=str(tmp_path), mode="offline",
-                         config={"session": session})
-        for step in steps:
-            run.log({"train/loss": 1 / step, "images_seen": 32 * step})
-        run.finish()
-        settled(tmp_path)
+        with offline_wandb(tmp_path):  # each session a process of its own
+            run = wandb.init(project="p", id="resumed1", resume="allow", dir=str(tmp_path), mode="offline",
+                             config={"session": session})
+            for step in steps:
+                run.log({"train/loss": 1 / step, "images_seen": 32 * step})
+            run.finish()
     assert len(list(tmp_path.rglob("run-*.wandb"))) == 2
     (run,) = find_runs(tmp_path)
     assert run.series("train/loss", x="images_seen") == [(32, 1.0), (64, 0.5), (96, 1 / 3)]
@@ -116,14 +99,12 @@ def long_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import wandb
 
     root = tmp_path_factory.mktemp("long")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WANDB_DATA_DIR", str(root / "data"))
-        mp.setenv("WANDB_SILENT", "true")
+    with offline_wandb(root):
         run = wandb.init(project="p", dir=str(root), mode="offline")
         for i in range(24):
             run.log({"i": i, "text": f"<row{i:02d}>" + "x" * (2000 + 300 * i)})
         run.finish()
-    (log_file,) = settled(root)
+    (log_file,) = root.rglob("run-*.wandb")
     return log_file
 
 
