@@ -11,10 +11,10 @@ by the first letter (n02085782-Japanese_spaniel → "a photo of a japanese spani
 n02088094-Afghan_hound → "a photo of an afghan hound"); change the wording with --template.
 
 Split (--split):
-  official  train_list.mat → train, test_list.mat → val. The lists are MATLAB files: reading them
-            needs scipy (`pip install scipy`), which this environment does not install.
+  official  train_list.mat → train, test_list.mat → val (MATLAB files, read with scipy.io.loadmat: their
+            ``file_list`` of ``<synset>-<Breed>/<file>.jpg`` paths); an image in neither list is skipped.
   hash      a deterministic split hashing each image's path: --val_fraction of the images in val.
-  auto      (default) official when scipy is importable and both lists are present, else hash.
+  auto      (default) official when both lists are present, else hash.
 
 Output:  train-*.tar, val-*.tar (RGB JPEG, txt, json {source_id, breed, synset, original_size,
          size}), manifest.json; image order shuffled with --seed. Unreadable images are skipped
@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import re
 from dataclasses import dataclass
@@ -95,7 +94,7 @@ def _find_list(root: Path, name: str) -> Path | None:
 
 def _read_mat_list(path: Path) -> set[str]:
     import numpy as np
-    from scipy.io import loadmat  # type: ignore[import-not-found]
+    from scipy.io import loadmat
 
     try:
         return {str(np.ravel(x)[0]) for x in np.ravel(loadmat(path)["file_list"])}
@@ -105,20 +104,12 @@ def _read_mat_list(path: Path) -> set[str]:
 
 def _official_lists(root: Path, mode: SplitMode) -> tuple[set[str], set[str]] | None:
     lists = (_find_list(root, "train_list.mat"), _find_list(root, "test_list.mat"))
-    has_scipy = importlib.util.find_spec("scipy") is not None
     if mode == "hash":
         return None
-    if mode == "official":
-        if None in lists:
+    if None in lists:
+        if mode == "official":
             raise RecipeError(f"--split official needs train_list.mat and test_list.mat in {root} or {root / 'lists'}")
-        if not has_scipy:
-            raise RecipeError(
-                "--split official needs scipy to read the MATLAB .mat lists and scipy is not installed: "
-                "`pip install scipy`, or use --split hash"
-            )
-    elif None in lists or not has_scipy:
-        why = "scipy is not installed" if has_scipy is False else "train_list.mat/test_list.mat not found"
-        log.info("using the hash split (--val_fraction) because %s", why)
+        log.info("using the hash split (--val_fraction): train_list.mat/test_list.mat not found")
         return None
     assert lists[0] is not None and lists[1] is not None
     return _read_mat_list(lists[0]), _read_mat_list(lists[1])
@@ -132,7 +123,8 @@ class StanfordDogs(ImageRecipe):
     dogs_dir: Path
     """Dataset root (holds Images/)."""
     split: SplitMode = "auto"
-    """``official`` (the .mat lists; needs scipy, not installed here), ``hash``, or ``auto``."""
+    """``official`` (the dataset's train_list.mat / test_list.mat), ``hash`` (by path, ``val_fraction``), or
+    ``auto`` (official when both lists are present)."""
     val_fraction: float = 0.1
     """Share of images in val for the hash split."""
     template: str = DEFAULT_TEMPLATE

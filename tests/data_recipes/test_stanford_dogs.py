@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 from recipe_helpers import check_manifest, corrupt_file, read_split, save_image, shard_bytes
 
@@ -63,16 +63,38 @@ def test_dogs_tree_to_shards_with_hash_split(tmp_path):
     assert shard_bytes(out) == shard_bytes(again)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("scipy") is not None, reason="checks the no-scipy path")
-def test_official_split_without_scipy_is_a_clear_error_and_auto_falls_back(tmp_path):
-    root = make_dogs(tmp_path / "dogs", per_breed=1)
-    (root / "lists").mkdir()
-    (root / "lists" / "train_list.mat").write_bytes(b"MATLAB 5.0")
-    (root / "lists" / "test_list.mat").write_bytes(b"MATLAB 5.0")
-    with pytest.raises(RecipeError, match="needs scipy.*pip install scipy.*--split hash"):
-        build(tmp_path / "o", dogs_dir=root, split="official")
-    manifest = build(tmp_path / "o", dogs_dir=root, split="auto", val_fraction=0.0)
-    assert manifest.args["split"] == "hash" and manifest.total_samples == len(BREEDS)
+def write_mat_list(path: Path, files: list[str]) -> None:
+    """A list as the dataset ships it: a MATLAB file whose ``file_list`` is an N×1 cell array of paths."""
+    from scipy.io import savemat
+
+    cells = np.empty((len(files), 1), dtype=object)
+    for i, name in enumerate(files):
+        cells[i, 0] = np.array([name])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(path, {"file_list": cells, "labels": np.arange(len(files)).reshape(-1, 1) + 1})
+
+
+def test_official_split_follows_the_mat_lists_and_skips_images_in_neither(tmp_path):
+    root = make_dogs(tmp_path / "dogs", per_breed=3)
+    images = sorted(f"{p.parent.name}/{p.name}" for p in (root / "Images").rglob("*.jpg"))
+    train, val, neither = images[0::3] + images[1::3], images[2::3][1:], images[2::3][0]
+    write_mat_list(root / "lists" / "train_list.mat", train)
+    write_mat_list(root / "lists" / "test_list.mat", val)
+    for split in ("official", "auto"):  # auto: both lists are there
+        out = tmp_path / split
+        build(out, dogs_dir=root, split=split, max_per_shard=4)
+        doc = check_manifest(out)
+        assert doc["args"]["split"] == "official"
+        for name, expected in (("train", train), ("val", val)):
+            assert sorted(s["json"]["source_id"] for s in read_split(out, name)) == sorted(expected)
+        assert doc["skipped"]["reasons"]["not in the official lists"]["count"] == 1
+        assert neither not in {s["json"]["source_id"] for s in read_split(out, "train") + read_split(out, "val")}
+    (root / "lists" / "test_list.mat").unlink()  # one list missing: auto falls back to the hash split
+    assert build(tmp_path / "hash", dogs_dir=root, split="auto", max_per_shard=4).args["split"] == "hash"
+    (root / "lists" / "train_list.mat").write_bytes(b"MATLAB 5.0 but cut off")
+    write_mat_list(root / "lists" / "test_list.mat", val)
+    with pytest.raises(RecipeError, match="cannot read the file list in .*train_list.mat"):
+        build(tmp_path / "bad", dogs_dir=root, split="official")
 
 
 def test_clear_errors(tmp_path):
