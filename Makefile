@@ -41,7 +41,7 @@ EVAL_ARGS = $(if $(EVAL_CONFIG),--config $(EVAL_CONFIG)) --run_dir $(RUN_DIR) $(
             $(if $(REFERENCE),--reference $(REFERENCE)) $(if $(strip $(SCALES)),--scales $(call yaml_list,$(SCALES)))
 EXPERIMENTS := $(sort $(basename $(notdir $(wildcard experiments/*.yaml))))
 # the data recipes: every module of data_recipes/ but common.py and _private ones (its registry's rule)
-RECIPES     := $(sort $(filter-out common,$(basename $(notdir $(filter-out data_recipes/_%,$(wildcard data_recipes/*.py))))))
+RECIPES     := $(sort $(filter-out common images,$(basename $(notdir $(filter-out data_recipes/_%,$(wildcard data_recipes/*.py))))))
 
 .PHONY: help setup test bench bench-gpu bench-learning train data sample fid sweep compare ablation ablation-smoke check-exp check-run check-recipe clean
 

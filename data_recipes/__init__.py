@@ -19,7 +19,7 @@ from typing import Any
 
 __all__ = ["NOT_RECIPES", "RECIPES", "load_recipe", "recipe_class"]
 
-NOT_RECIPES = frozenset({"common"})
+NOT_RECIPES = frozenset({"common", "images"})
 """Modules of this folder that are not recipes (``__main__`` and ``_private`` ones neither)."""
 
 RECIPES: dict[str, str] = {

@@ -41,8 +41,6 @@ from typing import Any
 
 from data_recipes.common import (
     IMAGE_EXTENSIONS,
-    Entry,
-    ImageOptions,
     ImageRecipe,
     RecipeError,
     SkipCounter,
@@ -54,8 +52,8 @@ from data_recipes.common import (
     prepare_out_dir,
     require_dir,
     require_file,
-    write_entries,
 )
+from data_recipes.images import Entry, ImageOptions, write_entries
 from glide_lightning.data.shards import ImageFormat, Manifest
 
 NAME = "folder"

@@ -44,9 +44,6 @@ from typing import Any, Literal
 from PIL import Image
 
 from data_recipes.common import (
-    Entry,
-    ImageFailure,
-    ImageOptions,
     ImageRecipe,
     RecipeError,
     SkipCounter,
@@ -54,11 +51,10 @@ from data_recipes.common import (
     clean_caption,
     finish,
     log,
-    ordered_map,
     prepare_out_dir,
     require_dir,
-    write_entries,
 )
+from data_recipes.images import Entry, ImageFailure, ImageOptions, ordered_map, write_entries
 from glide_lightning.data.images import to_rgb
 from glide_lightning.data.shards import Manifest, sha256_file
 

@@ -34,8 +34,6 @@ from typing import Any, Literal
 
 from data_recipes.common import (
     IMAGE_EXTENSIONS,
-    Entry,
-    ImageOptions,
     ImageRecipe,
     RecipeError,
     SkipCounter,
@@ -46,8 +44,8 @@ from data_recipes.common import (
     log,
     prepare_out_dir,
     require_dir,
-    write_entries,
 )
+from data_recipes.images import Entry, ImageOptions, write_entries
 from glide_lightning.data.shards import Manifest
 
 NAME = "stanford_dogs"

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from recipe_helpers import check_manifest, data_cli, read_split, shard_bytes
 
-from data_recipes import RECIPES, load_recipe
+from data_recipes import NOT_RECIPES, RECIPES, load_recipe
 from data_recipes.synthetic import build
 from glide_lightning.data.synthetic import parse_caption, synthetic_sample
 from hang_guard import HANG_GUARD_S
@@ -113,8 +113,12 @@ def test_unknown_recipe_lists_the_available_ones(capsys):
 
 def test_the_recipes_are_the_modules_of_the_folder_and_the_makefile_lists_them():
     """Adding a recipe is adding its module: the registry, the front door and the Makefile all follow."""
-    modules = {p.stem for p in (REPO / "data_recipes").glob("*.py")} - {"__init__", "__main__", "common"}
-    assert set(RECIPES) == modules
+    import importlib
+
+    modules = {p.stem for p in (REPO / "data_recipes").glob("*.py")} - {"__init__", "__main__"}
+    helpers = {m for m in modules if not hasattr(importlib.import_module(f"data_recipes.{m}"), "RECIPE")}
+    assert helpers == NOT_RECIPES  # the folder's modules without a RECIPE are the helpers the registry leaves out
+    assert set(RECIPES) == modules - NOT_RECIPES
     assert all(load_recipe(name).RECIPE.NAME == name for name in RECIPES)
     made = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     listed = next(line for line in made.stdout.splitlines() if line.strip().startswith("recipes:"))
