@@ -26,7 +26,8 @@ import torch
 from glide_lightning.models import ModelConfig
 from glide_lightning.models.glide_text2im import detect_glide_kind
 from glide_lightning.outputs import OutputFolder
-from glide_lightning.evaluation.fid import MetricOptions, ReferenceStatsCache
+from glide_lightning.evaluation.fid import ReferenceStatsCache
+from glide_lightning.evaluation.kid_prc import MetricOptions
 from glide_lightning.evaluation.results import ScaleResult
 from glide_lightning.evaluation.uncertainty import BootstrapOptions
 from glide_lightning.evaluation.zero_shot import FIDJob, build_extractor, check_reference, run

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from glide_lightning.evaluation.clip_score import CLIPScoreResult
-from glide_lightning.evaluation.fid import FIDResult, KIDResult, PrecisionRecallResult
+from glide_lightning.evaluation.fid import FIDResult
+from glide_lightning.evaluation.kid_prc import KIDResult, PrecisionRecallResult
 from glide_lightning.evaluation.uncertainty import Interval
 
 __all__ = ["INTERVAL_METRICS", "RESULTS_FORMAT", "ScaleResult", "read_results", "write_results"]

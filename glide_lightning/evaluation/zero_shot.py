@@ -40,16 +40,8 @@ from glide_lightning.evaluation.features import (
     private_rng,
     sha256_state_dict,
 )
-from glide_lightning.evaluation.fid import (
-    KID_SEED,
-    MetricOptions,
-    ReferenceStatsCache,
-    fd_dinov2_from_stats,
-    feature_stats,
-    fid_from_stats,
-    kid_from_stats,
-    precision_recall_from_stats,
-)
+from glide_lightning.evaluation.fid import ReferenceStatsCache, fd_dinov2_from_stats, feature_stats, fid_from_stats
+from glide_lightning.evaluation.kid_prc import KID_SEED, MetricOptions, kid_from_stats, precision_recall_from_stats
 from glide_lightning.evaluation.results import ScaleResult, write_results
 from glide_lightning.evaluation.uncertainty import (BootstrapOptions, FrechetBootstrap, bootstrap_interval,
                                                     bootstrap_metrics)

@@ -20,11 +20,9 @@ from torch.utils.data import Dataset
 from glide_lightning.commands import main as glide_main
 from glide_lightning.evaluation import fid_cli
 from glide_lightning.evaluation.features import DINOV2_ABSENT, Dinov2Features
-from glide_lightning.evaluation.fid import (
-    FeatureStats,
+from glide_lightning.evaluation.fid import FeatureStats, fd_dinov2_from_stats, feature_stats
+from glide_lightning.evaluation.kid_prc import (
     MetricOptions,
-    fd_dinov2_from_stats,
-    feature_stats,
     kid_features,
     kid_from_stats,
     precision_recall_features,

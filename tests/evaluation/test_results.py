@@ -105,7 +105,7 @@ def read_results_text(text: str, tmp_path) -> list[ScaleResult]:
 
 
 def test_kid_precision_recall_and_fd_dinov2_round_trip_and_older_records_lack_them(tmp_path):
-    from glide_lightning.evaluation.fid import KIDResult, PrecisionRecallResult
+    from glide_lightning.evaluation.kid_prc import KIDResult, PrecisionRecallResult
 
     old = read_results_text(OLD_RESULTS_JSON, tmp_path)[0]
     assert old.kid is None and old.precision_recall is None and old.precision is None and old.recall is None

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from glide_lightning.evaluation.fid import FIDResult, FeatureStats, fid_from_stats, kid_features, precision_recall_features
+from glide_lightning.evaluation.fid import FIDResult, FeatureStats, fid_from_stats
+from glide_lightning.evaluation.kid_prc import kid_features, precision_recall_features
 from glide_lightning.evaluation.results import ScaleResult, read_results, write_results
 from glide_lightning.evaluation import uncertainty
 from glide_lightning.evaluation.uncertainty import (
