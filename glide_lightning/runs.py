@@ -16,10 +16,10 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ import torch
 from glide_lightning.locks import DirectoryLock
 
 log = logging.getLogger("glide_lightning")
+T = TypeVar("T")
 
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 
@@ -156,6 +157,47 @@ def archive_checkpoints(run_dir: Path) -> Path | None:
     return target
 
 
+def start_wandb_run(id_file: Path, start: Callable[[str], T], attempts: int = 6, wait_s: float = 5.0,
+                    replace: bool = True) -> T | None:
+    """``start(wandb_id)``, the wandb run ``id_file`` keeps the id of (a new id written there first when it holds
+    none) started or resumed, whatever ``start`` returns.
+
+    Right after a kill, the killed process's wandb service can still hold the id ("run ID … is in use"): this
+    waits ``wait_s`` and retries, and if the id stays busy for ``attempts`` tries, starts this session as a new
+    wandb run (a new id; the same name and group), saying so, rather than failing. A run deleted on the server
+    ("previously created and deleted") can never be resumed: it starts a new run at once, and ``id_file`` keeps the
+    new id from then on. With ``replace`` False (a write that only makes sense on that very run) both cases
+    return None instead, with a warning. Other errors are raised."""
+    if not id_file.exists():
+        id_file.write_text(secrets.token_hex(4))  # wandb run ids are short [a-z0-9] strings
+    run_id = id_file.read_text().strip()
+    for attempt in range(attempts):
+        try:
+            return start(run_id)
+        except Exception as error:
+            if "previously created and deleted" in str(error):
+                if not replace:
+                    log.warning("wandb run %s was deleted on the server: not updated", run_id)
+                    return None
+                fresh = secrets.token_hex(4)
+                log.warning("wandb run %s was deleted on the server: this run logs to a new wandb run %s from now on "
+                            "(same name and group)", run_id, fresh)
+                id_file.write_text(fresh)
+                return start(fresh)
+            if "in use" not in str(error):
+                raise
+            log.warning("wandb run %s is still held by a previous process (attempt %d of %d)", run_id,
+                        attempt + 1, attempts)
+            time.sleep(wait_s)
+    if not replace:
+        log.warning("wandb run %s stayed busy: not updated", run_id)
+        return None
+    fresh = secrets.token_hex(4)
+    log.warning("wandb run %s stayed busy: logging this session to a new wandb run %s (same name and group)",
+                run_id, fresh)
+    return start(fresh)
+
+
 def wandb_logger(run: RunConfig, mode: str, attempts: int = 6, wait_s: float = 5.0, job_type: str = "train",
                  logger_class: type | None = None, name: str | None = None) -> Any:
     """The run's WandbLogger, continuing the run's wandb run (its id is kept in ``wandb_id.txt``), in the wandb group
@@ -163,18 +205,14 @@ def wandb_logger(run: RunConfig, mode: str, attempts: int = 6, wait_s: float = 5
     wandb ``mode``, named ``name`` (default ``run.name``).
     ``logger_class``: a ``WandbLogger`` subclass to build (the training CLI's ``RunWandbLogger``); None: Lightning's.
 
-    The wandb run starts here, on the main process, rather than lazily: right after a kill, the
-    killed process's wandb service can still hold the run id for a few seconds ("run ID … is in
-    use"). Then this waits and retries, and if the id stays busy, logs this session to a new wandb
-    run of the same name and group, saying so, rather than failing the resume.
+    The wandb run starts here, on the main process, rather than lazily, through :func:`start_wandb_run` (a busy
+    id is waited for, a deleted one replaced). Lightning's logger takes over a wandb run already open in the
+    process: call it where none is (the training CLI).
     """
     from lightning.pytorch.loggers import WandbLogger
 
     cls = logger_class or WandbLogger
     id_file = run.dir / "wandb_id.txt"
-    if not id_file.exists():
-        id_file.write_text(secrets.token_hex(4))  # wandb run ids are short [a-z0-9] strings
-    run_id = id_file.read_text().strip()
 
     def make(wandb_id: str) -> WandbLogger:
         logger = cls(name=name or run.name, project=run.project, group=run.group, tags=run.tags,
@@ -185,23 +223,16 @@ def wandb_logger(run: RunConfig, mode: str, attempts: int = 6, wait_s: float = 5
             del logger._wandb_init["anonymous"]
         return logger
 
-    if mode == "disabled" or not is_launching_process():
-        return make(run_id)  # other ranks never start a wandb run
-    for attempt in range(attempts):
-        logger = make(run_id)
-        try:
-            logger.experiment  # noqa: B018 (starts the wandb run)
-            return logger
-        except Exception as error:
-            if "in use" not in str(error):
-                raise
-            log.warning("wandb run %s is still held by a previous process (attempt %d of %d)", run_id,
-                        attempt + 1, attempts)
-            time.sleep(wait_s)
-    fresh = secrets.token_hex(4)
-    log.warning("wandb run %s stayed busy: logging this session to a new wandb run %s (same name and group)",
-                run_id, fresh)
-    return make(fresh)
+    def started(wandb_id: str) -> WandbLogger:
+        logger = make(wandb_id)
+        logger.experiment  # noqa: B018 (starts the wandb run)
+        return logger
+
+    if mode == "disabled" or not is_launching_process():  # other ranks never start a wandb run
+        if not id_file.exists():
+            id_file.write_text(secrets.token_hex(4))
+        return make(id_file.read_text().strip())
+    return start_wandb_run(id_file, started, attempts, wait_s)
 
 
 # ----------------------------------------------------------------------------- lineage and ablation

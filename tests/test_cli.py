@@ -664,7 +664,7 @@ def test_busy_wandb_id_is_retried_then_replaced(tmp_path, monkeypatch):
 
     def experiment(self):
         calls.append(self._id)
-        if len(calls) <= 3 or self._id == "held0000":
+        if (self._id == "abcd1234" and len(calls) <= 3) or self._id == "held0000":
             raise RuntimeError(f"run ID {self._id} is in use")
         return "started"
 
@@ -678,7 +678,7 @@ def test_busy_wandb_id_is_retried_then_replaced(tmp_path, monkeypatch):
     calls.clear()
     (run.dir / "wandb_id.txt").write_text("held0000")
     logger = wandb_logger(run, "offline", attempts=2, wait_s=0)
-    assert calls == ["held0000"] * 2 and logger._id != "held0000"  # a new wandb run for this session
+    assert calls == ["held0000"] * 2 + [logger._id] and logger._id != "held0000"  # a new wandb run, started
 
 
 def test_the_gpu_configuration_resolves_and_trains_on_the_cpu(synthetic_shards, tmp_path, monkeypatch):

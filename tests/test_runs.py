@@ -167,3 +167,32 @@ def test_a_run_whose_checkpoints_are_all_unreadable_is_not_restarted_from_step_0
                                                         r"\(last.ckpt: .*--run.resume false"):
         checkpoint_to_resume(run_dir)
     assert (run_dir / "checkpoints/last.ckpt").read_bytes() == b"PK\x03\x04 not a whole checkpoint"  # untouched
+
+
+def test_a_wandb_run_deleted_on_the_server_is_replaced_and_its_new_id_kept(tmp_path):
+    """wandb refuses to resume a deleted run ("previously created and deleted"): a new run at once, its id kept for
+    the next session; a write that only makes sense on that run (replace=False) gets None instead, as after an id
+    that stays busy."""
+    from glide_lightning.runs import start_wandb_run
+
+    id_file, calls = tmp_path / "wandb_id.txt", []
+
+    def start(wandb_id: str) -> str:
+        calls.append(wandb_id)
+        if wandb_id == "gone0000":
+            raise RuntimeError(f"run {wandb_id} was previously created and deleted; try a new run name")
+        if wandb_id == "held0000":
+            raise RuntimeError(f"run ID {wandb_id} is in use")
+        return wandb_id
+
+    id_file.write_text("gone0000")
+    new = start_wandb_run(id_file, start, wait_s=0)
+    assert calls == ["gone0000", new] and new != "gone0000" and id_file.read_text() == new
+    assert start_wandb_run(id_file, start, wait_s=0) == new  # the next session resumes the new one
+    id_file.write_text("gone0000")
+    assert start_wandb_run(id_file, start, wait_s=0, replace=False) is None and id_file.read_text() == "gone0000"
+    id_file.write_text("held0000")
+    calls.clear()
+    assert start_wandb_run(id_file, start, attempts=2, wait_s=0, replace=False) is None and calls == ["held0000"] * 2
+    (tmp_path / "fresh.txt").unlink(missing_ok=True)
+    assert start_wandb_run(tmp_path / "fresh.txt", start) == (tmp_path / "fresh.txt").read_text()  # an id is made

@@ -49,6 +49,7 @@ class GracefulInterrupt(OptimizerStepCallback):
     def __init__(self) -> None:
         self.requested: int | None = None
         self.stopped_at: int | None = None
+        self.finished = False
         self.requeued = False
         self._original: dict[int, Any] = {}
         self._active = False
@@ -92,6 +93,7 @@ class GracefulInterrupt(OptimizerStepCallback):
             # Lightning validates a run that stops early; an interrupted run must not wait for that
             trainer.limit_val_batches = 0
             self.stopped_at = trainer.global_step
+            self.finished = 0 < trainer.max_steps <= trainer.global_step  # the signal came in the last step
             if trainer.is_global_zero:
                 log.warning("stopped at step %d", trainer.global_step)
 
@@ -101,13 +103,18 @@ class GracefulInterrupt(OptimizerStepCallback):
             self.requeued = requeue_slurm_job()
 
     @property
+    def interrupted(self) -> bool:
+        """Whether a signal stopped the fit before ``max_steps`` (one that came in the last step did not)."""
+        return self.stopped_at is not None and not self.finished
+
+    @property
     def exit_status(self) -> int | None:
         """The exit status of rank 0's process after a fit this callback stopped (None: it did not, or another
         rank): ``128 + signal``, the shell's convention for a command a signal ended (130 for Ctrl-C, 143 for
         SIGTERM), so that ``make train && make fid`` stops there; 0 once the job is requeued (SLURM runs it again).
         The other ranks exit 0: under ``srun --kill-on-bad-exit`` one of them exiting first with an error would
         kill rank 0 before it requeues the job."""
-        if self.stopped_at is None or self.requested is None or not self._speaks:
+        if not self.interrupted or self.requested is None or not self._speaks:
             return None
         return 0 if self.requeued else 128 + int(self.requested)
 

@@ -114,8 +114,7 @@ class ProgressLog(OptimizerStepCallback):
         if self.run_dir is None:
             return
         last = Path(self.run_dir) / "checkpoints" / "last.ckpt"
-        interrupt = next((c for c in trainer.callbacks if getattr(c, "stopped_at", None) is not None), None)
-        if interrupt is not None:  # GracefulInterrupt stopped it (not imported here: it imports this package)
+        if any(getattr(c, "interrupted", False) for c in trainer.callbacks):  # GracefulInterrupt stopped it
             log.info("training interrupted at step %d of %s: its state is saved to %s; the same command resumes it",
                      trainer.global_step, trainer.max_steps if trainer.max_steps > 0 else "?", last)
             return

@@ -212,7 +212,8 @@ class TrainingStats(OptimizerStepCallback):
         if self._logger is None or not trainer.is_global_zero or stage != "fit":
             self._logger = None
             return
-        if images_per_step(trainer) is None:
+        counted = any(isinstance(c, ImagesSeen) for c in trainer.callbacks)
+        if not counted and images_per_step(trainer) is None:
             log.warning("wandb: no batch size known (the data module has no batch_size): %s is not logged", IMAGES_SEEN)
         elif isinstance(self._logger, RunWandbLogger):
             self._logger.images_seen = lambda: images_seen(trainer) or 0

@@ -170,6 +170,14 @@ def _state(run_dir: Path) -> dict[str, Any]:
     return json.loads(file.read_text()) if file.is_file() else {}
 
 
+def _short_of_max_steps(run_dir: Path) -> tuple[int, int] | None:
+    """(saved step, ``trainer.max_steps``) of a run whose last checkpoint is short of its ``max_steps``, else None."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    max_steps, step = ((config or {}).get("trainer") or {}).get("max_steps"), _last_step(run_dir)
+    short = isinstance(max_steps, int) and max_steps > 0 and step is not None and step < max_steps
+    return (step, max_steps) if short else None
+
+
 def _last_step(run_dir: Path) -> int | None:
     last = run_dir / "checkpoints" / "last.ckpt"
     return checkpoint_step(last) if last.is_file() else None
@@ -196,6 +204,9 @@ def _step(run_dir: Path, what: str, argv: list[str], label: str) -> bool:
     status = subprocess.run([sys.executable, "-m", "glide_lightning", *argv], env=env).returncode
     if status != 0:
         raise ChildProcessError(f"{label} failed (exit status {status}); run the ablation again to resume it")
+    if what == "fit" and (short := _short_of_max_steps(run_dir)):  # e.g. stopped, saved and requeued by SLURM
+        raise ChildProcessError(f"{label} stopped at step {short[0]} of its max_steps {short[1]} (interrupted, "
+                                f"requeued or out of --trainer.max_time); run the ablation again to resume it")
     state = _state(run_dir)  # (re-read: the run directory may have just been made)
     state[what] = {"argv": argv, "step": _last_step(run_dir)}  # a sweep of other weights then no longer matches
     (run_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -244,7 +255,7 @@ def complete_ablation_keys(run_dir: Path) -> bool:
     folder, which :func:`~glide_lightning.evaluation.wandb_runs.find_runs` merges) only where the keys or the
     siblings changed. Returns whether it wrote."""
     from glide_lightning.evaluation.wandb_runs import find_runs
-    from glide_lightning.runs import RunConfig, ablation
+    from glide_lightning.runs import RunConfig, ablation, start_wandb_run
 
     config_file, id_file = run_dir / "config.yaml", run_dir / "wandb_id.txt"
     if not config_file.is_file() or not id_file.is_file():
@@ -260,20 +271,15 @@ def complete_ablation_keys(run_dir: Path) -> bool:
     stored = logged[0].config.get("ablation") or {}
     if (stored.get("keys"), stored.get("siblings")) == (now["keys"], now["siblings"]):
         return False
-    import time
-
     import wandb
 
-    for attempt in range(6):  # right after a run ends, its wandb service may hold the id a few seconds ("in use")
-        try:
-            resumed = wandb.init(project=run.project, group=run.group, job_type="train", id=wandb_id,
-                                 resume="allow", dir=str(run_dir), mode=mode, reinit="create_new")
-            break
-        except Exception as error:  # wandb's ServerResponseError
-            if "in use" not in str(error) or attempt == 5:
-                log.warning("wandb run %s of %s not updated with its ablation keys: %s", wandb_id, run_dir, error)
-                return False
-            time.sleep(5.0)
+    def start(run_id: str) -> Any:
+        return wandb.init(project=run.project, group=run.group, job_type="train", id=run_id, resume="allow",
+                          dir=str(run_dir), mode=mode, reinit="create_new")
+
+    resumed = start_wandb_run(id_file, start, replace=False)  # a busy id waited for; none but this run's
+    if resumed is None:
+        return False
     resumed.config.update({"ablation": now}, allow_val_change=True)
     resumed.finish()
     return True
@@ -285,12 +291,15 @@ def log_compare_run(group: AblationGroup, summary: dict[str, Any], runs: dict[tu
     ``<arm>/<metric>@<scale>/<setting>`` mean, std, lo, hi and ``diff/<arm>-<baseline>/…`` estimate, lo, hi,
     exceeds, plus a ``comparison`` Table of the same rows.
 
-    One such run per project and group, however often the ablation is rerun (after adding seeds, say): its id is
-    derived from them (a hash, kept in ``<save_dir>/wandb_id.txt``) and the run resumed (``resume="allow"``) by
-    :func:`glide_lightning.runs.wandb_logger`, which waits while a process just ended still holds the id. A rerun
-    replaces its config and summary (keys no longer compared are removed) and logs the new ``comparison`` Table
-    (the summary's, the latest) after the earlier ones. Offline, each call is a session folder under
-    ``<save_dir>/wandb``, which :func:`~glide_lightning.evaluation.wandb_runs.find_runs` reads as one run."""
+    One such run per project and group, however often the ablation is rerun (after adding seeds, say): its id,
+    kept in ``<save_dir>/wandb_id.txt``, is first derived from them (a hash), and the run is resumed
+    (``resume="allow"``) by :func:`glide_lightning.runs.start_wandb_run` (a busy id waited for, one deleted on the
+    server replaced and the new id kept). A rerun replaces its config and summary: every key compared now gets its
+    value (None where there is none) and every key an earlier call logged but this one does not compare gets None
+    (offline, a resumed session starts from an empty summary: the earlier keys are read from the sessions under
+    ``<save_dir>/wandb``, which :func:`~glide_lightning.evaluation.wandb_runs.find_runs` merges into one run), and
+    it logs the new ``comparison`` Table after the earlier ones. A wandb run already open in the process is left
+    alone (``reinit="create_new"``)."""
     resolved = resolve_wandb_mode(mode)  # type: ignore[arg-type]
     if resolved == "disabled":
         return
@@ -316,21 +325,28 @@ def log_compare_run(group: AblationGroup, summary: dict[str, Any], runs: dict[tu
                            interval.lo if interval else None, interval.hi if interval else None,
                            d["estimate"] if d else None, d["interval"]["lo"] if d else None,
                            d["interval"]["hi"] if d else None, d["exceeds"] if d else None)
-    from glide_lightning.runs import RunConfig, wandb_logger
+    from glide_lightning.evaluation.wandb_runs import find_runs
+    from glide_lightning.runs import start_wandb_run
 
     config = {"arms": group.arms, "eval": group.eval, "seeds": summary["seeds"], "baseline": summary["baseline"],
               "confidence": summary["confidence"], "runs": summary["runs"]}
     save_dir.mkdir(parents=True, exist_ok=True)
-    (save_dir / "wandb_id.txt").write_text(hashlib.sha256(f"{project}/{group.name}".encode()).hexdigest()[:12])
-    where = RunConfig(name=save_dir.name, root=str(save_dir.parent), project=project, group=group.name)
-    run = wandb_logger(where, resolved, job_type="compare", name=f"{group.name}-compare").experiment
+    id_file = save_dir / "wandb_id.txt"
+    if not id_file.is_file():
+        id_file.write_text(hashlib.sha256(f"{project}/{group.name}".encode()).hexdigest()[:12])
+    logged = {k for r in (find_runs(save_dir / "wandb") if (save_dir / "wandb").is_dir() else [])
+              if r.job_type == "compare" for k in r.summary}
+
+    def start(wandb_id: str) -> Any:
+        return wandb.init(project=project, group=group.name, name=f"{group.name}-compare", job_type="compare",
+                          id=wandb_id, resume="allow", dir=str(save_dir), mode=resolved, reinit="create_new")
+
+    run = start_wandb_run(id_file, start)
     try:
         run.config.update(config, allow_val_change=True)  # over a resumed run's: this call's seeds and runs
-        values = {k: v for k, v in flat.items() if v is not None}
-        for key in [k for k in run.summary.keys() if k not in values and not k.startswith("_")]:
-            del run.summary[key]  # online, a resumed run starts from its previous summary
+        stale = (logged | set(run.summary.keys())) - flat.keys()  # online, a resumed run keeps its summary
         run.log({"comparison": table})
-        run.summary.update(values)
+        run.summary.update({**{k: None for k in stale if not k.startswith("_") and k != "comparison"}, **flat})
     finally:
         run.finish()
 

@@ -78,8 +78,9 @@ def nfe_series(run: WandbRun, key: str) -> dict[tuple[str | None, float], list[t
 def dashboard_data(runs: Sequence[WandbRun]) -> dict[str, Any]:
     """What the dashboard draws: ``curves``, ``{panel key: {series: [(x, y), ...]}}``, with ``x_label``, the step
     metric of each panel's x-axis, ``samples``: ``{prompt: {arm: image path}}`` from each arm's first seed's
-    last ``samples`` Table, and ``label``: an eval run's config ``label`` (:data:`RANDOM_FEATURES_LABEL` when its
-    features were random, which the FID panels' titles then carry), else ``""``.
+    last ``samples`` Table, and ``label``: the eval runs' config ``label`` where they all have the same
+    (:data:`RANDOM_FEATURES_LABEL` when their features were random, which the FID panels' titles then carry), else
+    ``""``.
 
     A series is a run's name in the panels of :data:`TRAIN_PANELS` (x: the run's step metric) and of
     :data:`EVAL_PANELS` (x: the guidance scale, sorted), and ``(run name, sampler, guidance scale)`` in those of
@@ -87,8 +88,9 @@ def dashboard_data(runs: Sequence[WandbRun]) -> dict[str, Any]:
     no run logged is left out."""
     train = [r for r in runs if r.job_type == "train"]
     evals = [r for r in runs if r.job_type == "eval"]
+    labels = {r.config.get("label") or "" for r in evals}
     data: dict[str, Any] = {"curves": {}, "x_label": {}, "samples": {},
-                            "label": next((r.config["label"] for r in evals if r.config.get("label")), "")}
+                            "label": labels.pop() if len(labels) == 1 else ""}
     for key, _ in TRAIN_PANELS:
         series = {r.name: r.series(key, x_axis(r, key)) for r in train}
         if any(series.values()):

@@ -27,8 +27,9 @@ torch-fidelity's path on the same resample), computed from matrices prepared onc
   torch-fidelity does); a generated sample's membership in the reference manifold does not change with the
   resample (precision is then a mean of indicators), the generated manifold's radii do (recall: the (k+1)-th
   smallest distance within the resample, duplicates included, as the library computes it on a duplicated set).
-  Memory ``8·N·(N + M)`` bytes (M reference images; the reference radii are computed a block of rows at a
-  time); above :data:`BOOTSTRAP_MAX_BYTES` the interval is skipped with a warning (so is KID's, ``8·N²``).
+  Memory: the ``[N, N]`` and ``[M, N]`` float64 distances (M reference images) and one block of rows at a time
+  (the reference radii, the replicates); above :data:`BOOTSTRAP_MAX_BYTES` (:func:`prc_bootstrap_bytes`) the
+  interval is skipped with a warning, as KID's is (:func:`kid_bootstrap_bytes`: ``[N, N]`` and ``[subsets, N]``).
 - CLIP score and adherence: means of per-image values; a replicate is the mean of the resampled values.
 
 **Across training seeds** (an ablation, :mod:`glide_lightning.evaluation.ablation`): the mean, the sample
@@ -61,9 +62,10 @@ LEVEL = 0.95
 BLOCK = 4096
 """Reference rows at a time where the bootstraps' set-up walks the reference set."""
 BOOTSTRAP_MAX_BYTES = 8 * 2**30
-"""The most memory the KID and precision/recall bootstraps' matrices may take on their device (each; float64):
-a larger set skips that interval with a warning (KID: ``8·N²`` bytes, 32k generated images; precision/recall:
-:func:`prc_bootstrap_bytes`, e.g. 20k generated against 20k reference images)."""
+"""The most memory the KID and precision/recall bootstraps' float64 matrices may take on their device (each, as
+:func:`kid_bootstrap_bytes` and :func:`prc_bootstrap_bytes` count them; the features and small per-subset blocks
+aside): a larger set skips that interval with a warning. At 8 GiB: KID up to about 30k generated images,
+precision/recall about 21k generated against as many reference images (18k against MS-COCO's 30k)."""
 BOOTSTRAP_METHOD = "normal bootstrap interval over the generated images (reference fixed): value ± z·se"
 
 
@@ -187,7 +189,8 @@ class FrechetBootstrap:
 
 def _poly_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """torch-fidelity's ``kernel_poly`` defaults: ``(a·b / D + 1)³``."""
-    return (a @ b.T * (1.0 / a.shape[1]) + 1) ** 3
+    kernel = a @ b.T
+    return kernel.mul_(1.0 / a.shape[1]).add_(1).pow_(3)  # in place: one [len(a), len(b)] matrix, no temporaries
 
 
 class KIDBootstrap:
@@ -244,7 +247,7 @@ class PrecisionRecallBootstrap:
                  neighborhood: int = 3, device: str | torch.device = "cpu", block: int = BLOCK) -> None:
         g = torch.as_tensor(np.asarray(generated), dtype=torch.float64, device=device)
         r = torch.as_tensor(np.asarray(reference), dtype=torch.float64, device=device)
-        self.k = neighborhood
+        self.k, self.block = neighborhood, block
         self.d_gg = torch.cdist(g, g)
         self.d_rg = torch.cdist(r, g)  # [M, N]
         inside = torch.zeros(len(g), dtype=torch.bool, device=device)
@@ -254,21 +257,25 @@ class PrecisionRecallBootstrap:
         self.inside_real = inside.float()  # per generated sample: inside some reference sample's k-NN ball
 
     def replicate(self, idx: np.ndarray) -> tuple[float, float]:
-        """(precision, recall) of the generated rows ``idx``."""
+        """(precision, recall) of the generated rows ``idx`` (a block of rows at a time: no [N, N] or [M, N] copy)."""
         index = torch.as_tensor(idx, device=self.d_gg.device)
-        radius_g = self.d_gg[index][:, index].kthvalue(self.k + 1, dim=1).values
-        recall = (self.d_rg[:, index] <= radius_g).any(dim=1).float().mean().item()  # float32, as the library
-        return self.inside_real[index].mean().item(), recall
+        radius_g = torch.cat([self.d_gg[index[start:start + self.block, None], index].kthvalue(self.k + 1, dim=1).values
+                              for start in range(0, len(index), self.block)])
+        covered = torch.cat([(self.d_rg[start:start + self.block][:, index] <= radius_g).any(dim=1)
+                             for start in range(0, len(self.d_rg), self.block)])
+        return self.inside_real[index].mean().item(), covered.float().mean().item()  # float32, as the library
 
 
 def kid_bootstrap_bytes(n: int, subsets: int) -> int:
-    """Bytes of :class:`KIDBootstrap`'s matrices for ``n`` generated images: ``[N, N]`` and ``[subsets, N]``."""
-    return 8 * n * (n + subsets)
+    """Bytes of :class:`KIDBootstrap`'s float64 matrices for ``n`` generated images: the ``[N, N]`` and
+    ``[subsets, N]`` it keeps and the ``[BLOCK, N]`` block of its set-up (the features and small blocks aside)."""
+    return 8 * n * (n + subsets + BLOCK)
 
 
 def prc_bootstrap_bytes(n: int, m: int) -> int:
-    """Bytes of :class:`PrecisionRecallBootstrap`'s matrices for ``n`` generated and ``m`` reference images."""
-    return 8 * n * (n + m) + 8 * BLOCK * m
+    """Bytes of :class:`PrecisionRecallBootstrap`'s float64 matrices for ``n`` generated and ``m`` reference images:
+    the ``[N, N]`` and ``[M, N]`` distances it keeps and a ``[BLOCK, M + N]`` block of its set-up or replicates."""
+    return 8 * n * (n + m) + 8 * BLOCK * (m + n)
 
 
 def _fits(what: str, needed: int, n: int) -> bool:

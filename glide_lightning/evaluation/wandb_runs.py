@@ -119,10 +119,12 @@ def _damaged(path: Path, data: bytes, pos: int, tail: int, problem: str) -> None
 
 
 def _next_readable(data: bytes, after: int) -> int | None:
-    """The first byte at or after ``after`` where a readable record (fragment) starts, if any."""
-    last = len(data.rstrip(b"\0")) - 1  # the last byte a record's type (its header's last byte, never 0) can be
-    for pos in range(after, last - RECORD_HEADER + 2):
-        if data[pos + RECORD_HEADER - 1] in (FULL, FIRST, MIDDLE, LAST) and \
+    """The first byte at or after ``after`` where a readable record (fragment) starts, if any: each byte of the rest
+    of ``after``'s block, then only the starts of the blocks after it (a writer starts every block with a record
+    header), so that a long file costs one check per 32 KiB block."""
+    block_end = min(len(data), (after // BLOCK + 1) * BLOCK)
+    for pos in [*range(after, block_end), *range(block_end, len(data), BLOCK)]:
+        if pos + RECORD_HEADER <= len(data) and data[pos + RECORD_HEADER - 1] in (FULL, FIRST, MIDDLE, LAST) and \
                 _problem(data, pos, data[pos + RECORD_HEADER - 1] in (MIDDLE, LAST)) is None:
             return pos
     return None

@@ -194,7 +194,7 @@ def steps_that_fit(process: int, steps: str, option: str) -> str:
     ``ddimN`` counts that an integer stride gives, at most as many steps per section as each section holds, or at
     most ``process`` steps."""
     form, counts = parse_respacing(steps)
-    at_most = f"pass at most {process} steps (e.g. {option} {process})"
+    at_most = f"pass at most {process} steps (e.g. {_example(option, str(process))})"
     if form == "ddim":
         fitting = sorted({len(range(0, process, stride)) for stride in range(1, process + 1)})
         n = counts[0]
@@ -209,4 +209,9 @@ def steps_that_fit(process: int, steps: str, option: str) -> str:
         return f"{process} steps cannot be split into {len(counts)} sections: {at_most}"
     fitted = ",".join(str(min(c, s)) for c, s in zip(counts, sizes))
     return (f"its {len(counts)} sections hold {','.join(map(str, sizes))} steps: take at most that many from each "
-            f"(e.g. {option} {fitted})")
+            f"(e.g. {_example(option, fitted)})")
+
+
+def _example(option: str, value: str) -> str:
+    """``option value`` as typed: a list option (``--step_counts``) takes the value as one of its items."""
+    return f"'{value}' among {option}" if option.endswith("step_counts") else f"{option} {value}"

@@ -57,7 +57,7 @@ def _what_is_there(path: Path, run_folders: bool, shown: int = 8) -> str:
     """What the nearest existing folder above ``path`` holds (its run folders for ``run_folders``); nothing for
     the file system's root or the working directory, whose listings would not help."""
     folder = path.parent
-    while not folder.is_dir():
+    while not folder.is_dir() and folder != folder.parent:  # (".": its own parent, even where cwd is gone)
         folder = folder.parent
     if folder in (Path("."), Path("/")) or folder.resolve() in (Path.cwd(), Path("/")):
         return ""

@@ -133,18 +133,45 @@ def test_a_rerun_updates_the_one_compare_run(tmp_path):
 
     def summary(seeds, fid, diff):
         arm = {"n": len(seeds), "mean": fid, "std": 1.0, "interval": Interval(fid - 1, fid + 1), "bootstrap": []}
+        differences = {} if diff is None else {"simple": {"estimate": diff, "exceeds": False,
+                                                          "interval": {"lo": diff - 1, "hi": diff + 1}}}
         return {"baseline": "hybrid", "seeds": seeds, "confidence": 0.95, "runs": [f"hybrid_seed{s}" for s in seeds],
                 "rows": [{"setting": "ddpm2", "guidance": 3.0, "metric": "fid",
-                          "arms": {"hybrid": arm, "simple": {**arm, "mean": fid + diff}},
-                          "differences": {"simple": {"estimate": diff, "interval": {"lo": diff - 1, "hi": diff + 1},
-                                                     "exceeds": False}}}]}
+                          "arms": {"hybrid": arm, "simple": {**arm, "mean": fid + (diff or -3.0)}},
+                          "differences": differences}]}
 
-    for seeds, fid, diff in (([0], 10.0, 1.0), ([0, 1], 12.0, -3.0)):
+    for seeds, fid, diff in (([0], 10.0, 1.0), ([0, 1], 12.0, None)):  # the rerun compares no difference
         with offline_wandb(tmp_path):  # each call a process of its own, as each ablation command is
             log_compare_run(group, summary(seeds, fid, diff), runs, "offline", tmp_path / "toy")
     assert len(list((tmp_path / "toy/wandb").glob("offline-run-*"))) == 2  # two sessions ...
     (run,) = find_runs(tmp_path / "toy")  # ... of one run
     assert (run.name, run.job_type, run.group, run.project) == ("toy-compare", "compare", "toy", "proj")
     assert run.summary["hybrid/fid@3/ddpm2"] == 12.0 and run.summary["simple/fid@3/ddpm2"] == 9.0
-    assert run.summary["diff/simple-hybrid/fid@3/ddpm2"] == -3.0 and run.config["seeds"] == [0, 1]
+    assert run.config["seeds"] == [0, 1]
+    # what the first call compared and the rerun no longer does is no longer a value (None), offline and online
+    assert run.summary["diff/simple-hybrid/fid@3/ddpm2"] is None and run.summary["diff/simple-hybrid/fid@3/ddpm2_lo"] is None
     assert [row["mean"] for row in run.table("comparison")] == [12.0, 9.0]
+
+
+def test_a_fit_that_exits_0_short_of_its_max_steps_is_not_done(tmp_path, monkeypatch):
+    """A run stopped and requeued by SLURM exits 0 with its checkpoint short of max_steps: the ablation says so and
+    records nothing, so that a rerun resumes the training instead of evaluating half-trained weights."""
+    import sys
+
+    import torch
+
+    from glide_lightning.evaluation.ablation import _step
+
+    run_dir = tmp_path / "hybrid_seed0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"trainer": {"max_steps": 10}}))
+    monkeypatch.setattr(sys, "executable", "true")  # `true -m glide_lightning fit …`: exits 0, does nothing
+    for step, done in ((4, False), (10, True)):
+        torch.save({"global_step": step}, run_dir / "checkpoints/last.ckpt")
+        if done:
+            assert _step(run_dir, "fit", ["fit"], "toy: train hybrid seed 0")
+            assert json.loads((run_dir / STATE_FILE).read_text())["fit"]["step"] == 10
+        else:
+            with pytest.raises(ChildProcessError, match="stopped at step 4 of its max_steps 10"):
+                _step(run_dir, "fit", ["fit"], "toy: train hybrid seed 0")
+            assert not (run_dir / STATE_FILE).exists()

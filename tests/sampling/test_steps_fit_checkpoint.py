@@ -126,6 +126,7 @@ def test_sweep_names_the_step_count_that_does_not_fit(weightless, tmp_path):
     line = steps_error(glide(tmp_path, "sweep", "--ckpt", str(weightless), *evaluation_inputs(tmp_path),
                              "--step_counts", '["10", "60"]', "--scales", "[1]"))
     assert line.startswith(f"error: --step_counts '60' does not fit the model's process of {PROCESS} steps"), line
+    assert "pass at most 50 steps (e.g. '50' among --step_counts)" in line  # an item, not the option's value
     assert not (tmp_path / "fid").exists()
 
 
