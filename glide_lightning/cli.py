@@ -52,7 +52,7 @@ from glide_lightning.runs import (  # RunConfig, resolve_wandb_mode, …: still 
     wandb_logger,
     write_versioned,
 )
-from glide_lightning.yaml_config import option_error, read_yaml, strict_yaml
+from glide_lightning.yaml_config import PARSER_OPTIONS, option_error, read_yaml, strict_yaml
 
 log = logging.getLogger("glide_lightning")
 
@@ -161,8 +161,10 @@ class GlideCLI(LightningCLI):
         except ValueError as error:
             sys.exit(f"error: {error}")
         kwargs.setdefault("seed_everything_default", SEED)
-        # a parse error raises (one line, from main) instead of printing the whole usage of `fit`
-        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
+        # a parse error raises (one line, from main) instead of printing the whole usage of `fit`; no abbreviations
+        # (copies: Lightning adds each subcommand's description to its dict; run=False builds no subcommand)
+        subcommands = {name: dict(PARSER_OPTIONS) for name in self.subcommands()} if run else {}
+        kwargs.setdefault("parser_kwargs", {**PARSER_OPTIONS, **subcommands})
         try:
             super().__init__(model_class, GlideDataModule, args=args, run=run, save_config_callback=SaveRunConfig,
                              **kwargs)

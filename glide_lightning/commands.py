@@ -40,7 +40,7 @@ from glide_lightning.evaluation.fid_cli import FIDCommand, SweepCommand
 from glide_lightning.evaluation.report import CompareCommand
 from glide_lightning.sampling.command import SampleCommand
 from glide_lightning.sampling.inputs import missing_input
-from glide_lightning.yaml_config import option_error, strict_yaml
+from glide_lightning.yaml_config import PARSER_OPTIONS, option_error, strict_yaml
 
 __all__ = ["COMMANDS", "DATA_HELP", "TRAINING_COMMANDS", "build_parser", "check_inputs",
            "command_parser", "main", "parse", "recipe_parser"]
@@ -63,7 +63,7 @@ def command_parser(name: str) -> ArgumentParser:
     """The parser of one :data:`COMMANDS` entry: its dataclass's fields, docstrings and defaults."""
     command = COMMANDS[name]
     doc = " ".join((command.__doc__ or "").split())
-    parser = ArgumentParser(prog=f"python -m glide_lightning {name}", description=doc, exit_on_error=False)
+    parser = ArgumentParser(prog=f"python -m glide_lightning {name}", description=doc, **PARSER_OPTIONS)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (later flags win)")
     parser.add_class_arguments(command, fail_untyped=True)
     return parser
@@ -82,7 +82,7 @@ def recipe_parser(recipe: str) -> ArgumentParser:
     """The parser of ``data <recipe>``: the fields, docstrings and defaults of the recipe's dataclass, under its
     module docstring."""
     parser = ArgumentParser(prog=f"python -m glide_lightning data {recipe}", description=load_recipe(recipe).__doc__,
-                            formatter_class=_KeepLayout, exit_on_error=False)
+                            formatter_class=_KeepLayout, **PARSER_OPTIONS)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (later flags win)")
     parser.add_class_arguments(recipe_class(recipe), fail_untyped=True)
     return parser
@@ -91,15 +91,15 @@ def recipe_parser(recipe: str) -> ArgumentParser:
 def build_parser() -> ArgumentParser:
     """The parser of every command but ``fit`` / ``validate`` (listed in its help, handed to LightningCLI)."""
     parser = ArgumentParser(prog="python -m glide_lightning", description=__doc__.split("\n\n")[0],
-                            exit_on_error=False)  # parse errors raise: one line from parse(), not the usage
+                            **PARSER_OPTIONS)  # parse errors raise: one line from parse(), not the usage
     subcommands = parser.add_subcommands(dest="command", required=True)
     for name, help_text in TRAINING_COMMANDS.items():
-        subcommands.add_subcommand(name, ArgumentParser(description=help_text, exit_on_error=False), help=help_text)
+        subcommands.add_subcommand(name, ArgumentParser(description=help_text, **PARSER_OPTIONS), help=help_text)
     for name in COMMANDS:
         sub = command_parser(name)
         subcommands.add_subcommand(name, sub, help=re.split(r"[.:;] ", sub.description or "")[0])
     data = ArgumentParser(prog="python -m glide_lightning data", description=f"Data recipes: {DATA_HELP}.",
-                          exit_on_error=False)
+                          **PARSER_OPTIONS)
     subcommands.add_subcommand("data", data, help=DATA_HELP)  # (before its own subcommands: jsonargparse's order)
     recipes = data.add_subcommands(dest="recipe", required=True)
     for name in RECIPES:

@@ -1,5 +1,5 @@
 """YAML config files and values read strictly (a key given twice in one mapping is an error), and a command line's
-parse error said in one line (:func:`option_error`).
+parse error said in one line (:func:`option_error`), by parsers that take no abbreviated option (:data:`PARSER_OPTIONS`).
 
 PyYAML (and so jsonargparse, LightningCLI and every ``--config`` of this project) keeps the last of two equal keys
 silently: ``max_steps: 5`` then ``max_steps: 7`` trains 7 steps while the file seems to say 5. :func:`strict_yaml`
@@ -17,7 +17,12 @@ from typing import Any
 import jsonargparse
 import yaml
 
-__all__ = ["DuplicateKeyError", "check_duplicate_keys", "option_error", "read_yaml", "strict_yaml"]
+__all__ = ["PARSER_OPTIONS", "DuplicateKeyError", "check_duplicate_keys", "option_error", "read_yaml", "strict_yaml"]
+
+PARSER_OPTIONS: dict[str, Any] = {"exit_on_error": False, "allow_abbrev": False}
+"""Every command line parser's (the front door's and LightningCLI's): a parse error raises, to be said in one line
+(:func:`option_error`) rather than with the whole usage, and an option is its whole name (argparse would take
+``--ckp`` for ``--ckpt`` and ``--trainer.max_s`` for ``--trainer.max_steps``: a typo quietly meaning an option)."""
 
 
 class DuplicateKeyError(yaml.constructor.ConstructorError):

@@ -1,5 +1,5 @@
 """Draw an ablation's wandb dashboard from its runs' local (offline) wandb files:
-``python scripts/wandb_dashboard.py --runs runs/ablation_smoke_* --group ablation_smoke --out docs/images/x.png``.
+``python scripts/wandb_dashboard.py --runs runs/ablation_smoke --group ablation_smoke --out reports/x.png``.
 
 The panels (see :mod:`glide_lightning.evaluation.dashboard`) are the layout we recommend for an ablation's wandb
 workspace; this picture is made without a server, from the same files ``wandb sync`` uploads.
@@ -15,16 +15,24 @@ from glide_lightning.evaluation.wandb_runs import find_runs
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", nargs="+", required=True, help="run folders (each holding wandb/)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--runs", nargs="+", required=True,
+                        help="folders searched for wandb runs: an ablation's group folder (runs/<group>), or run "
+                             "folders (runs/<group>/<arm>_seed<k>, runs/<name>)")
     parser.add_argument("--group", default=None, help="keep only wandb runs of this group")
     parser.add_argument("--out", required=True, help="the PNG to write")
     args = parser.parse_args()
-    runs = [run for folder in args.runs for run in find_runs(Path(folder) / "wandb")
-            if args.group is None or run.group == args.group]
+    missing = [folder for folder in args.runs if not Path(folder).is_dir()]
+    if missing:
+        parser.error(f"--runs: {', '.join(missing)} {'is not a folder' if len(missing) == 1 else 'are not folders'}")
+    found = {run.id: run for folder in args.runs for run in find_runs(folder)}  # (a run under two folders: once)
+    runs = [run for run in found.values() if args.group is None or run.group == args.group]
     if not runs:
-        parser.error(f"no wandb runs{f' of group {args.group!r}' if args.group else ''} under {args.runs}")
-    draw_dashboard(runs, args.out, args.group or "ablation")
+        parser.error(f"no wandb runs{f' of group {args.group!r}' if args.group else ''} under {', '.join(args.runs)}")
+    try:
+        draw_dashboard(runs, args.out, args.group or "ablation")
+    except ValueError as error:  # nothing to draw: said in one line
+        parser.error(str(error))
     print(f"wrote {args.out} from {len(runs)} wandb runs")
 
 

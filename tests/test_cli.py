@@ -552,6 +552,18 @@ def test_bad_config_value_fails_at_parse_time_with_the_choices():
     assert "hybird" in run.stderr and "hybrid" in run.stderr
 
 
+def test_an_abbreviated_option_is_refused_not_taken_for_the_option_it_begins(capsys):
+    """argparse would take ``--trainer.max_step`` (a typo) for ``--trainer.max_steps``, ``--ckp`` for ``--ckpt``."""
+    from glide_lightning.commands import main
+
+    run = parse_in_process(["fit", "--config", str(REPO / "experiments/smoke.yaml"), "--trainer.max_step", "3",
+                            "--print_config"])
+    assert run.returncode != 0 and "--trainer.max_step: did you mean --trainer.max_steps?" in run.stderr, run.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--ckp", "model.ckpt", "--prompt", "a red circle"])
+    assert exit_info.value.code == 2 and "--ckp: did you mean --ckpt?" in capsys.readouterr().err
+
+
 def test_make_train_with_an_unknown_experiment_lists_the_available_ones():
     run = subprocess.run(["make", "-s", "train", "EXP=nope"], cwd=REPO, capture_output=True, text=True,
                          timeout=HANG_GUARD_S)

@@ -230,6 +230,17 @@ class FIDCommand:
         for folder in self.outputs(self.output_root(), expected) if expected else []:
             folder.check(self.overwrite)
 
+    def check_res(self, res: int | None) -> None:
+        """Raise ``ValueError`` when ``--res`` is not ``res``, the size the model (the upsampler, with one) makes
+        (None: not known yet)."""
+        if self.res is None or res is None or self.res == res:
+            return
+        maker = "the upsampler" if self.upsampler else "the model"
+        hint = (" (a larger size needs an upsampler: --upsampler, e.g. glide-text2im's upsample.pt for 256 px)"
+                if self.res > res and not self.upsampler else "")
+        raise ValueError(f"--res {self.res}, but {maker} makes {res} px images: pass --res {res} or leave it out"
+                         f"{hint}")
+
     def run(self) -> list[ScaleResult] | None:
         """Generate, score and write the results (None on ranks other than 0 under torchrun). Result folders that
         already hold results (:meth:`outputs`), the reference folder, the captions and step counts that do not fit
@@ -247,14 +258,11 @@ class FIDCommand:
         check_reference(self.reference)  # before any model is loaded or image generated
         captions = read_captions(self.captions, self.n)
         self.check_steps(checkpoint)  # from the stored hyper-parameters, before the weights are loaded
+        self.check_res(model_image_size(self.upsampler or checkpoint))  # likewise, where it can be read so
         device = resolve_device(self.device)
         base = load_checkpoint(checkpoint, device, weights=self.weights, kind="base")
         upsampler = load_checkpoint(self.upsampler, device, kind="upsample") if self.upsampler else None
-        res = (upsampler or base).image_size
-        if self.res is not None and self.res != res:
-            hint = " (256 px needs --upsampler, e.g. glide-text2im's upsample.pt)" if self.res > res else ""
-            raise SystemExit(f"--res {self.res}, but {'the upsampler' if upsampler else 'the model'} makes "
-                             f"{res} px images{hint}")
+        self.check_res((upsampler or base).image_size)
         for name, model in (("base", base), ("upsampler", upsampler)):
             if model is not None:
                 check_prompt_lengths(model.tokenizer, captions, f"{name} model")  # a warning: FID scores what was read

@@ -9,6 +9,7 @@ are the fields of :class:`CompareCommand`, parsed by the front door, :mod:`glide
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ from glide_lightning.diffusion.config import modern_loss_spelling
 from glide_lightning.evaluation.results import ScaleResult, read_results
 from glide_lightning.outputs import OutputFolder
 from glide_lightning.sampling.inputs import RUN_HINT, input_path
+
+log = logging.getLogger(__name__)
 
 SMOOTH = 0.1  # the final train loss is the mean over the last 10 % of its logged steps (it is noisy)
 REPORT_PLOTS = ("losses", "fid", "training_metrics")
@@ -58,19 +61,31 @@ class RunSummary:
         tail = points[-max(1, math.ceil(len(points) * smooth)):] if smooth else points[-1:]
         return sum(v for _, v in tail) / len(tail)
 
+    def _last_checkpoint(self) -> dict[str, Any] | None:
+        last = self.path / "checkpoints" / "last.ckpt"
+        if not last.exists():
+            return None
+        import torch
+
+        return torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+
     @property
     def steps(self) -> int:
         """Optimizer steps: from the last checkpoint, else from the metrics (logged 0-based)."""
-        last = self.path / "checkpoints" / "last.ckpt"
-        if last.exists():
-            import torch
-
-            return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        checkpoint = self._last_checkpoint()
+        if checkpoint is not None:
+            return int(checkpoint["global_step"])
         return 1 + max((s for points in self.curves.values() for s, _ in points), default=-1)
 
     @property
     def images_seen(self) -> int | None:
-        """Optimizer steps × batch size × devices × nodes × gradient accumulation, from the saved config."""
+        """Training images seen: the last checkpoint's counter (``ImagesSeen``, right across a resume that changed
+        the batch size), else optimizer steps × batch size × devices × nodes × gradient accumulation of the saved
+        config (a checkpoint from before the counter)."""
+        checkpoint = self._last_checkpoint()
+        counter = (checkpoint or {}).get("callbacks", {}).get("ImagesSeen")
+        if counter is not None:
+            return int(counter["count"])
         data, trainer = self.config.get("data", {}), self.config.get("trainer", {})
         devices = trainer.get("devices")
         devices = devices if isinstance(devices, int) and devices > 0 else 1
@@ -85,8 +100,12 @@ def load_run(path: str | Path) -> RunSummary:
     ``fid/*/results.json`` of a run directory."""
     run_dir = Path(path)
     files = sorted(run_dir.glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
-    if not files:
-        raise FileNotFoundError(f"{run_dir} has no csv/version_*/metrics.csv: is it a glide_lightning run directory?")
+    if not files and not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml and no csv/version_*/metrics.csv: is it a "
+                                f"glide_lightning run directory?")
+    if not files:  # a run shorter than its trainer.log_every_n_steps logged nothing: its losses are left blank
+        log.warning("%s logged no training metrics (fewer steps than trainer.log_every_n_steps?): its losses are "
+                    "left blank in the report", run_dir)
     summary = RunSummary(run_dir.name, run_dir)
     for file in files:
         with file.open() as f:

@@ -140,3 +140,22 @@ def test_an_nfe_sweep_draws_its_metrics_against_nfe_a_line_per_scale(runs_root: 
     alone = draw_dashboard([sweep], tmp_path / "sweep.png", "sweep")  # an NFE sweep alone is something to draw
     assert sorted(alone["curves"]) == sorted((fid, adherence, clip)) and (tmp_path / "sweep.png").stat().st_size > 0
     assert alone["label"] == RANDOM_FEATURES_LABEL  # the sweep's FID is from random features: its panels say so
+
+
+def test_the_script_draws_from_a_group_folder_and_says_what_is_wrong_in_one_line(runs_root: Path, tmp_path: Path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "scripts/wandb_dashboard.py"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+
+    drawn = run("--runs", str(runs_root), "--group", "abl", "--out", str(tmp_path / "dash.png"))
+    assert drawn.returncode == 0 and "from 8 wandb runs" in drawn.stdout, drawn.stderr[-2000:]
+    assert Image.open(tmp_path / "dash.png").size[0] > 1000
+    missing = run("--runs", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png"))
+    assert missing.returncode == 2 and "--runs: " in missing.stderr and "is not a folder" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    empty = run("--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "x.png"))
+    assert empty.returncode == 2 and "no wandb runs under" in empty.stderr and "Traceback" not in empty.stderr

@@ -4,6 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
+
 from held_out import write_held_out
 from glide_lightning.commands import main as glide_main
 from glide_lightning.evaluation.report import load_run
@@ -75,3 +78,23 @@ def test_report_on_two_tiny_runs(synthetic_shards, tmp_path, monkeypatch, capsys
     said = capsys.readouterr().out
     assert (tmp_path / "reports/ablation.md").read_text() == text and "was not published" in said
     assert f"wandb sync {tmp_path / 'runs/tiny_simple'}/wandb/offline-run-*" in said and "--publish true" in said
+
+
+def test_a_run_that_logged_no_metrics_is_reported_with_the_images_its_checkpoint_counted(tmp_path, caplog):
+    """A run shorter than its log_every_n_steps has no metrics.csv: still a run (its losses blank). Images seen come
+    from the checkpoint's counter, right after a resume that changed the batch size (3 steps × 32, then 3 × 8: 120,
+    where steps × the last batch would say 48); a checkpoint from before the counter: steps × batch."""
+    import torch
+
+    run = tmp_path / "bs"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"run": {"name": "bs"}, "data": {"batch_size": 8},
+                                                    "trainer": {"log_every_n_steps": 10}}))
+    torch.save({"global_step": 6, "callbacks": {"ImagesSeen": {"count": 120}}}, run / "checkpoints/last.ckpt")
+    summary = load_run(run)
+    assert summary.curves == {} and summary.steps == 6 and summary.images_seen == 120
+    assert "logged no training metrics" in caplog.text
+    torch.save({"global_step": 6}, run / "checkpoints/last.ckpt")
+    assert load_run(run).images_seen == 48
+    with pytest.raises(FileNotFoundError, match="no config.yaml and no csv"):
+        load_run(tmp_path / "empty")

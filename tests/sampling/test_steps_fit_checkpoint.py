@@ -144,3 +144,11 @@ def test_steps_are_read_from_the_hyper_parameters_and_released_checkpoints_are_l
     check_stored_settings(weightless, "--sampling.steps", ["", "50", "ddim25", "25,25", "fast27"])  # these fit
     with pytest.raises(ValueError, match=r"^--step_counts '51' does not fit the model's process of 50 steps"):
         check_stored_settings(weightless, "--step_counts", ["10", "51"])
+
+
+def test_fid_refuses_a_resolution_the_model_does_not_make_before_loading(weightless, tmp_path):
+    """``--res`` other than what the model makes: read from the stored hyper-parameters, one line, exit 2."""
+    line = steps_error(glide(tmp_path, "fid", "--ckpt", str(weightless), *evaluation_inputs(tmp_path), "--res", "64",
+                             "--sampling.steps", "10"))
+    assert line.startswith("error: --res 64, but the model makes 32 px images: pass --res 32 or leave it out"), line
+    assert "--upsampler" in line
