@@ -262,7 +262,8 @@ class FIDCommand:
         device = resolve_device(self.device)
         base = load_checkpoint(checkpoint, device, weights=self.weights, kind="base")
         upsampler = load_checkpoint(self.upsampler, device, kind="upsample") if self.upsampler else None
-        self.check_res((upsampler or base).image_size)
+        res = (upsampler or base).image_size
+        self.check_res(res)
         for name, model in (("base", base), ("upsampler", upsampler)):
             if model is not None:
                 check_prompt_lengths(model.tokenizer, captions, f"{name} model")  # a warning: FID scores what was read
