@@ -157,6 +157,13 @@ def archive_checkpoints(run_dir: Path) -> Path | None:
     return target
 
 
+def wandb_id(id_file: Path) -> str:
+    """The wandb run id ``id_file`` keeps, a new one written there first when it holds none."""
+    if not id_file.exists():
+        id_file.write_text(secrets.token_hex(4))  # wandb run ids are short [a-z0-9] strings
+    return id_file.read_text().strip()
+
+
 def start_wandb_run(id_file: Path, start: Callable[[str], T], attempts: int = 6, wait_s: float = 5.0,
                     replace: bool = True) -> T | None:
     """``start(wandb_id)``, the wandb run ``id_file`` keeps the id of (a new id written there first when it holds
@@ -168,9 +175,7 @@ def start_wandb_run(id_file: Path, start: Callable[[str], T], attempts: int = 6,
     ("previously created and deleted") can never be resumed: it starts a new run at once, and ``id_file`` keeps the
     new id from then on. With ``replace`` False (a write that only makes sense on that very run) both cases
     return None instead, with a warning. Other errors are raised."""
-    if not id_file.exists():
-        id_file.write_text(secrets.token_hex(4))  # wandb run ids are short [a-z0-9] strings
-    run_id = id_file.read_text().strip()
+    run_id = wandb_id(id_file)
     for attempt in range(attempts):
         try:
             return start(run_id)
@@ -199,10 +204,10 @@ def start_wandb_run(id_file: Path, start: Callable[[str], T], attempts: int = 6,
 
 
 def wandb_logger(run: RunConfig, mode: str, attempts: int = 6, wait_s: float = 5.0, job_type: str = "train",
-                 logger_class: type | None = None, name: str | None = None) -> Any:
+                 logger_class: type | None = None) -> Any:
     """The run's WandbLogger, continuing the run's wandb run (its id is kept in ``wandb_id.txt``), in the wandb group
     ``run.group`` with ``job_type`` (``train``: evaluations of the run log ``eval`` runs to the same group), in
-    wandb ``mode``, named ``name`` (default ``run.name``).
+    wandb ``mode``.
     ``logger_class``: a ``WandbLogger`` subclass to build (the training CLI's ``RunWandbLogger``); None: Lightning's.
 
     The wandb run starts here, on the main process, rather than lazily, through :func:`start_wandb_run` (a busy
@@ -214,24 +219,22 @@ def wandb_logger(run: RunConfig, mode: str, attempts: int = 6, wait_s: float = 5
     cls = logger_class or WandbLogger
     id_file = run.dir / "wandb_id.txt"
 
-    def make(wandb_id: str) -> WandbLogger:
-        logger = cls(name=name or run.name, project=run.project, group=run.group, tags=run.tags,
-                     save_dir=str(run.dir), id=wandb_id, resume="allow", job_type=job_type, mode=mode)
+    def make(run_id: str) -> WandbLogger:
+        logger = cls(name=run.name, project=run.project, group=run.group, tags=run.tags,
+                     save_dir=str(run.dir), id=run_id, resume="allow", job_type=job_type, mode=mode)
         # Lightning passes anonymous=None to wandb.init, which wandb >= 0.19 answers with "The anonymous setting
         # has no effect" on every run: leave the setting out (None is its default anyway)
         if getattr(logger, "_wandb_init", {}).get("anonymous", "") is None:
             del logger._wandb_init["anonymous"]
         return logger
 
-    def started(wandb_id: str) -> WandbLogger:
-        logger = make(wandb_id)
+    def started(run_id: str) -> WandbLogger:
+        logger = make(run_id)
         logger.experiment  # noqa: B018 (starts the wandb run)
         return logger
 
     if mode == "disabled" or not is_launching_process():  # other ranks never start a wandb run
-        if not id_file.exists():
-            id_file.write_text(secrets.token_hex(4))
-        return make(id_file.read_text().strip())
+        return make(wandb_id(id_file))
     return start_wandb_run(id_file, started, attempts, wait_s)
 
 

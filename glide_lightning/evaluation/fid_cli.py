@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import torch
 
 from glide_lightning.models import ModelConfig
 from glide_lightning.models.glide_text2im import detect_glide_kind
@@ -35,7 +34,7 @@ from glide_lightning.diffusion import SamplerName
 from glide_lightning.diffusion.samplers import sampler_names
 from glide_lightning.data.tokenizers import check_prompt_lengths
 from glide_lightning.sampling import DEFAULT_GUIDANCE_SWEEP, RELEASED_MODELS, SamplingConfig, Weights, load_checkpoint
-from glide_lightning.sampling.checkpoints import check_stored_settings
+from glide_lightning.sampling.checkpoints import check_stored_settings, mapped_state
 from glide_lightning.sampling.command import CKPT_HINT, UPSAMPLER_HINT, resolve_device
 from glide_lightning.sampling.inputs import RUN_HINT, input_path
 
@@ -62,14 +61,16 @@ NFE_SWEEP_FILES = (r"nfe_sweep\.(md|png|json)",)
 
 
 def model_image_size(checkpoint: str) -> int | None:
-    """The size of the images a checkpoint's model makes, read without building it (a memory-mapped
-    ``torch.load``: its hyper-parameters, or the released model its keys and shapes match); None when the file
+    """The size of the images a checkpoint's model makes, read without building it (:func:`mapped_state`: its
+    hyper-parameters, or the released model its keys and shapes match); None when the file
     cannot be read so (:func:`~glide_lightning.sampling.load_checkpoint` then says why)."""
+    state = mapped_state(checkpoint)
+    if state is None:
+        return None
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-        if isinstance(state, dict) and "hyper_parameters" in state:
+        if "hyper_parameters" in state:
             return ModelConfig(**state["hyper_parameters"]["model"]).image_size
-        kind = detect_glide_kind(state) if isinstance(state, dict) else None
+        kind = detect_glide_kind(state)
         return RELEASED_MODELS[kind].model.image_size if kind else None
     except Exception:  # noqa: BLE001 - any unreadable file: the real reader reports it
         return None

@@ -9,6 +9,7 @@ are the fields of :class:`CompareCommand`, parsed by the front door, :mod:`glide
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import math
 import re
@@ -61,7 +62,9 @@ class RunSummary:
         tail = points[-max(1, math.ceil(len(points) * smooth)):] if smooth else points[-1:]
         return sum(v for _, v in tail) / len(tail)
 
+    @functools.cached_property
     def _last_checkpoint(self) -> dict[str, Any] | None:
+        """``checkpoints/last.ckpt`` memory-mapped (read once: steps and images seen both come from it)."""
         last = self.path / "checkpoints" / "last.ckpt"
         if not last.exists():
             return None
@@ -72,7 +75,7 @@ class RunSummary:
     @property
     def steps(self) -> int:
         """Optimizer steps: from the last checkpoint, else from the metrics (logged 0-based)."""
-        checkpoint = self._last_checkpoint()
+        checkpoint = self._last_checkpoint
         if checkpoint is not None:
             return int(checkpoint["global_step"])
         return 1 + max((s for points in self.curves.values() for s, _ in points), default=-1)
@@ -82,7 +85,7 @@ class RunSummary:
         """Training images seen: the last checkpoint's counter (``ImagesSeen``, right across a resume that changed
         the batch size), else optimizer steps × batch size × devices × nodes × gradient accumulation of the saved
         config (a checkpoint from before the counter)."""
-        checkpoint = self._last_checkpoint()
+        checkpoint = self._last_checkpoint
         counter = (checkpoint or {}).get("callbacks", {}).get("ImagesSeen")
         if counter is not None:
             return int(counter["count"])

@@ -42,7 +42,7 @@ from glide_lightning.models import (
 from glide_lightning.models.glide_text2im import detect_glide_kind
 
 __all__ = ["RELEASED_MODELS", "ReleasedModel", "SamplingModel", "Weights", "check_kind", "check_stored_settings",
-           "load_checkpoint", "process_steps", "released_model", "stored_hyper_parameters"]
+           "load_checkpoint", "mapped_state", "released_model", "stored_hyper_parameters"]
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,10 @@ def load_checkpoint(checkpoint: str | Path, device: torch.device | str = "cpu", 
     return loaded
 
 
-def stored_hyper_parameters(checkpoint: str | Path) -> dict[str, Any] | None:
-    """A glide_lightning checkpoint's ``hyper_parameters``, read without building the model or reading its weights
-    (a memory-mapped ``torch.load``: a 1.5 GB checkpoint costs its pickle alone). None for glide-text2im's released
-    files (no hyper-parameters) and for anything that cannot be read so: :func:`load_checkpoint` reports those."""
+def mapped_state(checkpoint: str | Path) -> dict[str, Any] | None:
+    """A checkpoint file's top-level dict, memory-mapped (``torch.load(mmap=True)``: its settings and tensor keys
+    without reading the weights; a 1.5 GB checkpoint costs its pickle alone). None for anything that cannot be read
+    so: :func:`load_checkpoint` reports those."""
     path = Path(checkpoint)
     if not path.is_file() or not zipfile.is_zipfile(path):
         return None
@@ -170,15 +170,14 @@ def stored_hyper_parameters(checkpoint: str | Path) -> dict[str, Any] | None:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - any unreadable file: the real reader reports it
         return None
-    hp = state.get("hyper_parameters") if isinstance(state, dict) else None
+    return state if isinstance(state, dict) else None
+
+
+def stored_hyper_parameters(checkpoint: str | Path) -> dict[str, Any] | None:
+    """A glide_lightning checkpoint's ``hyper_parameters`` (:func:`mapped_state`), read without building the model
+    or reading its weights. None for glide-text2im's released files (no hyper-parameters) and unreadable files."""
+    hp = (mapped_state(checkpoint) or {}).get("hyper_parameters")
     return hp if isinstance(hp, dict) else None
-
-
-def process_steps(checkpoint: str | Path) -> int | None:
-    """The length of the diffusion process a glide_lightning checkpoint's model was trained with
-    (``model.diffusion.steps`` of its hyper-parameters, :func:`stored_hyper_parameters`); None where not stored."""
-    hp = stored_hyper_parameters(checkpoint)
-    return _stored_steps(hp) if hp is not None else None
 
 
 def _stored_steps(hp: dict[str, Any]) -> int | None:

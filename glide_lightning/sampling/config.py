@@ -180,7 +180,7 @@ def check_steps_fit(option: str, steps: str, process: int, where: str, role: str
     taken from a process of ``process`` steps (``model.diffusion.steps`` of ``role``'s checkpoint ``where``): one
     line naming the option, the value, the process's length and what would fit (:func:`steps_that_fit`). The
     commands call it with the checkpoint's stored hyper-parameters before the model is loaded
-    (:func:`~glide_lightning.sampling.checkpoints.process_steps`)."""
+    (:func:`~glide_lightning.sampling.checkpoints.check_stored_settings`)."""
     try:
         space_timesteps(process, steps)
     except ValueError as error:

@@ -132,15 +132,15 @@ def test_sweep_names_the_step_count_that_does_not_fit(weightless, tmp_path):
 
 def test_steps_are_read_from_the_hyper_parameters_and_released_checkpoints_are_left_to_the_loader(
         weightless, glide_placeholder, tmp_path):
-    from glide_lightning.sampling.checkpoints import check_stored_settings, process_steps
+    from glide_lightning.sampling.checkpoints import check_stored_settings, stored_hyper_parameters
 
-    assert process_steps(weightless) == PROCESS
+    assert stored_hyper_parameters(weightless)["diffusion"]["steps"] == PROCESS
     base = glide_placeholder("base")  # glide-text2im's base.pt: no hyper-parameters, today's behaviour
-    assert process_steps(base) is None
+    assert stored_hyper_parameters(base) is None
     check_stored_settings(base, "--sampling.steps", ["5000", "ddim7"], kind="inpaint")  # left to the loader
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(b"PK\x03\x04" + b"\x00" * 100)
-    assert process_steps(broken) is None and process_steps(tmp_path / "absent.ckpt") is None
+    assert stored_hyper_parameters(broken) is None and stored_hyper_parameters(tmp_path / "absent.ckpt") is None
     check_stored_settings(weightless, "--sampling.steps", ["", "50", "ddim25", "25,25", "fast27"])  # these fit
     with pytest.raises(ValueError, match=r"^--step_counts '51' does not fit the model's process of 50 steps"):
         check_stored_settings(weightless, "--step_counts", ["10", "51"])
